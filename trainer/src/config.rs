@@ -1,0 +1,464 @@
+//! The run configuration: TOML → typed serde structs with defaults, `deny_unknown_fields`, and a
+//! `validate()` that names the offending key. `--set key=value` overrides are applied to the TOML
+//! tree before deserializing, so an override is checked exactly like a value in the file.
+//!
+//! Keys that scripts, docs and configs rely on (do not rename): `model.kind`, `model.init`,
+//! `data.dir`, `data.train_subset`, `data.shuffle`, `train.steps`, `train.batch_size`,
+//! `train.seed`, `train.eval_every`, `train.checkpoint_every`, `optimizer.kind`,
+//! `optimizer.tableau`, `optimizer.lr`, `optimizer.momentum`, `optimizer.preconditioner`.
+
+use crate::data::mnist::Normalize;
+use crate::error::{Error, Result};
+use crate::optim::step_size::{DalrEstimator, ErrorControl};
+use crate::tableau::{CustomTableau, Tableau};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub train: TrainConfig,
+    pub optimizer: OptimizerConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// `mlp` or `cnn` (the paper's simple CNN).
+    pub kind: String,
+    /// MLP hidden widths, or the CNN's filter counts.
+    pub hidden: Vec<usize>,
+    /// Initial weights from a safetensors file instead of the seed.
+    pub init: Option<PathBuf>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self { kind: "mlp".into(), hidden: vec![500, 500, 500], init: None }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Directory with the four MNIST-format IDX files (gzip or raw).
+    pub dir: PathBuf,
+    /// Use only the first N training samples.
+    pub train_subset: Option<usize>,
+    /// Shuffle with a permutation drawn from (seed, epoch); false keeps file order.
+    pub shuffle: bool,
+    /// `unit`: pixels/255 in [0, 1]. `standardize`: then minus the training mean, over its std.
+    pub normalize: Normalize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("/usr/share/datasets/fashion-mnist"),
+            train_subset: None,
+            shuffle: true,
+            normalize: Normalize::Unit,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub steps: u64,
+    pub batch_size: usize,
+    pub seed: u64,
+    /// Evaluate on the test set every N steps (and after the last step); 0 = only at the end.
+    pub eval_every: u64,
+    /// Write a checkpoint every N steps (and after the last step); 0 = only at the end.
+    pub checkpoint_every: u64,
+    /// Append a line to metrics.jsonl every N steps.
+    pub log_every: u64,
+    /// Samples per forward pass during evaluation.
+    pub eval_chunk: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self { steps: 10_000, batch_size: 16, seed: 0, eval_every: 500, checkpoint_every: 1000, log_every: 10, eval_chunk: 1000 }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OptimizerKind {
+    Rk,
+    Sgd,
+    Momentum,
+    Adam,
+    Adamw,
+    Nadamw,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PreconditionerKind {
+    None,
+    Adagrad,
+    ModifiedAdagrad,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StepSizeKind {
+    Constant,
+    Cosine,
+    Dalr,
+    ErrorControlled,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimizerConfig {
+    pub kind: OptimizerKind,
+    /// A built-in tableau name (`kutta tableaux` lists them) or `custom` (then `custom_tableau`).
+    pub tableau: String,
+    pub custom_tableau: Option<CustomTableau>,
+    /// The step size h: constant value, cosine peak, DALR's cap c, or error control's first h.
+    pub lr: f64,
+    /// β: momentum on the RK gradient for `rk`, the heavy-ball/Nesterov coefficient for `momentum`.
+    pub momentum: f64,
+    /// Nesterov's variant for `kind = "momentum"`.
+    pub nesterov: bool,
+    pub preconditioner: PreconditionerKind,
+    /// ε of plain `adagrad` (modified-adagrad uses 1, as the paper).
+    pub adagrad_eps: f64,
+    pub step_size: StepSizeKind,
+    /// Cosine: linear warm-up steps, and the final fraction of lr.
+    pub warmup_steps: u64,
+    pub min_lr_fraction: f64,
+    pub dalr: DalrConfig,
+    pub error_control: ErrorControl,
+    /// Stream stage gradients (accumulate and free them early) instead of keeping all s.
+    pub streaming: bool,
+    /// Retries with h halved when a value becomes NaN/Inf before the run stops.
+    pub nonfinite_retries: u32,
+    /// Adam family.
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        Self {
+            kind: OptimizerKind::Rk,
+            tableau: "rk4".into(),
+            custom_tableau: None,
+            lr: 0.003,
+            momentum: 0.0,
+            nesterov: false,
+            preconditioner: PreconditionerKind::None,
+            adagrad_eps: 1e-8,
+            step_size: StepSizeKind::Constant,
+            warmup_steps: 0,
+            min_lr_fraction: 0.0,
+            dalr: DalrConfig::default(),
+            error_control: ErrorControl::default(),
+            streaming: true,
+            nonfinite_retries: 4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DalrConfig {
+    /// The exponent p of DAL-p (the paper: 0.8). The cap c is `optimizer.lr`.
+    pub p: f64,
+    pub estimator: DalrEstimator,
+    /// ε of the finite-difference probe (a distance in parameter space).
+    pub fd_eps: f64,
+}
+
+impl Default for DalrConfig {
+    fn default() -> Self {
+        Self { p: 0.8, estimator: DalrEstimator::Stage, fd_eps: 1e-2 }
+    }
+}
+
+impl Config {
+    /// Parse a TOML file, apply `key=value` overrides, and validate.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_toml_str(&text, overrides).map_err(|e| match e {
+            Error::Other(msg) => Error::Other(format!("{}: {msg}", path.display())),
+            e => e,
+        })
+    }
+
+    pub fn from_toml_str(text: &str, overrides: &[String]) -> Result<Config> {
+        let mut tree: toml::Table = text.parse().map_err(|e: toml::de::Error| Error::Other(format!("invalid TOML: {e}")))?;
+        for o in overrides {
+            apply_override(&mut tree, o)?;
+        }
+        let cfg: Config = toml::Value::Table(tree)
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::Other(format!("invalid config: {}", e.message().trim())))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serializes")
+    }
+
+    /// The tableau this config names (built-in or custom), validated.
+    pub fn tableau(&self) -> Result<Tableau> {
+        let o = &self.optimizer;
+        if o.tableau == "custom" {
+            let spec = o.custom_tableau.as_ref().ok_or_else(|| {
+                Error::config("optimizer.custom_tableau", "optimizer.tableau = \"custom\" needs an [optimizer.custom_tableau] table with a and b")
+            })?;
+            Tableau::custom(spec)
+        } else {
+            if o.custom_tableau.is_some() {
+                return Err(Error::config(
+                    "optimizer.custom_tableau",
+                    format!("given, but optimizer.tableau = {:?}; set optimizer.tableau = \"custom\" to use it", o.tableau),
+                ));
+            }
+            Tableau::builtin(&o.tableau).map_err(|e| Error::config("optimizer.tableau", e.to_string()))
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let positive = |key: &str, v: f64| -> Result<()> {
+            if v.is_finite() && v > 0.0 { Ok(()) } else { Err(Error::config(key, format!("must be a positive number, got {v}"))) }
+        };
+        let unit = |key: &str, v: f64| -> Result<()> {
+            if (0.0..1.0).contains(&v) { Ok(()) } else { Err(Error::config(key, format!("must be in [0, 1), got {v}"))) }
+        };
+        match self.model.kind.as_str() {
+            "mlp" => {
+                if self.model.hidden.contains(&0) {
+                    return Err(Error::config("model.hidden", "widths must be positive"));
+                }
+            }
+            "cnn" => {
+                if self.model.hidden.len() != 2 || self.model.hidden.contains(&0) {
+                    return Err(Error::config("model.hidden", format!("the cnn takes two positive filter counts (the paper: [20, 10]), got {:?}", self.model.hidden)));
+                }
+            }
+            k => return Err(Error::config("model.kind", format!("unknown model {k:?}; expected \"mlp\" or \"cnn\""))),
+        }
+        if let Some(p) = &self.model.init {
+            if !p.is_file() {
+                return Err(Error::config("model.init", format!("{} does not exist", p.display())));
+            }
+        }
+        if self.data.train_subset == Some(0) {
+            return Err(Error::config("data.train_subset", "must be at least 1"));
+        }
+        let t = &self.train;
+        if t.steps == 0 {
+            return Err(Error::config("train.steps", "must be at least 1"));
+        }
+        if t.batch_size == 0 {
+            return Err(Error::config("train.batch_size", "must be at least 1"));
+        }
+        if let Some(n) = self.data.train_subset {
+            if t.batch_size > n {
+                // Allowed by the sampler (batches straddle epochs), but almost always a mistake.
+                return Err(Error::config("train.batch_size", format!("{} is larger than data.train_subset = {n}", t.batch_size)));
+            }
+        }
+        if t.log_every == 0 {
+            return Err(Error::config("train.log_every", "must be at least 1"));
+        }
+        if t.eval_chunk == 0 {
+            return Err(Error::config("train.eval_chunk", "must be at least 1"));
+        }
+        let o = &self.optimizer;
+        positive("optimizer.lr", o.lr)?;
+        match o.kind {
+            OptimizerKind::Rk => {
+                self.tableau()?;
+                unit("optimizer.momentum", o.momentum)?;
+                if o.preconditioner == PreconditionerKind::Adagrad {
+                    positive("optimizer.adagrad_eps", o.adagrad_eps)?;
+                }
+                if o.step_size == StepSizeKind::Dalr {
+                    positive("optimizer.dalr.p", o.dalr.p)?;
+                    positive("optimizer.dalr.fd_eps", o.dalr.fd_eps)?;
+                }
+                if o.step_size == StepSizeKind::ErrorControlled {
+                    let ec = &o.error_control;
+                    if !(ec.atol >= 0.0 && ec.rtol >= 0.0 && ec.atol + ec.rtol > 0.0) {
+                        return Err(Error::config("optimizer.error_control.atol", "atol and rtol must be ≥ 0 and not both 0"));
+                    }
+                    positive("optimizer.error_control.safety", ec.safety)?;
+                    positive("optimizer.error_control.h_max", ec.h_max)?;
+                    if !(ec.fmin > 0.0 && ec.fmin < 1.0) {
+                        return Err(Error::config("optimizer.error_control.fmin", format!("must be in (0, 1), got {}", ec.fmin)));
+                    }
+                    if ec.fmax <= 1.0 {
+                        return Err(Error::config("optimizer.error_control.fmax", format!("must be > 1, got {}", ec.fmax)));
+                    }
+                    if !self.tableau()?.is_embedded() {
+                        return Err(Error::config(
+                            "optimizer.step_size",
+                            format!("error-controlled needs an embedded pair (bs32, dopri54, or a custom tableau with b_hat); `{}` has none", o.tableau),
+                        ));
+                    }
+                }
+            }
+            kind => {
+                let only_rk = [
+                    (o.preconditioner != PreconditionerKind::None, "optimizer.preconditioner"),
+                    (!matches!(o.step_size, StepSizeKind::Constant | StepSizeKind::Cosine), "optimizer.step_size"),
+                    (o.custom_tableau.is_some(), "optimizer.custom_tableau"),
+                ];
+                for (set, key) in only_rk {
+                    if set {
+                        return Err(Error::config(key, format!("applies to optimizer.kind = \"rk\" only, not {kind:?}")));
+                    }
+                }
+                if kind == OptimizerKind::Momentum {
+                    unit("optimizer.momentum", o.momentum)?;
+                } else if o.momentum != 0.0 {
+                    return Err(Error::config("optimizer.momentum", format!("is not used by {kind:?}; use beta1 for the Adam family or kind = \"momentum\"")));
+                }
+                if matches!(kind, OptimizerKind::Adam | OptimizerKind::Adamw | OptimizerKind::Nadamw) {
+                    unit("optimizer.beta1", o.beta1)?;
+                    unit("optimizer.beta2", o.beta2)?;
+                    positive("optimizer.eps", o.eps)?;
+                }
+                if o.weight_decay != 0.0 && !matches!(kind, OptimizerKind::Adamw | OptimizerKind::Nadamw) {
+                    return Err(Error::config("optimizer.weight_decay", format!("{kind:?} has no decoupled weight decay; use adamw or nadamw")));
+                }
+            }
+        }
+        if o.weight_decay < 0.0 {
+            return Err(Error::config("optimizer.weight_decay", "must be ≥ 0"));
+        }
+        if o.step_size == StepSizeKind::Cosine && o.warmup_steps >= t.steps {
+            return Err(Error::config("optimizer.warmup_steps", format!("{} leaves no steps after warm-up (train.steps = {})", o.warmup_steps, t.steps)));
+        }
+        if !(0.0..=1.0).contains(&o.min_lr_fraction) {
+            return Err(Error::config("optimizer.min_lr_fraction", "must be in [0, 1]"));
+        }
+        Ok(())
+    }
+}
+
+/// Apply one `a.b.c=value` override to the TOML tree. The value is parsed as TOML (numbers,
+/// booleans, arrays, quoted strings); anything that does not parse is taken as a bare string,
+/// so `--set optimizer.kind=adam` works without quotes.
+pub fn apply_override(tree: &mut toml::Table, spec: &str) -> Result<()> {
+    let (key, raw) = spec
+        .split_once('=')
+        .ok_or_else(|| Error::Other(format!("--set {spec:?}: expected key=value, e.g. --set optimizer.lr=0.01")))?;
+    let key = key.trim();
+    if key.is_empty() || key.split('.').any(|p| p.is_empty()) {
+        return Err(Error::Other(format!("--set {spec:?}: bad key {key:?}")));
+    }
+    let value = parse_value(raw.trim());
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut table = tree;
+    for (i, part) in parts[..parts.len() - 1].iter().enumerate() {
+        let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry.as_table_mut().ok_or_else(|| {
+            Error::config(parts[..=i].join("."), "is a value, not a table; cannot set a key inside it")
+        })?;
+    }
+    table.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+fn parse_value(raw: &str) -> toml::Value {
+    let doc = format!("v = {raw}");
+    match doc.parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str, sets: &[&str]) -> String {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Config::from_toml_str(text, &sets).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_are_the_papers_mlp_with_rk4() {
+        let c = Config::from_toml_str("", &[]).unwrap();
+        assert_eq!(c.model.kind, "mlp");
+        assert_eq!(c.model.hidden, vec![500, 500, 500]);
+        assert_eq!(c.optimizer.kind, OptimizerKind::Rk);
+        assert_eq!(c.optimizer.tableau, "rk4");
+        assert_eq!(c.optimizer.lr, 0.003);
+        assert_eq!(c.train.batch_size, 16);
+        assert_eq!(c.data.normalize, Normalize::Unit);
+        assert!(c.data.shuffle);
+    }
+
+    #[test]
+    fn overrides_apply_and_are_typed() {
+        let sets: Vec<String> = ["optimizer.kind=adam", "optimizer.lr=0.001", "train.steps=7", "data.shuffle=false", "model.hidden=[32, 16]", "optimizer.dalr.estimator=finite-difference"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let c = Config::from_toml_str("[train]\nsteps = 100\n", &sets).unwrap();
+        assert_eq!(c.optimizer.kind, OptimizerKind::Adam);
+        assert_eq!(c.optimizer.lr, 0.001);
+        assert_eq!(c.train.steps, 7);
+        assert!(!c.data.shuffle);
+        assert_eq!(c.model.hidden, vec![32, 16]);
+        assert_eq!(c.optimizer.dalr.estimator, DalrEstimator::FiniteDifference);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        assert!(err("[train]\nstepz = 3\n", &[]).contains("stepz"));
+        assert!(err("", &["optimizer.lrr=0.1"]).contains("lrr"));
+        assert!(err("[modle]\n", &[]).contains("modle"));
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        assert!(err("", &["optimizer.lr=-1"]).contains("optimizer.lr"));
+        assert!(err("", &["train.batch_size=0"]).contains("train.batch_size"));
+        assert!(err("", &["optimizer.tableau=rk5"]).contains("optimizer.tableau"));
+        assert!(err("", &["optimizer.kind=lbfgs"]).contains("lbfgs"));
+        assert!(err("", &["model.kind=resnet"]).contains("model.kind"));
+        assert!(err("", &["optimizer.momentum=1.5"]).contains("optimizer.momentum"));
+        assert!(err("", &["optimizer.kind=adam", "optimizer.preconditioner=adagrad"]).contains("optimizer.preconditioner"));
+        assert!(err("", &["optimizer.step_size=error-controlled"]).contains("embedded"));
+        assert!(err("", &["model.init=/nonexistent/w.safetensors"]).contains("model.init"));
+        assert!(err("", &["optimizer.tableau=custom"]).contains("optimizer.custom_tableau"));
+        assert!(err("", &["nonsense"]).contains("key=value"));
+        assert!(err("train = 3\n", &["train.steps=3"]).contains("train"));
+    }
+
+    #[test]
+    fn custom_tableau_from_toml() {
+        let text = "[optimizer]\ntableau = \"custom\"\n[optimizer.custom_tableau]\nname = \"my-heun\"\na = [[0.0, 0.0], [1.0, 0.0]]\nb = [0.5, 0.5]\n";
+        let c = Config::from_toml_str(text, &[]).unwrap();
+        assert_eq!(c.tableau().unwrap().order(), 2);
+        let bad = "[optimizer]\ntableau = \"custom\"\n[optimizer.custom_tableau]\na = [[0.0, 0.0], [1.0, 0.0]]\nb = [0.5, 0.6]\n";
+        assert!(err(bad, &[]).contains("b"));
+    }
+
+    #[test]
+    fn resolved_config_round_trips() {
+        let c = Config::from_toml_str("", &["optimizer.kind=adamw".into(), "optimizer.weight_decay=0.01".into()]).unwrap();
+        let again = Config::from_toml_str(&c.to_toml(), &[]).unwrap();
+        assert_eq!(c, again);
+    }
+}

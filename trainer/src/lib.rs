@@ -1,0 +1,22 @@
+//! kutta's trainer: Runge-Kutta solvers of the gradient-flow ODE dθ/dt = −D∇L(θ) used as
+//! optimizers (SPEC.md), the Euler-type baselines, models, data, and the training loop.
+//!
+//! The one obvious path: `config` → `train::run` builds a `model::Model` and a `data::Dataset`,
+//! wraps them in a `model::ModelField` (the gradient oracle), and hands that to an
+//! `optim::Optimizer` once per step. Every buffer the optimizers touch is a flat `f32` slice in
+//! the model's `layout::ParamLayout`.
+
+pub mod error;
+pub mod scalar;
+pub mod layout;
+pub mod field;
+pub mod tableau;
+pub mod optim;
+pub mod model;
+pub mod data;
+
+pub use error::{Error, Result};
+pub mod config;
+pub mod checkpoint;
+pub mod train;
+pub mod bench;

@@ -1,0 +1,532 @@
+//! The training loop and the run folder.
+//!
+//! A run folder holds everything needed to understand, plot and resume a run:
+//! - `config.toml`      the resolved configuration (every default written out);
+//! - `metrics.jsonl`    one JSON object per logged step (see `MetricsLine`);
+//! - `summary.json`     the headline numbers (see `Summary`), rewritten at every evaluation;
+//! - `model.safetensors` the final weights, one tensor per layout entry;
+//! - `checkpoint.safetensors` θ plus all optimizer state, for `kutta train --resume`.
+//!
+//! Step numbering: `step` in metrics and checkpoints counts completed optimizer steps, so the
+//! line with `step = 1` describes the first step; its `train_loss` is the mini-batch loss at the
+//! parameters *before* that step (the first stage's loss, which every optimizer gets for free).
+
+use crate::checkpoint::{self, Checkpoint, CheckpointMeta};
+use crate::config::{Config, OptimizerKind, PreconditionerKind, StepSizeKind};
+use crate::data::{mnist, sampler::BatchSampler, Dataset};
+use crate::error::{Error, Result};
+use crate::model::{self, Model, ModelField};
+use crate::optim::baselines::{Adam, AdamW, Momentum, NAdamW, Sgd};
+use crate::optim::rk::{Preconditioner, RkOptions, RkSolver, StepSize};
+use crate::optim::{Optimizer, OptimizerState, StepReport};
+use crate::field::VectorField;
+use serde::{Deserialize, Serialize};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const SUMMARY_FILE: &str = "summary.json";
+pub const CONFIG_FILE: &str = "config.toml";
+pub const MODEL_FILE: &str = "model.safetensors";
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MetricsLine {
+    pub step: u64,
+    /// Fractional epoch at the start of this step.
+    pub epoch: f64,
+    pub train_loss: f64,
+    /// The step size of this step.
+    pub h: f64,
+    /// Gradient evaluations since the start of the run (probes and rejected attempts included).
+    pub grad_evals: u64,
+    /// Wall-clock seconds since the start of the run (across resumes, evaluation included).
+    pub wall_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_accuracy: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dalr_v: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_estimate: Option<f64>,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub rejected: u32,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub nonfinite_retries: u32,
+}
+
+fn is_zero(x: &u32) -> bool {
+    *x == 0
+}
+
+/// `summary.json`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Summary {
+    /// "running", "completed", or "failed: <reason>".
+    pub status: String,
+    pub steps: u64,
+    pub grad_evals: u64,
+    pub wall_seconds: f64,
+    /// Seconds spent in optimizer steps only (evaluation and I/O excluded).
+    pub step_seconds: f64,
+    pub final_test_accuracy: Option<f64>,
+    pub final_test_loss: Option<f64>,
+    pub best_test_accuracy: Option<f64>,
+    /// Mean mini-batch training loss over the last (up to) 100 steps.
+    pub final_train_loss: Option<f64>,
+    pub optimizer: String,
+    pub tableau: Option<String>,
+    pub model: String,
+    pub params: usize,
+    pub batch_size: usize,
+    pub train_samples: usize,
+    pub test_samples: usize,
+}
+
+/// How `train` reports progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// A progress bar on a terminal, plain log lines otherwise.
+    Auto,
+    Bar,
+    Lines,
+}
+
+/// Build the optimizer a config asks for.
+pub fn build_optimizer(cfg: &Config) -> Result<Box<dyn Optimizer<f32>>> {
+    let o = &cfg.optimizer;
+    let lr = o.lr;
+    Ok(match o.kind {
+        OptimizerKind::Rk => {
+            let step_size = match o.step_size {
+                StepSizeKind::Constant => StepSize::Constant { lr },
+                StepSizeKind::Cosine => StepSize::Cosine { lr, warmup: o.warmup_steps, total: cfg.train.steps, min_fraction: o.min_lr_fraction },
+                StepSizeKind::Dalr => StepSize::Dalr { c: lr, p: o.dalr.p, estimator: o.dalr.estimator, fd_eps: o.dalr.fd_eps },
+                StepSizeKind::ErrorControlled => StepSize::ErrorControlled { h0: lr, control: o.error_control },
+            };
+            let preconditioner = match o.preconditioner {
+                PreconditionerKind::None => Preconditioner::None,
+                PreconditionerKind::Adagrad => Preconditioner::Adagrad { eps: o.adagrad_eps },
+                PreconditionerKind::ModifiedAdagrad => Preconditioner::ModifiedAdagrad,
+            };
+            Box::new(RkSolver::<f32>::new(RkOptions {
+                tableau: cfg.tableau()?,
+                preconditioner,
+                step_size,
+                momentum: o.momentum,
+                streaming: o.streaming,
+                nonfinite_retries: o.nonfinite_retries,
+            })?)
+        }
+        kind => {
+            let base: Box<dyn Optimizer<f32>> = match kind {
+                OptimizerKind::Sgd => Box::new(Sgd::new(lr)),
+                OptimizerKind::Momentum => Box::new(Momentum::new(lr, o.momentum, o.nesterov)),
+                OptimizerKind::Adam => Box::new(Adam::new(lr, o.beta1, o.beta2, o.eps)),
+                OptimizerKind::Adamw => Box::new(AdamW::new(lr, o.beta1, o.beta2, o.eps, o.weight_decay)),
+                OptimizerKind::Nadamw => Box::new(NAdamW::new(lr, o.beta1, o.beta2, o.eps, o.weight_decay)),
+                OptimizerKind::Rk => unreachable!(),
+            };
+            if o.step_size == StepSizeKind::Cosine {
+                Box::new(Scheduled { inner: base, lr, warmup: o.warmup_steps, total: cfg.train.steps, min_fraction: o.min_lr_fraction })
+            } else {
+                base
+            }
+        }
+    })
+}
+
+/// A baseline under a cosine schedule: sets the learning rate before each step.
+struct Scheduled {
+    inner: Box<dyn Optimizer<f32>>,
+    lr: f64,
+    warmup: u64,
+    total: u64,
+    min_fraction: f64,
+}
+
+impl Optimizer<f32> for Scheduled {
+    fn name(&self) -> String {
+        format!("{}+cosine", self.inner.name())
+    }
+    fn step(&mut self, step: u64, theta: &mut [f32], field: &mut dyn VectorField<f32>) -> Result<StepReport> {
+        self.inner.set_lr(crate::optim::step_size::cosine(self.lr, step, self.warmup, self.total, self.min_fraction));
+        self.inner.step(step, theta, field)
+    }
+    fn state(&self) -> OptimizerState<f32> {
+        self.inner.state()
+    }
+    fn load_state(&mut self, state: &OptimizerState<f32>) -> Result<()> {
+        self.inner.load_state(state)
+    }
+    fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+}
+
+/// Load the training and test sets a config names, with `train_subset` applied.
+pub fn load_data(cfg: &Config) -> Result<(Dataset, Dataset)> {
+    let (mut train, test) = mnist::load_dir(&cfg.data.dir, cfg.data.normalize)?;
+    if let Some(n) = cfg.data.train_subset {
+        if n > train.len() {
+            return Err(Error::config("data.train_subset", format!("{n} is more than the {} training samples in {}", train.len(), cfg.data.dir.display())));
+        }
+        train.truncate(n);
+    }
+    Ok((train, test))
+}
+
+pub fn build_model(cfg: &Config, data: &Dataset) -> Result<Box<dyn Model>> {
+    model::build(&cfg.model.kind, &cfg.model.hidden, data.image_shape, data.num_classes)
+}
+
+/// The run folder's default location: `runs/<config name>-<unix time>`.
+pub fn default_out_dir(config_path: &Path) -> PathBuf {
+    let stem = config_path.file_stem().and_then(|s| s.to_str()).unwrap_or("run");
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    PathBuf::from("runs").join(format!("{stem}-{t}"))
+}
+
+/// Train from scratch into a new (or empty) run folder `out`.
+pub fn train(cfg: &Config, out: &Path, progress: Progress) -> Result<Summary> {
+    if out.exists() && std::fs::read_dir(out).map_err(|e| Error::io(out, e))?.next().is_some() {
+        return Err(Error::Other(format!(
+            "run folder {} already exists and is not empty; pick another --out, or continue it with --resume {}",
+            out.display(),
+            out.display()
+        )));
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    Runner::new(cfg, out, None)?.run(progress)
+}
+
+/// Continue the run in `dir` from its checkpoint, up to `cfg.train.steps`.
+/// `cfg` is the run's `config.toml` with any `--set` overrides applied; keys that change the
+/// trajectory (model, data, batch, seed, optimizer) must match the checkpoint.
+pub fn resume(cfg: &Config, dir: &Path, progress: Progress) -> Result<Summary> {
+    let ck = Checkpoint::load(&dir.join(checkpoint::FILE_NAME))?;
+    Runner::new(cfg, dir, Some(ck))?.run(progress)
+}
+
+/// Read `config.toml` of a run folder and apply overrides.
+pub fn load_run_config(dir: &Path, overrides: &[String]) -> Result<Config> {
+    let path = dir.join(CONFIG_FILE);
+    if !path.is_file() {
+        return Err(Error::checkpoint(&path, format!("not found: {} is not a kutta run folder", dir.display())));
+    }
+    let old = Config::load(&path, &[])?;
+    let new = Config::load(&path, overrides)?;
+    // Only the length of the run and its bookkeeping may change on resume.
+    let mut cmp = new.clone();
+    cmp.train.steps = old.train.steps;
+    cmp.train.eval_every = old.train.eval_every;
+    cmp.train.checkpoint_every = old.train.checkpoint_every;
+    cmp.train.log_every = old.train.log_every;
+    cmp.train.eval_chunk = old.train.eval_chunk;
+    if cmp != old {
+        return Err(Error::Other(format!(
+            "--set on resume may change only train.steps, eval_every, checkpoint_every, log_every and eval_chunk; \
+             other keys would change the trajectory (start a new run with --config {} instead)",
+            path.display()
+        )));
+    }
+    Ok(new)
+}
+
+struct Runner<'c> {
+    cfg: &'c Config,
+    out: PathBuf,
+    resume_from: Option<Checkpoint>,
+}
+
+impl<'c> Runner<'c> {
+    fn new(cfg: &'c Config, out: &Path, resume_from: Option<Checkpoint>) -> Result<Self> {
+        Ok(Self { cfg, out: out.to_path_buf(), resume_from })
+    }
+
+    fn run(self, progress: Progress) -> Result<Summary> {
+        let cfg = self.cfg;
+        let out = &self.out;
+        let (train, test) = load_data(cfg)?;
+        let model = build_model(cfg, &train)?;
+        let layout = model.layout().clone();
+        let mut opt = build_optimizer(cfg)?;
+        let tableau = (cfg.optimizer.kind == OptimizerKind::Rk).then(|| cfg.tableau().map(|t| t.name)).transpose()?;
+
+        let mut summary = Summary {
+            status: "running".into(),
+            optimizer: opt.name(),
+            tableau,
+            model: model.describe(),
+            params: layout.len(),
+            batch_size: cfg.train.batch_size,
+            train_samples: train.len(),
+            test_samples: test.len(),
+            ..Default::default()
+        };
+
+        // θ and the counters: from the checkpoint, the init file, or the seed.
+        let (mut theta, start, mut grad_evals, wall_before, mut best) = match &self.resume_from {
+            Some(ck) => {
+                let m = &ck.meta;
+                let ckpath = out.join(checkpoint::FILE_NAME);
+                let mismatch = |what: &str, was: String, now: String| {
+                    Error::checkpoint(&ckpath, format!("was written with {what} = {was}, the config now says {now}"))
+                };
+                if m.param_count != layout.len() {
+                    return Err(mismatch("a model of P", m.param_count.to_string(), layout.len().to_string()));
+                }
+                if m.batch_size != cfg.train.batch_size {
+                    return Err(mismatch("train.batch_size", m.batch_size.to_string(), cfg.train.batch_size.to_string()));
+                }
+                if m.seed != cfg.train.seed || m.shuffle != cfg.data.shuffle || m.train_samples != train.len() {
+                    return Err(mismatch("(seed, shuffle, training samples)", format!("({}, {}, {})", m.seed, m.shuffle, m.train_samples), format!("({}, {}, {})", cfg.train.seed, cfg.data.shuffle, train.len())));
+                }
+                if m.optimizer != opt.name() {
+                    return Err(mismatch("optimizer", m.optimizer.clone(), opt.name()));
+                }
+                if m.step >= cfg.train.steps {
+                    return Err(Error::Other(format!(
+                        "the run in {} already has {} of train.steps = {} steps; raise it with --set train.steps=N",
+                        out.display(),
+                        m.step,
+                        cfg.train.steps
+                    )));
+                }
+                opt.load_state(&ck.optimizer).map_err(|e| Error::checkpoint(&ckpath, e.to_string()))?;
+                (ck.theta.clone(), m.step, m.grad_evals, m.wall_seconds, m.best_test_accuracy)
+            }
+            None => {
+                let theta = match &cfg.model.init {
+                    Some(p) => model::load_safetensors(model.as_ref(), p)?,
+                    None => model::init_params(model.as_ref(), cfg.train.seed),
+                };
+                (theta, 0, 0, 0.0, None)
+            }
+        };
+
+        std::fs::write(out.join(CONFIG_FILE), cfg.to_toml()).map_err(|e| Error::io(out.join(CONFIG_FILE), e))?;
+        let metrics_path = out.join(METRICS_FILE);
+        if start > 0 {
+            truncate_metrics(&metrics_path, start)?;
+        }
+        let mut metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .map_err(|e| Error::io(&metrics_path, e))?;
+
+        tracing::info!(
+            "{} | {} | {} train / {} test samples | batch {} | steps {}..{} | run folder {}",
+            summary.model,
+            summary.optimizer,
+            train.len(),
+            test.len(),
+            cfg.train.batch_size,
+            start,
+            cfg.train.steps,
+            out.display()
+        );
+
+        let mut sampler = BatchSampler::new(train.len(), cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle);
+        let mut field = ModelField::new(model.as_ref(), &train);
+        let t0 = Instant::now();
+        let mut step_seconds = 0.0;
+        let mut recent_losses: std::collections::VecDeque<f64> = Default::default();
+        let bar = ProgressReporter::new(progress, start, cfg.train.steps);
+        let tc = &cfg.train;
+
+        for step in start..tc.steps {
+            let done = step + 1;
+            let batch = sampler.batch(step);
+            field.set_batch(&batch, batch.len());
+            let ts = Instant::now();
+            let report = match opt.step(step, &mut theta, &mut field) {
+                Ok(r) => r,
+                Err(e) => {
+                    bar.finish();
+                    summary.status = format!("failed at step {done}: {e}");
+                    summary.steps = step;
+                    summary.grad_evals = grad_evals;
+                    summary.wall_seconds = wall_before + t0.elapsed().as_secs_f64();
+                    write_json(&out.join(SUMMARY_FILE), &summary)?;
+                    let last = if start > 0 || out.join(checkpoint::FILE_NAME).exists() {
+                        format!("the last good checkpoint in {} is intact", out.display())
+                    } else {
+                        "no checkpoint had been written yet".to_string()
+                    };
+                    return Err(Error::Other(format!("{e}; the run stopped ({last})")));
+                }
+            };
+            step_seconds += ts.elapsed().as_secs_f64();
+            grad_evals += report.grad_evals;
+            recent_losses.push_back(report.loss);
+            if recent_losses.len() > 100 {
+                recent_losses.pop_front();
+            }
+
+            let last = done == tc.steps;
+            let eval_now = last || (tc.eval_every > 0 && done % tc.eval_every == 0);
+            let mut line = MetricsLine {
+                step: done,
+                epoch: sampler.epoch(step),
+                train_loss: report.loss,
+                h: report.h,
+                grad_evals,
+                wall_s: 0.0,
+                dalr_v: report.dalr_v,
+                error_estimate: report.error_estimate,
+                rejected: report.rejected,
+                nonfinite_retries: report.nonfinite_retries,
+                ..Default::default()
+            };
+            if eval_now {
+                let (loss, acc) = model::evaluate(model.as_ref(), &theta, &test, tc.eval_chunk)?;
+                line.test_loss = Some(loss);
+                line.test_accuracy = Some(acc);
+                best = Some(best.map_or(acc, |b: f64| b.max(acc)));
+                summary.final_test_accuracy = Some(acc);
+                summary.final_test_loss = Some(loss);
+            }
+            line.wall_s = wall_before + t0.elapsed().as_secs_f64();
+            if eval_now || last || done % tc.log_every == 0 || report.rejected > 0 || report.nonfinite_retries > 0 {
+                let s = serde_json::to_string(&line).expect("metrics serialize");
+                writeln!(metrics, "{s}").map_err(|e| Error::io(&metrics_path, e))?;
+            }
+            bar.update(&line, eval_now);
+
+            summary.steps = done;
+            summary.grad_evals = grad_evals;
+            summary.wall_seconds = line.wall_s;
+            summary.step_seconds = step_seconds;
+            summary.best_test_accuracy = best;
+            summary.final_train_loss = Some(recent_losses.iter().sum::<f64>() / recent_losses.len() as f64);
+            if last {
+                summary.status = "completed".into();
+            }
+            if eval_now {
+                metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
+                write_json(&out.join(SUMMARY_FILE), &summary)?;
+            }
+            if last || (tc.checkpoint_every > 0 && done % tc.checkpoint_every == 0) {
+                metrics.sync_data().map_err(|e| Error::io(&metrics_path, e))?;
+                let meta = CheckpointMeta {
+                    format_version: 0,
+                    step: done,
+                    grad_evals,
+                    wall_seconds: line.wall_s,
+                    best_test_accuracy: best,
+                    optimizer: opt.name(),
+                    param_count: layout.len(),
+                    seed: tc.seed,
+                    batch_size: tc.batch_size,
+                    shuffle: cfg.data.shuffle,
+                    train_samples: train.len(),
+                    optimizer_scalars: Default::default(),
+                };
+                Checkpoint::new(meta, theta.clone(), opt.state()).save(&out.join(checkpoint::FILE_NAME))?;
+            }
+        }
+        bar.finish();
+        model::save_safetensors(&layout, &theta, &out.join(MODEL_FILE))?;
+        write_json(&out.join(SUMMARY_FILE), &summary)?;
+        tracing::info!(
+            "done: {} steps, {} gradient evaluations, {:.1} s; test accuracy {} (best {}); results in {}",
+            summary.steps,
+            summary.grad_evals,
+            summary.wall_seconds,
+            pct(summary.final_test_accuracy),
+            pct(summary.best_test_accuracy),
+            out.display()
+        );
+        Ok(summary)
+    }
+}
+
+fn pct(x: Option<f64>) -> String {
+    x.map_or("n/a".into(), |a| format!("{:.2} %", 100.0 * a))
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let mut s = serde_json::to_string_pretty(value).expect("serializes");
+    s.push('\n');
+    checkpoint::write_atomic(path, s.as_bytes())
+}
+
+/// Drop metrics lines past the checkpoint's step: a run that died after its last checkpoint
+/// logged steps that the resumed run will log again.
+fn truncate_metrics(path: &Path, keep_through: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let mut kept = String::new();
+    for l in text.lines() {
+        let step = serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v.get("step").and_then(|s| s.as_u64()));
+        if matches!(step, Some(s) if s <= keep_through) {
+            kept.push_str(l);
+            kept.push('\n');
+        }
+    }
+    checkpoint::write_atomic(path, kept.as_bytes())
+}
+
+/// A progress bar on a terminal, plain log lines (about 20 per run, plus evaluations) otherwise.
+struct ProgressReporter {
+    bar: Option<indicatif::ProgressBar>,
+    every: u64,
+}
+
+impl ProgressReporter {
+    fn new(mode: Progress, start: u64, total: u64) -> Self {
+        let use_bar = match mode {
+            Progress::Bar => true,
+            Progress::Lines => false,
+            Progress::Auto => std::io::stderr().is_terminal(),
+        };
+        let bar = use_bar.then(|| {
+            let b = indicatif::ProgressBar::new(total);
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}")
+                    .expect("valid template"),
+            );
+            b.set_position(start);
+            b
+        });
+        Self { bar, every: ((total - start) / 20).max(1) }
+    }
+
+    fn update(&self, line: &MetricsLine, evaluated: bool) {
+        let acc = line.test_accuracy.map(|a| format!(" test_acc {:.2} %", 100.0 * a)).unwrap_or_default();
+        match &self.bar {
+            Some(b) => {
+                b.set_position(line.step);
+                if evaluated || line.step % 10 == 0 {
+                    b.set_message(format!("loss {:.4} h {:.3e}{acc}", line.train_loss, line.h));
+                }
+                if evaluated {
+                    b.println(format!("step {} test_loss {:.4}{acc}", line.step, line.test_loss.unwrap_or(f64::NAN)));
+                }
+            }
+            None => {
+                if evaluated || line.step % self.every == 0 {
+                    tracing::info!(
+                        "step {} epoch {:.2} loss {:.4} h {:.3e} grad_evals {} {:.1}s{}",
+                        line.step,
+                        line.epoch,
+                        line.train_loss,
+                        line.h,
+                        line.grad_evals,
+                        line.wall_s,
+                        acc
+                    );
+                }
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
