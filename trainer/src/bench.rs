@@ -1,1 +1,205 @@
-//! (being written)
+//! `kutta bench`: median wall-clock time of one optimizer step and of one gradient evaluation
+//! for sgd, adam, rk4 and rk4 with all three of the paper's modifications, on the MLP, at several
+//! batch sizes — all measured in one run, so the ratios compare like with like.
+
+use crate::config::Config;
+use crate::data::{sampler::BatchSampler, Dataset};
+use crate::error::Result;
+use crate::model::{self, ModelField};
+use crate::train::{build_model, build_optimizer, load_data};
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub batch_sizes: Vec<usize>,
+    /// Keep timing one (optimizer, batch) cell until this many seconds have passed…
+    pub min_seconds: f64,
+    /// …and at least this many steps (after one warm-up step)…
+    pub min_reps: usize,
+    /// …but never more than this many.
+    pub max_reps: usize,
+    /// Config whose model and data are used (defaults: the paper's MLP on Fashion-MNIST).
+    pub base: Config,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self { batch_sizes: vec![16, 128, 1024, 8192], min_seconds: 1.0, min_reps: 5, max_reps: 200, base: Config::default() }
+    }
+}
+
+/// The optimizers compared: (label, config overrides).
+pub fn variants() -> Vec<(&'static str, Vec<&'static str>)> {
+    vec![
+        ("sgd", vec!["optimizer.kind=sgd", "optimizer.lr=0.01"]),
+        ("adam", vec!["optimizer.kind=adam", "optimizer.lr=0.001"]),
+        ("rk4", vec!["optimizer.kind=rk", "optimizer.tableau=rk4", "optimizer.lr=0.003"]),
+        (
+            "rk4+pre+dalr+mom",
+            vec![
+                "optimizer.kind=rk",
+                "optimizer.tableau=rk4",
+                "optimizer.lr=1.0",
+                "optimizer.preconditioner=modified-adagrad",
+                "optimizer.step_size=dalr",
+                "optimizer.momentum=0.95",
+            ],
+        ),
+    ]
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchRow {
+    pub optimizer: String,
+    pub batch_size: usize,
+    pub reps: usize,
+    pub median_step_ms: f64,
+    pub median_grad_eval_ms: f64,
+    pub grad_evals_per_step: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub machine: String,
+    pub threads: usize,
+    pub model: String,
+    pub data: String,
+    pub rows: Vec<BenchRow>,
+    /// (batch size, median rk4 step / median sgd step) — 4.0 is the arithmetic floor.
+    pub rk4_over_sgd: Vec<(usize, f64)>,
+}
+
+pub fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    let n = xs.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 { xs[n / 2] } else { 0.5 * (xs[n / 2 - 1] + xs[n / 2]) }
+}
+
+/// Real training images when the data directory is readable, random ones otherwise (step time
+/// does not depend on pixel values).
+fn bench_data(base: &Config) -> (Dataset, String) {
+    match load_data(base) {
+        Ok((train, _)) => (train, format!("Fashion-MNIST from {}", base.data.dir.display())),
+        Err(e) => {
+            let n = 10_000;
+            let d = 784;
+            let mut state = 0x9E37_79B9_7F4A_7C15u64;
+            let mut next = || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state
+            };
+            let images = (0..n * d).map(|_| (next() >> 40) as f32 / (1u64 << 24) as f32).collect();
+            let labels = (0..n).map(|_| (next() % 10) as u32).collect();
+            (Dataset { images, labels, image_shape: [1, 28, 28], num_classes: 10 }, format!("random images ({e})"))
+        }
+    }
+}
+
+pub fn run(opts: &BenchOptions, mut on_row: impl FnMut(&BenchRow)) -> Result<BenchReport> {
+    let (data, data_desc) = bench_data(&opts.base);
+    let model = build_model(&opts.base, &data)?;
+    let theta0 = model::init_params(model.as_ref(), 0);
+    let mut rows = Vec::new();
+    for &bs in &opts.batch_sizes {
+        for (label, sets) in variants() {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).chain([format!("train.batch_size={bs}")]).collect();
+            let cfg = Config::from_toml_str(&opts.base.to_toml(), &sets)?;
+            let mut opt = build_optimizer(&cfg)?;
+            let mut theta = theta0.clone();
+            let mut sampler = BatchSampler::new(data.len(), bs, 0, true);
+            let mut field = ModelField::new(model.as_ref(), &data);
+            let mut step_ms = Vec::new();
+            let mut eval_ms = Vec::new();
+            let mut evals = 0u64;
+            let start = Instant::now();
+            let mut step = 0u64;
+            loop {
+                let batch = sampler.batch(step);
+                field.set_batch(&batch, bs);
+                let t = Instant::now();
+                let r = opt.step(step, &mut theta, &mut field)?;
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                if step > 0 {
+                    // step 0 is warm-up (allocation, caches, DALR's first-step probe)
+                    step_ms.push(ms);
+                    eval_ms.push(ms / r.grad_evals as f64);
+                    evals += r.grad_evals;
+                }
+                step += 1;
+                let reps = step_ms.len();
+                if reps >= opts.max_reps || (reps >= opts.min_reps && start.elapsed().as_secs_f64() >= opts.min_seconds) {
+                    break;
+                }
+            }
+            let reps = step_ms.len();
+            let row = BenchRow {
+                optimizer: label.to_string(),
+                batch_size: bs,
+                reps,
+                median_step_ms: median(&mut step_ms),
+                median_grad_eval_ms: median(&mut eval_ms),
+                grad_evals_per_step: evals as f64 / reps as f64,
+            };
+            on_row(&row);
+            rows.push(row);
+        }
+    }
+    let find = |opt: &str, bs: usize| rows.iter().find(|r| r.optimizer == opt && r.batch_size == bs).map(|r| r.median_step_ms);
+    let rk4_over_sgd = opts
+        .batch_sizes
+        .iter()
+        .filter_map(|&bs| Some((bs, find("rk4", bs)? / find("sgd", bs)?)))
+        .collect();
+    Ok(BenchReport {
+        machine: machine_description(),
+        threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        model: model.describe(),
+        data: data_desc,
+        rows,
+        rk4_over_sgd,
+    })
+}
+
+/// CPU model name from /proc/cpuinfo (Linux), or the architecture.
+pub fn machine_description() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+pub fn format_table(report: &BenchReport) -> String {
+    let mut s = format!(
+        "machine: {} ({} threads)\nmodel:   {}\ndata:    {}\n\n{:<18} {:>7} {:>6} {:>14} {:>16} {:>11}\n",
+        report.machine, report.threads, report.model, report.data, "optimizer", "batch", "reps", "step ms (med)", "grad-eval ms", "evals/step"
+    );
+    for r in &report.rows {
+        s += &format!(
+            "{:<18} {:>7} {:>6} {:>14.3} {:>16.3} {:>11.2}\n",
+            r.optimizer, r.batch_size, r.reps, r.median_step_ms, r.median_grad_eval_ms, r.grad_evals_per_step
+        );
+    }
+    s += "\nrk4 / sgd step time (4 gradient evaluations make 4.0 the floor):\n";
+    for (bs, ratio) in &report.rk4_over_sgd {
+        s += &format!("  batch {bs:>6}: {ratio:.2}\n");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&mut []).is_nan());
+    }
+}

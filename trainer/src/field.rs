@@ -28,7 +28,7 @@ impl DiagonalQuadratic {
     }
     /// θ(t) under exact gradient flow with D = I.
     pub fn exact_flow<F: Scalar>(&self, theta0: &[F], t: f64) -> Vec<f64> {
-        theta0.iter().zip(&self.lambda).map(|(x, l)| x.to_f64() * (-l * t).exp()).collect()
+        theta0.iter().zip(&self.lambda).map(|(x, l)| x.as_f64() * (-l * t).exp()).collect()
     }
 }
 
@@ -40,7 +40,7 @@ impl<F: Scalar> VectorField<F> for DiagonalQuadratic {
         self.evals += 1;
         let mut loss = 0.0;
         for ((g, x), l) in grad.iter_mut().zip(theta).zip(&self.lambda) {
-            let x = x.to_f64();
+            let x = x.as_f64();
             *g = F::from_f64(l * x);
             loss += 0.5 * l * x * x;
         }

@@ -7,22 +7,22 @@ use std::fmt::Debug;
 
 pub trait Scalar: Float + Default + Debug + Send + Sync + 'static + std::iter::Sum {
     fn from_f64(x: f64) -> Self;
-    fn to_f64(self) -> f64;
+    fn as_f64(self) -> f64;
 }
 
 impl Scalar for f32 {
     fn from_f64(x: f64) -> Self { x as f32 }
-    fn to_f64(self) -> f64 { self as f64 }
+    fn as_f64(self) -> f64 { self as f64 }
 }
 
 impl Scalar for f64 {
     fn from_f64(x: f64) -> Self { x }
-    fn to_f64(self) -> f64 { self }
+    fn as_f64(self) -> f64 { self }
 }
 
 /// Euclidean norm, accumulated in f64 so that long f32 buffers do not lose digits.
 pub fn norm<F: Scalar>(x: &[F]) -> f64 {
-    x.iter().map(|v| { let v = v.to_f64(); v * v }).sum::<f64>().sqrt()
+    x.iter().map(|v| { let v = v.as_f64(); v * v }).sum::<f64>().sqrt()
 }
 
 /// True when every element is finite.

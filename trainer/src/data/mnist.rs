@@ -70,7 +70,7 @@ pub fn load_dir(dir: &Path, normalize: Normalize) -> Result<(Dataset, Dataset)> 
         Normalize::Unit => unit_lut(),
         Normalize::Standardize => {
             let (mean, std) = pixel_stats(&train.images.pixels);
-            if !(std > 1e-12) {
+            if std <= 1e-12 {
                 return Err(Error::data(
                     &train_images_path,
                     format!(

@@ -169,8 +169,8 @@ mod tests {
         assert_eq!(permutation(42, 0, 10), PINNED_42_0);
         assert_eq!(permutation(0, 5, 10), PINNED_0_5);
     }
-    const PINNED_42_0: [usize; 10] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9];
-    const PINNED_0_5: [usize; 10] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9];
+    const PINNED_42_0: [usize; 10] = [6, 2, 7, 1, 0, 5, 3, 9, 4, 8];
+    const PINNED_0_5: [usize; 10] = [8, 1, 3, 0, 9, 2, 7, 4, 5, 6];
 
     #[test]
     fn bounded_is_roughly_uniform() {

@@ -186,7 +186,7 @@ impl<F: Scalar> RkSolver<F> {
         if self.d.is_empty() {
             norm(v)
         } else {
-            v.iter().zip(&self.d).map(|(a, d)| (a.to_f64() * d.to_f64()).powi(2)).sum::<f64>().sqrt()
+            v.iter().zip(&self.d).map(|(a, d)| (a.as_f64() * d.as_f64()).powi(2)).sum::<f64>().sqrt()
         }
     }
 
@@ -194,8 +194,8 @@ impl<F: Scalar> RkSolver<F> {
     fn d_norm_diff(&self, a: &[F], b: &[F]) -> f64 {
         let mut s = 0.0;
         for i in 0..a.len() {
-            let d = if self.d.is_empty() { 1.0 } else { self.d[i].to_f64() };
-            let v = (a[i].to_f64() - b[i].to_f64()) * d;
+            let d = if self.d.is_empty() { 1.0 } else { self.d[i].as_f64() };
+            let v = (a[i].as_f64() - b[i].as_f64()) * d;
             s += v * v;
         }
         s.sqrt()
@@ -331,9 +331,9 @@ impl<F: Scalar> RkSolver<F> {
     fn error_norm(&self, theta: &[F], h: f64, ec: &ErrorControl) -> f64 {
         let mut s = 0.0;
         for p in 0..theta.len() {
-            let d = if self.d.is_empty() { 1.0 } else { self.d[p].to_f64() };
-            let e = h * d * self.err_acc[p].to_f64();
-            let sc = ec.atol + ec.rtol * theta[p].to_f64().abs();
+            let d = if self.d.is_empty() { 1.0 } else { self.d[p].as_f64() };
+            let e = h * d * self.err_acc[p].as_f64();
+            let sc = ec.atol + ec.rtol * theta[p].as_f64().abs();
             s += (e / sc).powi(2);
         }
         (s / theta.len().max(1) as f64).sqrt()
@@ -410,7 +410,7 @@ impl<F: Scalar> Optimizer<F> for RkSolver<F> {
         };
 
         // Attempts: stages 2..s, acceptance tests, retries from θ_n on the same batch.
-        let mut v_next = None;
+        let v_next;
         let mut h_next = None;
         loop {
             let (finite, v_stage, evals) = self.run_stages(theta, field, h)?;
@@ -533,3 +533,7 @@ fn axpy<F: Scalar>(y: &mut [F], a: F, x: &[F]) {
         *y = *y + a * *x;
     }
 }
+
+#[cfg(test)]
+#[path = "rk_tests.rs"]
+mod tests;

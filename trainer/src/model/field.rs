@@ -1,0 +1,542 @@
+//! `ModelField`: a model and a data set as the vector field the solvers call (`VectorField`), and
+//! `evaluate`, the metrics pass.
+//!
+//! One `eval(θ, grad)` turns each layout tensor of θ into a candle `Var`, runs the forward pass on
+//! the current mini-batch, takes the summed per-sample cross-entropy divided by the global batch
+//! size, runs `backward()` and copies each parameter's gradient into its range of the flat `grad`.
+//! The batch is set once per optimizer step (`set_batch`) and its images are gathered then, into
+//! one contiguous tensor, so the s stages of an RK step reuse it without regathering (SPEC §1).
+//!
+//! Dividing by the *global* batch size rather than by this process's share is what lets the
+//! data-parallel path (SPEC §5) just all-reduce-sum the per-rank gradients: each rank returns
+//! Σ_{its samples} ∇ℓ / |B|, and the sum over ranks is the mean over the global batch.
+
+use candle_core::{Device, Tensor, Var};
+
+use super::{tensor_into_slice, Model};
+use crate::data::Dataset;
+use crate::error::{Error, Result};
+use crate::field::VectorField;
+
+/// The gradient oracle over a model and a data set (or this rank's shard of one).
+pub struct ModelField<'a> {
+    model: &'a dyn Model,
+    data: &'a Dataset,
+    /// The current batch's sample indices into `data`.
+    indices: Vec<usize>,
+    /// Divisor of the summed loss and gradient.
+    global_batch: usize,
+    /// At most this many samples per forward/backward pass; 0 = the whole batch at once.
+    micro_batch: usize,
+    /// The current batch, gathered, one entry per micro-batch (one when micro-batching is off).
+    micro: Vec<MicroBatch>,
+    batch_set: bool,
+    /// Why the current batch cannot be evaluated; `eval` reports it (set_batch cannot fail).
+    batch_error: Option<String>,
+}
+
+/// Gathered samples of one micro-batch.
+struct MicroBatch {
+    x: Tensor,      // (m, C·H·W)
+    onehot: Tensor, // (m, num_classes), 1 at the label
+}
+
+impl<'a> ModelField<'a> {
+    pub fn new(model: &'a dyn Model, data: &'a Dataset) -> Self {
+        Self {
+            model,
+            data,
+            indices: Vec::new(),
+            global_batch: 0,
+            micro_batch: 0,
+            micro: Vec::new(),
+            batch_set: false,
+            batch_error: None,
+        }
+    }
+
+    /// Set the mini-batch used by every following eval (all RK stages use the same batch).
+    /// `global_batch` is the divisor of the summed loss/gradient (= indices.len() on one process;
+    /// on several ranks each holds a slice of a larger global batch). Problems (an index out of
+    /// range, `global_batch` smaller than the slice) are reported by the next `eval`.
+    pub fn set_batch(&mut self, indices: &[usize], global_batch: usize) {
+        self.indices.clear();
+        self.indices.extend_from_slice(indices);
+        self.global_batch = global_batch;
+        self.batch_set = true;
+        self.gather();
+    }
+
+    /// Process the batch in micro-batches of at most `max_samples` samples, summing their
+    /// gradients (SPEC §6: bounds activation memory at large batch; changes the result only by
+    /// summation order). 0 turns micro-batching off. Applies to the current batch too.
+    pub fn set_micro_batch(&mut self, max_samples: usize) {
+        self.micro_batch = max_samples;
+        if self.batch_set {
+            self.gather();
+        }
+    }
+
+    /// Number of samples in the current batch (this rank's slice).
+    pub fn batch_len(&self) -> usize {
+        self.indices.len()
+    }
+
+    /// Gather the current batch's images and one-hot labels into contiguous tensors.
+    fn gather(&mut self) {
+        self.micro.clear();
+        self.batch_error = None;
+        if let Err(msg) = self.try_gather() {
+            self.micro.clear();
+            self.batch_error = Some(msg);
+        }
+    }
+
+    fn try_gather(&mut self) -> std::result::Result<(), String> {
+        let (data, n) = (self.data, self.indices.len());
+        if n == 0 {
+            return Ok(());
+        }
+        if self.global_batch < n {
+            return Err(format!(
+                "ModelField: global batch {} is smaller than this process's {n} samples",
+                self.global_batch
+            ));
+        }
+        let (d, k) = (data.sample_dim(), data.num_classes);
+        if data.images.len() != data.len() * d {
+            return Err(format!(
+                "ModelField: the data set has {} labels but {} pixel values for {d} per image",
+                data.len(),
+                data.images.len()
+            ));
+        }
+        let m = if self.micro_batch == 0 { n } else { self.micro_batch };
+        for chunk in self.indices.chunks(m) {
+            let mut x = Vec::with_capacity(chunk.len() * d);
+            let mut onehot = vec![0.0f32; chunk.len() * k];
+            for (row, &i) in chunk.iter().enumerate() {
+                if i >= data.len() {
+                    return Err(format!("ModelField: sample index {i} is out of range (the data set has {})", data.len()));
+                }
+                let label = data.labels[i] as usize;
+                if label >= k {
+                    return Err(format!("ModelField: sample {i} has label {label}, but there are {k} classes"));
+                }
+                x.extend_from_slice(data.image(i));
+                onehot[row * k + label] = 1.0;
+            }
+            let err = |e: candle_core::Error| e.to_string();
+            self.micro.push(MicroBatch {
+                x: Tensor::from_vec(x, (chunk.len(), d), &Device::Cpu).map_err(err)?,
+                onehot: Tensor::from_vec(onehot, (chunk.len(), k), &Device::Cpu).map_err(err)?,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl VectorField<f32> for ModelField<'_> {
+    fn dim(&self) -> usize {
+        self.model.layout().len()
+    }
+
+    /// loss = (Σ over the batch of per-sample cross-entropy) / global_batch, and its gradient.
+    fn eval(&mut self, theta: &[f32], grad: &mut [f32]) -> Result<f64> {
+        let layout = self.model.layout();
+        let p = layout.len();
+        if theta.len() != p || grad.len() != p {
+            return Err(Error::Other(format!(
+                "ModelField: θ has {} values and the gradient buffer {}, but {} has {p}",
+                theta.len(),
+                grad.len(),
+                self.model.describe()
+            )));
+        }
+        if !self.batch_set {
+            return Err(Error::Other("ModelField: eval called before set_batch".into()));
+        }
+        if let Some(msg) = &self.batch_error {
+            return Err(Error::Other(msg.clone()));
+        }
+        if self.micro.is_empty() {
+            // An empty slice of the global batch contributes nothing to the sums.
+            grad.fill(0.0);
+            return Ok(0.0);
+        }
+
+        // One leaf per layout tensor: θ's values copied once into candle storage.
+        let vars = layout
+            .params
+            .iter()
+            .map(|s| Var::from_slice(&theta[s.range()], s.shape.as_slice(), &Device::Cpu))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let params: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let scale = 1.0 / self.global_batch as f64;
+
+        let mut loss_sum = 0.0f64;
+        for (k, mb) in self.micro.iter().enumerate() {
+            let logits = self.model.forward(&params, &mb.x)?; // (m, classes)
+            let per_sample = cross_entropy(&logits, &mb.onehot)?; // (m)
+            loss_sum += per_sample.to_vec1::<f32>()?.iter().map(|&l| l as f64).sum::<f64>();
+            // Scaling the scalar objective scales every gradient for free.
+            let grads = per_sample.sum_all()?.affine(scale, 0.0)?.backward()?;
+            for (var, spec) in vars.iter().zip(&layout.params) {
+                let out = &mut grad[spec.range()];
+                match grads.get(var) {
+                    Some(g) => tensor_into_slice(g, out, k > 0)?,
+                    None if k == 0 => out.fill(0.0), // does not influence the loss
+                    None => {}
+                }
+            }
+        }
+        Ok(loss_sum * scale)
+    }
+}
+
+/// Per-sample cross-entropy −log softmax(z)_y = logsumexp(z − m) − (z_y − m), (B, K) → (B), with
+/// the one-hot labels built on the host. m = max_k z is detached: the value does not depend on
+/// it, so neither does the gradient, and candle need not backpropagate through the max.
+fn cross_entropy(logits: &Tensor, onehot: &Tensor) -> Result<Tensor> {
+    let m = logits.max_keepdim(1)?.detach(); // (B, 1)
+    let shifted = logits.broadcast_sub(&m)?; // (B, K)
+    let lse = shifted.exp()?.sum_keepdim(1)?.log()?; // (B, 1)
+    let picked = (&shifted * onehot)?.sum_keepdim(1)?; // (B, 1): z_y − m
+    Ok((lse - picked)?.squeeze(1)?)
+}
+
+/// Mean cross-entropy and accuracy of θ on `data`, in chunks of `chunk` samples (0 = all at once),
+/// without autograd. Returns (loss, accuracy in [0, 1]). The cross-entropy is computed on the host
+/// in f64 from the logits — an implementation independent of the one `ModelField` differentiates.
+/// A sample counts as correct when its label is the first index of its largest logit.
+pub fn evaluate(model: &dyn Model, theta: &[f32], data: &Dataset, chunk: usize) -> Result<(f64, f64)> {
+    let layout = model.layout();
+    if theta.len() != layout.len() {
+        return Err(Error::Other(format!(
+            "evaluate: θ has {} values, but {} has {}",
+            theta.len(),
+            model.describe(),
+            layout.len()
+        )));
+    }
+    let (n, d, k) = (data.len(), data.sample_dim(), data.num_classes);
+    if n == 0 {
+        return Err(Error::Other("evaluate: the data set is empty".into()));
+    }
+    if data.images.len() != n * d {
+        return Err(Error::Other(format!(
+            "evaluate: the data set has {n} labels but {} pixel values for {d} per image",
+            data.images.len()
+        )));
+    }
+    let params = layout
+        .params
+        .iter()
+        .map(|s| Tensor::from_slice(&theta[s.range()], s.shape.as_slice(), &Device::Cpu))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let chunk = if chunk == 0 { n } else { chunk };
+
+    let (mut loss, mut correct) = (0.0f64, 0usize);
+    let mut logits_host = Vec::new();
+    for start in (0..n).step_by(chunk) {
+        let end = (start + chunk).min(n);
+        let x = Tensor::from_slice(&data.images[start * d..end * d], (end - start, d), &Device::Cpu)?;
+        let logits = model.forward(&params, &x)?;
+        let (rows, cols) = logits.dims2()?;
+        if rows != end - start || cols != k {
+            return Err(Error::Other(format!(
+                "evaluate: logits of shape ({rows}, {cols}) for {} samples of {k} classes",
+                end - start
+            )));
+        }
+        logits_host.resize(rows * cols, 0.0);
+        tensor_into_slice(&logits, &mut logits_host, false)?;
+        for (row, &label) in logits_host.chunks_exact(cols).zip(&data.labels[start..end]) {
+            let label = label as usize;
+            if label >= k {
+                return Err(Error::Other(format!("evaluate: label {label} with {k} classes")));
+            }
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let lse = row.iter().map(|&v| (v as f64 - max as f64).exp()).sum::<f64>().ln();
+            loss += lse - (row[label] as f64 - max as f64);
+            if row.iter().position(|&v| v == max) == Some(label) {
+                correct += 1;
+            }
+        }
+    }
+    Ok((loss / n as f64, correct as f64 / n as f64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{cnn::Cnn, init_params, mlp::Mlp};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+    use rand_distr::StandardNormal;
+
+    fn random_data(n: usize, image_shape: [usize; 3], classes: usize, seed: u64) -> Dataset {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let d: usize = image_shape.iter().product();
+        Dataset {
+            images: (0..n * d).map(|_| rng.sample::<f32, _>(StandardNormal)).collect(),
+            labels: (0..n).map(|_| rng.random_range(0..classes as u32)).collect(),
+            image_shape,
+            num_classes: classes,
+        }
+    }
+
+    /// θ with every entry ~ N(0, scale²) (biases too, so no pre-activation sits at a bias of 0).
+    fn random_theta(p: usize, scale: f32, seed: u64) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..p).map(|_| scale * rng.sample::<f32, _>(StandardNormal)).collect()
+    }
+
+    fn full_batch(field: &mut ModelField, n: usize) {
+        let all: Vec<usize> = (0..n).collect();
+        field.set_batch(&all, n);
+    }
+
+    fn loss_at(field: &mut ModelField, theta: &[f32]) -> f64 {
+        let mut g = vec![0.0; theta.len()];
+        field.eval(theta, &mut g).unwrap()
+    }
+
+    /// Central finite differences of the field's own loss on `coords`, or None if some
+    /// perturbation flips the sign of a ReLU input (`preacts` gives them all): then the loss is
+    /// not smooth on [θ − ε, θ + ε] and the difference would not measure the gradient.
+    fn finite_differences(
+        field: &mut ModelField,
+        theta: &[f32],
+        coords: &[usize],
+        eps: f32,
+        preacts: &dyn Fn(&[f32]) -> Vec<f32>,
+    ) -> Option<Vec<f64>> {
+        let signs = |t: &[f32]| preacts(t).iter().map(|&z| z > 0.0).collect::<Vec<_>>();
+        let base = signs(theta);
+        let mut fd = Vec::with_capacity(coords.len());
+        let mut t = theta.to_vec();
+        for &i in coords {
+            t[i] = theta[i] + eps;
+            let hi = t[i];
+            if signs(&t) != base {
+                return None;
+            }
+            let up = loss_at(field, &t);
+            t[i] = theta[i] - eps;
+            let lo = t[i];
+            if signs(&t) != base {
+                return None;
+            }
+            let down = loss_at(field, &t);
+            t[i] = theta[i];
+            fd.push((up - down) / (hi as f64 - lo as f64));
+        }
+        Some(fd)
+    }
+
+    /// Compare the analytic gradient with finite differences on `coords`; the first seed whose θ
+    /// keeps every ReLU input's sign under all perturbations is used.
+    fn check_gradient(
+        model: &dyn Model,
+        data: &Dataset,
+        coords: impl Fn(usize) -> Vec<usize>,
+        preacts: &dyn Fn(&[f32], &[f32]) -> Vec<f32>,
+    ) {
+        let p = model.layout().len();
+        let coords = coords(p);
+        let eps = 2e-3;
+        let mut field = ModelField::new(model, data);
+        full_batch(&mut field, data.len());
+        for seed in 0..100 {
+            let theta = random_theta(p, 0.5, seed);
+            let Some(fd) =
+                finite_differences(&mut field, &theta, &coords, eps, &|t| preacts(t, &data.images))
+            else {
+                continue;
+            };
+            let mut grad = vec![0.0; p];
+            field.eval(&theta, &mut grad).unwrap();
+            let g: Vec<f64> = coords.iter().map(|&i| grad[i] as f64).collect();
+            let norm = g.iter().map(|v| v * v).sum::<f64>().sqrt();
+            let err = g.iter().zip(&fd).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+            assert!(err / norm < 2e-3, "seed {seed}: ‖g − fd‖/‖g‖ = {:.2e}", err / norm);
+            let gmax = g.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            for ((&i, a), b) in coords.iter().zip(&g).zip(&fd) {
+                assert!(
+                    (a - b).abs() <= 5e-3 * a.abs() + 1e-3 * gmax,
+                    "seed {seed}, coordinate {i}: analytic {a:.6e}, finite difference {b:.6e}"
+                );
+            }
+            return;
+        }
+        panic!("no θ among 100 seeds away from ReLU kinks");
+    }
+
+    /// Pre-activations of the 6-5-3 MLP's hidden layer, on the host: z = x·W0ᵀ + b0.
+    fn mlp_preacts(theta: &[f32], images: &[f32]) -> Vec<f32> {
+        let (w0, b0) = (&theta[..30], &theta[30..35]);
+        let mut z = Vec::new();
+        for x in images.chunks_exact(6) {
+            for o in 0..5 {
+                z.push(b0[o] + (0..6).map(|i| w0[o * 6 + i] * x[i]).sum::<f32>());
+            }
+        }
+        z
+    }
+
+    #[test]
+    fn mlp_gradient_matches_finite_differences() {
+        let model = Mlp::new(6, &[5], 3);
+        let data = random_data(4, [1, 2, 3], 3, 11);
+        check_gradient(&model, &data, |p| (0..p).collect(), &mlp_preacts);
+    }
+
+    /// Both convolutions' pre-activations, via candle (plain tensors, no autograd).
+    fn cnn_preacts(model: &Cnn, theta: &[f32], images: &[f32]) -> Vec<f32> {
+        let dev = Device::Cpu;
+        let p: Vec<Tensor> = model
+            .layout()
+            .params
+            .iter()
+            .map(|s| Tensor::from_slice(&theta[s.range()], s.shape.as_slice(), &dev).unwrap())
+            .collect();
+        let x = Tensor::from_slice(images, (images.len() / 25, 1, 5, 5), &dev).unwrap();
+        let bias = |b: &Tensor| b.reshape((1, b.dim(0).unwrap(), 1, 1)).unwrap();
+        let z1 = x.conv2d(&p[0], 1, 1, 1, 1).unwrap().broadcast_add(&bias(&p[1])).unwrap();
+        let z2 = z1.relu().unwrap().conv2d(&p[2], 1, 1, 1, 1).unwrap().broadcast_add(&bias(&p[3])).unwrap();
+        let mut out = z1.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        out.extend(z2.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        out
+    }
+
+    #[test]
+    fn cnn_gradient_matches_finite_differences() {
+        let model = Cnn::new([1, 5, 5], [2, 2], 3);
+        let data = random_data(2, [1, 5, 5], 3, 12);
+        // Every conv coordinate (where the custom first-layer op and candle's conv backward are
+        // exercised) and every 5th head coordinate.
+        let conv_end = model.layout().get("head.weight").unwrap().offset;
+        let coords = |p: usize| (0..conv_end).chain((conv_end..p).step_by(5)).collect();
+        check_gradient(&model, &data, coords, &|t, x| cnn_preacts(&model, t, x));
+    }
+
+    #[test]
+    fn zero_weights_give_ln_classes() {
+        let model = Mlp::new(784, &crate::model::mlp::DEFAULT_HIDDEN, 10);
+        let data = random_data(6, [1, 28, 28], 10, 3);
+        let theta = vec![0.0f32; model.layout().len()];
+        let mut field = ModelField::new(&model, &data);
+        full_batch(&mut field, 6);
+        let mut grad = vec![1.0f32; theta.len()];
+        let loss = field.eval(&theta, &mut grad).unwrap();
+        assert!((loss - 10f64.ln()).abs() < 1e-6, "loss {loss}");
+        // Only the last bias moves: ∂L/∂b = mean over the batch of softmax − onehot = 0.1 − freq.
+        let last = model.layout().get("layers.3.bias").unwrap();
+        for (c, &g) in grad[last.range()].iter().enumerate() {
+            let freq = data.labels.iter().filter(|&&l| l as usize == c).count() as f32 / 6.0;
+            assert!((g - (0.1 - freq)).abs() < 1e-6, "class {c}: {g}");
+        }
+        assert!(grad[..last.offset].iter().all(|&g| g == 0.0));
+        let (eval_loss, _) = evaluate(&model, &theta, &data, 4).unwrap();
+        assert!((eval_loss - 10f64.ln()).abs() < 1e-6);
+    }
+
+    /// Two half-batches with global_batch = the full size sum to the full-batch loss and gradient
+    /// (what the data-parallel all-reduce relies on); micro-batching changes nothing either.
+    #[test]
+    fn global_batch_and_micro_batch_scaling() {
+        let model = Cnn::new([1, 5, 5], [3, 2], 4);
+        let data = random_data(10, [1, 5, 5], 4, 5);
+        let theta = init_params(&model, 9);
+        let p = theta.len();
+        let mut field = ModelField::new(&model, &data);
+        let idx = [7, 2, 9, 0, 4, 4, 1, 8];
+
+        field.set_batch(&idx, 8);
+        let mut full = vec![0.0; p];
+        let full_loss = field.eval(&theta, &mut full).unwrap();
+
+        let (mut g1, mut g2) = (vec![0.0; p], vec![0.0; p]);
+        field.set_batch(&idx[..3], 8);
+        let l1 = field.eval(&theta, &mut g1).unwrap();
+        field.set_batch(&idx[3..], 8);
+        let l2 = field.eval(&theta, &mut g2).unwrap();
+        assert!((l1 + l2 - full_loss).abs() < 1e-6 * full_loss.abs());
+        let gmax = full.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for i in 0..p {
+            assert!((g1[i] + g2[i] - full[i]).abs() <= 1e-5 * gmax, "coordinate {i}");
+        }
+
+        field.set_batch(&idx, 8);
+        field.set_micro_batch(3);
+        let mut micro = vec![0.0; p];
+        let micro_loss = field.eval(&theta, &mut micro).unwrap();
+        assert!((micro_loss - full_loss).abs() < 1e-6 * full_loss.abs());
+        for i in 0..p {
+            assert!((micro[i] - full[i]).abs() <= 1e-5 * gmax, "coordinate {i}");
+        }
+
+        // An empty slice contributes zero.
+        field.set_batch(&[], 8);
+        let mut g = vec![1.0; p];
+        assert_eq!(field.eval(&theta, &mut g).unwrap(), 0.0);
+        assert!(g.iter().all(|&v| v == 0.0));
+    }
+
+    /// The differentiated loss (candle, f32) and evaluate's (host, f64) are separate
+    /// implementations of the same cross-entropy.
+    #[test]
+    fn field_loss_matches_evaluate() {
+        let model = Mlp::new(12, &[7, 5], 4);
+        let data = random_data(9, [3, 2, 2], 4, 8);
+        let theta = random_theta(model.layout().len(), 0.8, 4);
+        let mut field = ModelField::new(&model, &data);
+        full_batch(&mut field, 9);
+        let loss = loss_at(&mut field, &theta);
+        let (eval_loss, acc) = evaluate(&model, &theta, &data, 4).unwrap();
+        assert!((loss - eval_loss).abs() < 1e-5 * eval_loss, "{loss} vs {eval_loss}");
+        assert_eq!(evaluate(&model, &theta, &data, 0).unwrap(), (eval_loss, acc));
+    }
+
+    /// A linear classifier whose weights are the identity: the logits are the pixels.
+    #[test]
+    fn evaluate_hand_made() {
+        let model = Mlp::new(2, &[], 2);
+        let theta = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0];
+        let images = vec![1.0, 0.0, 0.0, 1.0, 2.0, -1.0, -1.0, 3.0, 0.5, 0.2];
+        let mut data =
+            Dataset { images, labels: vec![0, 1, 0, 1, 0], image_shape: [1, 1, 2], num_classes: 2 };
+        // −log softmax(z)_y = ln(1 + exp(z_other − z_y))
+        let ce = |d: f64| (1.0 + d.exp()).ln();
+        let expect = (ce(-1.0) + ce(-1.0) + ce(-3.0) + ce(-4.0) + ce(-0.3)) / 5.0;
+        for chunk in [0, 1, 2, 5, 7] {
+            let (loss, acc) = evaluate(&model, &theta, &data, chunk).unwrap();
+            assert_eq!(acc, 1.0);
+            assert!((loss - expect).abs() < 1e-7, "chunk {chunk}: {loss} vs {expect}");
+        }
+        data.labels = vec![1, 1, 0, 0, 1];
+        let (_, acc) = evaluate(&model, &theta, &data, 2).unwrap();
+        assert!((acc - 0.4).abs() < 1e-12);
+        assert!(evaluate(&model, &theta[..5], &data, 2).is_err());
+    }
+
+    #[test]
+    fn errors_not_panics() {
+        let model = Mlp::new(4, &[3], 2);
+        let data = random_data(5, [1, 2, 2], 2, 1);
+        let p = model.layout().len();
+        let mut field = ModelField::new(&model, &data);
+        let mut g = vec![0.0; p];
+        assert_eq!(field.dim(), p);
+        assert!(field.eval(&vec![0.0; p], &mut g).is_err(), "no batch set");
+        field.set_batch(&[0, 5], 2);
+        assert!(field.eval(&vec![0.0; p], &mut g).is_err(), "index out of range");
+        field.set_batch(&[0, 1, 2], 2);
+        assert!(field.eval(&vec![0.0; p], &mut g).is_err(), "global batch too small");
+        field.set_batch(&[0, 1], 2);
+        assert!(field.eval(&vec![0.0; p - 1], &mut g).is_err(), "θ too short");
+        assert!(field.eval(&vec![0.0; p], &mut g[1..]).is_err(), "gradient too short");
+        assert!(field.eval(&vec![0.0; p], &mut g).is_ok());
+    }
+}

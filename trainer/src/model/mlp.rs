@@ -1,0 +1,135 @@
+//! The multilayer perceptron of the paper's MLP experiments: fully connected layers with ReLU
+//! between them and none after the last (the logits), 784-500-500-500-10 by default.
+//!
+//! Tensor names and shapes follow PyTorch's `nn.Linear`, so weights move between the two without
+//! renaming: `layers.{i}.weight` [out, in] and `layers.{i}.bias` [out], i = 0..=hidden.len(),
+//! and y = x·Wᵀ + b.
+
+use candle_core::Tensor;
+
+use super::{check_params, input_linear, Model};
+use crate::error::{Error, Result};
+use crate::layout::ParamLayout;
+
+/// The paper's hidden widths: three layers of 500 (SPEC §7).
+pub const DEFAULT_HIDDEN: [usize; 3] = [500, 500, 500];
+
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    /// input, hidden..., classes
+    widths: Vec<usize>,
+    layout: ParamLayout,
+}
+
+impl Mlp {
+    /// An MLP from `input` features through `hidden` widths to `classes` logits. `hidden` may be
+    /// empty (multinomial logistic regression). Widths are not checked here; `model::build`
+    /// rejects zeros with a config error.
+    pub fn new(input: usize, hidden: &[usize], classes: usize) -> Self {
+        let mut widths = Vec::with_capacity(hidden.len() + 2);
+        widths.push(input);
+        widths.extend_from_slice(hidden);
+        widths.push(classes);
+        let mut layout = ParamLayout::default();
+        for (i, w) in widths.windows(2).enumerate() {
+            layout.push(format!("layers.{i}.weight"), &[w[1], w[0]]); // (out, in)
+            layout.push(format!("layers.{i}.bias"), &[w[1]]); // (out)
+        }
+        Self { widths, layout }
+    }
+
+    /// input, hidden..., classes
+    pub fn widths(&self) -> &[usize] {
+        &self.widths
+    }
+}
+
+impl Model for Mlp {
+    fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+
+    fn forward(&self, params: &[Tensor], x: &Tensor) -> Result<Tensor> {
+        check_params(&self.layout, params)?;
+        let (_, features) = x.dims2()?;
+        if features != self.widths[0] {
+            return Err(Error::Other(format!(
+                "model: the mlp takes {} input features, got {features}",
+                self.widths[0]
+            )));
+        }
+        let layers = self.widths.len() - 1;
+        let mut h = x.clone(); // (B, in)
+        for (i, wb) in params.chunks_exact(2).enumerate() {
+            let (w, b) = (&wb[0], &wb[1]);
+            // The input is data: the first layer skips candle's gradient with respect to it.
+            let z = if i == 0 { input_linear(&h, w)? } else { h.matmul(&w.t()?)? };
+            h = z.broadcast_add(b)?; // (B, out)
+            if i + 1 < layers {
+                h = h.relu()?;
+            }
+        }
+        Ok(h)
+    }
+
+    fn describe(&self) -> String {
+        let widths: Vec<String> = self.widths.iter().map(|w| w.to_string()).collect();
+        format!("mlp {} (ReLU), {} params", widths.join("-"), self.layout.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn default_layout() {
+        let m = Mlp::new(784, &DEFAULT_HIDDEN, 10);
+        let l = m.layout();
+        assert_eq!(l.len(), 784 * 500 + 500 + 500 * 500 + 500 + 500 * 500 + 500 + 500 * 10 + 10);
+        assert_eq!(l.len(), 648_010);
+        let expect: [(&str, &[usize]); 8] = [
+            ("layers.0.weight", &[500, 784]),
+            ("layers.0.bias", &[500]),
+            ("layers.1.weight", &[500, 500]),
+            ("layers.1.bias", &[500]),
+            ("layers.2.weight", &[500, 500]),
+            ("layers.2.bias", &[500]),
+            ("layers.3.weight", &[10, 500]),
+            ("layers.3.bias", &[10]),
+        ];
+        assert_eq!(l.params.len(), expect.len());
+        let mut offset = 0;
+        for (spec, (name, shape)) in l.params.iter().zip(expect) {
+            assert_eq!(spec.name, name);
+            assert_eq!(spec.shape, shape);
+            assert_eq!(spec.offset, offset);
+            offset += spec.numel();
+        }
+        assert_eq!(l.get("layers.1.weight").unwrap().offset, 392_500);
+        assert_eq!(m.describe(), "mlp 784-500-500-500-10 (ReLU), 648010 params");
+    }
+
+    /// forward against a hand computation: 2-2-2 with ReLU in the middle.
+    #[test]
+    fn forward_by_hand() {
+        let m = Mlp::new(2, &[2], 2);
+        let dev = Device::Cpu;
+        let t = |v: &[f32], s: &[usize]| Tensor::from_slice(v, s, &dev).unwrap();
+        let params = [
+            t(&[1.0, 2.0, -1.0, 0.5], &[2, 2]), // h = relu([x0 + 2 x1, −x0 + 0.5 x1] + b0)
+            t(&[0.0, -1.0], &[2]),
+            t(&[1.0, 0.0, 1.0, -1.0], &[2, 2]), // y = [h0, h0 − h1] + b1
+            t(&[0.5, 0.0], &[2]),
+        ];
+        let x = t(&[1.0, 1.0, -2.0, 4.0], &[2, 2]);
+        // sample 0: z = [3, −1.5] → h = [3, 0] → y = [3.5, 3]
+        // sample 1: z = [6, 3]   → h = [6, 3] → y = [6.5, 3]
+        let y = m.forward(&params, &x).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(y, vec![vec![3.5, 3.0], vec![6.5, 3.0]]);
+        // Wrong shapes are errors, not panics.
+        assert!(m.forward(&params[..3], &x).is_err());
+        assert!(m.forward(&params, &t(&[1.0; 6], &[2, 3])).is_err());
+    }
+}
