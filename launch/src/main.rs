@@ -148,12 +148,12 @@ fn print_tableaux(json: bool) -> Result<()> {
         println!(
             "{:<10} {:>6} {:>6} {:>9} {:>5} {:>9} {:>10}",
             r["name"].as_str().unwrap_or(""),
-            r["stages"],
-            r["order"],
+            r["stages"].to_string(),
+            r["order"].to_string(),
             r["embedded_order"].as_u64().map_or("-".to_string(), |o| o.to_string()),
             if r["fsal"].as_bool() == Some(true) { "yes" } else { "no" },
-            r["stage_buffers_resident"],
-            r["stage_buffers_streaming"],
+            r["stage_buffers_resident"].to_string(),
+            r["stage_buffers_streaming"].to_string(),
         );
     }
     println!("\norder: the highest p ≤ 5 for which every order condition (rooted tree) holds, checked in exact arithmetic up to 1e-10.");

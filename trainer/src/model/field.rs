@@ -335,13 +335,16 @@ mod tests {
         Some(fd)
     }
 
+    /// Pre-activations of every ReLU, from (θ, the images).
+    type Preacts<'a> = &'a dyn Fn(&[f32], &[f32]) -> Vec<f32>;
+
     /// Compare the analytic gradient with finite differences on `coords`; the first seed whose θ
     /// keeps every ReLU input's sign under all perturbations is used.
     fn check_gradient(
         model: &dyn Model,
         data: &Dataset,
         coords: impl Fn(usize) -> Vec<usize>,
-        preacts: &dyn Fn(&[f32], &[f32]) -> Vec<f32>,
+        preacts: Preacts,
     ) {
         let p = model.layout().len();
         let coords = coords(p);

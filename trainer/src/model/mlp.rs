@@ -88,7 +88,8 @@ mod tests {
         let m = Mlp::new(784, &DEFAULT_HIDDEN, 10);
         let l = m.layout();
         assert_eq!(l.len(), 784 * 500 + 500 + 500 * 500 + 500 + 500 * 500 + 500 + 500 * 10 + 10);
-        assert_eq!(l.len(), 648_010);
+        // 392 500 + 250 500 + 250 500 + 5 010 (648 010 would be two hidden layers, 784-500-500-10).
+        assert_eq!(l.len(), 898_510);
         let expect: [(&str, &[usize]); 8] = [
             ("layers.0.weight", &[500, 784]),
             ("layers.0.bias", &[500]),
@@ -108,7 +109,7 @@ mod tests {
             offset += spec.numel();
         }
         assert_eq!(l.get("layers.1.weight").unwrap().offset, 392_500);
-        assert_eq!(m.describe(), "mlp 784-500-500-500-10 (ReLU), 648010 params");
+        assert_eq!(m.describe(), "mlp 784-500-500-500-10 (ReLU), 898510 params");
     }
 
     /// forward against a hand computation: 2-2-2 with ReLU in the middle.
