@@ -9,7 +9,7 @@
 
 use candle_core::Tensor;
 
-use super::{check_params, input_conv2d, Model};
+use super::{check_params, conv2d, Model};
 use crate::error::{Error, Result};
 use crate::layout::ParamLayout;
 
@@ -63,9 +63,10 @@ impl Model for Cnn {
         let [w0, b0, w1, b1, wh, bh] = params else { unreachable!("checked against the layout") };
         let x = x.reshape((batch, c, h, w))?; // (B, C, H, W), a view
         let bias = |b: &Tensor, f: usize| b.reshape((1, f, 1, 1));
-        // The input is data: the first conv skips candle's gradient with respect to it.
-        let h0 = input_conv2d(&x, w0, PADDING)?.broadcast_add(&bias(b0, self.filters[0])?)?.relu()?; // (B, F0, H, W)
-        let h1 = h0.conv2d(w1, PADDING, 1, 1, 1)?.broadcast_add(&bias(b1, self.filters[1])?)?.relu()?; // (B, F1, H, W)
+        // model::conv2d: x is data, so the first conv computes no input gradient.
+        let h0 = conv2d(&x, w0, PADDING)?.broadcast_add(&bias(b0, self.filters[0])?)?.relu()?;
+        let h1 = conv2d(&h0, w1, PADDING)?.broadcast_add(&bias(b1, self.filters[1])?)?.relu()?;
+        // h0: (B, F0, H, W), h1: (B, F1, H, W)
         let flat = h1.flatten_from(1)?; // (B, F1·H·W)
         Ok(flat.matmul(&wh.t()?)?.broadcast_add(bh)?) // (B, classes)
     }

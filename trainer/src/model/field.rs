@@ -117,11 +117,16 @@ impl<'a> ModelField<'a> {
             let mut onehot = vec![0.0f32; chunk.len() * k];
             for (row, &i) in chunk.iter().enumerate() {
                 if i >= data.len() {
-                    return Err(format!("ModelField: sample index {i} is out of range (the data set has {})", data.len()));
+                    return Err(format!(
+                        "ModelField: sample index {i} is out of range (the data set has {})",
+                        data.len()
+                    ));
                 }
                 let label = data.labels[i] as usize;
                 if label >= k {
-                    return Err(format!("ModelField: sample {i} has label {label}, but there are {k} classes"));
+                    return Err(format!(
+                        "ModelField: sample {i} has label {label}, but there are {k} classes"
+                    ));
                 }
                 x.extend_from_slice(data.image(i));
                 onehot[row * k + label] = 1.0;
@@ -209,7 +214,12 @@ fn cross_entropy(logits: &Tensor, onehot: &Tensor) -> Result<Tensor> {
 /// without autograd. Returns (loss, accuracy in [0, 1]). The cross-entropy is computed on the host
 /// in f64 from the logits — an implementation independent of the one `ModelField` differentiates.
 /// A sample counts as correct when its label is the first index of its largest logit.
-pub fn evaluate(model: &dyn Model, theta: &[f32], data: &Dataset, chunk: usize) -> Result<(f64, f64)> {
+pub fn evaluate(
+    model: &dyn Model,
+    theta: &[f32],
+    data: &Dataset,
+    chunk: usize,
+) -> Result<(f64, f64)> {
     let layout = model.layout();
     if theta.len() != layout.len() {
         return Err(Error::Other(format!(
@@ -240,7 +250,8 @@ pub fn evaluate(model: &dyn Model, theta: &[f32], data: &Dataset, chunk: usize) 
     let mut logits_host = Vec::new();
     for start in (0..n).step_by(chunk) {
         let end = (start + chunk).min(n);
-        let x = Tensor::from_slice(&data.images[start * d..end * d], (end - start, d), &Device::Cpu)?;
+        let x =
+            Tensor::from_slice(&data.images[start * d..end * d], (end - start, d), &Device::Cpu)?;
         let logits = model.forward(&params, &x)?;
         let (rows, cols) = logits.dims2()?;
         if rows != end - start || cols != k {
@@ -407,7 +418,13 @@ mod tests {
         let x = Tensor::from_slice(images, (images.len() / 25, 1, 5, 5), &dev).unwrap();
         let bias = |b: &Tensor| b.reshape((1, b.dim(0).unwrap(), 1, 1)).unwrap();
         let z1 = x.conv2d(&p[0], 1, 1, 1, 1).unwrap().broadcast_add(&bias(&p[1])).unwrap();
-        let z2 = z1.relu().unwrap().conv2d(&p[2], 1, 1, 1, 1).unwrap().broadcast_add(&bias(&p[3])).unwrap();
+        let z2 = z1
+            .relu()
+            .unwrap()
+            .conv2d(&p[2], 1, 1, 1, 1)
+            .unwrap()
+            .broadcast_add(&bias(&p[3]))
+            .unwrap();
         let mut out = z1.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         out.extend(z2.flatten_all().unwrap().to_vec1::<f32>().unwrap());
         out
