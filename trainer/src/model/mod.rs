@@ -10,7 +10,7 @@
 //! (`load_safetensors` / `save_safetensors`), the factory the config calls (`build`), and the
 //! layer ops with their own backward passes: `input_linear`, which never computes a gradient with
 //! respect to the input images (candle's matmul backward always does; for the default MLP that is
-//! a sixth of the backward flops, thrown away), and `conv2d`, which skips it too and computes the
+//! the 784×500 product, a fifth of the backward flops, thrown away), and `conv2d`, which skips it too and computes the
 //! input gradient of hidden convs as a convolution rather than with candle's slow CPU
 //! `conv_transpose2d`.
 
