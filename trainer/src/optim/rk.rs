@@ -223,24 +223,27 @@ impl<F: Scalar> RkSolver<F> {
         Ok(v)
     }
 
-    /// θ_i = θ_n − h·D·Σ_{j<i} a_ij k_j into `self.x`.
+    /// θ_i = θ_n − h·D·Σ_{j<i} a_ij k_j into `self.x`, as passes over contiguous slices that
+    /// the compiler vectorizes: Σ a_ij k_j is built in `x` (in j order), then x = θ − (h·d)·x.
     fn form_stage_point(&mut self, theta: &[F], i: usize, h: F) {
         let row = &self.opts.tableau.a[i];
-        let terms: Vec<(F, &[F])> = (0..i)
-            .filter(|&j| row[j] != 0.0)
-            .map(|j| {
-                let k: &[F] = if j == 0 { &self.k1 } else { self.stages[j].as_deref().expect("stage buffer live until last use") };
-                (F::from_f64(row[j]), k)
-            })
-            .collect();
-        for p in 0..theta.len() {
-            let mut s = F::zero();
-            for (a, k) in &terms {
-                s = s + *a * k[p];
+        let mut first = true;
+        for j in (0..i).filter(|&j| row[j] != 0.0) {
+            let k: &[F] = if j == 0 { &self.k1 } else { self.stages[j].as_deref().expect("stage buffer live until last use") };
+            let a = F::from_f64(row[j]);
+            if first {
+                self.x.iter_mut().zip(k).for_each(|(x, k)| *x = a * *k);
+                first = false;
+            } else {
+                self.x.iter_mut().zip(k).for_each(|(x, k)| *x = *x + a * *k);
             }
-            let d = if self.d.is_empty() { F::one() } else { self.d[p] };
-            self.x[p] = theta[p] - h * d * s;
         }
+        if first {
+            // No earlier stage feeds this one (c_i = 0): θ_i = θ_n.
+            self.x.copy_from_slice(theta);
+            return;
+        }
+        descend(&mut self.x, theta, &self.d, h);
     }
 
     /// Add stage i's contributions b_i k_i (and (b_i − b̂_i) k_i) to the accumulators.
@@ -341,18 +344,23 @@ impl<F: Scalar> RkSolver<F> {
 
     /// The candidate θ_{n+1} into `x` (and β m + g* into `acc` with momentum). Returns finiteness.
     fn form_update(&mut self, theta: &[F], h: f64) -> bool {
-        let hf = F::from_f64(h);
         if !self.m.is_empty() {
             let beta = F::from_f64(self.opts.momentum);
-            for p in 0..theta.len() {
-                self.acc[p] = beta * self.m[p] + self.acc[p];
-            }
+            self.acc.iter_mut().zip(&self.m).for_each(|(a, m)| *a = beta * *m + *a);
         }
-        for p in 0..theta.len() {
-            let d = if self.d.is_empty() { F::one() } else { self.d[p] };
-            self.x[p] = theta[p] - hf * d * self.acc[p];
-        }
+        self.x.copy_from_slice(&self.acc);
+        descend(&mut self.x, theta, &self.d, F::from_f64(h));
         all_finite(&self.x) && all_finite(&self.acc)
+    }
+}
+
+/// x ← θ − (h·d)·x, with d = 1 when `d` is empty (no preconditioner). The one place where the
+/// preconditioned step is formed, for stage points and the final update alike.
+fn descend<F: Scalar>(x: &mut [F], theta: &[F], d: &[F], h: F) {
+    if d.is_empty() {
+        x.iter_mut().zip(theta).for_each(|(x, t)| *x = *t - h * *x);
+    } else {
+        x.iter_mut().zip(theta).zip(d).for_each(|((x, t), d)| *x = *t - h * *d * *x);
     }
 }
 
@@ -382,9 +390,8 @@ impl<F: Scalar> Optimizer<F> for RkSolver<F> {
         // D for this step from G_n = G_{n-1} + k_1², without committing G yet.
         if let Some(eps) = self.opts.preconditioner.eps() {
             let eps = F::from_f64(eps);
-            for i in 0..p {
-                let g = self.g_acc[i] + self.k1[i] * self.k1[i];
-                self.d[i] = F::one() / (eps + g).sqrt();
+            for ((d, g), k) in self.d.iter_mut().zip(&self.g_acc).zip(&self.k1) {
+                *d = F::one() / (eps + (*g + *k * *k)).sqrt();
             }
         }
 
@@ -455,9 +462,7 @@ impl<F: Scalar> Optimizer<F> for RkSolver<F> {
             std::mem::swap(&mut self.m, &mut self.acc);
         }
         if !self.g_acc.is_empty() {
-            for i in 0..p {
-                self.g_acc[i] = self.g_acc[i] + self.k1[i] * self.k1[i];
-            }
+            self.g_acc.iter_mut().zip(&self.k1).for_each(|(g, k)| *g = *g + *k * *k);
         }
         if v_next.is_some() {
             self.dalr_prev_v = v_next;
