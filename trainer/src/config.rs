@@ -28,15 +28,27 @@ pub struct Config {
 pub struct ModelConfig {
     /// `mlp` or `cnn` (the paper's simple CNN).
     pub kind: String,
-    /// MLP hidden widths, or the CNN's filter counts.
-    pub hidden: Vec<usize>,
+    /// MLP hidden widths (default [500, 500, 500]), or the CNN's two filter counts (default
+    /// [20, 10]). Left out, it is filled in for the kind when the config is loaded.
+    pub hidden: Option<Vec<usize>>,
     /// Initial weights from a safetensors file instead of the seed.
     pub init: Option<PathBuf>,
 }
 
+impl ModelConfig {
+    /// The widths or filter counts, with the kind's default when none were given.
+    pub fn hidden(&self) -> Vec<usize> {
+        match (&self.hidden, self.kind.as_str()) {
+            (Some(h), _) => h.clone(),
+            (None, "cnn") => vec![20, 10],
+            (None, _) => vec![500, 500, 500],
+        }
+    }
+}
+
 impl Default for ModelConfig {
     fn default() -> Self {
-        Self { kind: "mlp".into(), hidden: vec![500, 500, 500], init: None }
+        Self { kind: "mlp".into(), hidden: None, init: None }
     }
 }
 
@@ -193,10 +205,7 @@ impl Config {
     /// Parse a TOML file, apply `key=value` overrides, and validate.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Self::from_toml_str(&text, overrides).map_err(|e| match e {
-            Error::Other(msg) => Error::Other(format!("{}: {msg}", path.display())),
-            e => e,
-        })
+        Self::from_toml_str(&text, overrides).map_err(|e| Error::Other(format!("{}: {e}", path.display())))
     }
 
     pub fn from_toml_str(text: &str, overrides: &[String]) -> Result<Config> {
@@ -204,9 +213,17 @@ impl Config {
         for o in overrides {
             apply_override(&mut tree, o)?;
         }
-        let cfg: Config = toml::Value::Table(tree)
-            .try_into()
-            .map_err(|e: toml::de::Error| Error::Other(format!("invalid config: {}", e.message().trim())))?;
+        // serde_path_to_error keeps the dotted path of the offending key for the message.
+        let mut cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(tree)).map_err(|e| {
+            let path = e.path().to_string();
+            let msg = e.inner().message().trim().to_string();
+            if path.is_empty() || path == "." {
+                Error::Other(format!("invalid config: {msg}"))
+            } else {
+                Error::config(path, msg)
+            }
+        })?;
+        cfg.model.hidden = Some(cfg.model.hidden());
         cfg.validate()?;
         Ok(cfg)
     }
@@ -243,13 +260,14 @@ impl Config {
         };
         match self.model.kind.as_str() {
             "mlp" => {
-                if self.model.hidden.contains(&0) {
+                if self.model.hidden().contains(&0) {
                     return Err(Error::config("model.hidden", "widths must be positive"));
                 }
             }
             "cnn" => {
-                if self.model.hidden.len() != 2 || self.model.hidden.contains(&0) {
-                    return Err(Error::config("model.hidden", format!("the cnn takes two positive filter counts (the paper: [20, 10]), got {:?}", self.model.hidden)));
+                let h = self.model.hidden();
+                if h.len() != 2 || h.contains(&0) {
+                    return Err(Error::config("model.hidden", format!("the cnn takes two positive filter counts (the paper: [20, 10]), got {h:?}")));
                 }
             }
             k => return Err(Error::config("model.kind", format!("unknown model {k:?}; expected \"mlp\" or \"cnn\""))),
@@ -399,7 +417,9 @@ mod tests {
     fn defaults_are_the_papers_mlp_with_rk4() {
         let c = Config::from_toml_str("", &[]).unwrap();
         assert_eq!(c.model.kind, "mlp");
-        assert_eq!(c.model.hidden, vec![500, 500, 500]);
+        assert_eq!(c.model.hidden, Some(vec![500, 500, 500]));
+        let cnn = Config::from_toml_str("[model]\nkind = \"cnn\"\n", &[]).unwrap();
+        assert_eq!(cnn.model.hidden, Some(vec![20, 10]));
         assert_eq!(c.optimizer.kind, OptimizerKind::Rk);
         assert_eq!(c.optimizer.tableau, "rk4");
         assert_eq!(c.optimizer.lr, 0.003);
@@ -419,7 +439,7 @@ mod tests {
         assert_eq!(c.optimizer.lr, 0.001);
         assert_eq!(c.train.steps, 7);
         assert!(!c.data.shuffle);
-        assert_eq!(c.model.hidden, vec![32, 16]);
+        assert_eq!(c.model.hidden, Some(vec![32, 16]));
         assert_eq!(c.optimizer.dalr.estimator, DalrEstimator::FiniteDifference);
     }
 

@@ -179,7 +179,7 @@ pub fn load_data(cfg: &Config) -> Result<(Dataset, Dataset)> {
 }
 
 pub fn build_model(cfg: &Config, data: &Dataset) -> Result<Box<dyn Model>> {
-    model::build(&cfg.model.kind, &cfg.model.hidden, data.image_shape, data.num_classes)
+    model::build(&cfg.model.kind, &cfg.model.hidden(), data.image_shape, data.num_classes)
 }
 
 /// The run folder's default location: `runs/<config name>-<unix time>`.
