@@ -20,8 +20,7 @@ pub mod mlp;
 
 pub use field::{evaluate, ModelField};
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -200,8 +199,7 @@ pub fn save_safetensors(layout: &ParamLayout, theta: &[f32], path: &Path) -> Res
             format!("θ has {} values but the layout has {}", theta.len(), layout.len()),
         ));
     }
-    // safetensors is little-endian; to_le_bytes makes that explicit on every host.
-    let bytes: Vec<u8> = theta.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let bytes = crate::checkpoint::f32_to_bytes(theta);
     let views = layout
         .params
         .iter()
@@ -214,22 +212,7 @@ pub fn save_safetensors(layout: &ParamLayout, theta: &[f32], path: &Path) -> Res
         .collect::<Result<Vec<_>>>()?;
     let buffer = safetensors::serialize(views, None)
         .map_err(|e| Error::checkpoint(path, format!("cannot serialize: {e}")))?;
-
-    let tmp = tmp_path(path);
-    let write = || -> std::io::Result<()> {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(&buffer)?;
-        file.sync_all()
-    };
-    write().map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
-
-/// `<path>.tmp`, next to `path`.
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".tmp");
-    PathBuf::from(name)
+    crate::checkpoint::write_atomic(path, &buffer)
 }
 
 fn quoted(names: &[&str]) -> String {
@@ -261,7 +244,7 @@ fn decode_f32(dtype: Dtype, data: &[u8], out: &mut [f32]) -> std::result::Result
         }
         Dtype::F16 => {
             for (o, c) in out.iter_mut().zip(chunks) {
-                *o = f16_to_f32(u16::from_le_bytes([c[0], c[1]]));
+                *o = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
             }
         }
         Dtype::BF16 => {
@@ -273,20 +256,6 @@ fn decode_f32(dtype: Dtype, data: &[u8], out: &mut [f32]) -> std::result::Result
         _ => unreachable!("rejected above"),
     }
     Ok(())
-}
-
-/// IEEE 754 binary16 → binary32 (exact: every f16 is an f32).
-fn f16_to_f32(h: u16) -> f32 {
-    let sign = if h & 0x8000 != 0 { -1.0f32 } else { 1.0 };
-    let exp = ((h >> 10) & 0x1f) as i32;
-    let mant = (h & 0x3ff) as u32;
-    match exp {
-        0 => sign * mant as f32 * 2f32.powi(-24), // zero or subnormal
-        31 => f32::from_bits(((h as u32 & 0x8000) << 16) | 0x7f80_0000 | (mant << 13)), // inf/NaN
-        _ => f32::from_bits(
-            ((h as u32 & 0x8000) << 16) | (((exp + 112) as u32) << 23) | (mant << 13),
-        ),
-    }
 }
 
 /// Check that `params` match the layout: one tensor per entry, same shapes.
@@ -601,7 +570,7 @@ mod tests {
         theta[1] = f32::MIN_POSITIVE / 8.0; // subnormal
         theta[2] = f32::MAX;
         save_safetensors(model.layout(), &theta, &path).unwrap();
-        assert!(!tmp_path(&path).exists());
+        assert!(!path.with_extension("safetensors.tmp").exists());
         let back = load_safetensors(&model, &path).unwrap();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&theta), bits(&back));
@@ -712,19 +681,6 @@ mod tests {
         let theta = load_safetensors(&model, &path).unwrap();
         assert_eq!(theta[4], 1.5);
         assert!(theta[5] == 0.0 && theta[5].is_sign_negative());
-    }
-
-    #[test]
-    fn f16_decoding() {
-        assert_eq!(f16_to_f32(0x3c00), 1.0);
-        assert_eq!(f16_to_f32(0xc000), -2.0);
-        assert_eq!(f16_to_f32(0x7bff), 65504.0);
-        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
-        assert_eq!(f16_to_f32(0x8200), -(2f32.powi(-15)));
-        assert_eq!(f16_to_f32(0x3555), 0.333_251_95);
-        assert_eq!(f16_to_f32(0x7c00), f32::INFINITY);
-        assert_eq!(f16_to_f32(0xfc00), f32::NEG_INFINITY);
-        assert!(f16_to_f32(0x7e00).is_nan());
     }
 
     #[test]
