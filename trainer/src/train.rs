@@ -500,7 +500,7 @@ impl ProgressReporter {
         match &self.bar {
             Some(b) => {
                 b.set_position(line.step);
-                if evaluated || line.step % 10 == 0 {
+                if evaluated || line.step.is_multiple_of(10) {
                     b.set_message(format!("loss {:.4} h {:.3e}{acc}", line.train_loss, line.h));
                 }
                 if evaluated {
@@ -508,7 +508,7 @@ impl ProgressReporter {
                 }
             }
             None => {
-                if evaluated || line.step % self.every == 0 {
+                if evaluated || line.step.is_multiple_of(self.every) {
                     tracing::info!(
                         "step {} epoch {:.2} loss {:.4} h {:.3e} grad_evals {} {:.1}s{}",
                         line.step,

@@ -207,11 +207,9 @@ impl<F: Scalar> RkSolver<F> {
         if fnorm == 0.0 {
             return Ok(0.0);
         }
-        let scale = F::from_f64(eps / fnorm);
-        for i in 0..theta.len() {
-            let d = if self.d.is_empty() { F::one() } else { self.d[i] };
-            self.x[i] = theta[i] - scale * d * self.k1[i];
-        }
+        // θ_n + ε·u with u = f/‖f‖ = −D k_1/‖D k_1‖: the same descent as a stage point.
+        self.x.copy_from_slice(&self.k1);
+        descend(&mut self.x, theta, &self.d, F::from_f64(eps / fnorm));
         let mut probe = self.take_buffer(theta.len());
         let loss = field.eval(&self.x, &mut probe)?;
         let v = if loss.is_finite() && all_finite(&probe) {
@@ -332,13 +330,16 @@ impl<F: Scalar> RkSolver<F> {
 
     /// Scaled RMS error of e = h·D·Σ(b−b̂)k against atol + rtol·|θ_n|.
     fn error_norm(&self, theta: &[F], h: f64, ec: &ErrorControl) -> f64 {
-        let mut s = 0.0;
-        for p in 0..theta.len() {
-            let d = if self.d.is_empty() { 1.0 } else { self.d[p].as_f64() };
-            let e = h * d * self.err_acc[p].as_f64();
-            let sc = ec.atol + ec.rtol * theta[p].as_f64().abs();
-            s += (e / sc).powi(2);
-        }
+        let s: f64 = theta
+            .iter()
+            .zip(&self.err_acc)
+            .enumerate()
+            .map(|(p, (t, e))| {
+                let d = self.d.get(p).map_or(1.0, |d| d.as_f64());
+                let e = h * d * e.as_f64();
+                (e / (ec.atol + ec.rtol * t.as_f64().abs())).powi(2)
+            })
+            .sum();
         (s / theta.len().max(1) as f64).sqrt()
     }
 
