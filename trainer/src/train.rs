@@ -16,7 +16,7 @@ use crate::config::{Config, OptimizerKind, PreconditionerKind, StepSizeKind};
 use crate::data::{mnist, sampler::BatchSampler, Dataset};
 use crate::error::{Error, Result};
 use crate::model::{self, Model, ModelField};
-use crate::optim::baselines::{Adam, AdamW, Momentum, NAdamW, Sgd};
+use crate::optim::baselines::{Adam, Momentum, Sgd};
 use crate::optim::rk::{Preconditioner, RkOptions, RkSolver, StepSize};
 use crate::optim::{Optimizer, OptimizerState, StepReport};
 use crate::field::VectorField;
@@ -125,8 +125,8 @@ pub fn build_optimizer(cfg: &Config) -> Result<Box<dyn Optimizer<f32>>> {
                 OptimizerKind::Sgd => Box::new(Sgd::new(lr)),
                 OptimizerKind::Momentum => Box::new(Momentum::new(lr, o.momentum, o.nesterov)),
                 OptimizerKind::Adam => Box::new(Adam::new(lr, o.beta1, o.beta2, o.eps)),
-                OptimizerKind::Adamw => Box::new(AdamW::new(lr, o.beta1, o.beta2, o.eps, o.weight_decay)),
-                OptimizerKind::Nadamw => Box::new(NAdamW::new(lr, o.beta1, o.beta2, o.eps, o.weight_decay)),
+                OptimizerKind::Adamw => Box::new(Adam::adamw(lr, o.beta1, o.beta2, o.eps, o.weight_decay)),
+                OptimizerKind::Nadamw => Box::new(Adam::nadamw(lr, o.beta1, o.beta2, o.eps, o.weight_decay)),
                 OptimizerKind::Rk => unreachable!(),
             };
             if o.step_size == StepSizeKind::Cosine {

@@ -340,8 +340,17 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, padding: usize) -> Result<Tensor> {
     Ok(value.apply_op3(x, w, Conv2dBackward { padding })?)
 }
 
-/// The custom op behind `conv2d`: forward copies its first argument (the convolution, computed
-/// from detached tensors), backward routes g to x and w.
+/// The forward pass of the custom ops below, on every backend: a copy of the first argument (the
+/// value, computed beforehand from detached tensors). The copy is one activation-sized pass,
+/// small next to the matmul or conv that produced the value. The ops differ only in `bwd`; the
+/// rest of their impls is what `CustomOp2`/`CustomOp3` require: one method per backend and arity,
+/// each with its own storage type (the defaults of `cuda_fwd` and `metal_fwd` are errors).
+fn pass_through<S: BackendStorage>(s1: &S, l1: &Layout) -> candle_core::Result<(S, Shape)> {
+    Ok((s1.affine(l1, 1.0, 0.0)?, l1.shape().clone()))
+}
+
+/// The custom op behind `conv2d`: forward copies its first argument (`pass_through`), backward
+/// routes g to x and w.
 struct Conv2dBackward {
     padding: usize,
 }
@@ -359,7 +368,7 @@ impl CustomOp3 for Conv2dBackward {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok((s1.affine(l1, 1.0, 0.0)?, l1.shape().clone()))
+        pass_through(s1, l1)
     }
     fn cuda_fwd(
         &self,
@@ -370,7 +379,7 @@ impl CustomOp3 for Conv2dBackward {
         _: &CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        Ok((s1.affine(l1, 1.0, 0.0)?, l1.shape().clone()))
+        pass_through(s1, l1)
     }
     fn metal_fwd(
         &self,
@@ -381,7 +390,7 @@ impl CustomOp3 for Conv2dBackward {
         _: &MetalStorage,
         _: &Layout,
     ) -> candle_core::Result<(MetalStorage, Shape)> {
-        Ok((s1.affine(l1, 1.0, 0.0)?, l1.shape().clone()))
+        pass_through(s1, l1)
     }
     fn bwd(
         &self,
@@ -433,9 +442,8 @@ where
     Ok(value.apply_op2(param, ParamOnlyGrad { vjp })?)
 }
 
-/// The custom op behind `with_param_grad`: forward copies its first argument (the value, computed
-/// from detached tensors), backward returns (nothing, vjp(g)). The copy is one activation-sized
-/// pass, small next to the matmul or conv that produced the value.
+/// The custom op behind `with_param_grad`: forward copies its first argument (`pass_through`),
+/// backward returns (nothing, vjp(g)).
 struct ParamOnlyGrad<F> {
     vjp: F,
 }
@@ -454,7 +462,7 @@ where
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok((s1.affine(l1, 1.0, 0.0)?, l1.shape().clone()))
+        pass_through(s1, l1)
     }
     fn cuda_fwd(
         &self,
@@ -463,7 +471,7 @@ where
         _: &CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        Ok((s1.affine(l1, 1.0, 0.0)?, l1.shape().clone()))
+        pass_through(s1, l1)
     }
     fn metal_fwd(
         &self,
@@ -472,7 +480,7 @@ where
         _: &MetalStorage,
         _: &Layout,
     ) -> candle_core::Result<(MetalStorage, Shape)> {
-        Ok((s1.affine(l1, 1.0, 0.0)?, l1.shape().clone()))
+        pass_through(s1, l1)
     }
     fn bwd(
         &self,

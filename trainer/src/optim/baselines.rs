@@ -1,4 +1,5 @@
-//! The Euler-type baselines: SGD, heavy-ball / Nesterov momentum, Adam, AdamW and NAdamW.
+//! The Euler-type baselines: SGD, heavy-ball / Nesterov momentum, and the Adam family (Adam,
+//! AdamW and NAdamW, one type [`Adam`]).
 //!
 //! Each takes exactly one gradient evaluation per step (`field.eval(θ_n, g)`) and works on flat
 //! slices in the layout of θ. Scalar coefficients (bias corrections, β's) are computed in `f64`
@@ -26,8 +27,8 @@
 //! into θ and a swap of the moment buffers.
 //!
 //! State: `state()` lists the moment buffers — `"momentum"` for [`Momentum`], `"adam.m"` and
-//! `"adam.v"` for [`Adam`], [`AdamW`] and [`NAdamW`] — or no buffers at all before the first step
-//! (and always for [`Sgd`]), plus the scalar `"optimizer"` holding `name()`. `load_state`
+//! `"adam.v"` for every [`Adam`] variant — or no buffers at all before the first step (and
+//! always for [`Sgd`]), plus the scalar `"optimizer"` holding `name()`. `load_state`
 //! rejects unknown, duplicated, missing, mismatched-length or non-finite buffers and a different
 //! `"optimizer"` name with an [`Error::Other`]; other scalars are ignored. A state with no
 //! buffers resets the optimizer to "before the first step". Buffer lengths are checked against
@@ -94,9 +95,20 @@ fn eval_gradient<F: Scalar>(
     Ok(loss)
 }
 
-/// Check that a committed state buffer matches the field's dimension.
-fn check_len<F>(name: &str, buf_name: &str, buf: &[F], dim: usize) -> Result<()> {
-    if buf.len() != dim {
+/// Ready the moment buffer `buf` for a step: once a step has committed it (`started`), check
+/// that its length matches the field's dimension; before that, zero it (a zeroed buffer is not
+/// part of the observable state until the step commits and sets `started`).
+fn prepare_buffer<F: Scalar>(
+    name: &str,
+    buf_name: &str,
+    buf: &mut Vec<F>,
+    started: bool,
+    dim: usize,
+) -> Result<()> {
+    if !started {
+        buf.clear();
+        buf.resize(dim, F::zero());
+    } else if buf.len() != dim {
         return Err(Error::Other(format!(
             "{name}: state buffer `{buf_name}` has {} entries but the vector field has dimension {dim}",
             buf.len()
@@ -131,16 +143,43 @@ fn descend<F: Scalar>(
     None
 }
 
-fn retries_exhausted(name: &str, step: u64, lr: f64, max_retries: u32) -> Error {
-    Error::NonFinite(format!(
-        "{name}: step {step} gives a non-finite θ for lr = {lr} and {max_retries} halvings of it"
-    ))
+/// The end of every step: build the candidates θ − lr_k·`dir` by [`descend`] in the scratch
+/// buffer `theta_new` (resized to θ's length) and copy the first finite one into θ. Returns
+/// (lr_k, k); if every candidate is non-finite, `NonFinite` with θ untouched.
+fn descend_and_commit<F: Scalar>(
+    name: &str,
+    step: u64,
+    theta: &mut [F],
+    dir: &[F],
+    lr: f64,
+    max_retries: u32,
+    theta_new: &mut Vec<F>,
+) -> Result<(f64, u32)> {
+    theta_new.resize(theta.len(), F::zero());
+    let (h, k) = descend(theta, dir, lr, max_retries, theta_new).ok_or_else(|| {
+        Error::NonFinite(format!(
+            "{name}: step {step} gives a non-finite θ for lr = {lr} and {max_retries} halvings of it"
+        ))
+    })?;
+    theta.copy_from_slice(theta_new);
+    Ok((h, k))
 }
 
-fn base_scalars(name: &str) -> serde_json::Map<String, serde_json::Value> {
-    let mut s = serde_json::Map::new();
-    s.insert(OPTIMIZER_KEY.to_string(), serde_json::Value::String(name.to_string()));
-    s
+/// The state of optimizer `name`: the scalar `"optimizer"` = `name`, and the named `buffers`
+/// once a step has committed them (`started`), none before.
+fn snapshot<F: Scalar>(
+    name: &str,
+    started: bool,
+    buffers: &[(&str, &Vec<F>)],
+) -> OptimizerState<F> {
+    let buffers = if started {
+        buffers.iter().map(|&(n, b)| (n.to_string(), b.clone())).collect()
+    } else {
+        Vec::new()
+    };
+    let mut scalars = serde_json::Map::new();
+    scalars.insert(OPTIMIZER_KEY.to_string(), serde_json::Value::String(name.to_string()));
+    OptimizerState { buffers, scalars }
 }
 
 /// Validate `state` against the buffer names `expected`. Returns `None` for a state without
@@ -193,6 +232,30 @@ fn validate_state<'a, F: Scalar>(
     Ok(Some(out))
 }
 
+/// Install what [`validate_state`] returned into `targets` (in the order of its `expected`), or
+/// clear them all for a state without buffers. Returns the new `started`: whether buffers were
+/// loaded.
+fn restore<F: Scalar, const N: usize>(
+    loaded: Option<Vec<&Vec<F>>>,
+    targets: [&mut Vec<F>; N],
+) -> bool {
+    match loaded {
+        None => {
+            for t in targets {
+                t.clear();
+            }
+            false
+        }
+        Some(bufs) => {
+            for (t, b) in targets.into_iter().zip(bufs) {
+                t.clear();
+                t.extend_from_slice(b);
+            }
+            true
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // SGD
 // ---------------------------------------------------------------------------------------------
@@ -230,15 +293,20 @@ impl<F: Scalar> Optimizer<F> for Sgd<F> {
         let name = "sgd";
         check_lr(name, self.lr)?;
         let loss = eval_gradient(name, step, theta, field, &mut self.grad)?;
-        self.theta_new.resize(theta.len(), F::zero());
-        let (h, k) = descend(theta, &self.grad, self.lr, self.max_retries, &mut self.theta_new)
-            .ok_or_else(|| retries_exhausted(name, step, self.lr, self.max_retries))?;
-        theta.copy_from_slice(&self.theta_new);
+        let (h, k) = descend_and_commit(
+            name,
+            step,
+            theta,
+            &self.grad,
+            self.lr,
+            self.max_retries,
+            &mut self.theta_new,
+        )?;
         Ok(StepReport { loss, h, grad_evals: 1, nonfinite_retries: k, ..Default::default() })
     }
 
     fn state(&self) -> OptimizerState<F> {
-        OptimizerState { buffers: Vec::new(), scalars: base_scalars("sgd") }
+        snapshot("sgd", false, &[])
     }
 
     fn load_state(&mut self, state: &OptimizerState<F>) -> Result<()> {
@@ -309,13 +377,7 @@ impl<F: Scalar> Optimizer<F> for Momentum<F> {
         check_lr(name, self.lr)?;
         let loss = eval_gradient(name, step, theta, field, &mut self.grad)?;
         let dim = theta.len();
-        if self.started {
-            check_len(name, MOMENTUM_BUF, &self.buf, dim)?;
-        } else {
-            // Not part of the observable state until `started` is set on commit.
-            self.buf.clear();
-            self.buf.resize(dim, F::zero());
-        }
+        prepare_buffer(name, MOMENTUM_BUF, &mut self.buf, self.started, dim)?;
         self.buf_new.resize(dim, F::zero());
         let beta = F::from_f64(self.beta);
         for ((bn, &b), &g) in self.buf_new.iter_mut().zip(&self.buf).zip(&self.grad) {
@@ -335,33 +397,27 @@ impl<F: Scalar> Optimizer<F> for Momentum<F> {
                 "{name}: momentum buffer at step {step} overflowed (a smaller lr cannot help)"
             )));
         }
-        self.theta_new.resize(dim, F::zero());
-        let (h, k) = descend(theta, dir, self.lr, self.max_retries, &mut self.theta_new)
-            .ok_or_else(|| retries_exhausted(name, step, self.lr, self.max_retries))?;
-        theta.copy_from_slice(&self.theta_new);
+        let (h, k) = descend_and_commit(
+            name,
+            step,
+            theta,
+            dir,
+            self.lr,
+            self.max_retries,
+            &mut self.theta_new,
+        )?;
         std::mem::swap(&mut self.buf, &mut self.buf_new);
         self.started = true;
         Ok(StepReport { loss, h, grad_evals: 1, nonfinite_retries: k, ..Default::default() })
     }
 
     fn state(&self) -> OptimizerState<F> {
-        let buffers =
-            if self.started { vec![(MOMENTUM_BUF.to_string(), self.buf.clone())] } else { Vec::new() };
-        OptimizerState { buffers, scalars: base_scalars(self.name_str()) }
+        snapshot(self.name_str(), self.started, &[(MOMENTUM_BUF, &self.buf)])
     }
 
     fn load_state(&mut self, state: &OptimizerState<F>) -> Result<()> {
-        match validate_state(self.name_str(), state, &[MOMENTUM_BUF])? {
-            None => {
-                self.started = false;
-                self.buf.clear();
-            }
-            Some(bufs) => {
-                self.buf.clear();
-                self.buf.extend_from_slice(bufs[0]);
-                self.started = true;
-            }
-        }
+        let loaded = validate_state(self.name_str(), state, &[MOMENTUM_BUF])?;
+        self.started = restore(loaded, [&mut self.buf]);
         Ok(())
     }
 }
@@ -370,23 +426,51 @@ impl<F: Scalar> Optimizer<F> for Momentum<F> {
 // Adam family
 // ---------------------------------------------------------------------------------------------
 
-/// Hyper-parameters of one Adam-family step.
-#[derive(Clone, Copy, Debug)]
-struct AdamHp {
-    lr: f64,
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    /// Decoupled weight decay; 0 skips the term entirely.
-    weight_decay: f64,
-    /// optax `scale_by_adam(nesterov=True)`.
-    nesterov: bool,
-    max_retries: u32,
+/// Which member of the Adam family an [`Adam`] is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum AdamVariant {
+    /// Adam: no weight decay.
+    Adam,
+    /// AdamW: decoupled weight decay.
+    AdamW { weight_decay: f64 },
+    /// NAdamW: Nesterov first moment and decoupled weight decay.
+    NAdamW { weight_decay: f64 },
 }
 
-/// Moments and scratch shared by Adam, AdamW and NAdamW.
-#[derive(Clone, Debug, Default)]
-struct AdamCore<F: Scalar> {
+impl AdamVariant {
+    /// `name()` of the optimizer; saved states carry it.
+    fn name(self) -> &'static str {
+        match self {
+            AdamVariant::Adam => "adam",
+            AdamVariant::AdamW { .. } => "adamw",
+            AdamVariant::NAdamW { .. } => "nadamw",
+        }
+    }
+}
+
+/// The Adam family: Adam, AdamW and NAdamW, one update rule (`name()` "adam", "adamw",
+/// "nadamw"). With t = step + 1, each step does m ← β1·m + (1−β1)·g; v ← β2·v + (1−β2)·g²;
+/// v̂ = v/(1−β2^t), and
+/// - Adam (Kingma & Ba; optax `adam`, PyTorch `Adam` without weight decay), [`Adam::new`]:
+///   m̂ = m/(1−β1^t); θ ← θ − lr·m̂/(√v̂ + ε).
+/// - AdamW: Adam with decoupled weight decay (optax `adamw`, PyTorch `AdamW`), [`Adam::adamw`]:
+///   m̂ as in Adam; θ ← θ − lr·(m̂/(√v̂ + ε) + wd·θ).
+/// - NAdamW as optax `nadamw` (`scale_by_adam(nesterov=True)` + decoupled weight decay),
+///   [`Adam::nadamw`]: m̂ = β1·m/(1−β1^(t+1)) + (1−β1)·g/(1−β1^t);
+///   θ ← θ − lr·(m̂/(√v̂ + ε) + wd·θ).
+///
+/// The weight decay wd is multiplied by lr, as in optax / PyTorch; wd = 0 skips the term
+/// entirely, so `adamw(.., 0.0)` steps exactly like `new` (only the name differs).
+#[derive(Clone, Debug)]
+pub struct Adam<F: Scalar = f32> {
+    /// Learning rate; may be changed between steps.
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// How many times a step halves lr when θ_{n+1} is non-finite (default 4).
+    pub max_retries: u32,
+    variant: AdamVariant,
     started: bool,
     m: Vec<F>,
     v: Vec<F>,
@@ -397,47 +481,86 @@ struct AdamCore<F: Scalar> {
     theta_new: Vec<F>,
 }
 
-impl<F: Scalar> AdamCore<F> {
-    fn step(
-        &mut self,
-        name: &str,
-        hp: AdamHp,
-        step: u64,
-        theta: &mut [F],
-        field: &mut dyn VectorField<F>,
-    ) -> Result<StepReport> {
-        check_lr(name, hp.lr)?;
+impl<F: Scalar> Adam<F> {
+    /// Adam. `lr`: learning rate; `beta1`, `beta2`: decay rates of the first and second moments
+    /// (0.9, 0.999 usually); `eps`: added to √v̂ (1e-8 usually).
+    pub fn new(lr: f64, beta1: f64, beta2: f64, eps: f64) -> Self {
+        Self::with_variant(AdamVariant::Adam, lr, beta1, beta2, eps)
+    }
+    /// `new(lr, 0.9, 0.999, 1e-8)`.
+    pub fn with_defaults(lr: f64) -> Self {
+        Self::new(lr, ADAM_DEFAULT_BETA1, ADAM_DEFAULT_BETA2, ADAM_DEFAULT_EPS)
+    }
+    /// AdamW: the arguments of [`Adam::new`] and the decoupled weight-decay coefficient wd.
+    pub fn adamw(lr: f64, beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> Self {
+        Self::with_variant(AdamVariant::AdamW { weight_decay }, lr, beta1, beta2, eps)
+    }
+    /// NAdamW: the arguments of [`Adam::new`] and the decoupled weight-decay coefficient wd.
+    pub fn nadamw(lr: f64, beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> Self {
+        Self::with_variant(AdamVariant::NAdamW { weight_decay }, lr, beta1, beta2, eps)
+    }
+    fn with_variant(variant: AdamVariant, lr: f64, beta1: f64, beta2: f64, eps: f64) -> Self {
+        Self {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            max_retries: DEFAULT_MAX_RETRIES,
+            variant,
+            started: false,
+            m: Vec::new(),
+            v: Vec::new(),
+            m_new: Vec::new(),
+            v_new: Vec::new(),
+            grad: Vec::new(),
+            dir: Vec::new(),
+            theta_new: Vec::new(),
+        }
+    }
+    pub fn lr(&self) -> f64 {
+        self.lr
+    }
+}
+
+impl<F: Scalar> Optimizer<F> for Adam<F> {
+    fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+    fn name(&self) -> String {
+        self.variant.name().to_string()
+    }
+
+    fn step(&mut self, step: u64, theta: &mut [F], field: &mut dyn VectorField<F>) -> Result<StepReport> {
+        let name = self.variant.name();
+        let (weight_decay, nesterov) = match self.variant {
+            AdamVariant::Adam => (0.0, false),
+            AdamVariant::AdamW { weight_decay } => (weight_decay, false),
+            AdamVariant::NAdamW { weight_decay } => (weight_decay, true),
+        };
+        check_lr(name, self.lr)?;
         let loss = eval_gradient(name, step, theta, field, &mut self.grad)?;
         let dim = theta.len();
-        if self.started {
-            check_len(name, ADAM_M, &self.m, dim)?;
-            check_len(name, ADAM_V, &self.v, dim)?;
-        } else {
-            // Not part of the observable state until `started` is set on commit.
-            self.m.clear();
-            self.m.resize(dim, F::zero());
-            self.v.clear();
-            self.v.resize(dim, F::zero());
-        }
+        prepare_buffer(name, ADAM_M, &mut self.m, self.started, dim)?;
+        prepare_buffer(name, ADAM_V, &mut self.v, self.started, dim)?;
         self.m_new.resize(dim, F::zero());
         self.v_new.resize(dim, F::zero());
         self.dir.resize(dim, F::zero());
 
         // Scalar factors in f64. t = step + 1.
         let t = step as f64 + 1.0;
-        let bc1 = 1.0 - hp.beta1.powf(t);
-        let bc2 = 1.0 - hp.beta2.powf(t);
-        let bc1_next = 1.0 - hp.beta1.powf(t + 1.0);
-        let b1 = F::from_f64(hp.beta1);
-        let omb1 = F::from_f64(1.0 - hp.beta1);
-        let b2 = F::from_f64(hp.beta2);
-        let omb2 = F::from_f64(1.0 - hp.beta2);
+        let bc1 = 1.0 - self.beta1.powf(t);
+        let bc2 = 1.0 - self.beta2.powf(t);
+        let bc1_next = 1.0 - self.beta1.powf(t + 1.0);
+        let b1 = F::from_f64(self.beta1);
+        let omb1 = F::from_f64(1.0 - self.beta1);
+        let b2 = F::from_f64(self.beta2);
+        let omb2 = F::from_f64(1.0 - self.beta2);
         let bc1f = F::from_f64(bc1);
         let bc2f = F::from_f64(bc2);
         let bc1_nextf = F::from_f64(bc1_next);
-        let eps = F::from_f64(hp.eps);
-        let wd = F::from_f64(hp.weight_decay);
-        let decay = hp.weight_decay != 0.0;
+        let eps = F::from_f64(self.eps);
+        let wd = F::from_f64(weight_decay);
+        let decay = weight_decay != 0.0;
 
         let moments = self.m.iter().zip(&self.v).zip(self.m_new.iter_mut().zip(self.v_new.iter_mut()));
         for (((&g, &x), d), ((&m_old, &v_old), (m_out, v_out))) in
@@ -447,7 +570,7 @@ impl<F: Scalar> AdamCore<F> {
             let v = b2 * v_old + omb2 * (g * g);
             *m_out = m;
             *v_out = v;
-            let m_hat = if hp.nesterov {
+            let m_hat = if nesterov {
                 b1 * (m / bc1_nextf) + omb1 * (g / bc1f)
             } else {
                 m / bc1f
@@ -464,241 +587,29 @@ impl<F: Scalar> AdamCore<F> {
                 "{name}: moments or update direction at step {step} are non-finite (a smaller lr cannot help)"
             )));
         }
-        self.theta_new.resize(dim, F::zero());
-        let (h, k) = descend(theta, &self.dir, hp.lr, hp.max_retries, &mut self.theta_new)
-            .ok_or_else(|| retries_exhausted(name, step, hp.lr, hp.max_retries))?;
-        theta.copy_from_slice(&self.theta_new);
+        let (h, k) = descend_and_commit(
+            name,
+            step,
+            theta,
+            &self.dir,
+            self.lr,
+            self.max_retries,
+            &mut self.theta_new,
+        )?;
         std::mem::swap(&mut self.m, &mut self.m_new);
         std::mem::swap(&mut self.v, &mut self.v_new);
         self.started = true;
         Ok(StepReport { loss, h, grad_evals: 1, nonfinite_retries: k, ..Default::default() })
     }
 
-    fn state(&self, name: &str) -> OptimizerState<F> {
-        let buffers = if self.started {
-            vec![(ADAM_M.to_string(), self.m.clone()), (ADAM_V.to_string(), self.v.clone())]
-        } else {
-            Vec::new()
-        };
-        OptimizerState { buffers, scalars: base_scalars(name) }
+    fn state(&self) -> OptimizerState<F> {
+        snapshot(self.variant.name(), self.started, &[(ADAM_M, &self.m), (ADAM_V, &self.v)])
     }
 
-    fn load_state(&mut self, name: &str, state: &OptimizerState<F>) -> Result<()> {
-        match validate_state(name, state, &[ADAM_M, ADAM_V])? {
-            None => {
-                self.started = false;
-                self.m.clear();
-                self.v.clear();
-            }
-            Some(bufs) => {
-                self.m.clear();
-                self.m.extend_from_slice(bufs[0]);
-                self.v.clear();
-                self.v.extend_from_slice(bufs[1]);
-                self.started = true;
-            }
-        }
+    fn load_state(&mut self, state: &OptimizerState<F>) -> Result<()> {
+        let loaded = validate_state(self.variant.name(), state, &[ADAM_M, ADAM_V])?;
+        self.started = restore(loaded, [&mut self.m, &mut self.v]);
         Ok(())
-    }
-}
-
-/// Adam (Kingma & Ba; optax `adam`, PyTorch `Adam` without weight decay). With t = step + 1:
-/// m ← β1·m + (1−β1)·g; v ← β2·v + (1−β2)·g²; m̂ = m/(1−β1^t); v̂ = v/(1−β2^t);
-/// θ ← θ − lr·m̂/(√v̂ + ε).
-#[derive(Clone, Debug)]
-pub struct Adam<F: Scalar = f32> {
-    /// Learning rate; may be changed between steps.
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    /// How many times a step halves lr when θ_{n+1} is non-finite (default 4).
-    pub max_retries: u32,
-    core: AdamCore<F>,
-}
-
-impl<F: Scalar> Adam<F> {
-    /// `lr`: learning rate; `beta1`, `beta2`: decay rates of the first and second moments
-    /// (0.9, 0.999 usually); `eps`: added to √v̂ (1e-8 usually).
-    pub fn new(lr: f64, beta1: f64, beta2: f64, eps: f64) -> Self {
-        Self { lr, beta1, beta2, eps, max_retries: DEFAULT_MAX_RETRIES, core: AdamCore::default() }
-    }
-    /// `new(lr, 0.9, 0.999, 1e-8)`.
-    pub fn with_defaults(lr: f64) -> Self {
-        Self::new(lr, ADAM_DEFAULT_BETA1, ADAM_DEFAULT_BETA2, ADAM_DEFAULT_EPS)
-    }
-    pub fn lr(&self) -> f64 {
-        self.lr
-    }
-    fn hp(&self) -> AdamHp {
-        AdamHp {
-            lr: self.lr,
-            beta1: self.beta1,
-            beta2: self.beta2,
-            eps: self.eps,
-            weight_decay: 0.0,
-            nesterov: false,
-            max_retries: self.max_retries,
-        }
-    }
-}
-
-impl<F: Scalar> Optimizer<F> for Adam<F> {
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
-    fn name(&self) -> String {
-        "adam".to_string()
-    }
-    fn step(&mut self, step: u64, theta: &mut [F], field: &mut dyn VectorField<F>) -> Result<StepReport> {
-        let hp = self.hp();
-        self.core.step("adam", hp, step, theta, field)
-    }
-    fn state(&self) -> OptimizerState<F> {
-        self.core.state("adam")
-    }
-    fn load_state(&mut self, state: &OptimizerState<F>) -> Result<()> {
-        self.core.load_state("adam", state)
-    }
-}
-
-/// AdamW: Adam with decoupled weight decay (optax `adamw`, PyTorch `AdamW`):
-/// θ ← θ − lr·(m̂/(√v̂ + ε) + wd·θ), m̂ and v̂ as in [`Adam`].
-#[derive(Clone, Debug)]
-pub struct AdamW<F: Scalar = f32> {
-    /// Learning rate; may be changed between steps.
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    /// Decoupled weight-decay coefficient wd (multiplied by lr, as in optax / PyTorch).
-    pub weight_decay: f64,
-    /// How many times a step halves lr when θ_{n+1} is non-finite (default 4).
-    pub max_retries: u32,
-    core: AdamCore<F>,
-}
-
-impl<F: Scalar> AdamW<F> {
-    /// `lr`: learning rate; `beta1`, `beta2`: moment decay rates (0.9, 0.999 usually); `eps`:
-    /// added to √v̂ (1e-8 usually); `weight_decay`: decoupled decay coefficient wd.
-    pub fn new(lr: f64, beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> Self {
-        Self {
-            lr,
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-            max_retries: DEFAULT_MAX_RETRIES,
-            core: AdamCore::default(),
-        }
-    }
-    /// `new(lr, 0.9, 0.999, 1e-8, weight_decay)`.
-    pub fn with_defaults(lr: f64, weight_decay: f64) -> Self {
-        Self::new(lr, ADAM_DEFAULT_BETA1, ADAM_DEFAULT_BETA2, ADAM_DEFAULT_EPS, weight_decay)
-    }
-    pub fn lr(&self) -> f64 {
-        self.lr
-    }
-    fn hp(&self) -> AdamHp {
-        AdamHp {
-            lr: self.lr,
-            beta1: self.beta1,
-            beta2: self.beta2,
-            eps: self.eps,
-            weight_decay: self.weight_decay,
-            nesterov: false,
-            max_retries: self.max_retries,
-        }
-    }
-}
-
-impl<F: Scalar> Optimizer<F> for AdamW<F> {
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
-    fn name(&self) -> String {
-        "adamw".to_string()
-    }
-    fn step(&mut self, step: u64, theta: &mut [F], field: &mut dyn VectorField<F>) -> Result<StepReport> {
-        let hp = self.hp();
-        self.core.step("adamw", hp, step, theta, field)
-    }
-    fn state(&self) -> OptimizerState<F> {
-        self.core.state("adamw")
-    }
-    fn load_state(&mut self, state: &OptimizerState<F>) -> Result<()> {
-        self.core.load_state("adamw", state)
-    }
-}
-
-/// NAdamW as optax `nadamw` (`scale_by_adam(nesterov=True)` + decoupled weight decay). With
-/// t = step + 1 and m, v updated as in [`Adam`]:
-/// m̂ = β1·m/(1−β1^(t+1)) + (1−β1)·g/(1−β1^t); v̂ = v/(1−β2^t);
-/// θ ← θ − lr·(m̂/(√v̂ + ε) + wd·θ).
-#[derive(Clone, Debug)]
-pub struct NAdamW<F: Scalar = f32> {
-    /// Learning rate; may be changed between steps.
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    /// Decoupled weight-decay coefficient wd (multiplied by lr, as in optax).
-    pub weight_decay: f64,
-    /// How many times a step halves lr when θ_{n+1} is non-finite (default 4).
-    pub max_retries: u32,
-    core: AdamCore<F>,
-}
-
-impl<F: Scalar> NAdamW<F> {
-    /// `lr`: learning rate; `beta1`, `beta2`: moment decay rates (0.9, 0.999 usually); `eps`:
-    /// added to √v̂ (1e-8 usually); `weight_decay`: decoupled decay coefficient wd.
-    pub fn new(lr: f64, beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> Self {
-        Self {
-            lr,
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-            max_retries: DEFAULT_MAX_RETRIES,
-            core: AdamCore::default(),
-        }
-    }
-    /// `new(lr, 0.9, 0.999, 1e-8, weight_decay)`.
-    pub fn with_defaults(lr: f64, weight_decay: f64) -> Self {
-        Self::new(lr, ADAM_DEFAULT_BETA1, ADAM_DEFAULT_BETA2, ADAM_DEFAULT_EPS, weight_decay)
-    }
-    pub fn lr(&self) -> f64 {
-        self.lr
-    }
-    fn hp(&self) -> AdamHp {
-        AdamHp {
-            lr: self.lr,
-            beta1: self.beta1,
-            beta2: self.beta2,
-            eps: self.eps,
-            weight_decay: self.weight_decay,
-            nesterov: true,
-            max_retries: self.max_retries,
-        }
-    }
-}
-
-impl<F: Scalar> Optimizer<F> for NAdamW<F> {
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
-    fn name(&self) -> String {
-        "nadamw".to_string()
-    }
-    fn step(&mut self, step: u64, theta: &mut [F], field: &mut dyn VectorField<F>) -> Result<StepReport> {
-        let hp = self.hp();
-        self.core.step("nadamw", hp, step, theta, field)
-    }
-    fn state(&self) -> OptimizerState<F> {
-        self.core.state("nadamw")
-    }
-    fn load_state(&mut self, state: &OptimizerState<F>) -> Result<()> {
-        self.core.load_state("nadamw", state)
     }
 }
 
@@ -843,7 +754,7 @@ mod tests {
     #[test]
     fn adamw_first_step_and_reference() {
         let (lr, wd) = (0.01, 0.1);
-        let mut opt = AdamW::<f64>::with_defaults(lr, wd);
+        let mut opt = Adam::<f64>::adamw(lr, 0.9, 0.999, 1e-8, wd);
         assert_eq!(opt.name(), "adamw");
         let got = run(&mut opt, 3);
         // θ1 = θ0 − lr·(sign(g) + wd·θ0).
@@ -857,7 +768,7 @@ mod tests {
     #[test]
     fn nadamw_first_step_and_reference() {
         let (lr, wd) = (0.01, 0.1);
-        let mut opt = NAdamW::<f64>::with_defaults(lr, wd);
+        let mut opt = Adam::<f64>::nadamw(lr, 0.9, 0.999, 1e-8, wd);
         assert_eq!(opt.name(), "nadamw");
         let got = run(&mut opt, 3);
         // t = 1: m = 0.1 g, m̂ = 0.9·0.1 g/(1 − 0.81) + 0.1 g/0.1 = (28/19) g, v̂ = g².
@@ -875,7 +786,7 @@ mod tests {
     #[test]
     fn adam_with_zero_wd_matches_adamw_with_zero_wd() {
         let a = run(&mut Adam::<f64>::new(0.02, 0.8, 0.99, 1e-6), 3);
-        let b = run(&mut AdamW::<f64>::new(0.02, 0.8, 0.99, 1e-6, 0.0), 3);
+        let b = run(&mut Adam::<f64>::adamw(0.02, 0.8, 0.99, 1e-6, 0.0), 3);
         assert_eq!(a, b);
     }
 
@@ -887,8 +798,8 @@ mod tests {
             Box::new(|| Box::new(Momentum::<f64>::new(0.1, 0.9, false))),
             Box::new(|| Box::new(Momentum::<f64>::new(0.1, 0.9, true))),
             Box::new(|| Box::new(Adam::<f64>::with_defaults(0.01))),
-            Box::new(|| Box::new(AdamW::<f64>::with_defaults(0.01, 0.1))),
-            Box::new(|| Box::new(NAdamW::<f64>::with_defaults(0.01, 0.1))),
+            Box::new(|| Box::new(Adam::<f64>::adamw(0.01, 0.9, 0.999, 1e-8, 0.1))),
+            Box::new(|| Box::new(Adam::<f64>::nadamw(0.01, 0.9, 0.999, 1e-8, 0.1))),
         ]
     }
 
@@ -959,7 +870,7 @@ mod tests {
         assert!(fresh.load_state(&s).is_err());
 
         // Saved by another optimizer.
-        let mut w = AdamW::<f64>::with_defaults(0.01, 0.1);
+        let mut w = Adam::<f64>::adamw(0.01, 0.9, 0.999, 1e-8, 0.1);
         let e = w.load_state(&good).unwrap_err().to_string();
         assert!(e.contains("adamw"), "{e}");
         let mut sgd = Sgd::<f64>::new(0.1);
