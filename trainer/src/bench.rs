@@ -13,7 +13,7 @@ use std::time::Instant;
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
     pub batch_sizes: Vec<usize>,
-    /// Keep timing one (optimizer, batch) cell until this many seconds have passed…
+    /// Keep timing each batch size until (this many seconds × variants) have passed…
     pub min_seconds: f64,
     /// …and at least this many steps (after one warm-up step)…
     pub min_reps: usize,
@@ -101,50 +101,62 @@ fn bench_data(base: &Config) -> (Dataset, String) {
     }
 }
 
+/// Times every variant at each batch size. The variants are interleaved — one step of each per
+/// round, in rotating order — so that drift in the machine's speed (other load, frequency
+/// scaling) falls on all of them alike instead of on whichever ran last.
 pub fn run(opts: &BenchOptions, mut on_row: impl FnMut(&BenchRow)) -> Result<BenchReport> {
     let (data, data_desc) = bench_data(&opts.base);
     let model = build_model(&opts.base, &data)?;
     let theta0 = model::init_params(model.as_ref(), 0);
+    let variants = variants();
     let mut rows = Vec::new();
     for &bs in &opts.batch_sizes {
-        for (label, sets) in variants() {
+        struct Cell {
+            opt: Box<dyn crate::optim::Optimizer<f32>>,
+            theta: Vec<f32>,
+            step_ms: Vec<f64>,
+            eval_ms: Vec<f64>,
+            evals: u64,
+        }
+        let mut cells = Vec::new();
+        for (_, sets) in &variants {
             let sets: Vec<String> = sets.iter().map(|s| s.to_string()).chain([format!("train.batch_size={bs}")]).collect();
             let cfg = Config::from_toml_str(&opts.base.to_toml(), &sets)?;
-            let mut opt = build_optimizer(&cfg)?;
-            let mut theta = theta0.clone();
-            let mut sampler = BatchSampler::new(data.len(), bs, 0, true);
-            let mut field = ModelField::new(model.as_ref(), &data);
-            let mut step_ms = Vec::new();
-            let mut eval_ms = Vec::new();
-            let mut evals = 0u64;
-            let start = Instant::now();
-            let mut step = 0u64;
-            loop {
-                let batch = sampler.batch(step);
-                field.set_batch(&batch, bs);
+            cells.push(Cell { opt: build_optimizer(&cfg)?, theta: theta0.clone(), step_ms: vec![], eval_ms: vec![], evals: 0 });
+        }
+        let mut sampler = BatchSampler::new(data.len(), bs, 0, true);
+        let mut field = ModelField::new(model.as_ref(), &data);
+        let start = Instant::now();
+        for step in 0u64.. {
+            let batch = sampler.batch(step);
+            field.set_batch(&batch, bs);
+            let n = cells.len();
+            for c in 0..n {
+                let cell = &mut cells[(c + step as usize) % n];
                 let t = Instant::now();
-                let r = opt.step(step, &mut theta, &mut field)?;
+                let r = cell.opt.step(step, &mut cell.theta, &mut field)?;
                 let ms = t.elapsed().as_secs_f64() * 1e3;
                 if step > 0 {
                     // step 0 is warm-up (allocation, caches, DALR's first-step probe)
-                    step_ms.push(ms);
-                    eval_ms.push(ms / r.grad_evals as f64);
-                    evals += r.grad_evals;
-                }
-                step += 1;
-                let reps = step_ms.len();
-                if reps >= opts.max_reps || (reps >= opts.min_reps && start.elapsed().as_secs_f64() >= opts.min_seconds) {
-                    break;
+                    cell.step_ms.push(ms);
+                    cell.eval_ms.push(ms / r.grad_evals as f64);
+                    cell.evals += r.grad_evals;
                 }
             }
-            let reps = step_ms.len();
+            let reps = step as usize;
+            if reps >= opts.max_reps || (reps >= opts.min_reps && start.elapsed().as_secs_f64() >= opts.min_seconds * n as f64) {
+                break;
+            }
+        }
+        for ((label, _), mut cell) in variants.iter().zip(cells) {
+            let reps = cell.step_ms.len();
             let row = BenchRow {
                 optimizer: label.to_string(),
                 batch_size: bs,
                 reps,
-                median_step_ms: median(&mut step_ms),
-                median_grad_eval_ms: median(&mut eval_ms),
-                grad_evals_per_step: evals as f64 / reps as f64,
+                median_step_ms: median(&mut cell.step_ms),
+                median_grad_eval_ms: median(&mut cell.eval_ms),
+                grad_evals_per_step: cell.evals as f64 / reps as f64,
             };
             on_row(&row);
             rows.push(row);

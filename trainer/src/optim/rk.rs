@@ -225,8 +225,21 @@ impl<F: Scalar> RkSolver<F> {
     /// the compiler vectorizes: Σ a_ij k_j is built in `x` (in j order), then x = θ − (h·d)·x.
     fn form_stage_point(&mut self, theta: &[F], i: usize, h: F) {
         let row = &self.opts.tableau.a[i];
+        let feeding: Vec<usize> = (0..i).filter(|&j| row[j] != 0.0).collect();
+        if let [j] = feeding[..] {
+            // One earlier stage (rk4, heun, midpoint, …): a single fused pass, the same
+            // operations in the same order as the general path below.
+            let k: &[F] = if j == 0 { &self.k1 } else { self.stages[j].as_deref().expect("stage buffer live until last use") };
+            let a = F::from_f64(row[j]);
+            if self.d.is_empty() {
+                self.x.iter_mut().zip(theta).zip(k).for_each(|((x, t), k)| *x = *t - h * (a * *k));
+            } else {
+                self.x.iter_mut().zip(theta).zip(k).zip(&self.d).for_each(|(((x, t), k), d)| *x = *t - h * *d * (a * *k));
+            }
+            return;
+        }
         let mut first = true;
-        for j in (0..i).filter(|&j| row[j] != 0.0) {
+        for j in feeding {
             let k: &[F] = if j == 0 { &self.k1 } else { self.stages[j].as_deref().expect("stage buffer live until last use") };
             let a = F::from_f64(row[j]);
             if first {
