@@ -530,3 +530,41 @@ impl ProgressReporter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::field::DiagonalQuadratic;
+
+    fn cfg(sets: &[&str]) -> Config {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Config::from_toml_str("", &sets).unwrap()
+    }
+
+    #[test]
+    fn every_optimizer_kind_builds_and_steps() {
+        for kind in ["rk", "sgd", "momentum", "adam", "adamw", "nadamw"] {
+            let mut opt = build_optimizer(&cfg(&[&format!("optimizer.kind={kind}")])).unwrap();
+            let mut f = DiagonalQuadratic::new(vec![1.0, 2.0]);
+            let mut th = vec![1.0f32, -1.0];
+            let r = opt.step(0, &mut th, &mut f).unwrap();
+            assert!(th[0] < 1.0 && th[1] > -1.0, "{kind} did not descend: {th:?}");
+            assert_eq!(r.grad_evals, if kind == "rk" { 4 } else { 1 });
+        }
+    }
+
+    #[test]
+    fn cosine_schedule_drives_baselines_and_rk() {
+        for kind in ["sgd", "rk"] {
+            let c = cfg(&[&format!("optimizer.kind={kind}"), "optimizer.step_size=cosine", "optimizer.lr=0.1", "optimizer.warmup_steps=2", "train.steps=12"]);
+            let mut opt = build_optimizer(&c).unwrap();
+            let mut f = DiagonalQuadratic::new(vec![1.0]);
+            let mut th = vec![1.0f32];
+            let hs: Vec<f64> = (0..12).map(|n| opt.step(n, &mut th, &mut f).unwrap().h).collect();
+            for (n, h) in hs.iter().enumerate() {
+                let want = crate::optim::step_size::cosine(0.1, n as u64, 2, 12, 0.0);
+                assert!((h - want).abs() < 1e-12, "{kind} step {n}: h {h} vs {want}");
+            }
+        }
+    }
+}
