@@ -49,21 +49,21 @@ fn rk4_trains_the_mlp_on_real_fashion_mnist() {
         "--out",
         out.to_str().unwrap(),
         "--set",
-        "train.steps=300",
+        "train.steps=400",
         "--set",
-        "train.batch_size=32",
+        "train.batch_size=64",
         "--set",
-        "optimizer.lr=0.1",
+        "optimizer.lr=0.2",
         "--set",
-        "train.eval_every=150",
+        "train.eval_every=200",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let s = summary(&out);
     let acc = s["final_test_accuracy"].as_f64().unwrap();
     assert!(acc >= 0.75, "test accuracy {acc} < 0.75");
     assert_eq!(s["status"], "completed");
-    assert_eq!(s["steps"], 300);
-    assert_eq!(s["grad_evals"], 1200, "RK4: four gradient evaluations per step");
+    assert_eq!(s["steps"], 400);
+    assert_eq!(s["grad_evals"], 1600, "RK4: four gradient evaluations per step");
     assert_eq!(s["optimizer"], "rk(rk4)");
     assert_eq!(s["tableau"], "rk4");
     for f in ["config.toml", "metrics.jsonl", "model.safetensors", "checkpoint.safetensors"] {
@@ -72,15 +72,15 @@ fn rk4_trains_the_mlp_on_real_fashion_mnist() {
     // metrics.jsonl: one object per logged step with the documented fields.
     let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(lines.len(), 30, "log_every = 10 over 300 steps");
+    assert_eq!(lines.len(), 40, "log_every = 10 over 400 steps");
     for key in ["step", "epoch", "train_loss", "h", "grad_evals", "wall_s"] {
         assert!(lines[0].get(key).is_some(), "metrics line lacks {key}");
     }
     let evaluated: Vec<u64> = lines.iter().filter(|l| l.get("test_accuracy").is_some()).map(|l| l["step"].as_u64().unwrap()).collect();
-    assert_eq!(evaluated, vec![150, 300]);
+    assert_eq!(evaluated, vec![200, 400]);
     // The resolved config round-trips through the binary's parser.
     let resolved = std::fs::read_to_string(out.join("config.toml")).unwrap();
-    assert!(resolved.contains("lr = 0.1"), "{resolved}");
+    assert!(resolved.contains("lr = 0.2"), "{resolved}");
 }
 
 fn small_run(out: &Path, steps: u64, extra: &[&str]) -> Output {
