@@ -1,13 +1,16 @@
 //! Collective communication for data-parallel training: one `Communicator` trait and one file
-//! per back end. Today: `single` (one process; every collective is the identity). MPI and NCCL
+//! per back end: `single` (one process; every collective is the identity), `local` (ranks as
+//! threads of one process, for tests). MPI and NCCL
 //! back ends arrive behind the `mpi` and `cuda` features; rendezvous (how ranks find each other,
 //! how an NCCL id travels) will live apart from the collectives themselves.
 //!
 //! Invariant every back end keeps: after `all_reduce_sum`, every rank holds bit-identical
 //! buffers, so every rank forms the same RK stage points (SPEC §5).
 
+pub mod local;
 pub mod single;
 
+pub use local::LocalGroup;
 pub use single::SingleProcess;
 
 #[derive(Debug, thiserror::Error)]

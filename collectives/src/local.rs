@@ -1,0 +1,127 @@
+//! `LocalGroup`: N ranks as N threads of one process, for tests of the multi-rank logic without
+//! MPI (as burn tests collectives with CPU threads standing in for devices). Every collective is
+//! a rendezvous of all N threads on a shared slot table; sums are formed in rank order on every
+//! rank, so all ranks get bit-identical results, as the trait requires.
+
+use crate::{CommError, Communicator, Result};
+use std::sync::{Arc, Barrier, Mutex};
+
+struct Shared {
+    barrier: Barrier,
+    /// One deposit per rank for the collective in progress.
+    slots: Mutex<Vec<Vec<f32>>>,
+    scalars: Mutex<Vec<f64>>,
+}
+
+/// One rank's handle. Create a whole group with `LocalGroup::new(n)` and move each handle to
+/// its own thread.
+pub struct LocalGroup {
+    rank: usize,
+    size: usize,
+    shared: Arc<Shared>,
+}
+
+impl LocalGroup {
+    pub fn new(size: usize) -> Vec<LocalGroup> {
+        assert!(size > 0, "a group needs at least one rank");
+        let shared = Arc::new(Shared {
+            barrier: Barrier::new(size),
+            slots: Mutex::new(vec![Vec::new(); size]),
+            scalars: Mutex::new(vec![0.0; size]),
+        });
+        (0..size).map(|rank| LocalGroup { rank, size, shared: shared.clone() }).collect()
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, Vec<Vec<f32>>> {
+        self.shared.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Communicator for LocalGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.size
+    }
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
+        self.slots()[self.rank] = buf.to_vec();
+        self.shared.barrier.wait();
+        {
+            let slots = self.slots();
+            if let Some(bad) = slots.iter().position(|s| s.len() != buf.len()) {
+                return Err(CommError::Failed {
+                    rank: self.rank,
+                    msg: format!("all-reduce of {} values, but rank {bad} sent {}", buf.len(), slots[bad].len()),
+                });
+            }
+            buf.copy_from_slice(&slots[0]);
+            for s in &slots[1..] {
+                buf.iter_mut().zip(s).for_each(|(b, x)| *b += *x);
+            }
+        }
+        self.shared.barrier.wait();
+        Ok(())
+    }
+    fn all_reduce_sum_f64(&self, x: f64) -> Result<f64> {
+        self.shared.scalars.lock().unwrap_or_else(|p| p.into_inner())[self.rank] = x;
+        self.shared.barrier.wait();
+        let s = self.shared.scalars.lock().unwrap_or_else(|p| p.into_inner()).iter().sum();
+        self.shared.barrier.wait();
+        Ok(s)
+    }
+    fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
+        if root >= self.size {
+            return Err(CommError::Failed { rank: self.rank, msg: format!("broadcast from rank {root} in a world of {}", self.size) });
+        }
+        if self.rank == root {
+            self.slots()[root] = buf.to_vec();
+        }
+        self.shared.barrier.wait();
+        if self.rank != root {
+            let slots = self.slots();
+            if slots[root].len() != buf.len() {
+                return Err(CommError::Failed { rank: self.rank, msg: format!("broadcast of {} values, root sent {}", buf.len(), slots[root].len()) });
+            }
+            buf.copy_from_slice(&slots[root]);
+        }
+        self.shared.barrier.wait();
+        Ok(())
+    }
+    fn barrier(&self) -> Result<()> {
+        self.shared.barrier.wait();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_reduce_broadcast_and_scalars_agree_on_every_rank() {
+        let results: Vec<(Vec<f32>, Vec<f32>, f64)> = std::thread::scope(|s| {
+            let handles: Vec<_> = LocalGroup::new(3)
+                .into_iter()
+                .map(|c| {
+                    s.spawn(move || {
+                        let r = c.rank() as f32;
+                        let mut a = vec![r, 10.0 * r, 0.1];
+                        c.all_reduce_sum(&mut a).unwrap();
+                        let mut b = if c.rank() == 1 { vec![7.0, 8.0] } else { vec![0.0, 0.0] };
+                        c.broadcast(&mut b, 1).unwrap();
+                        let x = c.all_reduce_sum_f64(c.rank() as f64 + 0.5).unwrap();
+                        c.barrier().unwrap();
+                        (a, b, x)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (a, b, x) in &results {
+            assert_eq!(a, &vec![3.0, 30.0, 0.1f32 + 0.1 + 0.1]);
+            assert_eq!(b, &vec![7.0, 8.0]);
+            assert_eq!(*x, 4.5);
+        }
+    }
+}
