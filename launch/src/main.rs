@@ -88,13 +88,13 @@ fn run(cli: Cli) -> Result<()> {
             let summary = match resume {
                 Some(dir) => {
                     let cfg = train::load_run_config(&dir, &sets)?;
-                    train::resume(&cfg, &dir, progress)?
+                    train::resume(&cfg, &dir, progress, &kutta_collectives::SingleProcess)?
                 }
                 None => {
                     let path = config.expect("clap requires --config without --resume");
                     let cfg = Config::load(&path, &sets)?;
                     let out = out.unwrap_or_else(|| train::default_out_dir(&path));
-                    train::train(&cfg, &out, progress)?
+                    train::train(&cfg, &out, progress, &kutta_collectives::SingleProcess)?
                 }
             };
             println!("{}", serde_json::to_string_pretty(&summary)?);

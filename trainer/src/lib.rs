@@ -18,5 +18,6 @@ pub mod data;
 pub use error::{Error, Result};
 pub mod config;
 pub mod checkpoint;
+pub mod distributed;
 pub mod train;
 pub mod bench;

@@ -14,6 +14,8 @@
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta};
 use crate::config::{Config, OptimizerKind, PreconditionerKind, StepSizeKind};
 use crate::data::{mnist, sampler::BatchSampler, Dataset};
+use crate::distributed::{agree, comm_err, shard_dataset, ShardedField};
+use kutta_collectives::Communicator;
 use crate::error::{Error, Result};
 use crate::model::{self, Model, ModelField};
 use crate::optim::baselines::{Adam, Momentum, Sgd};
@@ -92,6 +94,8 @@ pub enum Progress {
     Auto,
     Bar,
     Lines,
+    /// Nothing (ranks other than 0).
+    Off,
 }
 
 /// Build the optimizer a config asks for.
@@ -189,8 +193,15 @@ pub fn default_out_dir(config_path: &Path) -> PathBuf {
     PathBuf::from("runs").join(format!("{stem}-{t}"))
 }
 
-/// Train from scratch into a new (or empty) run folder `out`.
-pub fn train(cfg: &Config, out: &Path, progress: Progress) -> Result<Summary> {
+/// Train from scratch into a new (or empty) run folder `out`. Every rank of `comm` calls this;
+/// rank 0 alone writes the run folder.
+pub fn train(cfg: &Config, out: &Path, progress: Progress, comm: &dyn Communicator) -> Result<Summary> {
+    let prepared = if comm.is_writer() { prepare_run_folder(out) } else { Ok(()) };
+    agree(comm, "preparing the run folder", prepared)?;
+    Runner { cfg, out: out.to_path_buf(), resume_from: None, comm }.run(progress)
+}
+
+fn prepare_run_folder(out: &Path) -> Result<()> {
     if out.exists() && std::fs::read_dir(out).map_err(|e| Error::io(out, e))?.next().is_some() {
         return Err(Error::Other(format!(
             "run folder {} already exists and is not empty; pick another --out, or continue it with --resume {}",
@@ -198,16 +209,17 @@ pub fn train(cfg: &Config, out: &Path, progress: Progress) -> Result<Summary> {
             out.display()
         )));
     }
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    Runner::new(cfg, out, None)?.run(progress)
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))
 }
 
 /// Continue the run in `dir` from its checkpoint, up to `cfg.train.steps`.
 /// `cfg` is the run's `config.toml` with any `--set` overrides applied; keys that change the
 /// trajectory (model, data, batch, seed, optimizer) must match the checkpoint.
-pub fn resume(cfg: &Config, dir: &Path, progress: Progress) -> Result<Summary> {
-    let ck = Checkpoint::load(&dir.join(checkpoint::FILE_NAME))?;
-    Runner::new(cfg, dir, Some(ck))?.run(progress)
+/// Every rank reads the checkpoint (a shared file system, as on any cluster); θ is then
+/// broadcast from rank 0 so that all ranks start bit-identical whatever they read.
+pub fn resume(cfg: &Config, dir: &Path, progress: Progress, comm: &dyn Communicator) -> Result<Summary> {
+    let ck = agree(comm, "loading the checkpoint", Checkpoint::load(&dir.join(checkpoint::FILE_NAME)))?;
+    Runner { cfg, out: dir.to_path_buf(), resume_from: Some(ck), comm }.run(progress)
 }
 
 /// Read `config.toml` of a run folder and apply overrides.
@@ -239,18 +251,18 @@ struct Runner<'c> {
     cfg: &'c Config,
     out: PathBuf,
     resume_from: Option<Checkpoint>,
+    comm: &'c dyn Communicator,
 }
 
-impl<'c> Runner<'c> {
-    fn new(cfg: &'c Config, out: &Path, resume_from: Option<Checkpoint>) -> Result<Self> {
-        Ok(Self { cfg, out: out.to_path_buf(), resume_from })
-    }
-
+impl Runner<'_> {
     fn run(self, progress: Progress) -> Result<Summary> {
         let cfg = self.cfg;
         let out = &self.out;
-        let (train, test) = load_data(cfg)?;
-        let model = build_model(cfg, &train)?;
+        let comm = self.comm;
+        let writer = comm.is_writer();
+        // Data errors are found on every rank before training starts.
+        let (train, test) = agree(comm, "loading the data", load_data(cfg))?;
+        let model = agree(comm, "building the model", build_model(cfg, &train))?;
         let layout = model.layout().clone();
         let mut opt = build_optimizer(cfg)?;
         let tableau = (cfg.optimizer.kind == OptimizerKind::Rk).then(|| cfg.tableau().map(|t| t.name)).transpose()?;
@@ -300,25 +312,22 @@ impl<'c> Runner<'c> {
             }
             None => {
                 let theta = match &cfg.model.init {
-                    Some(p) => model::load_safetensors(model.as_ref(), p)?,
+                    Some(p) => agree(comm, "reading model.init", model::load_safetensors(model.as_ref(), p))?,
                     None => model::init_params(model.as_ref(), cfg.train.seed),
                 };
                 (theta, 0, 0, 0.0, None)
             }
         };
+        // Identical start: rank 0's θ everywhere.
+        comm.broadcast(&mut theta, 0).map_err(comm_err)?;
 
-        std::fs::write(out.join(CONFIG_FILE), cfg.to_toml()).map_err(|e| Error::io(out.join(CONFIG_FILE), e))?;
         let metrics_path = out.join(METRICS_FILE);
-        if start > 0 {
-            truncate_metrics(&metrics_path, start)?;
-        }
-        let mut metrics = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics_path)
-            .map_err(|e| Error::io(&metrics_path, e))?;
+        let files = if writer { Some(open_run_files(cfg, out, start)) } else { None };
+        let mut metrics = agree(comm, "opening the run files", files.transpose())?;
+        let test_shard = shard_dataset(&test, comm.rank(), comm.world_size());
 
-        tracing::info!(
+        if writer {
+            tracing::info!(
             "{} | {} | {} train / {} test samples | batch {} | steps {}..{} | run folder {}",
             summary.model,
             summary.optimizer,
@@ -328,20 +337,24 @@ impl<'c> Runner<'c> {
             start,
             cfg.train.steps,
             out.display()
-        );
+            );
+            if comm.world_size() > 1 {
+                tracing::info!("data parallel over {} ranks", comm.world_size());
+            }
+        }
 
         let mut sampler = BatchSampler::new(train.len(), cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle);
-        let mut field = ModelField::new(model.as_ref(), &train);
+        let mut field = ShardedField::new(ModelField::new(model.as_ref(), &train), comm);
         let t0 = Instant::now();
         let mut step_seconds = 0.0;
         let mut recent_losses: std::collections::VecDeque<f64> = Default::default();
-        let bar = ProgressReporter::new(progress, start, cfg.train.steps);
+        let bar = ProgressReporter::new(if writer { progress } else { Progress::Off }, start, cfg.train.steps);
         let tc = &cfg.train;
 
         for step in start..tc.steps {
             let done = step + 1;
             let batch = sampler.batch(step);
-            field.set_batch(&batch, batch.len());
+            field.set_global_batch(&batch);
             let ts = Instant::now();
             let report = match opt.step(step, &mut theta, &mut field) {
                 Ok(r) => r,
@@ -351,7 +364,9 @@ impl<'c> Runner<'c> {
                     summary.steps = step;
                     summary.grad_evals = grad_evals;
                     summary.wall_seconds = wall_before + t0.elapsed().as_secs_f64();
-                    write_json(&out.join(SUMMARY_FILE), &summary)?;
+                    if writer {
+                        write_json(&out.join(SUMMARY_FILE), &summary)?;
+                    }
                     let last = if start > 0 || out.join(checkpoint::FILE_NAME).exists() {
                         format!("the last good checkpoint in {} is intact", out.display())
                     } else {
@@ -383,7 +398,7 @@ impl<'c> Runner<'c> {
                 ..Default::default()
             };
             if eval_now {
-                let (loss, acc) = model::evaluate(model.as_ref(), &theta, &test, tc.eval_chunk)?;
+                let (loss, acc) = evaluate_sharded(model.as_ref(), &theta, &test_shard, test.len(), tc.eval_chunk, comm)?;
                 line.test_loss = Some(loss);
                 line.test_accuracy = Some(acc);
                 best = Some(best.map_or(acc, |b: f64| b.max(acc)));
@@ -391,7 +406,9 @@ impl<'c> Runner<'c> {
                 summary.final_test_loss = Some(loss);
             }
             line.wall_s = wall_before + t0.elapsed().as_secs_f64();
-            if eval_now || last || done % tc.log_every == 0 || report.rejected > 0 || report.nonfinite_retries > 0 {
+            if let Some(metrics) = metrics.as_mut().filter(|_| {
+                eval_now || last || done.is_multiple_of(tc.log_every) || report.rejected > 0 || report.nonfinite_retries > 0
+            }) {
                 let s = serde_json::to_string(&line).expect("metrics serialize");
                 writeln!(metrics, "{s}").map_err(|e| Error::io(&metrics_path, e))?;
             }
@@ -406,11 +423,12 @@ impl<'c> Runner<'c> {
             if last {
                 summary.status = "completed".into();
             }
+            let Some(metrics) = metrics.as_mut() else { continue };
             if eval_now {
                 metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
                 write_json(&out.join(SUMMARY_FILE), &summary)?;
             }
-            if last || (tc.checkpoint_every > 0 && done % tc.checkpoint_every == 0) {
+            if last || (tc.checkpoint_every > 0 && done.is_multiple_of(tc.checkpoint_every)) {
                 metrics.sync_data().map_err(|e| Error::io(&metrics_path, e))?;
                 let meta = CheckpointMeta {
                     format_version: 0,
@@ -430,6 +448,9 @@ impl<'c> Runner<'c> {
             }
         }
         bar.finish();
+        if !writer {
+            return Ok(summary);
+        }
         model::save_safetensors(&layout, &theta, &out.join(MODEL_FILE))?;
         write_json(&out.join(SUMMARY_FILE), &summary)?;
         tracing::info!(
@@ -443,6 +464,31 @@ impl<'c> Runner<'c> {
         );
         Ok(summary)
     }
+}
+
+/// Rank 0's run files: the resolved config, and metrics.jsonl opened for appending (cut back to
+/// the checkpoint's step when resuming).
+fn open_run_files(cfg: &Config, out: &Path, start: u64) -> Result<std::fs::File> {
+    std::fs::write(out.join(CONFIG_FILE), cfg.to_toml()).map_err(|e| Error::io(out.join(CONFIG_FILE), e))?;
+    let metrics_path = out.join(METRICS_FILE);
+    if start > 0 {
+        truncate_metrics(&metrics_path, start)?;
+    }
+    std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).map_err(|e| Error::io(&metrics_path, e))
+}
+
+/// Test loss and accuracy over the whole test set, each rank evaluating its shard.
+fn evaluate_sharded(model: &dyn Model, theta: &[f32], shard: &Dataset, total: usize, chunk: usize, comm: &dyn Communicator) -> Result<(f64, f64)> {
+    let (loss_sum, correct) = if shard.is_empty() {
+        (0.0, 0.0)
+    } else {
+        let (loss, acc) = model::evaluate(model, theta, shard, chunk)?;
+        let n = shard.len() as f64;
+        (loss * n, (acc * n).round())
+    };
+    let loss_sum = comm.all_reduce_sum_f64(loss_sum).map_err(comm_err)?;
+    let correct = comm.all_reduce_sum_f64(correct).map_err(comm_err)?;
+    Ok((loss_sum / total as f64, correct / total as f64))
 }
 
 fn pct(x: Option<f64>) -> String {
@@ -474,13 +520,14 @@ fn truncate_metrics(path: &Path, keep_through: u64) -> Result<()> {
 struct ProgressReporter {
     bar: Option<indicatif::ProgressBar>,
     every: u64,
+    off: bool,
 }
 
 impl ProgressReporter {
     fn new(mode: Progress, start: u64, total: u64) -> Self {
         let use_bar = match mode {
             Progress::Bar => true,
-            Progress::Lines => false,
+            Progress::Lines | Progress::Off => false,
             Progress::Auto => std::io::stderr().is_terminal(),
         };
         let bar = use_bar.then(|| {
@@ -492,10 +539,13 @@ impl ProgressReporter {
             b.set_position(start);
             b
         });
-        Self { bar, every: ((total - start) / 20).max(1) }
+        Self { bar, every: ((total - start) / 20).max(1), off: mode == Progress::Off }
     }
 
     fn update(&self, line: &MetricsLine, evaluated: bool) {
+        if self.off {
+            return;
+        }
         let acc = line.test_accuracy.map(|a| format!(" test_acc {:.2} %", 100.0 * a)).unwrap_or_default();
         match &self.bar {
             Some(b) => {

@@ -1,0 +1,136 @@
+//! SPEC §5's test: N ranks with global batch B follow the same trajectory as one process with
+//! batch B, up to floating-point summation order. Ranks are threads here (`LocalGroup`); the
+//! same training code runs under mpirun with the MPI communicator.
+
+use kutta_collectives::{Communicator, LocalGroup, SingleProcess};
+use kutta_trainer::config::Config;
+use kutta_trainer::train::{self, Progress};
+use std::path::Path;
+
+const FASHION: &str = "/usr/share/datasets/fashion-mnist";
+
+fn config(sets: &[&str]) -> Config {
+    assert!(
+        Path::new(FASHION).join("train-images-idx3-ubyte.gz").is_file(),
+        "Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist"
+    );
+    let mut all: Vec<String> = [
+        "data.train_subset=600",
+        "model.hidden=[48, 24]",
+        "train.steps=12",
+        "train.eval_every=6",
+        "train.checkpoint_every=6",
+        "train.log_every=1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    all.extend(sets.iter().map(|s| s.to_string()));
+    Config::from_toml_str("", &all).unwrap()
+}
+
+fn weights(dir: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(dir.join("checkpoint.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensor("theta").unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// Run on `ranks` thread-ranks (or one plain process when 0) into `out`.
+fn run(cfg: &Config, out: &Path, ranks: usize) -> train::Summary {
+    if ranks == 0 {
+        return train::train(cfg, out, Progress::Off, &SingleProcess).unwrap();
+    }
+    std::thread::scope(|s| {
+        let hs: Vec<_> = LocalGroup::new(ranks)
+            .into_iter()
+            .map(|c| s.spawn(move || train::train(cfg, out, Progress::Off, &c as &dyn Communicator)))
+            .collect();
+        let mut sums: Vec<train::Summary> = hs.into_iter().map(|h| h.join().unwrap().unwrap()).collect();
+        sums.remove(0)
+    })
+}
+
+fn max_rel_diff(a: &[f32], b: &[f32]) -> f64 {
+    let scale = a.iter().map(|x| x.abs() as f64).fold(0.0, f64::max).max(1e-30);
+    a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max) / scale
+}
+
+fn equivalent(sets: &[&str], ranks: usize) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(sets);
+    let one = run(&cfg, &dir.path().join("one"), 0);
+    let many = run(&cfg, &dir.path().join("many"), ranks);
+    assert_eq!(one.grad_evals, many.grad_evals);
+    let d = max_rel_diff(&weights(&dir.path().join("one")), &weights(&dir.path().join("many")));
+    assert!(d <= 1e-5, "{sets:?} on {ranks} ranks: largest relative difference {d:e} > 1e-5");
+    let acc = (one.final_test_accuracy.unwrap() - many.final_test_accuracy.unwrap()).abs();
+    assert!(acc <= 2e-4, "test accuracy differs by {acc} (sharded evaluation)");
+    d
+}
+
+#[test]
+fn two_ranks_match_one_process_sgd() {
+    eprintln!("sgd: {:e}", equivalent(&["optimizer.kind=sgd", "optimizer.lr=0.05", "train.batch_size=32"], 2));
+}
+
+#[test]
+fn two_ranks_match_one_process_adam() {
+    eprintln!("adam: {:e}", equivalent(&["optimizer.kind=adam", "optimizer.lr=0.001", "train.batch_size=32"], 2));
+}
+
+#[test]
+fn two_ranks_match_one_process_rk4_with_all_modifications() {
+    let d = equivalent(
+        &[
+            "optimizer.preconditioner=modified-adagrad",
+            "optimizer.momentum=0.9",
+            "optimizer.step_size=dalr",
+            "optimizer.lr=0.5",
+            "train.batch_size=32",
+        ],
+        2,
+    );
+    eprintln!("rk4+modified-adagrad+momentum+dalr: {d:e}");
+}
+
+#[test]
+fn uneven_global_batch_is_the_exact_mean() {
+    // 25 samples over 2 ranks (13 + 12) and over 3 ranks (9 + 8 + 8).
+    for ranks in [2, 3] {
+        eprintln!("uneven batch, {ranks} ranks: {:e}", equivalent(&["optimizer.kind=sgd", "optimizer.lr=0.05", "train.batch_size=25"], ranks));
+    }
+}
+
+#[test]
+fn checkpoints_resume_across_world_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let sets = ["optimizer.momentum=0.9", "optimizer.preconditioner=modified-adagrad", "optimizer.lr=0.2", "train.batch_size=30"];
+    let cfg = config(&sets);
+    let straight = dir.path().join("straight");
+    run(&cfg, &straight, 0);
+    // 6 steps on 2 ranks, resumed on 1 process; and 6 on 1, resumed on 3 ranks.
+    for (first, second, name) in [(2, 0, "2to1"), (0, 3, "1to3")] {
+        let out = dir.path().join(name);
+        let mut half = cfg.clone();
+        half.train.steps = 6;
+        run(&half, &out, first);
+        let resumed = train::load_run_config(&out, &["train.steps=12".to_string()]).unwrap();
+        if second == 0 {
+            train::resume(&resumed, &out, Progress::Off, &SingleProcess).unwrap();
+        } else {
+            std::thread::scope(|s| {
+                let hs: Vec<_> = LocalGroup::new(second)
+                    .into_iter()
+                    .map(|c| {
+                        let (r, o) = (&resumed, &out);
+                        s.spawn(move || train::resume(r, o, Progress::Off, &c as &dyn Communicator).map(|_| ()))
+                    })
+                    .collect();
+                hs.into_iter().for_each(|h| h.join().unwrap().unwrap());
+            });
+        }
+        let d = max_rel_diff(&weights(&straight), &weights(&out));
+        assert!(d <= 1e-5, "{name}: resumed across world sizes differs by {d:e}");
+        eprintln!("resume {name}: {d:e}");
+    }
+}
