@@ -1,16 +1,23 @@
 //! Collective communication for data-parallel training: one `Communicator` trait and one file
 //! per back end: `single` (one process; every collective is the identity), `local` (ranks as
-//! threads of one process, for tests). MPI and NCCL
-//! back ends arrive behind the `mpi` and `cuda` features; rendezvous (how ranks find each other,
-//! how an NCCL id travels) will live apart from the collectives themselves.
+//! threads of one process, for tests), `mpi` (one rank per process, behind the `mpi` feature).
+//! NCCL arrives behind the `cuda` feature. Rendezvous (how a process learns its world from its
+//! launcher, and later how an NCCL id travels) lives in `rendezvous`, apart from the collectives;
+//! `rendezvous::connect` is the one entry point a binary needs.
 //!
 //! Invariant every back end keeps: after `all_reduce_sum`, every rank holds bit-identical
 //! buffers, so every rank forms the same RK stage points (SPEC §5).
 
 pub mod local;
+#[cfg(feature = "mpi")]
+pub mod mpi;
+pub mod rendezvous;
 pub mod single;
 
 pub use local::LocalGroup;
+#[cfg(feature = "mpi")]
+pub use crate::mpi::MpiComm;
+pub use rendezvous::connect;
 pub use single::SingleProcess;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,5 +43,18 @@ pub trait Communicator: Send {
     /// True on the rank that writes files (rank 0).
     fn is_writer(&self) -> bool {
         self.rank() == 0
+    }
+    /// Ends the whole job, every rank, with exit code `code`; never returns. The binary's panic
+    /// hook calls it, so a panic on one rank never leaves its peers waiting in a collective.
+    /// Default: end this process, which is the whole job when there is one process (and, for
+    /// `LocalGroup`, every thread-rank at once). MPI: `MPI_Abort` on the world.
+    fn abort(&self, code: i32) -> ! {
+        std::process::exit(code)
+    }
+    /// The back end, for logs: "mpi" for `MpiComm`. The default is the implementing type's short
+    /// name (`SingleProcess`, `LocalGroup`) until a back end overrides it.
+    fn name(&self) -> &'static str {
+        let full = std::any::type_name::<Self>();
+        full.rsplit("::").next().unwrap_or(full)
     }
 }

@@ -38,6 +38,9 @@ impl LocalGroup {
 }
 
 impl Communicator for LocalGroup {
+    fn name(&self) -> &'static str {
+        "local"
+    }
     fn rank(&self) -> usize {
         self.rank
     }

@@ -8,6 +8,9 @@ use crate::{CommError, Communicator, Result};
 pub struct SingleProcess;
 
 impl Communicator for SingleProcess {
+    fn name(&self) -> &'static str {
+        "single"
+    }
     fn rank(&self) -> usize {
         0
     }

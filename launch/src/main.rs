@@ -1,8 +1,11 @@
-//! `kutta`: train with Runge-Kutta optimizers, list the built-in tableaux, benchmark steps.
+//! `kutta`: train with Runge-Kutta optimizers (on one process, or on every rank of an `mpirun` /
+//! `srun` job), start a local multi-rank job, list the built-in tableaux, benchmark steps.
 //!
 //! Errors a user can cause (bad config keys, missing data, a missing checkpoint) print one
-//! `error:` line naming the key or file and exit with status 1; they never panic. Release builds
-//! abort on panic (Cargo.toml), so a bug can never leave peer ranks waiting in a collective.
+//! `error:` line naming the rank, the key or file, and exit with status 1; they never panic.
+//! Failure never leaves peers waiting: an error on one rank aborts the whole job
+//! (`Communicator::abort`), and every panic aborts the process (a panic hook here, and
+//! `panic = "abort"` in release builds), which mpirun turns into the end of the job.
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -38,6 +41,21 @@ enum Command {
         /// Progress display: auto (bar on a terminal, log lines otherwise), bar, lines.
         #[arg(long, default_value = "auto", value_parser = ["auto", "bar", "lines"])]
         progress: String,
+        /// Abort the whole job when one collective waits longer than this (seconds).
+        #[arg(long, default_value_t = 300.0)]
+        collective_timeout: f64,
+    },
+    /// Start a local data-parallel job: mpirun -np N kutta <ARGS>, returning its exit status.
+    Launch {
+        /// Number of ranks.
+        #[arg(long)]
+        nproc: usize,
+        /// The mpirun to use.
+        #[arg(long, default_value = "mpirun")]
+        mpirun: String,
+        /// The kutta command each rank runs, after `--`, e.g. -- train --config configs/x.toml
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        args: Vec<String>,
     },
     /// List the built-in Butcher tableaux with their verified orders and buffer needs.
     Tableaux {
@@ -71,34 +89,113 @@ fn main() {
         .with_target(false)
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    match Cli::parse().command {
+        Command::Train { config, sets, out, resume, progress, collective_timeout } => {
+            std::process::exit(train_on_every_rank(config, sets, out, resume, &progress, collective_timeout))
+        }
+        Command::Launch { nproc, mpirun, args } => match launch(nproc, &mpirun, &args) {
+            Ok(code) => std::process::exit(code),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::exit(1);
+            }
+        },
+        command => {
+            if let Err(e) = run(command) {
+                eprintln!("error: {e:#}");
+                std::process::exit(1);
+            }
+        }
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
-    match cli.command {
-        Command::Train { config, sets, out, resume, progress } => {
-            let progress = match progress.as_str() {
-                "bar" => Progress::Bar,
-                "lines" => Progress::Lines,
-                _ => Progress::Auto,
-            };
-            let summary = match resume {
-                Some(dir) => {
-                    let cfg = train::load_run_config(&dir, &sets)?;
-                    train::resume(&cfg, &dir, progress, &kutta_collectives::SingleProcess)?
-                }
-                None => {
-                    let path = config.expect("clap requires --config without --resume");
-                    let cfg = Config::load(&path, &sets)?;
-                    let out = out.unwrap_or_else(|| train::default_out_dir(&path));
-                    train::train(&cfg, &out, progress, &kutta_collectives::SingleProcess)?
-                }
-            };
-            println!("{}", serde_json::to_string_pretty(&summary)?);
+/// `kutta train` on this rank: join the job's world (one process when not launched by
+/// mpirun/srun), train, and on any failure end the whole job with a message naming the rank.
+fn train_on_every_rank(
+    config: Option<PathBuf>,
+    sets: Vec<String>,
+    out: Option<PathBuf>,
+    resume: Option<PathBuf>,
+    progress: &str,
+    collective_timeout: f64,
+) -> i32 {
+    let timeout = (collective_timeout > 0.0).then(|| std::time::Duration::from_secs_f64(collective_timeout));
+    let comm = match kutta_collectives::rendezvous::connect(timeout) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 1;
         }
+    };
+    let (rank, size) = (comm.rank(), comm.world_size());
+    // A panic anywhere aborts this process at once (never unwinding into MPI_Finalize while
+    // peers wait); mpirun then ends the job.
+    std::panic::set_hook(Box::new(move |info| {
+        eprintln!("rank {rank}: panic: {info}");
+        std::process::abort();
+    }));
+    let _span = (size > 1).then(|| tracing::info_span!("rank", r = rank).entered());
+    let progress = match progress {
+        "bar" => Progress::Bar,
+        "lines" => Progress::Lines,
+        _ => Progress::Auto,
+    };
+    let result = (|| -> Result<_> {
+        Ok(match resume {
+            Some(dir) => {
+                let cfg = train::load_run_config(&dir, &sets)?;
+                train::resume(&cfg, &dir, progress, comm.as_ref())?
+            }
+            None => {
+                let path = config.expect("clap requires --config without --resume");
+                let cfg = Config::load(&path, &sets)?;
+                let out = out.unwrap_or_else(|| train::default_out_dir(&path));
+                train::train(&cfg, &out, progress, comm.as_ref())?
+            }
+        })
+    })();
+    match result {
+        Ok(summary) => {
+            if comm.is_writer() {
+                println!("{}", serde_json::to_string_pretty(&summary).expect("summary serializes"));
+            }
+            0
+        }
+        Err(e) if size > 1 => {
+            eprintln!("rank {rank}: error: {e:#}");
+            comm.abort(1)
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}
+
+/// `kutta launch --nproc N -- ARGS`: run `mpirun -np N <this kutta> ARGS` and return its status.
+fn launch(nproc: usize, mpirun: &str, args: &[String]) -> Result<i32> {
+    anyhow::ensure!(nproc > 0, "--nproc must be at least 1");
+    let exe = std::env::current_exe().context("cannot find the kutta executable")?;
+    let mut cmd = std::process::Command::new(mpirun);
+    cmd.arg("-np").arg(nproc.to_string());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    if nproc > cores {
+        // More ranks than cores: Open MPI refuses unless told to oversubscribe.
+        cmd.arg("--oversubscribe");
+    }
+    // Open MPI refuses to run as root without these; they change nothing for other users.
+    cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    cmd.arg(&exe).args(args);
+    let status = cmd.status().with_context(|| format!("cannot start `{mpirun}` (install Open MPI: apt-get install openmpi-bin libopenmpi-dev)"))?;
+    Ok(status.code().unwrap_or_else(|| {
+        eprintln!("error: {mpirun} was killed by a signal");
+        1
+    }))
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Train { .. } | Command::Launch { .. } => unreachable!("handled in main"),
         Command::Tableaux { json } => print_tableaux(json)?,
         Command::Bench { batch_sizes, min_seconds, min_reps, config, json } => {
             let base = match &config {

@@ -339,7 +339,7 @@ impl Runner<'_> {
             out.display()
             );
             if comm.world_size() > 1 {
-                tracing::info!("data parallel over {} ranks", comm.world_size());
+                tracing::info!("data parallel over {} ranks ({} back end)", comm.world_size(), comm.name());
             }
         }
 
