@@ -10,6 +10,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use kutta_trainer::bench::{self, BenchOptions};
+use kutta_trainer::bench_collectives::{self, CollectivesOptions, Part, TimedComm, WorkerOptions};
 use kutta_trainer::config::Config;
 use kutta_trainer::tableau::Tableau;
 use kutta_trainer::train::{self, Progress};
@@ -63,14 +64,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Time optimizer steps (sgd, adam, rk4, rk4 with all modifications) on the MLP.
+    /// Time optimizer steps (sgd, adam, rk4, rk4 with all modifications) on the MLP; with
+    /// --collectives, all-reduce bandwidth and the weak scaling of rk4 steps over MPI ranks.
     Bench {
         /// Batch sizes, comma-separated.
-        #[arg(long, value_delimiter = ',', default_values_t = vec![16usize, 128, 1024, 8192])]
+        #[arg(long, value_delimiter = ',', default_values_t = vec![16usize, 128, 1024, 8192], conflicts_with = "collectives")]
         batch_sizes: Vec<usize>,
-        /// Minimum seconds spent timing each (optimizer, batch size) cell.
-        #[arg(long, default_value_t = 2.0)]
-        min_seconds: f64,
+        /// Minimum seconds spent timing each cell [default: 2; with --collectives 0.5 per
+        /// all-reduce size, 4 × this for each job's steps].
+        #[arg(long)]
+        min_seconds: Option<f64>,
         /// Minimum timed steps per cell (after one warm-up step).
         #[arg(long, default_value_t = 5)]
         min_reps: usize,
@@ -80,6 +83,22 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Benchmark all-reduce and data-parallel rk4 steps on 1..=--max-ranks ranks, through
+        /// child `mpirun` jobs (needs a kutta built with --features mpi, and Open MPI).
+        #[arg(long)]
+        collectives: bool,
+        /// --collectives: the largest number of ranks.
+        #[arg(long, default_value_t = 2, requires = "collectives")]
+        max_ranks: usize,
+        /// --collectives: samples per rank in the weak-scaling steps (global batch = this × ranks).
+        #[arg(long, default_value_t = 128, requires = "collectives")]
+        per_rank_batch: usize,
+        /// --collectives: the mpirun that starts the jobs.
+        #[arg(long, default_value = "mpirun", requires = "collectives")]
+        mpirun: String,
+        /// Internal: one rank of a --collectives child job, timing these parts.
+        #[arg(long, hide = true, value_delimiter = ',', value_parser = Part::NAMES, conflicts_with = "collectives")]
+        collectives_worker: Option<Vec<String>>,
     },
 }
 
@@ -92,6 +111,17 @@ fn main() {
     match Cli::parse().command {
         Command::Train { config, sets, out, resume, progress, collective_timeout } => {
             std::process::exit(train_on_every_rank(config, sets, out, resume, &progress, collective_timeout))
+        }
+        Command::Bench { collectives_worker: Some(parts), per_rank_batch, min_seconds, min_reps, config, .. } => {
+            let opts = WorkerOptions {
+                parts: parts.iter().filter_map(|p| Part::parse(p)).collect(),
+                per_rank_batch,
+                min_seconds: min_seconds.unwrap_or(0.5),
+                min_reps,
+                config,
+                ..Default::default()
+            };
+            std::process::exit(collectives_worker(&opts))
         }
         Command::Launch { nproc, mpirun, args } => match launch(nproc, &mpirun, &args) {
             Ok(code) => std::process::exit(code),
@@ -172,8 +202,44 @@ fn train_on_every_rank(
     }
 }
 
-/// `kutta launch --nproc N -- ARGS`: run `mpirun -np N <this kutta> ARGS` and return its status.
-fn launch(nproc: usize, mpirun: &str, args: &[String]) -> Result<i32> {
+/// One rank of a `kutta bench --collectives` child job: join the job's world, time, and print
+/// rank 0's `WorkerReport` as one JSON line on stdout. Failure ends the whole job, as in training.
+fn collectives_worker(opts: &WorkerOptions) -> i32 {
+    use kutta_collectives::Communicator as _;
+    let timeout = std::time::Duration::from_secs_f64(bench_collectives::WORKER_COLLECTIVE_TIMEOUT_S);
+    let comm = match kutta_collectives::rendezvous::connect(Some(timeout)) {
+        Ok(c) => TimedComm::new(c),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 1;
+        }
+    };
+    let (rank, size) = (comm.rank(), comm.world_size());
+    std::panic::set_hook(Box::new(move |info| {
+        eprintln!("rank {rank}: panic: {info}");
+        std::process::abort();
+    }));
+    match bench_collectives::worker(&comm, opts) {
+        Ok(report) => {
+            if comm.is_writer() {
+                println!("{}", serde_json::to_string(&report).expect("report serializes"));
+            }
+            0
+        }
+        Err(e) if size > 1 => {
+            eprintln!("rank {rank}: error: {e:#}");
+            comm.abort(1)
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}
+
+/// `mpirun -np N [--oversubscribe] <this kutta> ARGS`, as `kutta launch` and `kutta bench
+/// --collectives` run it.
+fn mpirun_command(nproc: usize, mpirun: &str, args: &[String]) -> Result<std::process::Command> {
     anyhow::ensure!(nproc > 0, "--nproc must be at least 1");
     let exe = std::env::current_exe().context("cannot find the kutta executable")?;
     let mut cmd = std::process::Command::new(mpirun);
@@ -186,7 +252,16 @@ fn launch(nproc: usize, mpirun: &str, args: &[String]) -> Result<i32> {
     // Open MPI refuses to run as root without these; they change nothing for other users.
     cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
     cmd.arg(&exe).args(args);
-    let status = cmd.status().with_context(|| format!("cannot start `{mpirun}` (install Open MPI: apt-get install openmpi-bin libopenmpi-dev)"))?;
+    Ok(cmd)
+}
+
+fn cannot_start(mpirun: &str) -> String {
+    format!("cannot start `{mpirun}` (install Open MPI: apt-get install openmpi-bin libopenmpi-dev)")
+}
+
+/// `kutta launch --nproc N -- ARGS`: run `mpirun -np N <this kutta> ARGS` and return its status.
+fn launch(nproc: usize, mpirun: &str, args: &[String]) -> Result<i32> {
+    let status = mpirun_command(nproc, mpirun, args)?.status().with_context(|| cannot_start(mpirun))?;
     Ok(status.code().unwrap_or_else(|| {
         eprintln!("error: {mpirun} was killed by a signal");
         1
@@ -197,7 +272,12 @@ fn run(command: Command) -> Result<()> {
     match command {
         Command::Train { .. } | Command::Launch { .. } => unreachable!("handled in main"),
         Command::Tableaux { json } => print_tableaux(json)?,
-        Command::Bench { batch_sizes, min_seconds, min_reps, config, json } => {
+        Command::Bench { collectives: true, max_ranks, per_rank_batch, mpirun, min_seconds, min_reps, config, json, .. } => {
+            let opts = CollectivesOptions { max_ranks, per_rank_batch, min_seconds: min_seconds.unwrap_or(0.5), min_reps, config, mpirun };
+            bench_collectives_driver(&opts, json)?
+        }
+        Command::Bench { batch_sizes, min_seconds, min_reps, config, json, .. } => {
+            let min_seconds = min_seconds.unwrap_or(2.0);
             let base = match &config {
                 Some(p) => Config::load(p, &[])?,
                 None => Config::default(),
@@ -218,6 +298,44 @@ fn run(command: Command) -> Result<()> {
                 println!("reproduce: kutta bench --batch-sizes {} --min-seconds {min_seconds} --min-reps {min_reps}", opts.batch_sizes.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(","));
             }
         }
+    }
+    Ok(())
+}
+
+/// `kutta bench --collectives`: run the child jobs through `mpirun_command` and print the table.
+fn bench_collectives_driver(opts: &CollectivesOptions, json: bool) -> Result<()> {
+    if !cfg!(feature = "mpi") {
+        anyhow::bail!(
+            "kutta bench --collectives runs MPI jobs, but this kutta was built without the `mpi` feature: \
+             cargo build --release --features mpi (needs libopenmpi-dev and libclang-dev)"
+        );
+    }
+    let mpirun = opts.mpirun.as_str();
+    let version = std::process::Command::new(mpirun).arg("--version").stdin(std::process::Stdio::null()).output().with_context(|| cannot_start(mpirun))?;
+    let mpi = String::from_utf8_lossy(&version.stdout).lines().next().unwrap_or(mpirun).trim().to_string();
+    let report = bench_collectives::run(
+        opts,
+        &mpi,
+        |nproc, args| {
+            let mut cmd = mpirun_command(nproc, mpirun, args).map_err(|e| kutta_trainer::Error::Other(format!("{e:#}")))?;
+            cmd.envs(bench_collectives::CHILD_ENV).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::inherit());
+            let out = cmd.output().map_err(|e| kutta_trainer::Error::Other(format!("{}: {e}", cannot_start(mpirun))))?;
+            if !out.status.success() {
+                return Err(kutta_trainer::Error::Other(format!("the {nproc}-rank job failed ({}); its ranks' messages are above", out.status)));
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        },
+        |nproc, parts| {
+            if !json {
+                let parts: Vec<&str> = parts.iter().map(|p| p.name()).collect();
+                eprintln!("  job: {nproc} rank(s), timing {}", parts.join(" + "));
+            }
+        },
+    )?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", bench_collectives::format_table(&report));
     }
     Ok(())
 }
@@ -257,4 +375,26 @@ fn print_tableaux(json: bool) -> Result<()> {
     println!("resident/streaming: stage-gradient buffers (of P floats each) live at once when all k_i are kept,");
     println!("or when each b_i·k_i is accumulated at once and k_i freed after its last use (SPEC §6).");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The arguments `kutta bench --collectives` gives its child jobs parse as a worker.
+    #[test]
+    fn collectives_worker_args_parse() {
+        let opts = CollectivesOptions { config: Some("configs/x.toml".into()), ..Default::default() };
+        let argv = std::iter::once("kutta".to_string()).chain(opts.worker_args(&[Part::Steps, Part::AllReduce]));
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Bench { collectives_worker: Some(parts), per_rank_batch, min_seconds, min_reps, config, collectives, .. } => {
+                assert_eq!(parts, ["steps", "allreduce"]);
+                assert_eq!((per_rank_batch, min_seconds, min_reps, collectives), (128, Some(0.5), 5, false));
+                assert_eq!(config, Some(PathBuf::from("configs/x.toml")));
+            }
+            _ => panic!("not a worker"),
+        }
+        assert!(Cli::try_parse_from(["kutta", "bench", "--collectives", "--batch-sizes", "4"]).is_err());
+        assert!(Cli::try_parse_from(["kutta", "bench", "--max-ranks", "4"]).is_err());
+    }
 }

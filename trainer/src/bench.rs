@@ -81,7 +81,7 @@ pub fn median(xs: &mut [f64]) -> f64 {
 
 /// Real training images when the data directory is readable, random ones otherwise (step time
 /// does not depend on pixel values).
-fn bench_data(base: &Config) -> (Dataset, String) {
+pub(crate) fn bench_data(base: &Config) -> (Dataset, String) {
     match load_data(base) {
         Ok((train, _)) => (train, format!("Fashion-MNIST from {}", base.data.dir.display())),
         Err(e) => {

@@ -21,3 +21,4 @@ pub mod checkpoint;
 pub mod distributed;
 pub mod train;
 pub mod bench;
+pub mod bench_collectives;
