@@ -58,3 +58,34 @@ pub trait Communicator: Send {
         full.rsplit("::").next().unwrap_or(full)
     }
 }
+
+/// A boxed communicator (what `rendezvous::connect` returns) is a communicator.
+impl<C: Communicator + ?Sized> Communicator for Box<C> {
+    fn rank(&self) -> usize {
+        (**self).rank()
+    }
+    fn world_size(&self) -> usize {
+        (**self).world_size()
+    }
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
+        (**self).all_reduce_sum(buf)
+    }
+    fn all_reduce_sum_f64(&self, x: f64) -> Result<f64> {
+        (**self).all_reduce_sum_f64(x)
+    }
+    fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
+        (**self).broadcast(buf, root)
+    }
+    fn barrier(&self) -> Result<()> {
+        (**self).barrier()
+    }
+    fn is_writer(&self) -> bool {
+        (**self).is_writer()
+    }
+    fn abort(&self, code: i32) -> ! {
+        (**self).abort(code)
+    }
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+}

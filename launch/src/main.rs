@@ -150,65 +150,51 @@ fn train_on_every_rank(
     collective_timeout: f64,
 ) -> i32 {
     let timeout = (collective_timeout > 0.0).then(|| std::time::Duration::from_secs_f64(collective_timeout));
-    let comm = match kutta_collectives::rendezvous::connect(timeout) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return 1;
-        }
-    };
-    let (rank, size) = (comm.rank(), comm.world_size());
-    // A panic anywhere aborts this process at once (never unwinding into MPI_Finalize while
-    // peers wait); mpirun then ends the job.
-    std::panic::set_hook(Box::new(move |info| {
-        eprintln!("rank {rank}: panic: {info}");
-        std::process::abort();
-    }));
-    let _span = (size > 1).then(|| tracing::info_span!("rank", r = rank).entered());
     let progress = match progress {
         "bar" => Progress::Bar,
         "lines" => Progress::Lines,
         _ => Progress::Auto,
     };
-    let result = (|| -> Result<_> {
-        Ok(match resume {
-            Some(dir) => {
-                let cfg = train::load_run_config(&dir, &sets)?;
-                train::resume(&cfg, &dir, progress, comm.as_ref())?
-            }
-            None => {
-                let path = config.expect("clap requires --config without --resume");
-                let cfg = Config::load(&path, &sets)?;
-                let out = out.unwrap_or_else(|| train::default_out_dir(&path));
-                train::train(&cfg, &out, progress, comm.as_ref())?
-            }
-        })
-    })();
-    match result {
-        Ok(summary) => {
-            if comm.is_writer() {
-                println!("{}", serde_json::to_string_pretty(&summary).expect("summary serializes"));
-            }
-            0
-        }
-        Err(e) if size > 1 => {
-            eprintln!("rank {rank}: error: {e:#}");
-            comm.abort(1)
-        }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            1
-        }
-    }
+    on_every_rank(
+        timeout,
+        |c| c,
+        |comm| {
+            Ok(match resume {
+                Some(dir) => {
+                    let cfg = train::load_run_config(&dir, &sets)?;
+                    train::resume(&cfg, &dir, progress, comm.as_ref())?
+                }
+                None => {
+                    let path = config.expect("clap requires --config without --resume");
+                    let cfg = Config::load(&path, &sets)?;
+                    let out = out.unwrap_or_else(|| train::default_out_dir(&path));
+                    train::train(&cfg, &out, progress, comm.as_ref())?
+                }
+            })
+        },
+        serde_json::to_string_pretty,
+    )
 }
 
 /// One rank of a `kutta bench --collectives` child job: join the job's world, time, and print
 /// rank 0's `WorkerReport` as one JSON line on stdout. Failure ends the whole job, as in training.
 fn collectives_worker(opts: &WorkerOptions) -> i32 {
-    use kutta_collectives::Communicator as _;
     let timeout = std::time::Duration::from_secs_f64(bench_collectives::WORKER_COLLECTIVE_TIMEOUT_S);
-    let comm = match kutta_collectives::rendezvous::connect(Some(timeout)) {
-        Ok(c) => TimedComm::new(c),
+    on_every_rank(Some(timeout), TimedComm::new, |comm| Ok(bench_collectives::worker(comm, opts)?), serde_json::to_string)
+}
+
+/// Run `body` on this rank of the job's world (one process when not launched by mpirun/srun)
+/// and print rank 0's result on stdout. A panic aborts this process at once (never unwinding
+/// into MPI_Finalize while peers wait; mpirun then ends the job); an error on any rank of a
+/// multi-rank job aborts the whole job with a message naming the rank. Returns the exit status.
+fn on_every_rank<C: kutta_collectives::Communicator, T>(
+    timeout: Option<std::time::Duration>,
+    wrap: impl FnOnce(Box<dyn kutta_collectives::Communicator>) -> C,
+    body: impl FnOnce(&C) -> Result<T>,
+    show: impl FnOnce(&T) -> serde_json::Result<String>,
+) -> i32 {
+    let comm = match kutta_collectives::rendezvous::connect(timeout) {
+        Ok(c) => wrap(c),
         Err(e) => {
             eprintln!("error: {e}");
             return 1;
@@ -219,10 +205,11 @@ fn collectives_worker(opts: &WorkerOptions) -> i32 {
         eprintln!("rank {rank}: panic: {info}");
         std::process::abort();
     }));
-    match bench_collectives::worker(&comm, opts) {
-        Ok(report) => {
+    let _span = (size > 1).then(|| tracing::info_span!("rank", r = rank).entered());
+    match body(&comm) {
+        Ok(result) => {
             if comm.is_writer() {
-                println!("{}", serde_json::to_string(&report).expect("report serializes"));
+                println!("{}", show(&result).expect("result serializes"));
             }
             0
         }
