@@ -266,3 +266,31 @@ fn bench_reports_every_optimizer_and_the_ratio() {
     assert_eq!(rk4["grad_evals_per_step"], 4.0);
     assert!(r["rk4_over_sgd"][0][1].as_f64().unwrap() > 0.0);
 }
+
+fn theta(dir: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(dir.join("checkpoint.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensor("theta").unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+#[test]
+fn micro_batching_gives_the_same_trajectory_and_memory_is_measured() {
+    require_fashion_mnist();
+    let dir = tempfile::tempdir().unwrap();
+    let (whole, micro) = (dir.path().join("whole"), dir.path().join("micro"));
+    let extra = ["optimizer.preconditioner=modified-adagrad", "optimizer.momentum=0.9", "optimizer.lr=0.2"];
+    assert!(small_run(&whole, 6, &extra).status.success());
+    let with_micro: Vec<&str> = extra.iter().copied().chain(["train.micro_batch=7"]).collect();
+    let o = small_run(&micro, 6, &with_micro);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (a, b) = (theta(&whole), theta(&micro));
+    let scale = a.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
+    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max) / scale;
+    assert!(d <= 1e-5, "24 samples in micro-batches of 7 vs one pass: relative difference {d:e}");
+    let s = summary(&micro);
+    assert_eq!(s["micro_batch"], 7);
+    assert!(s["peak_rss_mib"].as_f64().unwrap() > 10.0, "{s}");
+    let last = std::fs::read_to_string(micro.join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(last.lines().last().unwrap()).unwrap();
+    assert!(last["peak_rss_mib"].as_f64().is_some());
+}

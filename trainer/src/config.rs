@@ -90,11 +90,14 @@ pub struct TrainConfig {
     pub log_every: u64,
     /// Samples per forward pass during evaluation.
     pub eval_chunk: usize,
+    /// At most this many samples per forward/backward pass; the per-rank batch is processed in
+    /// micro-batches whose gradient sums are accumulated (SPEC §6). 0: the whole per-rank batch.
+    pub micro_batch: usize,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        Self { steps: 10_000, batch_size: 16, seed: 0, eval_every: 500, checkpoint_every: 1000, log_every: 10, eval_chunk: 1000 }
+        Self { steps: 10_000, batch_size: 16, seed: 0, eval_every: 500, checkpoint_every: 1000, log_every: 10, eval_chunk: 1000, micro_batch: 0 }
     }
 }
 

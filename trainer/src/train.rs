@@ -15,6 +15,7 @@ use crate::checkpoint::{self, Checkpoint, CheckpointMeta};
 use crate::config::{Config, OptimizerKind, PreconditionerKind, StepSizeKind};
 use crate::data::{mnist, sampler::BatchSampler, Dataset};
 use crate::distributed::{agree, comm_err, shard_dataset, ShardedField};
+use crate::memory;
 use kutta_collectives::Communicator;
 use crate::error::{Error, Result};
 use crate::model::{self, Model, ModelField};
@@ -57,6 +58,9 @@ pub struct MetricsLine {
     pub rejected: u32,
     #[serde(skip_serializing_if = "is_zero")]
     pub nonfinite_retries: u32,
+    /// Peak resident memory of this process (rank 0) so far, MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_rss_mib: Option<f64>,
 }
 
 fn is_zero(x: &u32) -> bool {
@@ -85,6 +89,10 @@ pub struct Summary {
     pub batch_size: usize,
     pub train_samples: usize,
     pub test_samples: usize,
+    /// Samples per forward/backward pass (`train.micro_batch`; the per-rank batch when 0).
+    pub micro_batch: usize,
+    /// Peak resident memory of rank 0's process over the run, MiB.
+    pub peak_rss_mib: Option<f64>,
 }
 
 /// How `train` reports progress.
@@ -237,9 +245,11 @@ pub fn load_run_config(dir: &Path, overrides: &[String]) -> Result<Config> {
     cmp.train.checkpoint_every = old.train.checkpoint_every;
     cmp.train.log_every = old.train.log_every;
     cmp.train.eval_chunk = old.train.eval_chunk;
+    // A memory knob: changes only the summation order of the gradient.
+    cmp.train.micro_batch = old.train.micro_batch;
     if cmp != old {
         return Err(Error::Other(format!(
-            "--set on resume may change only train.steps, eval_every, checkpoint_every, log_every and eval_chunk; \
+            "--set on resume may change only train.steps, eval_every, checkpoint_every, log_every, eval_chunk and micro_batch; \
              other keys would change the trajectory (start a new run with --config {} instead)",
             path.display()
         )));
@@ -274,6 +284,7 @@ impl Runner<'_> {
             model: model.describe(),
             params: layout.len(),
             batch_size: cfg.train.batch_size,
+            micro_batch: if cfg.train.micro_batch == 0 { cfg.train.batch_size } else { cfg.train.micro_batch },
             train_samples: train.len(),
             test_samples: test.len(),
             ..Default::default()
@@ -344,7 +355,9 @@ impl Runner<'_> {
         }
 
         let mut sampler = BatchSampler::new(train.len(), cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle);
-        let mut field = ShardedField::new(ModelField::new(model.as_ref(), &train), comm);
+        let mut inner = ModelField::new(model.as_ref(), &train);
+        inner.set_micro_batch(cfg.train.micro_batch);
+        let mut field = ShardedField::new(inner, comm);
         let t0 = Instant::now();
         let mut step_seconds = 0.0;
         let mut recent_losses: std::collections::VecDeque<f64> = Default::default();
@@ -406,6 +419,8 @@ impl Runner<'_> {
                 summary.final_test_loss = Some(loss);
             }
             line.wall_s = wall_before + t0.elapsed().as_secs_f64();
+            line.peak_rss_mib = memory::peak_rss_bytes().map(mib);
+            summary.peak_rss_mib = line.peak_rss_mib;
             if let Some(metrics) = metrics.as_mut().filter(|_| {
                 eval_now || last || done.is_multiple_of(tc.log_every) || report.rejected > 0 || report.nonfinite_retries > 0
             }) {
@@ -489,6 +504,10 @@ fn evaluate_sharded(model: &dyn Model, theta: &[f32], shard: &Dataset, total: us
     let loss_sum = comm.all_reduce_sum_f64(loss_sum).map_err(comm_err)?;
     let correct = comm.all_reduce_sum_f64(correct).map_err(comm_err)?;
     Ok((loss_sum / total as f64, correct / total as f64))
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
 }
 
 fn pct(x: Option<f64>) -> String {
