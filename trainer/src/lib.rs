@@ -19,6 +19,7 @@ pub use error::{Error, Result};
 pub mod config;
 pub mod checkpoint;
 pub mod distributed;
+pub mod memory;
 pub mod train;
 pub mod bench;
 pub mod bench_collectives;
