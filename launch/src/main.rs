@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use kutta_trainer::bench::{self, BenchOptions};
 use kutta_trainer::bench_collectives::{self, CollectivesOptions, Part, TimedComm, WorkerOptions};
 use kutta_trainer::config::Config;
+use kutta_trainer::planner;
 use kutta_trainer::tableau::Tableau;
 use kutta_trainer::train::{self, Progress};
 use std::path::PathBuf;
@@ -45,6 +46,10 @@ enum Command {
         /// Abort the whole job when one collective waits longer than this (seconds).
         #[arg(long, default_value_t = 300.0)]
         collective_timeout: f64,
+        /// Memory budget per rank (e.g. 2GiB): the planner picks micro-batches and the stage-buffer
+        /// policy to stay under it (`kutta plan` shows its choice); plan.json goes to the run folder.
+        #[arg(long)]
+        memory: Option<String>,
     },
     /// Start a local data-parallel job: mpirun -np N kutta <ARGS>, returning its exit status.
     Launch {
@@ -60,6 +65,25 @@ enum Command {
     },
     /// List the built-in Butcher tableaux with their verified orders and buffer needs.
     Tableaux {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Plan a run's memory per rank (SPEC §6): stage buffers, micro-batches, recomputation and
+    /// sharding, with predicted peak and relative time; reads only the data set's headers.
+    Plan {
+        /// Workload TOML file (see configs/).
+        #[arg(long)]
+        config: PathBuf,
+        /// Override a config key, e.g. --set train.batch_size=60000 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Memory budget per rank, e.g. 2GiB, 512MiB, 1.5GB [default: available RAM / world size].
+        #[arg(long)]
+        memory: Option<String>,
+        /// Number of data-parallel ranks to plan for.
+        #[arg(long, default_value_t = 1)]
+        world_size: usize,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -109,8 +133,8 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     match Cli::parse().command {
-        Command::Train { config, sets, out, resume, progress, collective_timeout } => {
-            std::process::exit(train_on_every_rank(config, sets, out, resume, &progress, collective_timeout))
+        Command::Train { config, sets, out, resume, progress, collective_timeout, memory } => {
+            std::process::exit(train_on_every_rank(config, sets, out, resume, &progress, collective_timeout, memory))
         }
         Command::Bench { collectives_worker: Some(parts), per_rank_batch, min_seconds, min_reps, config, .. } => {
             let opts = WorkerOptions {
@@ -148,6 +172,7 @@ fn train_on_every_rank(
     resume: Option<PathBuf>,
     progress: &str,
     collective_timeout: f64,
+    memory: Option<String>,
 ) -> i32 {
     let timeout = (collective_timeout > 0.0).then(|| std::time::Duration::from_secs_f64(collective_timeout));
     let progress = match progress {
@@ -159,21 +184,51 @@ fn train_on_every_rank(
         timeout,
         |c| c,
         |comm| {
-            Ok(match resume {
-                Some(dir) => {
-                    let cfg = train::load_run_config(&dir, &sets)?;
-                    train::resume(&cfg, &dir, progress, comm.as_ref())?
-                }
+            let (cfg, dir) = match &resume {
+                Some(dir) => (train::load_run_config(dir, &sets)?, dir.clone()),
                 None => {
                     let path = config.expect("clap requires --config without --resume");
                     let cfg = Config::load(&path, &sets)?;
-                    let out = out.unwrap_or_else(|| train::default_out_dir(&path));
-                    train::train(&cfg, &out, progress, comm.as_ref())?
+                    (cfg, out.unwrap_or_else(|| train::default_out_dir(&path)))
                 }
-            })
+            };
+            let (cfg, plan) = match &memory {
+                Some(m) => {
+                    let (cfg, plan) = apply_memory_plan(cfg, m, comm.world_size())?;
+                    (cfg, Some(plan))
+                }
+                None => (cfg, None),
+            };
+            let summary = match resume {
+                Some(_) => train::resume(&cfg, &dir, progress, comm.as_ref())?,
+                None => train::train(&cfg, &dir, progress, comm.as_ref())?,
+            };
+            if let (Some(plan), true) = (&plan, comm.is_writer()) {
+                std::fs::write(dir.join("plan.json"), serde_json::to_string_pretty(plan)? + "\n")?;
+                tracing::info!(
+                    "memory: predicted peak {:.0} MiB per rank, measured {} on rank 0",
+                    plan.chosen.peak_bytes as f64 / (1u64 << 20) as f64,
+                    summary.peak_rss_mib.map_or("n/a".into(), |m| format!("{m:.0} MiB"))
+                );
+            }
+            Ok(summary)
         },
         serde_json::to_string_pretty,
     )
+}
+
+/// Plan the run's memory under `budget` (SPEC §6) and apply the plan's settings to `cfg`.
+fn apply_memory_plan(cfg: Config, budget: &str, world_size: usize) -> Result<(Config, planner::Plan)> {
+    let budget = planner::parse_bytes(budget)?;
+    let plan = planner::plan_config(&cfg, world_size, budget)?;
+    anyhow::ensure!(
+        plan.chosen.executable,
+        "the only plans that fit need activation recomputation or sharded state, which the trainer does not execute yet:\n{}",
+        planner::format_plan(&plan)
+    );
+    tracing::info!("memory plan: {}", plan.reason);
+    let cfg = Config::from_toml_str(&cfg.to_toml(), &plan.overrides)?;
+    Ok((cfg, plan))
 }
 
 /// One rank of a `kutta bench --collectives` child job: join the job's world, time, and print
@@ -259,6 +314,20 @@ fn run(command: Command) -> Result<()> {
     match command {
         Command::Train { .. } | Command::Launch { .. } => unreachable!("handled in main"),
         Command::Tableaux { json } => print_tableaux(json)?,
+        Command::Plan { config, sets, memory, world_size, json } => {
+            let cfg = Config::load(&config, &sets)?;
+            let budget = match &memory {
+                Some(m) => planner::parse_bytes(m)?,
+                // The ranks of a local job share this machine's memory.
+                None => planner::default_budget() / world_size.max(1) as u64,
+            };
+            let plan = planner::plan_config(&cfg, world_size, budget)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&plan)?);
+            } else {
+                print!("{}", planner::format_plan(&plan));
+            }
+        }
         Command::Bench { collectives: true, max_ranks, per_rank_batch, mpirun, min_seconds, min_reps, config, json, .. } => {
             let opts = CollectivesOptions { max_ranks, per_rank_batch, min_seconds: min_seconds.unwrap_or(0.5), min_reps, config, mpirun };
             bench_collectives_driver(&opts, json)?

@@ -294,3 +294,20 @@ fn micro_batching_gives_the_same_trajectory_and_memory_is_measured() {
     let last: serde_json::Value = serde_json::from_str(last.lines().last().unwrap()).unwrap();
     assert!(last["peak_rss_mib"].as_f64().is_some());
 }
+
+#[test]
+fn plan_fits_full_batch_in_2gib_and_says_what_would_fit() {
+    require_fashion_mnist();
+    let cfg = config(Path::new("configs/fashion_mnist_mlp_fullbatch.toml"));
+    let o = kutta(&["plan", "--config", &cfg, "--memory", "2GiB", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let p: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let chosen = &p["chosen"];
+    assert!(chosen["micro_batches"].as_u64().unwrap() >= 2, "{chosen}");
+    assert!(chosen["peak_bytes"].as_u64().unwrap() <= 2 << 30);
+    assert_eq!(chosen["executable"], true);
+    let o = kutta(&["plan", "--config", &cfg, "--memory", "100MiB"]);
+    assert_clean_error(&o, "--memory");
+    let o = kutta(&["plan", "--config", &cfg, "--memory", "lots"]);
+    assert_clean_error(&o, "--memory");
+}

@@ -20,6 +20,7 @@ pub mod config;
 pub mod checkpoint;
 pub mod distributed;
 pub mod memory;
+pub mod planner;
 pub mod train;
 pub mod bench;
 pub mod bench_collectives;

@@ -1,0 +1,1678 @@
+//! The memory planner (SPEC §6): how one optimizer step should use a rank's memory.
+//!
+//! Given the run (model, optimizer, tableau, global batch), the world size and a per-rank budget,
+//! it predicts the peak resident bytes of every candidate layout and picks the fastest that fits:
+//!
+//! - **stage buffers**: all s stage gradients resident (s − 1 buffers besides the pinned k_1), or
+//!   streaming (`Tableau::streaming_stage_buffers`, from the stages' liveness). Both perform the
+//!   same floating-point operations and give bit-identical results (`optim::rk`), so they cost the
+//!   same time;
+//! - **micro-batches**: the per-rank batch is processed in micro-batches whose gradient sums are
+//!   accumulated (`ModelField::set_micro_batch`, config `train.micro_batch`). The largest
+//!   micro-batch that fits is used, split evenly: ⌈batch / size⌉ of them;
+//! - **activation recomputation** (checkpointing) — *planned, not yet executed by the trainer*;
+//! - **sharding** of the stage buffers and the optimizer state over the ranks (each rank keeps
+//!   1/N; a reduce-scatter of the gradient and an all-gather of θ move the same bytes as the
+//!   all-reduce) — *planned, not yet executed by the trainer*.
+//!
+//! # The memory model (bytes per rank, f32 everywhere)
+//!
+//! ```text
+//! peak = fixed                                   data set in memory + runtime (passed in)
+//!      + 4P · replicated                          θ, the stage point θ_i, the model's own copy of
+//!                                                 the parameters, autograd's parameter gradients
+//!                                                 (+1 when sharded: the full gradient before its
+//!                                                 reduce-scatter)
+//!      + 4⌈P/N'⌉ · (state + scratch + stage)      N' = N when sharded, else 1
+//!      + 4 · batch · batch_floats                 the gathered per-rank batch (inputs + one-hot):
+//!                                                 `ModelField` gathers all micro-batches at once
+//!      + 4 · max(micro_batch · train_floats,      activations of one micro-batch (fwd + bwd)
+//!                eval_samples · eval_floats,      or, between steps, the evaluation pass
+//!                checkpoint)                      or the checkpoint being serialized
+//! ```
+//!
+//! Activation floats come from the architecture, layer by layer (`activation_profile`). Each
+//! layer has the floats per sample that candle's autograd graph *keeps* until the backward pass
+//! (forward outputs and intermediates) and the *transient* floats it needs while that layer runs
+//! (backward temporaries: the incoming gradient, ReLU's mask, its product, the accumulation of the
+//! gradient into the store, the input gradient, convolution scratch). Without recomputation a
+//! micro-batch needs Σ kept + max transient; with recomputation only the layer boundaries are kept
+//! (the checkpoints) plus the full working set of the one layer being back-propagated:
+//! Σ output + max(kept + transient), at the cost of one more forward pass (+33 %).
+//!
+//! Factors per layer type (per output value unless said otherwise):
+//! - dense (linear + bias + ReLU): keeps 3 (the matmul, the bias sum, the ReLU); the input layer
+//!   keeps 1 more (its custom op `input_linear` keeps the value next to its pass-through copy).
+//!   Transient 6, plus 2 per input value for the input gradient and its accumulation (none for the
+//!   input layer, which never differentiates with respect to the images);
+//! - the logits layer with the cross-entropy: keeps 6 (matmul, bias, the shifted logits, exp,
+//!   the one-hot product and their reductions); transient as a dense layer;
+//! - conv 3×3 (same padding) + bias + ReLU: keeps 4 (the conv value held by the custom op, its
+//!   copy, the bias sum, the ReLU); transient 7, plus 3 per input value (the NHWC copies candle's
+//!   tiled conv makes, the input gradient), plus k²·H·W per concurrent weight-gradient column
+//!   tile (candle computes the weight gradient as a conv over the batch axis, one k²·(B·H·W) tile
+//!   per input channel in parallel: min(threads, C_in) at once).
+//!
+//! Calibration (peak RSS of `kutta train` on this 2-core machine, the marginal cost per sample):
+//! the default MLP (784-500-500-500-10) with rk4 measured 38.1 KiB/sample between batch 1024 and
+//! 8192 and 38.4 KiB between 16 and 4096; the model predicts 9 854 floats = 38.5 KiB (the forward
+//! activations alone are ≈ 3 000 floats: candle keeps pre- and post-activation tensors, the
+//! input copy, the one-hot and the backward temporaries). The default CNN measured 827 KiB/sample
+//! between batch 512 and 1024 and 943 KiB between 64 and 512; the model predicts 836 KiB.
+//! Whole-process peaks checked against `kutta plan` (predicted / measured): MLP batch 8192
+//! 602 / 582 MiB; the full-batch MLP (60 000, eval chunk 10 000) in 2 micro-batches of 30 000
+//! 1512 / 1402 MiB; CNN batch 64 with eval chunk 64 324 / 312 MiB, with eval chunk 1000
+//! 484 / 491 MiB (the evaluation pass is the peak there).
+//!
+//! Relative time: 1.0 = everything resident in one micro-batch; each micro-batch beyond the first
+//! adds 2 % (smaller GEMMs, per-pass overhead), recomputation 33 % (one more forward pass), and
+//! sharding nothing (same communication volume). Among the candidates that fit, the fastest
+//! executable one (no recomputation, no sharding) is chosen; only when none fits is a
+//! not-yet-executed one chosen, and the plan says so.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::config::{Config, OptimizerKind, PreconditionerKind, StepSizeKind};
+use crate::data::{idx, mnist};
+use crate::error::{Error, Result};
+
+/// Bytes per value: every buffer and activation is f32.
+const F32_BYTES: u64 = 4;
+/// The process's own memory besides the data set and the buffers the planner counts: the
+/// executable, the allocator's arenas, candle's and rayon's thread pools. With the measured
+/// 286 MiB at batch 16, of which 210 MiB is the data set, the rest is ≈ 50 MiB plus buffers;
+/// 60 MiB leaves a little headroom.
+pub const RUNTIME_BASELINE_BYTES: u64 = 60 << 20;
+/// Relative cost of each micro-batch beyond the first.
+pub const MICRO_BATCH_OVERHEAD: f64 = 0.02;
+/// Relative cost of recomputing the activations (one more forward pass ≈ 1/3 of fwd + bwd).
+pub const RECOMPUTE_OVERHEAD: f64 = 0.33;
+/// Relative cost of sharding: a reduce-scatter + an all-gather move the bytes of one all-reduce.
+pub const SHARD_OVERHEAD: f64 = 0.0;
+/// Threads the calibration ran with (this machine's cores); `activation_floats_per_sample` uses it.
+pub const CALIBRATION_THREADS: usize = 2;
+/// The budget when /proc/meminfo cannot be read.
+pub const FALLBACK_BUDGET: u64 = 8 << 30;
+
+// Per-layer factors (see the module doc).
+const DENSE_KEPT: usize = 3;
+const DENSE_TRANSIENT: usize = 6;
+const INPUT_GRAD: usize = 2;
+const HEAD_KEPT: usize = 6;
+const CONV_KEPT: usize = 4;
+const CONV_TRANSIENT: usize = 7;
+const CONV_INPUT: usize = 3;
+/// Kernel size of the paper's CNN (model::cnn).
+const CONV_KERNEL: usize = 3;
+
+// ---------------------------------------------------------------------------------------------
+// Activations, per layer
+// ---------------------------------------------------------------------------------------------
+
+/// One layer's activation memory, in f32 values per sample.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LayerActivation {
+    /// e.g. "dense 784→500 +ReLU".
+    pub name: String,
+    /// Values at the layer's output: what recomputation keeps as the checkpoint.
+    pub output: usize,
+    /// Values autograd keeps from the forward pass until this layer is back-propagated.
+    pub kept: usize,
+    /// Peak temporaries while this layer runs (forward or backward).
+    pub transient: usize,
+    /// Working set of the forward pass without autograd (evaluation).
+    pub eval: usize,
+}
+
+/// A model's activation memory per sample (f32 values), layer by layer and in total.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ActivationProfile {
+    pub layers: Vec<LayerActivation>,
+    /// The gathered input and one-hot label: held for the whole per-rank batch, whatever the
+    /// micro-batch size (`ModelField` gathers every micro-batch when the batch is set).
+    pub batch_floats: usize,
+    /// One micro-batch sample's forward + backward: Σ kept + max transient.
+    pub train_floats: usize,
+    /// The same with recomputation: Σ output + max(kept + transient).
+    pub recompute_floats: usize,
+    /// One evaluation sample: its input copy + the largest layer's forward working set.
+    pub eval_floats: usize,
+}
+
+impl ActivationProfile {
+    fn from_layers(layers: Vec<LayerActivation>, input: usize, classes: usize) -> Self {
+        let kept: usize = layers.iter().map(|l| l.kept).sum();
+        let transient = layers.iter().map(|l| l.transient).max().unwrap_or(0);
+        let outputs: usize = layers.iter().map(|l| l.output).sum();
+        let one_layer = layers
+            .iter()
+            .map(|l| l.kept + l.transient)
+            .max()
+            .unwrap_or(0);
+        let eval = layers.iter().map(|l| l.eval).max().unwrap_or(0);
+        Self {
+            batch_floats: input + classes,
+            train_floats: kept + transient,
+            recompute_floats: outputs + one_layer,
+            eval_floats: input + eval,
+            layers,
+        }
+    }
+}
+
+/// Dense layer `n_in → out`: `first` = it reads the images (no input gradient), `logits` = the
+/// last layer, feeding the cross-entropy instead of a ReLU.
+fn dense(n_in: usize, out: usize, first: bool, logits: bool) -> LayerActivation {
+    let kept = if logits {
+        HEAD_KEPT * out
+    } else {
+        DENSE_KEPT * out
+    } + if first { out } else { 0 };
+    let input_grad = if first { 0 } else { INPUT_GRAD * n_in };
+    LayerActivation {
+        name: format!(
+            "dense {n_in}→{out} {}",
+            if logits { "+cross-entropy" } else { "+ReLU" }
+        ),
+        output: out,
+        kept,
+        transient: DENSE_TRANSIENT * out + input_grad,
+        eval: 3 * out + if first { 0 } else { n_in },
+    }
+}
+
+/// conv k×k (same padding, stride 1) `c_in → c_out` on h×w, + bias + ReLU.
+fn conv(c_in: usize, c_out: usize, hw: usize, threads: usize) -> LayerActivation {
+    let (i, o) = (c_in * hw, c_out * hw);
+    let tiles = threads.clamp(1, c_in.max(1));
+    LayerActivation {
+        name: format!("conv{CONV_KERNEL}x{CONV_KERNEL} {c_in}→{c_out} +ReLU"),
+        output: o,
+        kept: CONV_KEPT * o,
+        transient: CONV_TRANSIENT * o + CONV_INPUT * i + tiles * CONV_KERNEL * CONV_KERNEL * hw,
+        eval: 3 * o + 2 * i,
+    }
+}
+
+/// The activation memory of a model the config can name (`mlp` with hidden widths, `cnn` with its
+/// two filter counts), computed layer by layer; `threads` = the threads candle's CPU kernels use
+/// (rayon's pool), which sets how many convolution weight-gradient tiles are live at once.
+pub fn activation_profile(
+    kind: &str,
+    hidden: &[usize],
+    image_shape: [usize; 3],
+    classes: usize,
+    threads: usize,
+) -> Result<ActivationProfile> {
+    if image_shape.contains(&0) || classes == 0 || hidden.contains(&0) {
+        return Err(Error::Other(format!(
+            "planner: cannot size activations for images {image_shape:?}, {classes} classes, widths {hidden:?}"
+        )));
+    }
+    let input: usize = image_shape.iter().product();
+    let layers = match kind {
+        "mlp" => {
+            let mut widths = vec![input];
+            widths.extend_from_slice(hidden);
+            widths.push(classes);
+            let n = widths.len() - 1;
+            (0..n)
+                .map(|i| dense(widths[i], widths[i + 1], i == 0, i + 1 == n))
+                .collect()
+        }
+        "cnn" => {
+            let &[f0, f1] = hidden else {
+                return Err(Error::config(
+                    "model.hidden",
+                    format!("the cnn takes two filter counts, got {hidden:?}"),
+                ));
+            };
+            let [c, h, w] = image_shape;
+            vec![
+                conv(c, f0, h * w, threads),
+                conv(f0, f1, h * w, threads),
+                dense(f1 * h * w, classes, false, true),
+            ]
+        }
+        other => {
+            return Err(Error::config(
+                "model.kind",
+                format!("unknown model {other:?}; expected \"mlp\" or \"cnn\""),
+            ))
+        }
+    };
+    Ok(ActivationProfile::from_layers(layers, input, classes))
+}
+
+/// f32 values of activation memory one training sample costs when the whole batch is one
+/// micro-batch (gathered input and one-hot included), at the calibration's thread count: the
+/// marginal bytes per sample of a training run are 4× this.
+pub fn activation_floats_per_sample(
+    kind: &str,
+    hidden: &[usize],
+    image_shape: [usize; 3],
+    classes: usize,
+) -> Result<usize> {
+    let p = activation_profile(kind, hidden, image_shape, classes, CALIBRATION_THREADS)?;
+    Ok(p.batch_floats + p.train_floats)
+}
+
+/// The threads candle's CPU kernels run on: rayon's global pool (RAYON_NUM_THREADS, else the
+/// cores).
+fn compute_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Input
+// ---------------------------------------------------------------------------------------------
+
+/// Everything the plan depends on. Buffer counts are in units of P f32 values.
+#[derive(Clone, Debug, Serialize)]
+pub struct PlanInput {
+    /// The model, e.g. "mlp 784-500-500-500-10 (ReLU), 898510 params".
+    pub model: String,
+    /// P: parameters.
+    pub params: usize,
+    pub activations: ActivationProfile,
+    pub global_batch: usize,
+    pub world_size: usize,
+    /// The largest rank's slice of the global batch, ⌈global / N⌉.
+    pub per_rank_batch: usize,
+    /// e.g. "rk(rk4)", "adam".
+    pub optimizer: String,
+    /// s: gradient evaluations per step (1 for the baselines).
+    pub stages: usize,
+    /// Stage buffers besides the pinned k_1 with every stage kept: s − 1.
+    pub resident_stage_buffers: usize,
+    /// Stage buffers besides k_1 live at once when streaming (the tableau's liveness).
+    pub streaming_stage_buffers: usize,
+    /// `optimizer.streaming` as configured.
+    pub streaming_configured: bool,
+    /// Never sharded: θ, the stage point, the model's parameter copy, autograd's gradients.
+    pub replicated_buffers: usize,
+    /// Persistent optimizer state: G (preconditioner) and m (momentum) for rk; Adam's m and v;
+    /// the momentum buffer.
+    pub state_buffers: usize,
+    /// Solver scratch besides the stage buffers: k_1, the b·k accumulator, D, the error
+    /// accumulator for rk; the baselines' gradient and candidate buffers.
+    pub scratch_buffers: usize,
+    /// Samples per evaluation pass: `train.eval_chunk`, at most the rank's share of the test set.
+    pub eval_samples: usize,
+    /// Data set in memory + runtime baseline.
+    pub fixed_bytes: u64,
+    /// Per-rank budget.
+    pub budget: u64,
+}
+
+impl PlanInput {
+    /// The input for a validated config. `params` = P of the config's model, `image_shape` and
+    /// `classes` those of its data set; `fixed_bytes` = data set + runtime (`fixed_bytes`).
+    pub fn from_config(
+        cfg: &Config,
+        world_size: usize,
+        budget: u64,
+        fixed_bytes: u64,
+        params: usize,
+        image_shape: [usize; 3],
+        classes: usize,
+    ) -> Result<PlanInput> {
+        if world_size == 0 {
+            return Err(Error::config("--world-size", "must be at least 1"));
+        }
+        if budget == 0 {
+            return Err(Error::config("--memory", "the budget must be positive"));
+        }
+        if params == 0 {
+            return Err(Error::Other("planner: the model has no parameters".into()));
+        }
+        let hidden = cfg.model.hidden();
+        let model = crate::model::build(&cfg.model.kind, &hidden, image_shape, classes)?.describe();
+        let activations = activation_profile(
+            &cfg.model.kind,
+            &hidden,
+            image_shape,
+            classes,
+            compute_threads(),
+        )?;
+        let o = &cfg.optimizer;
+        let global_batch = cfg.train.batch_size;
+        let mut input = PlanInput {
+            model,
+            params,
+            activations,
+            global_batch,
+            world_size,
+            per_rank_batch: global_batch.div_ceil(world_size),
+            optimizer: String::new(),
+            stages: 1,
+            resident_stage_buffers: 0,
+            streaming_stage_buffers: 0,
+            streaming_configured: o.streaming,
+            replicated_buffers: 3, // θ, the model's parameter copy, autograd's gradients
+            state_buffers: 0,
+            scratch_buffers: 0,
+            eval_samples: cfg.train.eval_chunk.max(1),
+            fixed_bytes,
+            budget,
+        };
+        // Counted from the buffers `optim::rk` and `optim::baselines` allocate.
+        match o.kind {
+            OptimizerKind::Rk => {
+                let t = cfg.tableau()?;
+                let s = t.stages();
+                let pre = o.preconditioner != PreconditionerKind::None;
+                input.optimizer = format!("rk({})", t.name);
+                input.stages = s;
+                input.replicated_buffers += 1; // the stage point x = θ_i
+                input.state_buffers = usize::from(pre) + usize::from(o.momentum != 0.0);
+                input.scratch_buffers = 2 + usize::from(pre) + usize::from(t.is_embedded()); // k_1, acc, D, err_acc
+                                                                                             // The bound counts k_1 when a later stage still needs it; at most s − 1 besides it.
+                let streaming = t.streaming_stage_buffers().min(s - 1);
+                // DALR's finite-difference probe borrows a pooled stage buffer (a fresh one if s = 1).
+                let probe = usize::from(o.step_size == StepSizeKind::Dalr);
+                input.resident_stage_buffers = (s - 1).max(probe);
+                input.streaming_stage_buffers = streaming.max(probe);
+            }
+            OptimizerKind::Sgd => {
+                input.optimizer = "sgd".into();
+                input.scratch_buffers = 2; // grad, θ candidate
+            }
+            OptimizerKind::Momentum => {
+                input.optimizer = if o.nesterov {
+                    "nesterov".into()
+                } else {
+                    "momentum".into()
+                };
+                input.state_buffers = 1;
+                input.scratch_buffers = 3 + usize::from(o.nesterov); // new buffer, grad, θ candidate, direction
+            }
+            kind @ (OptimizerKind::Adam | OptimizerKind::Adamw | OptimizerKind::Nadamw) => {
+                input.optimizer = format!("{kind:?}").to_lowercase();
+                input.state_buffers = 2;
+                input.scratch_buffers = 5; // new m, new v, grad, direction, θ candidate
+            }
+        }
+        Ok(input)
+    }
+
+    fn has_stage_choice(&self) -> bool {
+        self.resident_stage_buffers != self.streaming_stage_buffers
+    }
+
+    fn configured_policy(&self) -> StagePolicy {
+        if self.stages < 2 && self.resident_stage_buffers == 0 {
+            StagePolicy::None
+        } else if self.streaming_configured {
+            StagePolicy::Streaming
+        } else {
+            StagePolicy::Resident
+        }
+    }
+
+    fn stage_count(&self, policy: StagePolicy) -> usize {
+        match policy {
+            StagePolicy::Resident => self.resident_stage_buffers,
+            StagePolicy::Streaming => self.streaming_stage_buffers,
+            StagePolicy::None => 0,
+        }
+    }
+
+    fn param_bytes(&self) -> u64 {
+        self.params as u64 * F32_BYTES
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Candidates and the plan
+// ---------------------------------------------------------------------------------------------
+
+/// What happens to the stage gradients k_2..k_s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StagePolicy {
+    /// All kept until the step combines them.
+    Resident,
+    /// Accumulated as they appear and freed after their last use.
+    Streaming,
+    /// The optimizer has no stage gradients (the Euler-type baselines).
+    None,
+}
+
+impl StagePolicy {
+    fn label(self) -> &'static str {
+        match self {
+            StagePolicy::Resident => "resident",
+            StagePolicy::Streaming => "streaming",
+            StagePolicy::None => "-",
+        }
+    }
+}
+
+/// Where a candidate's bytes go (per rank).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PeakBreakdown {
+    /// Data set + runtime.
+    pub fixed: u64,
+    /// Parameter-sized buffers every rank holds whole.
+    pub replicated: u64,
+    /// Optimizer state, solver scratch and stage buffers (1/N each when sharded).
+    pub optimizer: u64,
+    /// The gathered per-rank batch (inputs + one-hot).
+    pub batch_inputs: u64,
+    /// One micro-batch's activations during the step.
+    pub activations: u64,
+    /// Between steps: evaluation pass or checkpoint serialization, whichever is larger.
+    pub between_steps: u64,
+}
+
+impl PeakBreakdown {
+    pub fn peak(&self) -> u64 {
+        self.fixed
+            + self.replicated
+            + self.optimizer
+            + self.batch_inputs
+            + self.activations.max(self.between_steps)
+    }
+}
+
+/// One way to lay out a step, with its predicted cost.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Candidate {
+    pub stage_buffers: StagePolicy,
+    /// Stage buffers (P values each) besides k_1 at the peak.
+    pub stage_buffer_count: usize,
+    /// Samples per forward/backward pass.
+    pub micro_batch: usize,
+    /// ⌈per-rank batch / micro_batch⌉.
+    pub micro_batches: usize,
+    /// Activation recomputation (planned, not yet executed by the trainer).
+    pub recompute: bool,
+    /// Stage buffers and optimizer state sharded over the ranks (planned, not yet executed).
+    pub shard: bool,
+    /// Predicted peak resident bytes per rank.
+    pub peak_bytes: u64,
+    /// 1.0 = everything resident, one micro-batch.
+    pub relative_time: f64,
+    /// The trainer can run it today (no recomputation, no sharding).
+    pub executable: bool,
+    /// peak_bytes ≤ budget.
+    pub fits: bool,
+    pub breakdown: PeakBreakdown,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    pub chosen: Candidate,
+    /// The best candidate of every (stage policy, recompute, shard) combination.
+    pub candidates: Vec<Candidate>,
+    pub reason: String,
+    /// Config overrides that run the chosen plan (`--set` form); empty when the config already
+    /// does, or when the plan is not executable yet.
+    pub overrides: Vec<String>,
+    pub input: PlanInput,
+}
+
+/// The predicted per-rank bytes of one layout for `input.per_rank_batch`.
+pub fn predict(
+    input: &PlanInput,
+    policy: StagePolicy,
+    micro_batch: usize,
+    recompute: bool,
+    shard: bool,
+) -> PeakBreakdown {
+    let pb = input.param_bytes();
+    let shard = shard && input.world_size > 1;
+    let owners = if shard { input.world_size as u64 } else { 1 };
+    let replicated = input.replicated_buffers + usize::from(shard);
+    let sharded = input.state_buffers + input.scratch_buffers + input.stage_count(policy);
+    let a = &input.activations;
+    let batch = input.per_rank_batch as u64;
+    let m = micro_batch.clamp(1, input.per_rank_batch.max(1)) as u64;
+    let per_sample = if recompute {
+        a.recompute_floats
+    } else {
+        a.train_floats
+    } as u64;
+    let eval = input.eval_samples as u64 * a.eval_floats as u64 * F32_BYTES;
+    // Checkpoint: θ and the state cloned, converted to bytes, and serialized.
+    let checkpoint = 3 * (1 + input.state_buffers as u64) * pb;
+    PeakBreakdown {
+        fixed: input.fixed_bytes,
+        replicated: replicated as u64 * pb,
+        optimizer: sharded as u64 * (input.params as u64).div_ceil(owners) * F32_BYTES,
+        batch_inputs: batch * a.batch_floats as u64 * F32_BYTES,
+        activations: m * per_sample * F32_BYTES,
+        between_steps: eval.max(checkpoint),
+    }
+}
+
+/// Relative time of a layout (1.0 = everything resident, one micro-batch).
+pub fn relative_time(micro_batches: usize, recompute: bool, shard: bool) -> f64 {
+    let mut t = 1.0 + MICRO_BATCH_OVERHEAD * micro_batches.saturating_sub(1) as f64;
+    if recompute {
+        t *= 1.0 + RECOMPUTE_OVERHEAD;
+    }
+    if shard {
+        t *= 1.0 + SHARD_OVERHEAD;
+    }
+    t
+}
+
+fn candidate(
+    input: &PlanInput,
+    policy: StagePolicy,
+    micro_batch: usize,
+    recompute: bool,
+    shard: bool,
+) -> Candidate {
+    let b = input.per_rank_batch.max(1);
+    let micro_batch = micro_batch.clamp(1, b);
+    let micro_batches = b.div_ceil(micro_batch);
+    let breakdown = predict(input, policy, micro_batch, recompute, shard);
+    let peak_bytes = breakdown.peak();
+    Candidate {
+        stage_buffers: policy,
+        stage_buffer_count: input.stage_count(policy),
+        micro_batch,
+        micro_batches,
+        recompute,
+        shard,
+        peak_bytes,
+        relative_time: relative_time(micro_batches, recompute, shard),
+        executable: !recompute && !shard,
+        fits: peak_bytes <= input.budget,
+        breakdown,
+    }
+}
+
+/// The fastest candidate of one combination: one micro-batch if it fits, else the largest
+/// micro-batch that fits, split evenly; if not even micro-batches of 1 fit, that (unfit) one.
+fn best_of_combination(
+    input: &PlanInput,
+    policy: StagePolicy,
+    recompute: bool,
+    shard: bool,
+) -> Candidate {
+    let b = input.per_rank_batch.max(1);
+    let whole = candidate(input, policy, b, recompute, shard);
+    if whole.fits {
+        return whole;
+    }
+    let smallest = candidate(input, policy, 1, recompute, shard);
+    if !smallest.fits {
+        return smallest;
+    }
+    // Peak grows with the micro-batch: the largest m with peak(m) ≤ budget lies in [1, b).
+    let (mut lo, mut hi) = (1usize, b); // fits(lo), !fits(hi)
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if candidate(input, policy, mid, recompute, shard).fits {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    // The same number of micro-batches, of even size (60000 = 4 × 15000, not 3 × 17000 + 9000).
+    let count = b.div_ceil(lo);
+    candidate(input, policy, b.div_ceil(count), recompute, shard)
+}
+
+fn policies(input: &PlanInput) -> Vec<StagePolicy> {
+    let configured = input.configured_policy();
+    match configured {
+        StagePolicy::None => vec![StagePolicy::None],
+        _ if !input.has_stage_choice() => vec![configured],
+        StagePolicy::Streaming => vec![StagePolicy::Streaming, StagePolicy::Resident],
+        StagePolicy::Resident => vec![StagePolicy::Resident, StagePolicy::Streaming],
+    }
+}
+
+fn all_candidates(input: &PlanInput) -> Vec<Candidate> {
+    let shards: &[bool] = if input.world_size > 1 {
+        &[false, true]
+    } else {
+        &[false]
+    };
+    let mut out = Vec::new();
+    for &shard in shards {
+        for recompute in [false, true] {
+            for &policy in &policies(input) {
+                out.push(best_of_combination(input, policy, recompute, shard));
+            }
+        }
+    }
+    out
+}
+
+/// Times equal up to rounding count as equal.
+fn time_key(t: f64) -> i64 {
+    (t * 1e9).round() as i64
+}
+
+/// The chosen candidate: among those that fit, executable ones if any; then the fastest; then
+/// the configured stage policy; then the smallest peak.
+fn choose(input: &PlanInput, candidates: &[Candidate]) -> Option<Candidate> {
+    let fitting: Vec<&Candidate> = candidates.iter().filter(|c| c.fits).collect();
+    let executable: Vec<&Candidate> = fitting.iter().copied().filter(|c| c.executable).collect();
+    let pool = if executable.is_empty() {
+        fitting
+    } else {
+        executable
+    };
+    let configured = input.configured_policy();
+    pool.into_iter()
+        .min_by_key(|c| {
+            (
+                time_key(c.relative_time),
+                c.stage_buffers != configured,
+                c.peak_bytes,
+            )
+        })
+        .cloned()
+}
+
+/// Plan the step: every candidate, the chosen one and why. A batch that fits under no plan is an
+/// `Error::Other` saying what would fit: the largest per-rank batch that fits the budget, and the
+/// smallest budget for this batch.
+pub fn plan(input: &PlanInput) -> Result<Plan> {
+    if input.per_rank_batch == 0 || input.world_size == 0 || input.params == 0 {
+        return Err(Error::Other(format!(
+            "planner: nothing to plan (per-rank batch {}, world size {}, {} params)",
+            input.per_rank_batch, input.world_size, input.params
+        )));
+    }
+    let candidates = all_candidates(input);
+    let Some(chosen) = choose(input, &candidates) else {
+        return Err(Error::Other(does_not_fit(input, &candidates)));
+    };
+    let reason = explain(input, &chosen, &candidates);
+    let mut overrides = Vec::new();
+    if chosen.executable {
+        if input.has_stage_choice() && chosen.stage_buffers != input.configured_policy() {
+            overrides.push(format!(
+                "optimizer.streaming={}",
+                chosen.stage_buffers == StagePolicy::Streaming
+            ));
+        }
+        if chosen.micro_batches > 1 {
+            overrides.push(format!("train.micro_batch={}", chosen.micro_batch));
+        }
+    }
+    Ok(Plan {
+        chosen,
+        candidates,
+        reason,
+        overrides,
+        input: input.clone(),
+    })
+}
+
+/// The smallest peak any layout reaches for `per_rank_batch` (micro-batches of one sample).
+fn floor_for_batch(input: &PlanInput, per_rank_batch: usize) -> Candidate {
+    let mut at = input.clone();
+    at.per_rank_batch = per_rank_batch;
+    let shards: &[bool] = if input.world_size > 1 {
+        &[false, true]
+    } else {
+        &[false]
+    };
+    let mut best: Option<Candidate> = None;
+    for &shard in shards {
+        for recompute in [false, true] {
+            for &policy in &policies(&at) {
+                let c = candidate(&at, policy, 1, recompute, shard);
+                if best
+                    .as_ref()
+                    .is_none_or(|b| (c.peak_bytes, !c.executable) < (b.peak_bytes, !b.executable))
+                {
+                    best = Some(c);
+                }
+            }
+        }
+    }
+    best.expect("at least one combination")
+}
+
+fn describe_layout(c: &Candidate) -> String {
+    let mut parts = Vec::new();
+    if c.stage_buffers != StagePolicy::None {
+        parts.push(format!("{} stage buffers", c.stage_buffers.label()));
+    }
+    parts.push(format!("micro-batches of {}", c.micro_batch));
+    if c.recompute {
+        parts.push("recomputation".into());
+    }
+    if c.shard {
+        parts.push("sharding".into());
+    }
+    parts.join(", ")
+}
+
+/// When the pass between steps (evaluation or checkpoint) is larger than the step's activations,
+/// what it is and the knob that shrinks it.
+fn between_steps_note(input: &PlanInput, c: &Candidate) -> Option<String> {
+    let b = &c.breakdown;
+    if b.between_steps <= b.activations {
+        return None;
+    }
+    let eval = input.eval_samples as u64 * input.activations.eval_floats as u64 * F32_BYTES;
+    Some(if eval >= b.between_steps {
+        format!(
+            "between steps, evaluation in passes of {} samples needs {} (more than a micro-batch's {}; lower train.eval_chunk to save it)",
+            input.eval_samples,
+            fmt_bytes(eval),
+            fmt_bytes(b.activations)
+        )
+    } else {
+        format!(
+            "between steps, serializing a checkpoint needs {} (more than a micro-batch's {})",
+            fmt_bytes(b.between_steps),
+            fmt_bytes(b.activations)
+        )
+    })
+}
+
+fn does_not_fit(input: &PlanInput, candidates: &[Candidate]) -> String {
+    let b = input.per_rank_batch;
+    let n = input.world_size;
+    let floor = floor_for_batch(input, b);
+    let ranks = if n > 1 {
+        format!(" (global batch {} on {n} ranks)", input.global_batch)
+    } else {
+        String::new()
+    };
+    let mut msg = format!(
+        "no plan fits per-rank batch {b}{ranks} in {}: the smallest predicted peak is {} ({}); \
+         give --memory {} or more",
+        fmt_bytes(input.budget),
+        fmt_bytes(floor.peak_bytes),
+        describe_layout(&floor),
+        fmt_bytes_ceil(floor.peak_bytes),
+    );
+    let exec_floor = candidates
+        .iter()
+        .filter(|c| c.executable)
+        .map(|c| c.peak_bytes)
+        .min();
+    if !floor.executable {
+        if let Some(e) = exec_floor {
+            msg.push_str(&format!(
+                " (or {} for a plan the trainer executes today)",
+                fmt_bytes_ceil(e)
+            ));
+        }
+    }
+    if let Some(note) = between_steps_note(input, &floor) {
+        msg.push_str(&format!("; {note}"));
+    }
+    // The largest per-rank batch that fits: the floor grows with the batch (its gathered inputs).
+    if floor_for_batch(input, 1).peak_bytes > input.budget {
+        let one = floor_for_batch(input, 1);
+        msg.push_str(&format!(
+            ". Not even a per-rank batch of 1 fits: it needs {} — the data set and runtime take {}, \
+             the parameter-sized buffers {}",
+            fmt_bytes(one.peak_bytes),
+            fmt_bytes(one.breakdown.fixed),
+            fmt_bytes(one.breakdown.replicated + one.breakdown.optimizer),
+        ));
+    } else {
+        let (mut lo, mut hi) = (1usize, b); // fits(lo), !fits(hi)
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if floor_for_batch(input, mid).peak_bytes <= input.budget {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        let at = floor_for_batch(input, lo);
+        let global = if n > 1 {
+            format!(" (global batch {} on {n} ranks)", lo * n)
+        } else {
+            String::new()
+        };
+        msg.push_str(&format!(
+            ". The largest per-rank batch that fits {} is {lo}{global}, with {}",
+            fmt_bytes(input.budget),
+            describe_layout(&at)
+        ));
+    }
+    msg
+}
+
+fn explain(input: &PlanInput, chosen: &Candidate, candidates: &[Candidate]) -> String {
+    let pb = input.param_bytes();
+    let mut parts = Vec::new();
+    let b = input.per_rank_batch;
+    // Stage buffers.
+    if input.has_stage_choice() {
+        let (r, s) = (input.resident_stage_buffers, input.streaming_stage_buffers);
+        let resident_fits = candidates.iter().any(|c| {
+            c.fits
+                && c.stage_buffers == StagePolicy::Resident
+                && c.recompute == chosen.recompute
+                && c.shard == chosen.shard
+                && c.micro_batches == chosen.micro_batches
+        });
+        parts.push(match chosen.stage_buffers {
+            StagePolicy::Resident => format!("resident stage buffers fit: {r}×{} besides k_1", fmt_bytes(pb)),
+            StagePolicy::Streaming if resident_fits => format!(
+                "streaming stage buffers ({s}×{} live instead of {r}×{}; same arithmetic, bit-identical results)",
+                fmt_bytes(pb),
+                fmt_bytes(pb)
+            ),
+            _ => format!(
+                "resident stage buffers ({r}×{}) do not fit this way; streaming keeps {s}×{} live (bit-identical results)",
+                fmt_bytes(pb),
+                fmt_bytes(pb)
+            ),
+        });
+    } else if chosen.stage_buffer_count > 0 {
+        parts.push(format!(
+            "{}×{} stage buffers besides k_1",
+            chosen.stage_buffer_count,
+            fmt_bytes(pb)
+        ));
+    }
+    // Micro-batches.
+    let per_sample = if chosen.recompute {
+        input.activations.recompute_floats
+    } else {
+        input.activations.train_floats
+    } as u64
+        * F32_BYTES;
+    let whole = b as u64 * per_sample;
+    if chosen.micro_batches == 1 {
+        parts.push(format!(
+            "per-rank batch {b} fits in one pass ({} of activations)",
+            fmt_bytes(whole)
+        ));
+    } else {
+        parts.push(format!(
+            "per-rank batch {b} needs {} of activations, so {} micro-batches of {} ({} each)",
+            fmt_bytes(whole),
+            chosen.micro_batches,
+            chosen.micro_batch,
+            fmt_bytes(chosen.breakdown.activations)
+        ));
+    }
+    if chosen.recompute {
+        parts.push("activations recomputed layer by layer (+33 % time) — planned, not yet executed by the trainer".into());
+    }
+    if chosen.shard {
+        parts.push(format!(
+            "stage buffers and optimizer state sharded over {} ranks (1/{} of {}× {} each; reduce-scatter + all-gather move the bytes of one all-reduce) — planned, not yet executed by the trainer",
+            input.world_size,
+            input.world_size,
+            input.state_buffers + input.scratch_buffers + chosen.stage_buffer_count,
+            fmt_bytes(pb)
+        ));
+    }
+    if !chosen.executable {
+        parts.push("no plan the trainer executes today fits".into());
+    }
+    if let Some(note) = between_steps_note(input, chosen) {
+        parts.push(note);
+    }
+    parts.push(format!(
+        "predicted peak {} of {} per rank",
+        fmt_bytes(chosen.peak_bytes),
+        fmt_bytes(input.budget)
+    ));
+    // A faster plan that is not executable yet.
+    if chosen.executable {
+        if let Some(f) = candidates
+            .iter()
+            .filter(|c| {
+                c.fits
+                    && !c.executable
+                    && time_key(c.relative_time) < time_key(chosen.relative_time)
+            })
+            .min_by_key(|c| time_key(c.relative_time))
+        {
+            parts.push(format!(
+                "{} would take {:.2} instead of {:.2} but is not yet executed by the trainer",
+                describe_layout(f),
+                f.relative_time,
+                chosen.relative_time
+            ));
+        }
+    }
+    let mut s = parts.join("; ");
+    s.push('.');
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+// ---------------------------------------------------------------------------------------------
+
+/// A readable table of the candidates (the chosen row marked `*`) and the reason.
+pub fn format_plan(plan: &Plan) -> String {
+    use std::fmt::Write;
+    let i = &plan.input;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "model      {} — {} per parameter-sized buffer",
+        i.model,
+        fmt_bytes(i.param_bytes())
+    );
+    if i.configured_policy() == StagePolicy::None {
+        let _ = writeln!(
+            s,
+            "optimizer  {} (one gradient per step, no stage buffers)",
+            i.optimizer
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "optimizer  {} ({} stage{}; stage buffers besides k_1: {} resident, {} streaming)",
+            i.optimizer,
+            i.stages,
+            if i.stages == 1 { "" } else { "s" },
+            i.resident_stage_buffers,
+            i.streaming_stage_buffers
+        );
+    }
+    let _ = writeln!(
+        s,
+        "buffers    {} parameter-sized: {} replicated, {} optimizer state, {} solver scratch, + stage buffers",
+        i.replicated_buffers + i.state_buffers + i.scratch_buffers,
+        i.replicated_buffers,
+        i.state_buffers,
+        i.scratch_buffers
+    );
+    let ranks = if i.world_size > 1 {
+        format!(
+            " over {} ranks → {} per rank",
+            i.world_size, i.per_rank_batch
+        )
+    } else {
+        String::new()
+    };
+    let _ = writeln!(s, "batch      {}{ranks}; activations {} per sample in a micro-batch, {} held for the whole batch", i.global_batch, fmt_bytes(i.activations.train_floats as u64 * F32_BYTES), fmt_bytes(i.activations.batch_floats as u64 * F32_BYTES));
+    let _ = writeln!(
+        s,
+        "memory     budget {} per rank; fixed {} (data set in memory + runtime)",
+        fmt_bytes(i.budget),
+        fmt_bytes(i.fixed_bytes)
+    );
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "  {:<15} {:>18} {:>9} {:>6} {:>11} {:>6} {:>5}",
+        "stage buffers", "micro-batches", "recompute", "shard", "peak/rank", "time", "fits"
+    );
+    let yn = |b: bool| if b { "yes" } else { "no" };
+    for c in &plan.candidates {
+        let mark = if *c == plan.chosen { '*' } else { ' ' };
+        let stage = match c.stage_buffers {
+            StagePolicy::None => "-".to_string(),
+            p => format!("{} ({})", p.label(), c.stage_buffer_count),
+        };
+        let _ = writeln!(
+            s,
+            "{mark} {:<15} {:>18} {:>9} {:>6} {:>11} {:>6.2} {:>5}",
+            stage,
+            format!("{} × {}", c.micro_batches, c.micro_batch),
+            yn(c.recompute),
+            yn(c.shard),
+            fmt_bytes(c.peak_bytes),
+            c.relative_time,
+            yn(c.fits)
+        );
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(s, "* chosen. time: 1.00 = everything resident in one micro-batch; +{:.0} % per extra micro-batch, +{:.0} % with recomputation.", MICRO_BATCH_OVERHEAD * 100.0, RECOMPUTE_OVERHEAD * 100.0);
+    let _ = writeln!(
+        s,
+        "Recomputation and sharding are planned, not yet executed by the trainer."
+    );
+    let _ = writeln!(s);
+    let _ = writeln!(s, "reason: {}", plan.reason);
+    if !plan.overrides.is_empty() {
+        let sets: Vec<String> = plan
+            .overrides
+            .iter()
+            .map(|o| format!("--set {o}"))
+            .collect();
+        let _ = writeln!(s, "run it with: {}", sets.join(" "));
+    }
+    s
+}
+
+/// 1536 → "1.5 KiB"; binary units, one decimal below 100.
+pub fn fmt_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else if v >= 100.0 {
+        format!("{v:.0} {}", UNITS[u])
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// A budget at least `b`, written so that `parse_bytes` reads it back (rounded up to 0.1 of the
+/// unit, no space), for "give --memory X" messages.
+fn fmt_bytes_ceil(b: u64) -> String {
+    const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    for (name, size) in UNITS {
+        if b >= size {
+            let tenths = (b as u128 * 10).div_ceil(size as u128);
+            if tenths >= 1000 {
+                return format!("{}{name}", (b as u128).div_ceil(size as u128));
+            }
+            return if tenths.is_multiple_of(10) {
+                format!("{}{name}", tenths / 10)
+            } else {
+                format!("{}.{}{name}", tenths / 10, tenths % 10)
+            };
+        }
+    }
+    format!("{b}")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Budget
+// ---------------------------------------------------------------------------------------------
+
+/// A byte count: a number with an optional unit, case-insensitive, optional space: "3000000",
+/// "512MiB", "2GiB", "1.5GB", "64 kb". Binary units KiB, MiB, GiB, TiB (and the single letters
+/// K, M, G, T); decimal units KB, MB, GB, TB; B. Anything else is a config error on `--memory`.
+pub fn parse_bytes(s: &str) -> Result<u64> {
+    let bad = |why: &str| {
+        Error::config(
+            "--memory",
+            format!("{s:?}: {why}; expected e.g. 2GiB, 512MiB, 1.5GB or 3000000"),
+        )
+    };
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = (&t[..split], t[split..].trim());
+    if num.is_empty() {
+        return Err(bad("no number"));
+    }
+    let value: f64 = num.parse().map_err(|_| bad("not a number"))?;
+    let scale: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        _ => return Err(bad("unknown unit")),
+    };
+    let bytes = value * scale as f64;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(bad("too large"));
+    }
+    let bytes = bytes.round() as u64;
+    if bytes == 0 {
+        return Err(bad("the budget must be positive"));
+    }
+    Ok(bytes)
+}
+
+/// Memory available for a new process on this machine (the trainer runs on the CPU):
+/// `MemAvailable` from /proc/meminfo, or 8 GiB where that cannot be read.
+pub fn default_budget() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| mem_available(&s))
+        .unwrap_or(FALLBACK_BUDGET)
+}
+
+fn mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line["MemAvailable:".len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data set sizes from the IDX headers, and the plan of a config
+// ---------------------------------------------------------------------------------------------
+
+/// The sizes of an MNIST-format directory, from the image files' headers alone.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DataSizes {
+    pub train: usize,
+    pub test: usize,
+    /// (C, H, W) of one image.
+    pub image_shape: [usize; 3],
+    pub classes: usize,
+}
+
+impl DataSizes {
+    /// Bytes the trainer holds per rank: the whole training and test sets as f32 with u32 labels
+    /// (`data.train_subset` truncates without freeing), plus each rank's copy of its test shard.
+    pub fn resident_bytes(&self, world_size: usize) -> u64 {
+        let per_sample = (self.image_shape.iter().product::<usize>() as u64 + 1) * F32_BYTES;
+        let shard = if world_size > 1 {
+            self.test.div_ceil(world_size) as u64
+        } else {
+            0
+        };
+        (self.train as u64 + self.test as u64 + shard) * per_sample
+    }
+}
+
+/// `dir/base.gz` if it exists, else `dir/base` (as `data::mnist` looks them up).
+fn find_idx(dir: &Path, base: &str) -> Result<PathBuf> {
+    let gz = dir.join(format!("{base}.gz"));
+    if gz.exists() {
+        return Ok(gz);
+    }
+    let raw = dir.join(base);
+    if raw.exists() {
+        return Ok(raw);
+    }
+    Err(Error::data(
+        raw,
+        format!(
+            "not found: looked for {base}.gz and {base} in {}",
+            dir.display()
+        ),
+    ))
+}
+
+/// The dimensions in an IDX image file's header (magic 0x803, [count, rows, cols]), decoding
+/// only the first 16 bytes of a gzip stream.
+fn idx_image_dims(path: &Path) -> Result<[usize; 3]> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut magic = [0u8; 2];
+    let n = file.read(&mut magic).map_err(|e| Error::io(path, e))?;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut reader: Box<dyn Read> = if n == 2 && magic == [0x1f, 0x8b] {
+        Box::new(flate2::read::MultiGzDecoder::new(std::io::BufReader::new(
+            file,
+        )))
+    } else {
+        Box::new(file)
+    };
+    let mut header = [0u8; 16];
+    reader.read_exact(&mut header).map_err(|e| {
+        Error::data(
+            path,
+            format!("cannot read the 16-byte IDX image header: {e}"),
+        )
+    })?;
+    let word =
+        |i: usize| u32::from_be_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    if word(0) != idx::IMAGES_MAGIC {
+        return Err(Error::data(
+            path,
+            format!(
+                "not an IDX image file: magic 0x{:08x}, expected 0x{:08x}",
+                word(0),
+                idx::IMAGES_MAGIC
+            ),
+        ));
+    }
+    let dims = [word(4) as usize, word(8) as usize, word(12) as usize];
+    if dims.contains(&0) {
+        return Err(Error::data(
+            path,
+            format!("zero dimension in the header: {dims:?}"),
+        ));
+    }
+    Ok(dims)
+}
+
+/// Train/test sizes and the image shape of an MNIST-format directory, without loading it.
+pub fn read_data_sizes(dir: &Path) -> Result<DataSizes> {
+    if !dir.is_dir() {
+        return Err(Error::data(dir, "data directory not found (data.dir)"));
+    }
+    let [train, rows, cols] = idx_image_dims(&find_idx(dir, mnist::TRAIN_IMAGES)?)?;
+    let [test, ..] = idx_image_dims(&find_idx(dir, mnist::TEST_IMAGES)?)?;
+    Ok(DataSizes {
+        train,
+        test,
+        image_shape: [1, rows, cols],
+        classes: mnist::NUM_CLASSES,
+    })
+}
+
+/// The plan of a validated config on `world_size` ranks with `budget` bytes per rank: reads the
+/// data set's headers, sizes the model, and plans.
+pub fn plan_config(cfg: &Config, world_size: usize, budget: u64) -> Result<Plan> {
+    let sizes = read_data_sizes(&cfg.data.dir)?;
+    let model = crate::model::build(
+        &cfg.model.kind,
+        &cfg.model.hidden(),
+        sizes.image_shape,
+        sizes.classes,
+    )?;
+    let params = model.layout().len();
+    let fixed = sizes.resident_bytes(world_size.max(1)) + RUNTIME_BASELINE_BYTES;
+    let mut input = PlanInput::from_config(
+        cfg,
+        world_size,
+        budget,
+        fixed,
+        params,
+        sizes.image_shape,
+        sizes.classes,
+    )?;
+    input.eval_samples = input
+        .eval_samples
+        .min(sizes.test.div_ceil(world_size))
+        .max(1);
+    plan(&input)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+    const MIB: u64 = 1 << 20;
+    /// Fashion-MNIST in memory: 60 000 + 10 000 images of 784 f32 and their labels.
+    const DATA: u64 = 70_000 * 785 * 4;
+
+    fn cfg(sets: &[&str]) -> Config {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Config::from_toml_str("", &sets).unwrap()
+    }
+
+    fn input(sets: &[&str], world: usize, budget: u64) -> PlanInput {
+        let c = cfg(sets);
+        let p = crate::model::build(&c.model.kind, &c.model.hidden(), [1, 28, 28], 10)
+            .unwrap()
+            .layout()
+            .len();
+        let data = DataSizes {
+            train: 60_000,
+            test: 10_000,
+            image_shape: [1, 28, 28],
+            classes: 10,
+        };
+        let fixed = data.resident_bytes(world) + RUNTIME_BASELINE_BYTES;
+        PlanInput::from_config(&c, world, budget, fixed, p, [1, 28, 28], 10).unwrap()
+    }
+
+    #[test]
+    fn parse_bytes_units() {
+        assert_eq!(parse_bytes("3000000").unwrap(), 3_000_000);
+        assert_eq!(parse_bytes("2GiB").unwrap(), 2 * GIB);
+        assert_eq!(parse_bytes("2gib").unwrap(), 2 * GIB);
+        assert_eq!(parse_bytes("512MiB").unwrap(), 512 * MIB);
+        assert_eq!(parse_bytes("512 mib").unwrap(), 512 * MIB);
+        assert_eq!(parse_bytes("1.5GB").unwrap(), 1_500_000_000);
+        assert_eq!(parse_bytes("1.5gb").unwrap(), 1_500_000_000);
+        assert_eq!(parse_bytes("64KB").unwrap(), 64_000);
+        assert_eq!(parse_bytes("64k").unwrap(), 65_536);
+        assert_eq!(parse_bytes("1T").unwrap(), 1 << 40);
+        assert_eq!(parse_bytes(" 100B ").unwrap(), 100);
+        assert_eq!(parse_bytes("0.5GiB").unwrap(), GIB / 2);
+        for junk in [
+            "",
+            "GiB",
+            "two GiB",
+            "2XB",
+            "1.2.3GB",
+            "-1GiB",
+            "0",
+            "1e3",
+            "99999999999TiB",
+            "2 Gi B",
+        ] {
+            match parse_bytes(junk) {
+                Err(Error::Config { key, .. }) => assert_eq!(key, "--memory", "{junk:?}"),
+                other => panic!("{junk:?} → {other:?}"),
+            }
+        }
+        // What `fmt_bytes_ceil` suggests parses back to at least the amount.
+        for b in [1, 1023, 1024, 1_500_000, 2 * GIB + 1, 3 * GIB] {
+            assert!(parse_bytes(&fmt_bytes_ceil(b)).unwrap() >= b, "{b}");
+        }
+    }
+
+    #[test]
+    fn mem_available_is_read() {
+        let m = "MemTotal:       24683520 kB\nMemFree:        20238528 kB\nMemAvailable:   23448752 kB\n";
+        assert_eq!(mem_available(m), Some(23_448_752 * 1024));
+        assert_eq!(mem_available("MemTotal: 1 kB\n"), None);
+        assert!(default_budget() > 0);
+    }
+
+    /// The calibration: peak RSS of the default MLP grew by ≈ 38 KB per sample (batch 1024 → 8192:
+    /// 323 → 596 MB; 16 → 4096: 38.4 KiB/sample).
+    #[test]
+    fn mlp_activations_match_the_measured_marginal_cost() {
+        let floats =
+            activation_floats_per_sample("mlp", &[500, 500, 500], [1, 28, 28], 10).unwrap();
+        let bytes = floats as f64 * 4.0;
+        let measured = (596.0 - 323.0) * 1024.0 * 1024.0 / (8192.0 - 1024.0);
+        assert!(
+            (bytes / measured - 1.0).abs() < 0.2,
+            "{bytes} B/sample predicted, {measured} measured"
+        );
+        assert!((bytes / 38_000.0 - 1.0).abs() < 0.2, "{bytes}");
+        // Well above the ≈ 3 000 forward activations: candle keeps much more than that.
+        assert!(floats > 3 * 3_000, "{floats}");
+        // Per layer: 4 dense layers; the input layer has no input gradient.
+        let p = activation_profile("mlp", &[500, 500, 500], [1, 28, 28], 10, 2).unwrap();
+        assert_eq!(p.layers.len(), 4);
+        assert_eq!(p.batch_floats, 794);
+        assert!(p.recompute_floats < p.train_floats);
+        assert!(p.eval_floats < p.train_floats);
+        // The default CNN: measured 827–943 KiB/sample.
+        let cnn = activation_floats_per_sample("cnn", &[20, 10], [1, 28, 28], 10).unwrap() as f64
+            * 4.0
+            / 1024.0;
+        assert!((800.0..1000.0).contains(&cnn), "{cnn} KiB/sample");
+        assert!(activation_floats_per_sample("resnet", &[], [1, 28, 28], 10).is_err());
+        assert!(activation_floats_per_sample("cnn", &[20], [1, 28, 28], 10).is_err());
+    }
+
+    #[test]
+    fn buffers_follow_the_optimizer() {
+        let rk4 = input(&[], 1, GIB);
+        assert_eq!(
+            (
+                rk4.stages,
+                rk4.resident_stage_buffers,
+                rk4.streaming_stage_buffers
+            ),
+            (4, 3, 1)
+        );
+        assert_eq!(
+            (
+                rk4.replicated_buffers,
+                rk4.state_buffers,
+                rk4.scratch_buffers
+            ),
+            (4, 0, 2)
+        );
+        let full = input(
+            &[
+                "optimizer.preconditioner=modified-adagrad",
+                "optimizer.momentum=0.9",
+                "optimizer.tableau=dopri54",
+            ],
+            1,
+            GIB,
+        );
+        assert_eq!(
+            (
+                full.state_buffers,
+                full.scratch_buffers,
+                full.resident_stage_buffers
+            ),
+            (2, 4, 6)
+        );
+        assert!(full.streaming_stage_buffers < 6);
+        let adam = input(&["optimizer.kind=adam", "optimizer.lr=0.001"], 1, GIB);
+        assert_eq!(
+            (adam.stages, adam.state_buffers, adam.scratch_buffers),
+            (1, 2, 5)
+        );
+        assert_eq!(plan(&adam).unwrap().chosen.stage_buffers, StagePolicy::None);
+        let sgd = input(&["optimizer.kind=sgd"], 1, GIB);
+        assert_eq!((sgd.state_buffers, sgd.replicated_buffers), (0, 3));
+    }
+
+    #[test]
+    fn small_batch_is_one_resident_pass() {
+        let i = input(&["optimizer.streaming=false"], 1, 2 * GIB);
+        let p = plan(&i).unwrap();
+        assert_eq!(p.chosen.stage_buffers, StagePolicy::Resident);
+        assert_eq!((p.chosen.micro_batches, p.chosen.micro_batch), (1, 16));
+        assert!(p.chosen.executable && p.chosen.fits);
+        assert_eq!(p.chosen.relative_time, 1.0);
+        assert!(p.overrides.is_empty(), "{:?}", p.overrides);
+        assert!(
+            p.reason.contains("resident stage buffers fit"),
+            "{}",
+            p.reason
+        );
+        // The default config streams (same arithmetic), also in one pass.
+        let p = plan(&input(&[], 1, 2 * GIB)).unwrap();
+        assert_eq!(
+            (p.chosen.stage_buffers, p.chosen.micro_batches),
+            (StagePolicy::Streaming, 1)
+        );
+        // The prediction is close to the measured 286 MB at batch 16 (runtime baseline included).
+        assert!(
+            (270 * MIB..340 * MIB).contains(&p.chosen.peak_bytes),
+            "{}",
+            fmt_bytes(p.chosen.peak_bytes)
+        );
+        let table = format_plan(&p);
+        assert!(table.contains("* streaming (1)"), "{table}");
+        assert!(table.contains("reason:"), "{table}");
+    }
+
+    #[test]
+    fn full_batch_in_two_gib_is_micro_batched() {
+        let budget = 2 * GIB;
+        let i = input(&["train.batch_size=60000"], 1, budget);
+        let p = plan(&i).unwrap();
+        let c = &p.chosen;
+        assert!(c.micro_batches > 1, "{c:?}");
+        assert!(c.peak_bytes <= budget);
+        assert!(c.executable && !c.recompute && !c.shard);
+        assert_eq!(c.micro_batches, 60_000usize.div_ceil(c.micro_batch));
+        // Even split: no micro-batch is much smaller than the others.
+        assert!(c.micro_batch * c.micro_batches - 60_000 < c.micro_batches);
+        // One pass would not fit.
+        assert!(candidate(&i, c.stage_buffers, 60_000, false, false).peak_bytes > budget);
+        assert!(p.reason.contains("micro-batches of"), "{}", p.reason);
+        assert_eq!(
+            p.overrides,
+            vec![format!("train.micro_batch={}", c.micro_batch)]
+        );
+        assert!(format_plan(&p).contains("--set train.micro_batch="));
+        // JSON serializes.
+        let j = serde_json::to_value(&p).unwrap();
+        assert_eq!(j["chosen"]["micro_batch"], c.micro_batch);
+        assert_eq!(j["chosen"]["stage_buffers"], "streaming");
+    }
+
+    #[test]
+    fn tiny_budget_says_what_would_fit() {
+        // 400 MiB: the data set and runtime (≈ 270 MiB) leave room for a smaller batch only.
+        let i = input(&["train.batch_size=60000"], 1, 400 * MIB);
+        let msg = match plan(&i) {
+            Err(Error::Other(m)) => m,
+            other => panic!(
+                "expected a does-not-fit error, got {:?}",
+                other.map(|p| p.chosen)
+            ),
+        };
+        assert!(msg.contains("per-rank batch 60000"), "{msg}");
+        assert!(msg.contains("largest per-rank batch that fits"), "{msg}");
+        assert!(msg.contains("--memory"), "{msg}");
+        // The suggested batch fits, and one more does not.
+        let largest: usize = msg
+            .split("fits 400 MiB is ")
+            .nth(1)
+            .unwrap()
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let mut at = i.clone();
+        at.per_rank_batch = largest;
+        assert!(plan(&at).is_ok());
+        at.per_rank_batch = largest + 1;
+        assert!(plan(&at).is_err());
+        // The suggested budget fits the batch.
+        let suggested = msg
+            .split("give --memory ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap();
+        let mut more = i.clone();
+        more.budget = parse_bytes(suggested).unwrap();
+        assert!(plan(&more).is_ok(), "{suggested}");
+        // Below the data set itself nothing fits, whatever the batch.
+        let msg = plan(&input(&[], 1, 100 * MIB)).unwrap_err().to_string();
+        assert!(msg.contains("Not even a per-rank batch of 1 fits"), "{msg}");
+    }
+
+    #[test]
+    fn only_sharding_fits_on_four_ranks() {
+        // A wide MLP with the full RK4 (preconditioner, momentum, resident stages): 8 of its
+        // 12 parameter-sized buffers can be sharded.
+        let sets = [
+            "model.hidden=[4000, 4000]",
+            "optimizer.preconditioner=modified-adagrad",
+            "optimizer.momentum=0.9",
+            "optimizer.streaming=false",
+            "train.batch_size=256",
+        ];
+        let probe = input(&sets, 4, GIB);
+        let floor =
+            |shard: bool| candidate(&probe, StagePolicy::Streaming, 1, true, shard).peak_bytes;
+        let (unsharded, sharded) = (floor(false), floor(true));
+        assert!(
+            sharded + 100 * MIB < unsharded,
+            "{} vs {}",
+            fmt_bytes(sharded),
+            fmt_bytes(unsharded)
+        );
+        let budget = (sharded + unsharded) / 2;
+        let p = plan(&input(&sets, 4, budget)).unwrap();
+        assert!(p.chosen.shard, "{:?}", p.chosen);
+        assert!(!p.chosen.executable);
+        assert!(p.chosen.peak_bytes <= budget);
+        assert!(p.candidates.iter().filter(|c| !c.shard).all(|c| !c.fits));
+        assert!(p.reason.contains("not yet executed"), "{}", p.reason);
+        assert!(p.overrides.is_empty());
+        assert!(format_plan(&p).contains("not yet executed"));
+        // With one rank there is nothing to shard: it does not fit.
+        assert!(plan(&input(&sets, 1, budget)).is_err());
+    }
+
+    #[test]
+    fn peak_grows_with_the_batch_at_a_fixed_plan() {
+        let mut i = input(&["train.batch_size=60000"], 1, GIB);
+        for &(policy, m, recompute) in &[
+            (StagePolicy::Streaming, 1000, false),
+            (StagePolicy::Resident, 60_000, false),
+            (StagePolicy::Streaming, 50, true),
+        ] {
+            let mut last = 0;
+            for b in [1, 2, 10, 100, 999, 1000, 1001, 5000, 60_000] {
+                i.per_rank_batch = b;
+                let peak = predict(&i, policy, m, recompute, false).peak();
+                assert!(
+                    peak >= last,
+                    "{policy:?} m={m}: batch {b} → {peak} < {last}"
+                );
+                last = peak;
+            }
+        }
+        // And with the micro-batch at a fixed batch.
+        i.per_rank_batch = 60_000;
+        let peaks: Vec<u64> = [1, 10, 1000, 30_000, 60_000]
+            .iter()
+            .map(|&m| predict(&i, StagePolicy::Streaming, m, false, false).peak())
+            .collect();
+        assert!(peaks.windows(2).all(|w| w[0] <= w[1]), "{peaks:?}");
+    }
+
+    #[test]
+    fn streaming_is_chosen_when_resident_does_not_fit() {
+        // dopri54 keeps 6 stage buffers resident; streaming far fewer. Give a budget between.
+        let sets = [
+            "model.hidden=[4000, 4000]",
+            "optimizer.tableau=dopri54",
+            "optimizer.streaming=false",
+        ];
+        let i = input(&sets, 1, GIB);
+        let floor = |p| candidate(&i, p, 1, false, false).peak_bytes;
+        let budget = (floor(StagePolicy::Streaming) + floor(StagePolicy::Resident)) / 2;
+        let p = plan(&input(&sets, 1, budget)).unwrap();
+        assert_eq!(p.chosen.stage_buffers, StagePolicy::Streaming);
+        assert!(p.chosen.executable);
+        assert!(
+            p.overrides
+                .contains(&"optimizer.streaming=true".to_string()),
+            "{:?}",
+            p.overrides
+        );
+    }
+
+    #[test]
+    fn data_sizes_from_headers() {
+        let dir = tempfile::tempdir().unwrap();
+        let header = |n: u32, r: u32, c: u32| {
+            [0x803u32, n, r, c]
+                .iter()
+                .flat_map(|w| w.to_be_bytes())
+                .collect::<Vec<u8>>()
+        };
+        // Train gzip-compressed with a (short) payload, test raw and header-only.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut gz, &header(60_000, 28, 28)).unwrap();
+        std::io::Write::write_all(&mut gz, &[0u8; 100]).unwrap();
+        std::fs::write(
+            dir.path().join(format!("{}.gz", mnist::TRAIN_IMAGES)),
+            gz.finish().unwrap(),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join(mnist::TEST_IMAGES), header(10_000, 28, 28)).unwrap();
+        let s = read_data_sizes(dir.path()).unwrap();
+        assert_eq!(
+            s,
+            DataSizes {
+                train: 60_000,
+                test: 10_000,
+                image_shape: [1, 28, 28],
+                classes: 10
+            }
+        );
+        assert_eq!(s.resident_bytes(1), DATA);
+        // A wrong magic and a missing directory are data errors naming the file.
+        std::fs::write(dir.path().join(mnist::TEST_IMAGES), [0u8; 16]).unwrap();
+        assert!(read_data_sizes(dir.path())
+            .unwrap_err()
+            .to_string()
+            .contains(mnist::TEST_IMAGES));
+        assert!(read_data_sizes(&dir.path().join("nope")).is_err());
+    }
+
+    #[test]
+    fn real_fashion_mnist_plan_if_installed() {
+        let c = cfg(&["train.batch_size=60000", "train.eval_chunk=10000"]);
+        if !c.data.dir.is_dir() {
+            eprintln!("SKIPPED: {} not installed", c.data.dir.display());
+            return;
+        }
+        let p = plan_config(&c, 4, 2 * GIB).unwrap();
+        assert_eq!((p.input.params, p.input.per_rank_batch), (898_510, 15_000));
+        assert!(p.chosen.fits && p.chosen.executable);
+    }
+}
