@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use kutta_trainer::bench::{self, BenchOptions};
 use kutta_trainer::bench_collectives::{self, CollectivesOptions, Part, TimedComm, WorkerOptions};
+use kutta_trainer::bench_sweep::{self, SweepOptions};
 use kutta_trainer::config::Config;
 use kutta_trainer::planner;
 use kutta_trainer::tableau::Tableau;
@@ -89,18 +90,19 @@ enum Command {
         json: bool,
     },
     /// Time optimizer steps (sgd, adam, rk4, rk4 with all modifications) on the MLP; with
-    /// --collectives, all-reduce bandwidth and the weak scaling of rk4 steps over MPI ranks.
+    /// --collectives, all-reduce bandwidth and the weak scaling of rk4 steps over MPI ranks; with
+    /// --sweep batch, sgd/adam/rk4 against the batch size under a memory plan, with CSV and SVG.
     Bench {
-        /// Batch sizes, comma-separated.
-        #[arg(long, value_delimiter = ',', default_values_t = vec![16usize, 128, 1024, 8192], conflicts_with = "collectives")]
-        batch_sizes: Vec<usize>,
-        /// Minimum seconds spent timing each cell [default: 2; with --collectives 0.5 per
-        /// all-reduce size, 4 × this for each job's steps].
+        /// Batch sizes, comma-separated [default: 16,128,1024,8192; with --sweep 16,128,1024,8192,60000].
+        #[arg(long, value_delimiter = ',', conflicts_with = "collectives")]
+        batch_sizes: Option<Vec<usize>>,
+        /// Minimum seconds spent timing each cell [default: 2; with --sweep 2 per batch size;
+        /// with --collectives 0.5 per all-reduce size, 4 × this for each job's steps].
         #[arg(long)]
         min_seconds: Option<f64>,
-        /// Minimum timed steps per cell (after one warm-up step).
-        #[arg(long, default_value_t = 5)]
-        min_reps: usize,
+        /// Minimum timed steps per cell (after one warm-up step) [default: 5; with --sweep 3].
+        #[arg(long)]
+        min_reps: Option<usize>,
         /// Config providing the model and data (default: the paper's MLP on Fashion-MNIST).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -120,6 +122,16 @@ enum Command {
         /// --collectives: the mpirun that starts the jobs.
         #[arg(long, default_value = "mpirun", requires = "collectives")]
         mpirun: String,
+        /// Sweep a parameter: `batch` times sgd, adam and rk4 at each --batch-sizes entry, laid out
+        /// by the memory planner under --memory, and writes sweep.csv and sweep.svg to --out.
+        #[arg(long, value_parser = ["batch"], conflicts_with = "collectives")]
+        sweep: Option<String>,
+        /// --sweep: memory budget the planner lays each batch size out under, e.g. 2GiB, 512MiB [default: 2GiB].
+        #[arg(long, requires = "sweep")]
+        memory: Option<String>,
+        /// --sweep: folder for sweep.csv and sweep.svg [default: runs/bench-sweep-<unix time>].
+        #[arg(long, requires = "sweep")]
+        out: Option<PathBuf>,
         /// Internal: one rank of a --collectives child job, timing these parts.
         #[arg(long, hide = true, value_delimiter = ',', value_parser = Part::NAMES, conflicts_with = "collectives")]
         collectives_worker: Option<Vec<String>>,
@@ -141,7 +153,7 @@ fn main() {
                 parts: parts.iter().filter_map(|p| Part::parse(p)).collect(),
                 per_rank_batch,
                 min_seconds: min_seconds.unwrap_or(0.5),
-                min_reps,
+                min_reps: min_reps.unwrap_or(5),
                 config,
                 ..Default::default()
             };
@@ -329,11 +341,16 @@ fn run(command: Command) -> Result<()> {
             }
         }
         Command::Bench { collectives: true, max_ranks, per_rank_batch, mpirun, min_seconds, min_reps, config, json, .. } => {
-            let opts = CollectivesOptions { max_ranks, per_rank_batch, min_seconds: min_seconds.unwrap_or(0.5), min_reps, config, mpirun };
+            let opts = CollectivesOptions { max_ranks, per_rank_batch, min_seconds: min_seconds.unwrap_or(0.5), min_reps: min_reps.unwrap_or(5), config, mpirun };
             bench_collectives_driver(&opts, json)?
         }
+        Command::Bench { sweep: Some(_), batch_sizes, min_seconds, min_reps, config, json, memory, out, .. } => {
+            bench_sweep_driver(batch_sizes, min_seconds, min_reps, config, memory, out, json)?
+        }
         Command::Bench { batch_sizes, min_seconds, min_reps, config, json, .. } => {
+            let batch_sizes = batch_sizes.unwrap_or_else(|| vec![16, 128, 1024, 8192]);
             let min_seconds = min_seconds.unwrap_or(2.0);
+            let min_reps = min_reps.unwrap_or(5);
             let base = match &config {
                 Some(p) => Config::load(p, &[])?,
                 None => Config::default(),
@@ -354,6 +371,55 @@ fn run(command: Command) -> Result<()> {
                 println!("reproduce: kutta bench --batch-sizes {} --min-seconds {min_seconds} --min-reps {min_reps}", opts.batch_sizes.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(","));
             }
         }
+    }
+    Ok(())
+}
+
+/// `kutta bench --sweep batch`: plan, time, print the table, write sweep.csv and sweep.svg.
+fn bench_sweep_driver(
+    batch_sizes: Option<Vec<usize>>,
+    min_seconds: Option<f64>,
+    min_reps: Option<usize>,
+    config: Option<PathBuf>,
+    memory: Option<String>,
+    out: Option<PathBuf>,
+    json: bool,
+) -> Result<()> {
+    let defaults = SweepOptions::default();
+    let memory = memory.unwrap_or_else(|| "2GiB".into());
+    let batch_sizes = batch_sizes.unwrap_or(defaults.batch_sizes.clone());
+    anyhow::ensure!(!batch_sizes.is_empty() && !batch_sizes.contains(&0), "--batch-sizes: batch sizes must be positive");
+    let opts = SweepOptions {
+        batch_sizes,
+        budget: planner::parse_bytes(&memory)?,
+        min_seconds: min_seconds.unwrap_or(defaults.min_seconds),
+        min_reps: min_reps.unwrap_or(defaults.min_reps),
+        base: match &config {
+            Some(p) => Config::load(p, &[])?,
+            None => Config::default(),
+        },
+        ..defaults
+    };
+    let out = out.unwrap_or_else(bench_sweep::default_out_dir);
+    let mut report = bench_sweep::run(&opts, |line| {
+        if !json {
+            eprintln!("  {line}");
+        }
+    })?;
+    let sizes: Vec<String> = opts.batch_sizes.iter().map(|b| b.to_string()).collect();
+    report.command = format!(
+        "kutta bench --sweep batch --memory {memory} --batch-sizes {} --min-seconds {} --min-reps {}{}",
+        sizes.join(","),
+        opts.min_seconds,
+        opts.min_reps,
+        config.map_or(String::new(), |p| format!(" --config {}", p.display()))
+    );
+    bench_sweep::write_outputs(&mut report, &out)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", bench_sweep::format_table(&report));
+        println!("wrote {} and {}", out.join("sweep.csv").display(), out.join("sweep.svg").display());
     }
     Ok(())
 }
@@ -445,12 +511,31 @@ mod tests {
         match Cli::try_parse_from(argv).unwrap().command {
             Command::Bench { collectives_worker: Some(parts), per_rank_batch, min_seconds, min_reps, config, collectives, .. } => {
                 assert_eq!(parts, ["steps", "allreduce"]);
-                assert_eq!((per_rank_batch, min_seconds, min_reps, collectives), (128, Some(0.5), 5, false));
+                assert_eq!((per_rank_batch, min_seconds, min_reps, collectives), (128, Some(0.5), Some(5), false));
                 assert_eq!(config, Some(PathBuf::from("configs/x.toml")));
             }
             _ => panic!("not a worker"),
         }
         assert!(Cli::try_parse_from(["kutta", "bench", "--collectives", "--batch-sizes", "4"]).is_err());
         assert!(Cli::try_parse_from(["kutta", "bench", "--max-ranks", "4"]).is_err());
+    }
+
+    /// `--sweep batch` takes --memory and --out; those need --sweep, and it excludes --collectives.
+    #[test]
+    fn sweep_args_parse() {
+        match Cli::try_parse_from(["kutta", "bench", "--sweep", "batch", "--memory", "1GiB", "--batch-sizes", "8,16", "--out", "x"]).unwrap().command {
+            Command::Bench { sweep, memory, batch_sizes, out, min_reps, .. } => {
+                assert_eq!(sweep.as_deref(), Some("batch"));
+                assert_eq!(memory.as_deref(), Some("1GiB"));
+                assert_eq!(batch_sizes, Some(vec![8, 16]));
+                assert_eq!(out, Some(PathBuf::from("x")));
+                assert_eq!(min_reps, None);
+            }
+            _ => panic!("not a bench"),
+        }
+        assert!(Cli::try_parse_from(["kutta", "bench", "--memory", "1GiB"]).is_err());
+        assert!(Cli::try_parse_from(["kutta", "bench", "--out", "x"]).is_err());
+        assert!(Cli::try_parse_from(["kutta", "bench", "--sweep", "lr"]).is_err());
+        assert!(Cli::try_parse_from(["kutta", "bench", "--sweep", "batch", "--collectives"]).is_err());
     }
 }

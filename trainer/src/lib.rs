@@ -24,3 +24,4 @@ pub mod planner;
 pub mod train;
 pub mod bench;
 pub mod bench_collectives;
+pub mod bench_sweep;
