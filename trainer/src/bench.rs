@@ -111,43 +111,16 @@ pub fn run(opts: &BenchOptions, mut on_row: impl FnMut(&BenchRow)) -> Result<Ben
     let variants = variants();
     let mut rows = Vec::new();
     for &bs in &opts.batch_sizes {
-        struct Cell {
-            opt: Box<dyn crate::optim::Optimizer<f32>>,
-            theta: Vec<f32>,
-            step_ms: Vec<f64>,
-            eval_ms: Vec<f64>,
-            evals: u64,
-        }
-        let mut cells = Vec::new();
+        let mut opts_for_size = Vec::new();
         for (_, sets) in &variants {
             let sets: Vec<String> = sets.iter().map(|s| s.to_string()).chain([format!("train.batch_size={bs}")]).collect();
-            let cfg = Config::from_toml_str(&opts.base.to_toml(), &sets)?;
-            cells.push(Cell { opt: build_optimizer(&cfg)?, theta: theta0.clone(), step_ms: vec![], eval_ms: vec![], evals: 0 });
+            opts_for_size.push(build_optimizer(&Config::from_toml_str(&opts.base.to_toml(), &sets)?)?);
         }
-        let mut sampler = BatchSampler::new(data.len(), bs, 0, true);
         let mut field = ModelField::new(model.as_ref(), &data);
-        let start = Instant::now();
-        for step in 0u64.. {
-            let batch = sampler.batch(step);
-            field.set_batch(&batch, bs);
-            let n = cells.len();
-            for c in 0..n {
-                let cell = &mut cells[(c + step as usize) % n];
-                let t = Instant::now();
-                let r = cell.opt.step(step, &mut cell.theta, &mut field)?;
-                let ms = t.elapsed().as_secs_f64() * 1e3;
-                if step > 0 {
-                    // step 0 is warm-up (allocation, caches, DALR's first-step probe)
-                    cell.step_ms.push(ms);
-                    cell.eval_ms.push(ms / r.grad_evals as f64);
-                    cell.evals += r.grad_evals;
-                }
-            }
-            let reps = step as usize;
-            if reps >= opts.max_reps || (reps >= opts.min_reps && start.elapsed().as_secs_f64() >= opts.min_seconds * n as f64) {
-                break;
-            }
-        }
+        let n = opts_for_size.len();
+        let cells = time_interleaved(opts_for_size, &theta0, &mut field, data.len(), bs, |reps, secs| {
+            reps >= opts.max_reps || (reps >= opts.min_reps && secs >= opts.min_seconds * n as f64)
+        })?;
         for ((label, _), mut cell) in variants.iter().zip(cells) {
             let reps = cell.step_ms.len();
             let row = BenchRow {
@@ -176,6 +149,54 @@ pub fn run(opts: &BenchOptions, mut on_row: impl FnMut(&BenchRow)) -> Result<Ben
         rows,
         rk4_over_sgd,
     })
+}
+
+/// Step times of optimizers timed side by side.
+pub(crate) struct Timed {
+    pub step_ms: Vec<f64>,
+    pub eval_ms: Vec<f64>,
+    pub evals: u64,
+}
+
+/// Time `optimizers` on the same batches, interleaved: each round takes one step of each, in
+/// rotating order, so drift in the machine's speed falls on all alike. Round 0 is warm-up
+/// (allocation, caches, DALR's first-step probe) and is not timed; `stop(timed rounds, seconds
+/// since warm-up)` ends the loop. Gathering each batch is outside the timed steps, as in training.
+pub(crate) fn time_interleaved(
+    optimizers: Vec<Box<dyn crate::optim::Optimizer<f32>>>,
+    theta0: &[f32],
+    field: &mut ModelField<'_>,
+    samples: usize,
+    batch_size: usize,
+    stop: impl Fn(usize, f64) -> bool,
+) -> Result<Vec<Timed>> {
+    let n = optimizers.len();
+    let mut cells: Vec<(_, Vec<f32>, Timed)> = optimizers
+        .into_iter()
+        .map(|o| (o, theta0.to_vec(), Timed { step_ms: vec![], eval_ms: vec![], evals: 0 }))
+        .collect();
+    let mut sampler = BatchSampler::new(samples, batch_size, 0, true);
+    let mut timed_since = Instant::now();
+    for step in 0u64.. {
+        field.set_batch(&sampler.batch(step), batch_size);
+        for c in 0..n {
+            let (opt, theta, timed) = &mut cells[(c + step as usize) % n];
+            let t = Instant::now();
+            let r = opt.step(step, theta, field)?;
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            if step > 0 {
+                timed.step_ms.push(ms);
+                timed.eval_ms.push(ms / r.grad_evals as f64);
+                timed.evals += r.grad_evals;
+            }
+        }
+        if step == 0 {
+            timed_since = Instant::now();
+        } else if stop(step as usize, timed_since.elapsed().as_secs_f64()) {
+            break;
+        }
+    }
+    Ok(cells.into_iter().map(|(_, _, t)| t).collect())
 }
 
 /// CPU model name from /proc/cpuinfo (Linux), or the architecture.

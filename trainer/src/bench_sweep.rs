@@ -11,9 +11,9 @@
 //! so drift in the machine's speed falls on all three alike. Outputs: a table, `sweep.csv` and
 //! `sweep.svg` (step time against batch size, both axes logarithmic).
 
-use crate::bench::{bench_data, machine_description, median};
+use crate::bench::{bench_data, machine_description, median, time_interleaved};
 use crate::config::Config;
-use crate::data::{sampler::BatchSampler, Dataset};
+use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::memory;
 use crate::model::{self, ModelField};
@@ -21,7 +21,7 @@ use crate::planner::{self, Plan};
 use crate::train::{build_model, build_optimizer};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+
 
 /// The goal for rk4 / (4 × sgd) at every batch size.
 pub const GOAL: f64 = 1.10;
@@ -194,46 +194,14 @@ pub fn run(opts: &SweepOptions, mut on_progress: impl FnMut(&str)) -> Result<Swe
 
     let mut rows = Vec::new();
     for (&bs, plan) in opts.batch_sizes.iter().zip(&plans) {
-        struct Cell {
-            opt: Box<dyn crate::optim::Optimizer<f32>>,
-            theta: Vec<f32>,
-            step_ms: Vec<f64>,
-            evals: u64,
-        }
         // The previous size's optimizers and batch are dropped: its peak must not count here.
         let peak_reset = memory::reset_peak();
-        let mut cells = Vec::new();
-        for cfg in &plan.configs {
-            cells.push(Cell { opt: build_optimizer(cfg)?, theta: theta0.clone(), step_ms: vec![], evals: 0 });
-        }
-        let mut sampler = BatchSampler::new(data.len(), bs, 0, true);
+        let optimizers = plan.configs.iter().map(build_optimizer).collect::<Result<Vec<_>>>()?;
         let mut field = ModelField::new(model.as_ref(), &data);
         field.set_micro_batch(plan.micro_batch);
-        let mut timed_since = Instant::now();
-        for step in 0u64.. {
-            // Gathering the batch is outside the timed steps, as in training (once per step).
-            field.set_batch(&sampler.batch(step), bs);
-            let n = cells.len();
-            for c in 0..n {
-                let cell = &mut cells[(c + step as usize) % n];
-                let t = Instant::now();
-                let r = cell.opt.step(step, &mut cell.theta, &mut field)?;
-                let ms = t.elapsed().as_secs_f64() * 1e3;
-                if step > 0 {
-                    // step 0 is warm-up (allocation, caches)
-                    cell.step_ms.push(ms);
-                    cell.evals += r.grad_evals;
-                }
-            }
-            if step == 0 {
-                timed_since = Instant::now();
-                continue;
-            }
-            let reps = step as usize;
-            if reps >= opts.max_reps || (reps >= opts.min_reps && timed_since.elapsed().as_secs_f64() >= opts.min_seconds) {
-                break;
-            }
-        }
+        let mut cells = time_interleaved(optimizers, &theta0, &mut field, data.len(), bs, |reps, secs| {
+            reps >= opts.max_reps || (reps >= opts.min_reps && secs >= opts.min_seconds)
+        })?;
         let measured = if peak_reset { memory::peak_rss_bytes() } else { None };
         let reps = cells[0].step_ms.len();
         let mut ms = [0.0; 3];

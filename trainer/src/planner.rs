@@ -71,7 +71,7 @@
 //! not-yet-executed one chosen, and the plan says so.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Serialize;
 
@@ -1182,25 +1182,6 @@ impl DataSizes {
     }
 }
 
-/// `dir/base.gz` if it exists, else `dir/base` (as `data::mnist` looks them up).
-fn find_idx(dir: &Path, base: &str) -> Result<PathBuf> {
-    let gz = dir.join(format!("{base}.gz"));
-    if gz.exists() {
-        return Ok(gz);
-    }
-    let raw = dir.join(base);
-    if raw.exists() {
-        return Ok(raw);
-    }
-    Err(Error::data(
-        raw,
-        format!(
-            "not found: looked for {base}.gz and {base} in {}",
-            dir.display()
-        ),
-    ))
-}
-
 /// The dimensions in an IDX image file's header (magic 0x803, [count, rows, cols]), decoding
 /// only the first 16 bytes of a gzip stream.
 fn idx_image_dims(path: &Path) -> Result<[usize; 3]> {
@@ -1249,8 +1230,8 @@ pub fn read_data_sizes(dir: &Path) -> Result<DataSizes> {
     if !dir.is_dir() {
         return Err(Error::data(dir, "data directory not found (data.dir)"));
     }
-    let [train, rows, cols] = idx_image_dims(&find_idx(dir, mnist::TRAIN_IMAGES)?)?;
-    let [test, ..] = idx_image_dims(&find_idx(dir, mnist::TEST_IMAGES)?)?;
+    let [train, rows, cols] = idx_image_dims(&mnist::find(dir, mnist::TRAIN_IMAGES)?)?;
+    let [test, ..] = idx_image_dims(&mnist::find(dir, mnist::TEST_IMAGES)?)?;
     Ok(DataSizes {
         train,
         test,

@@ -99,7 +99,7 @@ fn names_looked_for() -> String {
 }
 
 /// `dir/base.gz` if it exists, else `dir/base`, else an error listing both names.
-fn find(dir: &Path, base: &str) -> Result<PathBuf> {
+pub(crate) fn find(dir: &Path, base: &str) -> Result<PathBuf> {
     let gz = dir.join(format!("{base}.gz"));
     if gz.exists() {
         return Ok(gz);
