@@ -44,3 +44,17 @@ impl ParamLayout {
         self.params.iter().find(|p| p.name == name)
     }
 }
+
+/// Test helper: `layout` holds exactly the tensors `expect` (name, shape), in order, packed
+/// back to back from offset 0.
+#[cfg(test)]
+pub(crate) fn assert_contiguous(layout: &ParamLayout, expect: &[(&str, &[usize])]) {
+    assert_eq!(layout.params.len(), expect.len());
+    let mut offset = 0;
+    for (spec, (name, shape)) in layout.params.iter().zip(expect) {
+        assert_eq!(spec.name, *name);
+        assert_eq!(spec.shape, *shape);
+        assert_eq!(spec.offset, offset);
+        offset += spec.numel();
+    }
+}

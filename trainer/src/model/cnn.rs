@@ -100,14 +100,7 @@ mod tests {
             ("head.bias", &[10]),
         ];
         let l = m.layout();
-        assert_eq!(l.params.len(), expect.len());
-        let mut offset = 0;
-        for (spec, (name, shape)) in l.params.iter().zip(expect) {
-            assert_eq!(spec.name, name);
-            assert_eq!(spec.shape, shape);
-            assert_eq!(spec.offset, offset);
-            offset += spec.numel();
-        }
+        crate::layout::assert_contiguous(l, &expect);
         assert_eq!(l.len(), 180 + 20 + 1800 + 10 + 78_400 + 10);
         assert_eq!(l.len(), 80_420);
         assert!(m.describe().ends_with("80420 params"), "{}", m.describe());

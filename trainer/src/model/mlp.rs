@@ -100,14 +100,7 @@ mod tests {
             ("layers.3.weight", &[10, 500]),
             ("layers.3.bias", &[10]),
         ];
-        assert_eq!(l.params.len(), expect.len());
-        let mut offset = 0;
-        for (spec, (name, shape)) in l.params.iter().zip(expect) {
-            assert_eq!(spec.name, name);
-            assert_eq!(spec.shape, shape);
-            assert_eq!(spec.offset, offset);
-            offset += spec.numel();
-        }
+        crate::layout::assert_contiguous(l, &expect);
         assert_eq!(l.get("layers.1.weight").unwrap().offset, 392_500);
         assert_eq!(m.describe(), "mlp 784-500-500-500-10 (ReLU), 898510 params");
     }
