@@ -58,7 +58,26 @@ pub fn run_checks(comm: &mut MpiComm) -> Result<(), String> {
                 (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
             })
             .collect();
+        let noisy_in = noisy.clone();
         comm.all_reduce_sum(&mut noisy).map_err(|e| e.to_string())?;
+
+        // Reduce-scatter of the same data gives this rank's block of the all-reduce (up to
+        // summation order), and all-gather puts the blocks back together exactly.
+        let block = len / n;
+        let mut mine = vec![0.0f32; block];
+        comm.reduce_scatter_sum(&noisy_in[..block * n], &mut mine).map_err(|e| e.to_string())?;
+        if let Some(i) = (0..block).find(|&i| (mine[i] - noisy[rank * block + i]).abs() > 1e-5) {
+            return fail(&format!("reduce_scatter_sum (chunk {chunk}) element {i} is {}, all-reduce gave {}", mine[i], noisy[rank * block + i]));
+        }
+        let own: Vec<f32> = (0..block).map(|i| (rank * block + i) as f32 * 0.25).collect();
+        let mut gathered = vec![f32::NAN; block * n];
+        comm.all_gather(&own, &mut gathered).map_err(|e| e.to_string())?;
+        if let Some(i) = (0..block * n).find(|&i| gathered[i] != i as f32 * 0.25) {
+            return fail(&format!("all_gather (chunk {chunk}) element {i} is {}", gathered[i]));
+        }
+        if n > 1 && comm.all_gather(&own[..block - usize::from(rank == 0)], &mut gathered[..(block - 1) * n]).is_ok() {
+            return fail("all_gather with block lengths differing across ranks succeeded");
+        }
         let mut rank0 = noisy.clone();
         comm.broadcast(&mut rank0, 0).map_err(|e| e.to_string())?;
         if noisy.iter().zip(&rank0).any(|(a, b)| a.to_bits() != b.to_bits()) {

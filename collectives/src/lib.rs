@@ -11,12 +11,16 @@
 pub mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod rendezvous;
 pub mod single;
 
 pub use local::LocalGroup;
 #[cfg(feature = "mpi")]
 pub use crate::mpi::MpiComm;
+#[cfg(feature = "cuda")]
+pub use crate::nccl::NcclComm;
 pub use rendezvous::connect;
 pub use single::SingleProcess;
 
@@ -40,6 +44,29 @@ pub trait Communicator: Send {
     /// Copy `root`'s buffer to every rank.
     fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()>;
     fn barrier(&self) -> Result<()>;
+    /// Reduce-scatter: `send` holds world_size equal blocks (length world_size·recv.len()); the
+    /// element-wise sum over ranks of block `rank` lands in `recv`. With `all_gather` this is the
+    /// sharded optimizer's pair (ZeRO): the same bytes on the wire as one all-reduce.
+    /// The default goes through `all_reduce_sum` on a copy (twice the traffic); real back ends
+    /// override it.
+    fn reduce_scatter_sum(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
+        check_blocks(self, send.len(), recv.len())?;
+        let mut all = send.to_vec();
+        self.all_reduce_sum(&mut all)?;
+        let b = recv.len();
+        recv.copy_from_slice(&all[self.rank() * b..(self.rank() + 1) * b]);
+        Ok(())
+    }
+    /// All-gather: every rank's `send` (equal lengths) concatenated in rank order into `recv`
+    /// (length world_size·send.len()). The default sums zero-padded copies with `all_reduce_sum`
+    /// (exact: x + 0 = x); real back ends override it.
+    fn all_gather(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
+        check_blocks(self, recv.len(), send.len())?;
+        let b = send.len();
+        recv.iter_mut().for_each(|x| *x = 0.0);
+        recv[self.rank() * b..(self.rank() + 1) * b].copy_from_slice(send);
+        self.all_reduce_sum(recv)
+    }
     /// True on the rank that writes files (rank 0).
     fn is_writer(&self) -> bool {
         self.rank() == 0
@@ -79,6 +106,12 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
     fn barrier(&self) -> Result<()> {
         (**self).barrier()
     }
+    fn reduce_scatter_sum(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
+        (**self).reduce_scatter_sum(send, recv)
+    }
+    fn all_gather(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
+        (**self).all_gather(send, recv)
+    }
     fn is_writer(&self) -> bool {
         (**self).is_writer()
     }
@@ -88,4 +121,15 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
     fn name(&self) -> &'static str {
         (**self).name()
     }
+}
+
+/// A reduce-scatter/all-gather buffer pair must be world_size blocks against one block.
+pub fn check_blocks<C: Communicator + ?Sized>(comm: &C, whole: usize, block: usize) -> Result<()> {
+    if whole != block * comm.world_size() {
+        return Err(CommError::Failed {
+            rank: comm.rank(),
+            msg: format!("a sharded collective needs {} × {block} elements, got {whole}", comm.world_size()),
+        });
+    }
+    Ok(())
 }

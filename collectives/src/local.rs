@@ -127,4 +127,35 @@ mod tests {
             assert_eq!(*x, 4.5);
         }
     }
+
+    /// The trait's default reduce-scatter and all-gather (through all-reduce) on thread ranks:
+    /// block r of the sum lands on rank r; the gathered blocks come back in rank order.
+    #[test]
+    fn reduce_scatter_and_all_gather() {
+        let results: Vec<(Vec<f32>, Vec<f32>, bool)> = std::thread::scope(|s| {
+            let handles: Vec<_> = LocalGroup::new(3)
+                .into_iter()
+                .map(|c| {
+                    s.spawn(move || {
+                        let r = c.rank() as f32;
+                        let send: Vec<f32> = (0..6).map(|i| i as f32 + r).collect();
+                        let mut mine = vec![0.0; 2];
+                        c.reduce_scatter_sum(&send, &mut mine).unwrap();
+                        let mut all = vec![0.0; 6];
+                        c.all_gather(&[r, -r], &mut all).unwrap();
+                        let mismatch = c.all_gather(&[r], &mut all).is_err();
+                        (mine, all, mismatch)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (rank, (mine, all, mismatch)) in results.iter().enumerate() {
+            // Σ_r (i + r) = 3i + 3 for i in rank's block [2·rank, 2·rank + 2).
+            let want: Vec<f32> = (2 * rank..2 * rank + 2).map(|i| 3.0 * i as f32 + 3.0).collect();
+            assert_eq!(mine, &want);
+            assert_eq!(all, &vec![0.0, -0.0, 1.0, -1.0, 2.0, -2.0]);
+            assert!(mismatch, "a block of 1 into 6 values on 3 ranks must be an error");
+        }
+    }
 }

@@ -66,6 +66,8 @@ enum Op {
     AllReduceSumF64 = 2,
     Broadcast = 3,
     Barrier = 4,
+    ReduceScatter = 5,
+    AllGather = 6,
 }
 
 impl Op {
@@ -77,6 +79,8 @@ impl Op {
             2 => Some(Op::AllReduceSumF64),
             3 => Some(Op::Broadcast),
             4 => Some(Op::Barrier),
+            5 => Some(Op::ReduceScatter),
+            6 => Some(Op::AllGather),
             _ => None,
         }
     }
@@ -87,6 +91,8 @@ impl Op {
             Op::AllReduceSumF64 => "all_reduce_sum_f64",
             Op::Broadcast => "broadcast",
             Op::Barrier => "barrier",
+            Op::ReduceScatter => "reduce_scatter_sum",
+            Op::AllGather => "all_gather",
         }
     }
 }
@@ -308,6 +314,59 @@ impl Communicator for MpiComm {
         let root = world.process_at_rank(root as i32);
         for chunk in buf.chunks_mut(self.chunk_len) {
             root.broadcast_into(chunk);
+        }
+        Ok(())
+    }
+    /// `MPI_Reduce_scatter_block`, one call per slice of the block: slice `o..o+c` of every
+    /// rank's block is packed contiguously into the scratch buffer (world·c ≤ chunk length) and
+    /// reduced into `recv[o..o+c]`. When the whole send buffer fits one chunk it goes as is.
+    fn reduce_scatter_sum(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
+        let _in_flight = self.enter(Op::ReduceScatter);
+        // A rank whose pair of lengths is inconsistent agrees on an impossible length, so every
+        // rank errors together instead of some entering the collective.
+        let ok = send.len() == recv.len() * self.size;
+        self.agree("reduce-scatter", if ok { recv.len() } else { usize::MAX >> 2 }, 0)?;
+        crate::check_blocks(self, send.len(), recv.len())?;
+        let world = SimpleCommunicator::world();
+        let b = recv.len();
+        if send.len() <= self.chunk_len {
+            world.reduce_scatter_block_into(send, recv, SystemOperation::sum());
+            return Ok(());
+        }
+        let c = (self.chunk_len / self.size).max(1);
+        let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, out) in recv.chunks_mut(c).enumerate() {
+            let o = i * c;
+            scratch.clear();
+            for r in 0..self.size {
+                scratch.extend_from_slice(&send[r * b + o..r * b + o + out.len()]);
+            }
+            world.reduce_scatter_block_into(&scratch[..], out, SystemOperation::sum());
+        }
+        Ok(())
+    }
+    /// `MPI_Allgather`, sliced like `reduce_scatter_sum` for large blocks.
+    fn all_gather(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
+        let _in_flight = self.enter(Op::AllGather);
+        let ok = recv.len() == send.len() * self.size;
+        self.agree("all-gather", if ok { send.len() } else { usize::MAX >> 2 }, 0)?;
+        crate::check_blocks(self, recv.len(), send.len())?;
+        let world = SimpleCommunicator::world();
+        let b = send.len();
+        if recv.len() <= self.chunk_len {
+            world.all_gather_into(send, recv);
+            return Ok(());
+        }
+        let c = (self.chunk_len / self.size).max(1);
+        let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, part) in send.chunks(c).enumerate() {
+            let o = i * c;
+            scratch.clear();
+            scratch.resize(part.len() * self.size, 0.0);
+            world.all_gather_into(part, &mut scratch[..]);
+            for r in 0..self.size {
+                recv[r * b + o..r * b + o + part.len()].copy_from_slice(&scratch[r * part.len()..(r + 1) * part.len()]);
+            }
         }
         Ok(())
     }

@@ -93,11 +93,18 @@ pub struct TrainConfig {
     /// At most this many samples per forward/backward pass; the per-rank batch is processed in
     /// micro-batches whose gradient sums are accumulated (SPEC §6). 0: the whole per-rank batch.
     pub micro_batch: usize,
+    /// Activation recomputation: keep only each layer's (or conv block's) output through the
+    /// backward pass and recompute the rest; bit-identical gradients, one more forward pass.
+    pub recompute: bool,
+    /// Shard the optimizer over the ranks (ZeRO-style): each rank keeps 1/N of the stage
+    /// buffers and optimizer state, reduce-scatters each stage gradient, updates its block and
+    /// all-gathers the next stage point. No effect on one rank.
+    pub shard_optimizer: bool,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        Self { steps: 10_000, batch_size: 16, seed: 0, eval_every: 500, checkpoint_every: 1000, log_every: 10, eval_chunk: 1000, micro_batch: 0 }
+        Self { steps: 10_000, batch_size: 16, seed: 0, eval_every: 500, checkpoint_every: 1000, log_every: 10, eval_chunk: 1000, micro_batch: 0, recompute: false, shard_optimizer: false }
     }
 }
 

@@ -12,6 +12,7 @@ use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::field::VectorField;
 use crate::model::ModelField;
+use crate::optim::OptimizerState;
 use kutta_collectives::Communicator;
 
 /// Rank `rank`'s contiguous share [lo, hi) of `n` items split over `size` ranks; the first
@@ -24,14 +25,119 @@ pub fn shard_range(n: usize, rank: usize, size: usize) -> std::ops::Range<usize>
     lo..hi
 }
 
+/// The sharded optimizer's split of the parameter vector (SPEC §6; ZeRO's optimizer-state and
+/// gradient partitioning): with P parameters over N ranks every rank owns one contiguous block of
+/// B = ⌈P/N⌉ entries, rank r the range [r·B, min((r+1)·B, P)) (the last blocks may be short or
+/// empty). Collectives move whole blocks, so the full vectors they fill are N·B long with zero
+/// padding past P.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamSharding {
+    pub params: usize,
+    pub block: usize,
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl ParamSharding {
+    pub fn new(params: usize, rank: usize, world: usize) -> Self {
+        let world = world.max(1);
+        Self { params, block: params.div_ceil(world), rank, world }
+    }
+
+    /// This rank's range of the parameter vector.
+    pub fn own(&self) -> std::ops::Range<usize> {
+        let lo = (self.rank * self.block).min(self.params);
+        lo..((self.rank + 1) * self.block).min(self.params)
+    }
+
+    /// N·B: the length of a padded full vector.
+    pub fn padded(&self) -> usize {
+        self.block * self.world
+    }
+
+    /// Every rank's block of a sharded vector, concatenated into `full` (length P). Collective.
+    pub fn gather(&self, comm: &dyn Communicator, mine: &[f32], full: &mut [f32]) -> Result<()> {
+        let mut padded = vec![0.0f32; self.padded()];
+        self.gather_padded(comm, mine, &mut Vec::new(), &mut padded)?;
+        full.copy_from_slice(&padded[..self.params]);
+        Ok(())
+    }
+
+    /// `gather` into a padded vector (length N·B); `send` is scratch for the padded block.
+    fn gather_padded(&self, comm: &dyn Communicator, mine: &[f32], send: &mut Vec<f32>, padded: &mut [f32]) -> Result<()> {
+        let own = self.own();
+        if mine.len() != own.len() || padded.len() != self.padded() {
+            return Err(Error::Other(format!(
+                "sharded optimizer: rank {} holds {} entries of its block {own:?} (padded whole {} of {})",
+                self.rank,
+                mine.len(),
+                padded.len(),
+                self.padded()
+            )));
+        }
+        send.clear();
+        send.extend_from_slice(mine);
+        send.resize(self.block, 0.0);
+        comm.all_gather(send, padded).map_err(comm_err)
+    }
+
+    /// The optimizer's state with every sharded buffer made whole (for the checkpoint, which
+    /// holds whole buffers whatever the sharding). Collective.
+    pub fn gather_state(&self, comm: &dyn Communicator, st: OptimizerState<f32>) -> Result<OptimizerState<f32>> {
+        let mut out = OptimizerState { buffers: Vec::new(), scalars: st.scalars };
+        for (name, mine) in st.buffers {
+            let mut full = vec![0.0f32; self.params];
+            self.gather(comm, &mine, &mut full)?;
+            out.buffers.push((name, full));
+        }
+        Ok(out)
+    }
+
+    /// This rank's block of every buffer of a whole state (from a checkpoint).
+    pub fn slice_state(&self, st: &OptimizerState<f32>) -> Result<OptimizerState<f32>> {
+        let own = self.own();
+        let mut out = OptimizerState { buffers: Vec::new(), scalars: st.scalars.clone() };
+        for (name, full) in &st.buffers {
+            if full.len() != self.params {
+                return Err(Error::Other(format!("optimizer state `{name}` has {} entries, the model {}", full.len(), self.params)));
+            }
+            out.buffers.push((name.clone(), full[own.clone()].to_vec()));
+        }
+        Ok(out)
+    }
+}
+
+/// The model's full parameter vector and local gradient when the optimizer is sharded.
+struct FullBuffers {
+    sharding: ParamSharding,
+    /// θ_i, all-gathered (N·B; the model reads the first P).
+    theta: Vec<f32>,
+    /// This rank's gradient over its batch slice, before the reduce-scatter (N·B, zero past P).
+    grad: Vec<f32>,
+    /// This rank's block, padded to B: the all-gather's send buffer, then the reduce-scatter's
+    /// result.
+    block: Vec<f32>,
+}
+
 pub struct ShardedField<'a> {
     inner: ModelField<'a>,
     comm: &'a dyn Communicator,
+    /// Set when the optimizer is sharded: `eval` then takes and returns this rank's block.
+    full: Option<FullBuffers>,
 }
 
 impl<'a> ShardedField<'a> {
     pub fn new(inner: ModelField<'a>, comm: &'a dyn Communicator) -> Self {
-        Self { inner, comm }
+        Self { inner, comm, full: None }
+    }
+
+    /// Shard the optimizer: from now on `eval` takes θ's block `sharding.own()` and writes the
+    /// gradient's block, all-gathering θ_i before the model runs and reduce-scattering the
+    /// gradient after it; `sum_shards` all-reduces. A world of one rank gets the same code path
+    /// (its block is all of θ).
+    pub fn shard_optimizer(&mut self, sharding: ParamSharding) {
+        let n = sharding.padded();
+        self.full = Some(FullBuffers { theta: vec![0.0; n], grad: vec![0.0; n], block: vec![0.0; sharding.block], sharding });
     }
 
     /// Use this rank's slice of `global` for every following evaluation.
@@ -39,17 +145,56 @@ impl<'a> ShardedField<'a> {
         let r = shard_range(global.len(), self.comm.rank(), self.comm.world_size());
         self.inner.set_batch(&global[r], global.len());
     }
+
+    /// The whole parameter vector for evaluation and checkpoints: `theta` itself, or, with a
+    /// sharded optimizer (`theta` is this rank's block), every rank's block gathered. Collective
+    /// when sharded: every rank must call it.
+    pub fn full_params<'s>(&'s mut self, theta: &'s [f32]) -> Result<&'s [f32]> {
+        match &mut self.full {
+            None => Ok(theta),
+            Some(f) => {
+                f.sharding.gather_padded(self.comm, theta, &mut f.block, &mut f.theta)?;
+                Ok(&f.theta[..f.sharding.params])
+            }
+        }
+    }
 }
 
 impl VectorField<f32> for ShardedField<'_> {
     fn dim(&self) -> usize {
-        self.inner.dim()
+        match &self.full {
+            None => self.inner.dim(),
+            Some(f) => f.sharding.own().len(),
+        }
     }
 
     fn eval(&mut self, theta: &[f32], grad: &mut [f32]) -> Result<f64> {
-        let local = self.inner.eval(theta, grad)?;
-        self.comm.all_reduce_sum(grad).map_err(comm_err)?;
+        let local = match &mut self.full {
+            None => {
+                let local = self.inner.eval(theta, grad)?;
+                self.comm.all_reduce_sum(grad).map_err(comm_err)?;
+                local
+            }
+            Some(f) => {
+                let p = f.sharding.params;
+                if grad.len() != theta.len() {
+                    return Err(Error::Other(format!("sharded field: θ block of {} but gradient block of {}", theta.len(), grad.len())));
+                }
+                f.sharding.gather_padded(self.comm, theta, &mut f.block, &mut f.theta)?;
+                let local = self.inner.eval(&f.theta[..p], &mut f.grad[..p])?;
+                self.comm.reduce_scatter_sum(&f.grad, &mut f.block).map_err(comm_err)?;
+                grad.copy_from_slice(&f.block[..grad.len()]);
+                local
+            }
+        };
         self.comm.all_reduce_sum_f64(local).map_err(comm_err)
+    }
+
+    fn sum_shards(&mut self, x: f64) -> Result<f64> {
+        match self.full {
+            None => Ok(x),
+            Some(_) => self.comm.all_reduce_sum_f64(x).map_err(comm_err),
+        }
     }
 }
 

@@ -11,6 +11,20 @@ pub trait VectorField<F: Scalar = f32> {
     fn dim(&self) -> usize;
     /// Write g(θ) = ∇L_B(θ) into `grad` (length P) and return L_B(θ).
     fn eval(&mut self, theta: &[F], grad: &mut [F]) -> Result<f64>;
+    /// Sum a per-entry partial result (a sum of squares, a count of non-finite entries) over
+    /// every part of θ. A field whose θ is one rank's shard of the parameter vector (the sharded
+    /// optimizer, `distributed::ShardedField`) all-reduces it, so every rank takes the same
+    /// decisions (step size, acceptance, retries); for a whole θ it is `x` itself.
+    fn sum_shards(&mut self, x: f64) -> Result<f64> {
+        Ok(x)
+    }
+}
+
+/// True when some entry of `parts` is NaN/Inf on any shard of θ: the count of such entries goes
+/// through `sum_shards`, so every rank of a sharded optimizer reaches the same verdict.
+pub fn any_nonfinite<F: Scalar>(field: &mut dyn VectorField<F>, parts: &[&[F]]) -> Result<bool> {
+    let local: usize = parts.iter().map(|p| p.iter().filter(|v| !v.is_finite()).count()).sum();
+    Ok(field.sum_shards(local as f64)? > 0.0)
 }
 
 /// L(θ) = ½ Σ_i λ_i θ_i² — a quadratic with diagonal Hessian H = diag(λ). Its gradient flow is

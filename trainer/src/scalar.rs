@@ -22,7 +22,12 @@ impl Scalar for f64 {
 
 /// Euclidean norm, accumulated in f64 so that long f32 buffers do not lose digits.
 pub fn norm<F: Scalar>(x: &[F]) -> f64 {
-    x.iter().map(|v| { let v = v.as_f64(); v * v }).sum::<f64>().sqrt()
+    sum_squares(x).sqrt()
+}
+
+/// Σ x², accumulated in f64.
+pub fn sum_squares<F: Scalar>(x: &[F]) -> f64 {
+    x.iter().map(|v| { let v = v.as_f64(); v * v }).sum::<f64>()
 }
 
 /// True when every element is finite.

@@ -14,7 +14,7 @@
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta};
 use crate::config::{Config, OptimizerKind, PreconditionerKind, StepSizeKind};
 use crate::data::{mnist, sampler::BatchSampler, Dataset};
-use crate::distributed::{agree, comm_err, shard_dataset, ShardedField};
+use crate::distributed::{agree, comm_err, shard_dataset, ParamSharding, ShardedField};
 use crate::memory;
 use kutta_collectives::Communicator;
 use crate::error::{Error, Result};
@@ -91,6 +91,12 @@ pub struct Summary {
     pub test_samples: usize,
     /// Samples per forward/backward pass (`train.micro_batch`; the per-rank batch when 0).
     pub micro_batch: usize,
+    /// Activations recomputed in the backward pass (`train.recompute`).
+    #[serde(default)]
+    pub recompute: bool,
+    /// Ranks the optimizer's buffers are split over (1 = not sharded).
+    #[serde(default)]
+    pub optimizer_shards: usize,
     /// Peak resident memory of rank 0's process over the run, MiB.
     pub peak_rss_mib: Option<f64>,
 }
@@ -245,11 +251,14 @@ pub fn load_run_config(dir: &Path, overrides: &[String]) -> Result<Config> {
     cmp.train.checkpoint_every = old.train.checkpoint_every;
     cmp.train.log_every = old.train.log_every;
     cmp.train.eval_chunk = old.train.eval_chunk;
-    // A memory knob: changes only the summation order of the gradient.
+    // Memory knobs: they change only the summation order of the gradient (the checkpoint holds
+    // whole buffers whether or not the optimizer was sharded).
     cmp.train.micro_batch = old.train.micro_batch;
+    cmp.train.recompute = old.train.recompute;
+    cmp.train.shard_optimizer = old.train.shard_optimizer;
     if cmp != old {
         return Err(Error::Other(format!(
-            "--set on resume may change only train.steps, eval_every, checkpoint_every, log_every, eval_chunk and micro_batch; \
+            "--set on resume may change only train.steps, eval_every, checkpoint_every, log_every, eval_chunk, micro_batch, recompute and shard_optimizer; \
              other keys would change the trajectory (start a new run with --config {} instead)",
             path.display()
         )));
@@ -275,6 +284,10 @@ impl Runner<'_> {
         let model = agree(comm, "building the model", build_model(cfg, &train))?;
         let layout = model.layout().clone();
         let mut opt = build_optimizer(cfg)?;
+        // The sharded optimizer (SPEC §6): each rank keeps one block of θ and of every optimizer
+        // buffer. Nothing to split on one rank.
+        let sharding = (cfg.train.shard_optimizer && comm.world_size() > 1)
+            .then(|| ParamSharding::new(layout.len(), comm.rank(), comm.world_size()));
         let tableau = (cfg.optimizer.kind == OptimizerKind::Rk).then(|| cfg.tableau().map(|t| t.name)).transpose()?;
 
         let mut summary = Summary {
@@ -285,6 +298,8 @@ impl Runner<'_> {
             params: layout.len(),
             batch_size: cfg.train.batch_size,
             micro_batch: if cfg.train.micro_batch == 0 { cfg.train.batch_size } else { cfg.train.micro_batch },
+            recompute: cfg.train.recompute,
+            optimizer_shards: sharding.as_ref().map_or(1, |s| s.world),
             train_samples: train.len(),
             test_samples: test.len(),
             ..Default::default()
@@ -318,7 +333,11 @@ impl Runner<'_> {
                         cfg.train.steps
                     )));
                 }
-                opt.load_state(&ck.optimizer).map_err(|e| Error::checkpoint(&ckpath, e.to_string()))?;
+                let state = match &sharding {
+                    Some(s) => s.slice_state(&ck.optimizer),
+                    None => Ok(ck.optimizer.clone()),
+                };
+                state.and_then(|st| opt.load_state(&st)).map_err(|e| Error::checkpoint(&ckpath, e.to_string()))?;
                 (ck.theta.clone(), m.step, m.grad_evals, m.wall_seconds, m.best_test_accuracy)
             }
             None => {
@@ -357,7 +376,25 @@ impl Runner<'_> {
         let mut sampler = BatchSampler::new(train.len(), cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle);
         let mut inner = ModelField::new(model.as_ref(), &train);
         inner.set_micro_batch(cfg.train.micro_batch);
+        inner.set_recompute(cfg.train.recompute);
         let mut field = ShardedField::new(inner, comm);
+        // With a sharded optimizer the optimizer's θ is this rank's block; the field keeps the
+        // whole vector the model needs.
+        let mut theta = match &sharding {
+            None => theta,
+            Some(s) => {
+                if writer {
+                    tracing::info!(
+                        "optimizer sharded over {} ranks: {} of {} parameters per rank",
+                        s.world,
+                        s.block,
+                        s.params
+                    );
+                }
+                field.shard_optimizer(s.clone());
+                theta[s.own()].to_vec()
+            }
+        };
         let t0 = Instant::now();
         let mut step_seconds = 0.0;
         let mut recent_losses: std::collections::VecDeque<f64> = Default::default();
@@ -411,7 +448,8 @@ impl Runner<'_> {
                 ..Default::default()
             };
             if eval_now {
-                let (loss, acc) = evaluate_sharded(model.as_ref(), &theta, &test_shard, test.len(), tc.eval_chunk, comm)?;
+                let full = field.full_params(&theta)?;
+                let (loss, acc) = evaluate_sharded(model.as_ref(), full, &test_shard, test.len(), tc.eval_chunk, comm)?;
                 line.test_loss = Some(loss);
                 line.test_accuracy = Some(acc);
                 best = Some(best.map_or(acc, |b: f64| b.max(acc)));
@@ -438,12 +476,18 @@ impl Runner<'_> {
             if last {
                 summary.status = "completed".into();
             }
+            let checkpoint_now = last || (tc.checkpoint_every > 0 && done.is_multiple_of(tc.checkpoint_every));
+            // A sharded optimizer's θ and state are gathered on every rank; rank 0 writes them.
+            let gathered = match &sharding {
+                Some(s) if checkpoint_now => Some((field.full_params(&theta)?.to_vec(), s.gather_state(comm, opt.state())?)),
+                _ => None,
+            };
             let Some(metrics) = metrics.as_mut() else { continue };
             if eval_now {
                 metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
                 write_json(&out.join(SUMMARY_FILE), &summary)?;
             }
-            if last || (tc.checkpoint_every > 0 && done.is_multiple_of(tc.checkpoint_every)) {
+            if checkpoint_now {
                 metrics.sync_data().map_err(|e| Error::io(&metrics_path, e))?;
                 let meta = CheckpointMeta {
                     format_version: 0,
@@ -459,14 +503,16 @@ impl Runner<'_> {
                     train_samples: train.len(),
                     optimizer_scalars: Default::default(),
                 };
-                Checkpoint::new(meta, theta.clone(), opt.state()).save(&out.join(checkpoint::FILE_NAME))?;
+                let (full, state) = gathered.unwrap_or_else(|| (theta.clone(), opt.state()));
+                Checkpoint::new(meta, full, state).save(&out.join(checkpoint::FILE_NAME))?;
             }
         }
         bar.finish();
+        let theta = field.full_params(&theta)?;
         if !writer {
             return Ok(summary);
         }
-        model::save_safetensors(&layout, &theta, &out.join(MODEL_FILE))?;
+        model::save_safetensors(&layout, theta, &out.join(MODEL_FILE))?;
         write_json(&out.join(SUMMARY_FILE), &summary)?;
         tracing::info!(
             "done: {} steps, {} gradient evaluations, {:.1} s; test accuracy {} (best {}); results in {}",

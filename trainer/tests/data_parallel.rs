@@ -101,6 +101,29 @@ fn uneven_global_batch_is_the_exact_mean() {
     }
 }
 
+/// The sharded optimizer (each rank keeps a block of θ and of every optimizer buffer;
+/// reduce-scatter, local update, all-gather) follows the unsharded trajectory: 3 ranks, so the
+/// blocks are uneven (P = 39 106 = 3 × 13 036 − 2), with every RK modification (its norms and
+/// finiteness checks are all-reduced), error control (its error norm and rejections), and Adam.
+#[test]
+fn sharded_optimizer_matches_one_process() {
+    let cases: [&[&str]; 3] = [
+        &[
+            "optimizer.preconditioner=modified-adagrad",
+            "optimizer.momentum=0.9",
+            "optimizer.step_size=dalr",
+            "optimizer.lr=0.5",
+        ],
+        &["optimizer.tableau=dopri54", "optimizer.step_size=error-controlled", "optimizer.lr=0.5"],
+        &["optimizer.kind=adam", "optimizer.lr=0.001"],
+    ];
+    for sets in cases {
+        let mut all = sets.to_vec();
+        all.extend(["train.batch_size=32", "train.shard_optimizer=true"]);
+        eprintln!("sharded {sets:?}: {:e}", equivalent(&all, 3));
+    }
+}
+
 #[test]
 fn checkpoints_resume_across_world_sizes() {
     let dir = tempfile::tempdir().unwrap();
@@ -108,13 +131,16 @@ fn checkpoints_resume_across_world_sizes() {
     let cfg = config(&sets);
     let straight = dir.path().join("straight");
     run(&cfg, &straight, 0);
-    // 6 steps on 2 ranks, resumed on 1 process; and 6 on 1, resumed on 3 ranks.
-    for (first, second, name) in [(2, 0, "2to1"), (0, 3, "1to3")] {
+    // 6 steps on 2 ranks, resumed on 1 process; 6 on 1, resumed on 3 ranks; and the same with
+    // a sharded optimizer on the multi-rank side (the checkpoint holds whole buffers).
+    for (first, second, shard, name) in [(2, 0, false, "2to1"), (0, 3, false, "1to3"), (2, 0, true, "2to1-sharded"), (0, 3, true, "1to3-sharded")] {
         let out = dir.path().join(name);
         let mut half = cfg.clone();
         half.train.steps = 6;
+        half.train.shard_optimizer = shard && first > 1;
         run(&half, &out, first);
-        let resumed = train::load_run_config(&out, &["train.steps=12".to_string()]).unwrap();
+        let sets = vec!["train.steps=12".to_string(), format!("train.shard_optimizer={}", shard && second > 1)];
+        let resumed = train::load_run_config(&out, &sets).unwrap();
         if second == 0 {
             train::resume(&resumed, &out, Progress::Off, &SingleProcess).unwrap();
         } else {

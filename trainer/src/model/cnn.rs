@@ -9,7 +9,7 @@
 
 use candle_core::Tensor;
 
-use super::{check_params, conv2d, Model};
+use super::{conv2d, Model};
 use crate::error::{Error, Result};
 use crate::layout::ParamLayout;
 
@@ -50,25 +50,34 @@ impl Model for Cnn {
         &self.layout
     }
 
-    fn forward(&self, params: &[Tensor], x: &Tensor) -> Result<Tensor> {
-        check_params(&self.layout, params)?;
-        let [c, h, w] = self.image_shape;
-        let (batch, features) = x.dims2()?;
-        if features != c * h * w {
-            return Err(Error::Other(format!(
-                "model: the cnn takes images of {c}×{h}×{w} = {} values, got {features}",
-                c * h * w
-            )));
-        }
-        let [w0, b0, w1, b1, wh, bh] = params else { unreachable!("checked against the layout") };
-        let x = x.reshape((batch, c, h, w))?; // (B, C, H, W), a view
+    /// conv block 0, conv block 1, head.
+    fn segments(&self) -> usize {
+        3
+    }
+
+    fn forward_segment(&self, params: &[Tensor], k: usize, h: &Tensor) -> Result<Tensor> {
+        let [w0, b0, w1, b1, wh, bh] = params else {
+            return Err(Error::Other(format!("model: the cnn takes 6 tensors, got {}", params.len())));
+        };
         let bias = |b: &Tensor, f: usize| b.reshape((1, f, 1, 1));
-        // model::conv2d: x is data, so the first conv computes no input gradient.
-        let h0 = conv2d(&x, w0, PADDING)?.broadcast_add(&bias(b0, self.filters[0])?)?.relu()?;
-        let h1 = conv2d(&h0, w1, PADDING)?.broadcast_add(&bias(b1, self.filters[1])?)?.relu()?;
-        // h0: (B, F0, H, W), h1: (B, F1, H, W)
-        let flat = h1.flatten_from(1)?; // (B, F1·H·W)
-        Ok(flat.matmul(&wh.t()?)?.broadcast_add(bh)?) // (B, classes)
+        match k {
+            0 => {
+                let [c, hh, ww] = self.image_shape;
+                let (batch, features) = h.dims2()?;
+                if features != c * hh * ww {
+                    return Err(Error::Other(format!(
+                        "model: the cnn takes images of {c}×{hh}×{ww} = {} values, got {features}",
+                        c * hh * ww
+                    )));
+                }
+                let x = h.reshape((batch, c, hh, ww))?; // (B, C, H, W), a view
+                // model::conv2d: x is data, so the first conv computes no input gradient.
+                Ok(conv2d(&x, w0, PADDING)?.broadcast_add(&bias(b0, self.filters[0])?)?.relu()?) // (B, F0, H, W)
+            }
+            1 => Ok(conv2d(h, w1, PADDING)?.broadcast_add(&bias(b1, self.filters[1])?)?.relu()?), // (B, F1, H, W)
+            2 => Ok(h.flatten_from(1)?.matmul(&wh.t()?)?.broadcast_add(bh)?), // (B, classes)
+            _ => Err(Error::Other(format!("model: the cnn has 3 segments, not {}", k + 1))),
+        }
     }
 
     fn describe(&self) -> String {

@@ -7,7 +7,7 @@
 
 use candle_core::Tensor;
 
-use super::{check_params, input_linear, Model};
+use super::{input_linear, Model};
 use crate::error::{Error, Result};
 use crate::layout::ParamLayout;
 
@@ -49,27 +49,32 @@ impl Model for Mlp {
         &self.layout
     }
 
-    fn forward(&self, params: &[Tensor], x: &Tensor) -> Result<Tensor> {
-        check_params(&self.layout, params)?;
-        let (_, features) = x.dims2()?;
-        if features != self.widths[0] {
-            return Err(Error::Other(format!(
-                "model: the mlp takes {} input features, got {features}",
-                self.widths[0]
-            )));
+    fn segments(&self) -> usize {
+        self.widths.len() - 1
+    }
+
+    /// Layer k: x·Wᵀ + b, then ReLU except after the last layer.
+    fn forward_segment(&self, params: &[Tensor], k: usize, h: &Tensor) -> Result<Tensor> {
+        let layers = self.segments();
+        if k >= layers || params.len() != 2 * layers {
+            return Err(Error::Other(format!("model: the mlp has {layers} layers; segment {k} with {} tensors", params.len())));
         }
-        let layers = self.widths.len() - 1;
-        let mut h = x.clone(); // (B, in)
-        for (i, wb) in params.chunks_exact(2).enumerate() {
-            let (w, b) = (&wb[0], &wb[1]);
-            // The input is data: the first layer skips candle's gradient with respect to it.
-            let z = if i == 0 { input_linear(&h, w)? } else { h.matmul(&w.t()?)? };
-            h = z.broadcast_add(b)?; // (B, out)
-            if i + 1 < layers {
-                h = h.relu()?;
+        let (w, b) = (&params[2 * k], &params[2 * k + 1]);
+        let z = if k == 0 {
+            let (_, features) = h.dims2()?;
+            if features != self.widths[0] {
+                return Err(Error::Other(format!(
+                    "model: the mlp takes {} input features, got {features}",
+                    self.widths[0]
+                )));
             }
-        }
-        Ok(h)
+            // The input is data: the first layer skips candle's gradient with respect to it.
+            input_linear(h, w)?
+        } else {
+            h.matmul(&w.t()?)?
+        };
+        let z = z.broadcast_add(b)?; // (B, out)
+        Ok(if k + 1 < layers { z.relu()? } else { z })
     }
 
     fn describe(&self) -> String {

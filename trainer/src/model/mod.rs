@@ -38,7 +38,22 @@ pub trait Model: Send + Sync {
     fn layout(&self) -> &ParamLayout;
     /// Logits [batch, num_classes] from params (candle tensors in layout order, shapes as in the
     /// layout) and input x [batch, C*H*W] (f32). The input never receives a gradient.
-    fn forward(&self, params: &[Tensor], x: &Tensor) -> Result<Tensor>;
+    /// It is the chain of the model's segments, the unit of activation recomputation.
+    fn forward(&self, params: &[Tensor], x: &Tensor) -> Result<Tensor> {
+        check_params(self.layout(), params)?;
+        let mut h = x.clone();
+        for k in 0..self.segments() {
+            h = self.forward_segment(params, k, &h)?;
+        }
+        Ok(h)
+    }
+    /// How many segments the forward pass is cut into (a layer or a conv block each). With
+    /// activation recomputation only the segment boundaries are kept through the backward pass
+    /// (`ModelField::set_recompute`).
+    fn segments(&self) -> usize;
+    /// Segment `k` applied to `h` (the input x for k = 0, else segment k − 1's output). `params`
+    /// is the whole list (checked by `forward`); segment 0 checks its input's shape.
+    fn forward_segment(&self, params: &[Tensor], k: usize, h: &Tensor) -> Result<Tensor>;
     /// One line for logs, e.g. "mlp 784-500-500-500-10 (ReLU), 898510 params".
     fn describe(&self) -> String;
 }

@@ -35,7 +35,7 @@
 //! `field.dim()` at the next step.
 
 use crate::error::{Error, Result};
-use crate::field::VectorField;
+use crate::field::{any_nonfinite, VectorField};
 use crate::optim::{Optimizer, OptimizerState, StepReport};
 use crate::scalar::{all_finite, Scalar};
 
@@ -86,11 +86,9 @@ fn eval_gradient<F: Scalar>(
     if !loss.is_finite() {
         return Err(Error::NonFinite(format!("{name}: loss at step {step} is {loss}")));
     }
-    if !all_finite(grad) {
-        let bad = grad.iter().filter(|g| !g.is_finite()).count();
-        return Err(Error::NonFinite(format!(
-            "{name}: gradient at step {step} has {bad} non-finite entries (of {dim})"
-        )));
+    let bad = field.sum_shards(grad.iter().filter(|g| !g.is_finite()).count() as f64)?;
+    if bad > 0.0 {
+        return Err(Error::NonFinite(format!("{name}: gradient at step {step} has {bad} non-finite entries")));
     }
     Ok(loss)
 }
@@ -119,28 +117,30 @@ fn prepare_buffer<F: Scalar>(
 
 /// θ_out = θ − lr_k·d with lr_k = lr·2^{−k}, k = 0..=max_retries; the first all-finite
 /// candidate wins. Returns (lr_k, k), or `None` when every candidate is non-finite.
+/// Finiteness is agreed over every shard of θ (`VectorField::sum_shards`).
 fn descend<F: Scalar>(
     theta: &[F],
     dir: &[F],
     lr: f64,
     max_retries: u32,
     out: &mut [F],
-) -> Option<(f64, u32)> {
+    field: &mut dyn VectorField<F>,
+) -> Result<Option<(f64, u32)>> {
     let mut h = lr;
     for k in 0..=max_retries {
         let hf = F::from_f64(h);
-        let mut ok = true;
+        let mut bad = 0usize;
         for ((o, &x), &d) in out.iter_mut().zip(theta).zip(dir) {
             let y = x - hf * d;
-            ok &= y.is_finite();
+            bad += usize::from(!y.is_finite());
             *o = y;
         }
-        if ok {
-            return Some((h, k));
+        if field.sum_shards(bad as f64)? == 0.0 {
+            return Ok(Some((h, k)));
         }
         h *= 0.5;
     }
-    None
+    Ok(None)
 }
 
 /// The end of every step: build the candidates θ − lr_k·`dir` by [`descend`] in the scratch
@@ -154,9 +154,10 @@ fn descend_and_commit<F: Scalar>(
     lr: f64,
     max_retries: u32,
     theta_new: &mut Vec<F>,
+    field: &mut dyn VectorField<F>,
 ) -> Result<(f64, u32)> {
     theta_new.resize(theta.len(), F::zero());
-    let (h, k) = descend(theta, dir, lr, max_retries, theta_new).ok_or_else(|| {
+    let (h, k) = descend(theta, dir, lr, max_retries, theta_new, field)?.ok_or_else(|| {
         Error::NonFinite(format!(
             "{name}: step {step} gives a non-finite θ for lr = {lr} and {max_retries} halvings of it"
         ))
@@ -301,6 +302,7 @@ impl<F: Scalar> Optimizer<F> for Sgd<F> {
             self.lr,
             self.max_retries,
             &mut self.theta_new,
+            field,
         )?;
         Ok(StepReport { loss, h, grad_evals: 1, nonfinite_retries: k, ..Default::default() })
     }
@@ -392,7 +394,7 @@ impl<F: Scalar> Optimizer<F> for Momentum<F> {
         } else {
             &self.buf_new
         };
-        if !all_finite(&self.buf_new) || !all_finite(dir) {
+        if any_nonfinite(field, &[&self.buf_new, dir])? {
             return Err(Error::NonFinite(format!(
                 "{name}: momentum buffer at step {step} overflowed (a smaller lr cannot help)"
             )));
@@ -405,6 +407,7 @@ impl<F: Scalar> Optimizer<F> for Momentum<F> {
             self.lr,
             self.max_retries,
             &mut self.theta_new,
+            field,
         )?;
         std::mem::swap(&mut self.buf, &mut self.buf_new);
         self.started = true;
@@ -582,7 +585,7 @@ impl<F: Scalar> Optimizer<F> for Adam<F> {
             }
             *d = u;
         }
-        if !all_finite(&self.m_new) || !all_finite(&self.v_new) || !all_finite(&self.dir) {
+        if any_nonfinite(field, &[&self.m_new, &self.v_new, &self.dir])? {
             return Err(Error::NonFinite(format!(
                 "{name}: moments or update direction at step {step} are non-finite (a smaller lr cannot help)"
             )));
@@ -595,6 +598,7 @@ impl<F: Scalar> Optimizer<F> for Adam<F> {
             self.lr,
             self.max_retries,
             &mut self.theta_new,
+            field,
         )?;
         std::mem::swap(&mut self.m, &mut self.m_new);
         std::mem::swap(&mut self.v, &mut self.v_new);

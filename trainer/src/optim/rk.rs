@@ -24,10 +24,10 @@
 //! Failure contract (see `optim`): nothing in `self` or θ changes until the step is accepted.
 
 use crate::error::{Error, Result};
-use crate::field::VectorField;
+use crate::field::{any_nonfinite, VectorField};
 use crate::optim::step_size::{cosine, dalr, DalrEstimator, ErrorControl};
 use crate::optim::{Optimizer, OptimizerState, StepReport};
-use crate::scalar::{all_finite, norm, Scalar};
+use crate::scalar::{sum_squares, Scalar};
 use crate::tableau::Tableau;
 use serde_json::json;
 
@@ -181,29 +181,30 @@ impl<F: Scalar> RkSolver<F> {
         b
     }
 
-    /// ‖D·v‖ (D = I without preconditioner).
-    fn d_norm(&self, v: &[F]) -> f64 {
-        if self.d.is_empty() {
-            norm(v)
+    /// ‖D·v‖ (D = I without preconditioner), over all shards of θ (`VectorField::sum_shards`).
+    fn d_norm(&self, v: &[F], field: &mut dyn VectorField<F>) -> Result<f64> {
+        let local = if self.d.is_empty() {
+            sum_squares(v)
         } else {
-            v.iter().zip(&self.d).map(|(a, d)| (a.as_f64() * d.as_f64()).powi(2)).sum::<f64>().sqrt()
-        }
+            v.iter().zip(&self.d).map(|(a, d)| (a.as_f64() * d.as_f64()).powi(2)).sum::<f64>()
+        };
+        Ok(field.sum_shards(local)?.sqrt())
     }
 
-    /// ‖D·(a − b)‖.
-    fn d_norm_diff(&self, a: &[F], b: &[F]) -> f64 {
+    /// ‖D·(a − b)‖, over all shards of θ.
+    fn d_norm_diff(&self, a: &[F], b: &[F], field: &mut dyn VectorField<F>) -> Result<f64> {
         let mut s = 0.0;
         for i in 0..a.len() {
             let d = if self.d.is_empty() { 1.0 } else { self.d[i].as_f64() };
             let v = (a[i].as_f64() - b[i].as_f64()) * d;
             s += v * v;
         }
-        s.sqrt()
+        Ok(field.sum_shards(s)?.sqrt())
     }
 
     /// DALR's finite-difference probe: v ≈ ‖D(g(θ_n + ε u) − k_1)‖ / ε, u = f/‖f‖, f = −D k_1.
     fn dalr_probe(&mut self, theta: &[F], field: &mut dyn VectorField<F>, eps: f64) -> Result<f64> {
-        let fnorm = self.d_norm(&self.k1);
+        let fnorm = self.d_norm(&self.k1, field)?;
         if fnorm == 0.0 {
             return Ok(0.0);
         }
@@ -212,8 +213,9 @@ impl<F: Scalar> RkSolver<F> {
         descend(&mut self.x, theta, &self.d, F::from_f64(eps / fnorm));
         let mut probe = self.take_buffer(theta.len());
         let loss = field.eval(&self.x, &mut probe)?;
-        let v = if loss.is_finite() && all_finite(&probe) {
-            self.d_norm_diff(&probe, &self.k1) / eps
+        // `loss` is the same on every rank, so all ranks make the same collective calls.
+        let v = if loss.is_finite() && !any_nonfinite(field, &[&probe])? {
+            self.d_norm_diff(&probe, &self.k1, field)? / eps
         } else {
             f64::NAN
         };
@@ -313,7 +315,7 @@ impl<F: Scalar> RkSolver<F> {
             evals += 1;
             self.stages[i] = Some(k);
             self.peak_live_stage_buffers = self.peak_live_stage_buffers.max(self.live_stage_buffers());
-            if !loss.is_finite() || !all_finite(self.stages[i].as_deref().unwrap()) {
+            if !loss.is_finite() || any_nonfinite(field, &[self.stages[i].as_deref().unwrap()])? {
                 finite = false;
                 break;
             }
@@ -321,8 +323,8 @@ impl<F: Scalar> RkSolver<F> {
                 if let StepSize::Dalr { estimator: DalrEstimator::Stage, .. } = self.opts.step_size {
                     // k_2 − k_1 ≈ −h a_21 H D k_1  ⇒  v ≈ ‖D(k_2 − k_1)‖ / (h a_21 ‖D k_1‖)
                     let a21 = self.opts.tableau.a[1][0];
-                    let num = self.d_norm_diff(self.stages[1].as_deref().unwrap(), &self.k1);
-                    let den = h * a21.abs() * self.d_norm(&self.k1);
+                    let num = self.d_norm_diff(self.stages[1].as_deref().unwrap(), &self.k1, field)?;
+                    let den = h * a21.abs() * self.d_norm(&self.k1, field)?;
                     v_stage = if den > 0.0 { Some(num / den) } else { Some(0.0) };
                 }
             }
@@ -342,7 +344,7 @@ impl<F: Scalar> RkSolver<F> {
     }
 
     /// Scaled RMS error of e = h·D·Σ(b−b̂)k against atol + rtol·|θ_n|.
-    fn error_norm(&self, theta: &[F], h: f64, ec: &ErrorControl) -> f64 {
+    fn error_norm(&self, theta: &[F], h: f64, ec: &ErrorControl, field: &mut dyn VectorField<F>) -> Result<f64> {
         let s: f64 = theta
             .iter()
             .zip(&self.err_acc)
@@ -353,18 +355,20 @@ impl<F: Scalar> RkSolver<F> {
                 (e / (ec.atol + ec.rtol * t.as_f64().abs())).powi(2)
             })
             .sum();
-        (s / theta.len().max(1) as f64).sqrt()
+        let s = field.sum_shards(s)?;
+        let n = field.sum_shards(theta.len() as f64)?;
+        Ok((s / n.max(1.0)).sqrt())
     }
 
     /// The candidate θ_{n+1} into `x` (and β m + g* into `acc` with momentum). Returns finiteness.
-    fn form_update(&mut self, theta: &[F], h: f64) -> bool {
+    fn form_update(&mut self, theta: &[F], h: f64, field: &mut dyn VectorField<F>) -> Result<bool> {
         if !self.m.is_empty() {
             let beta = F::from_f64(self.opts.momentum);
             self.acc.iter_mut().zip(&self.m).for_each(|(a, m)| *a = beta * *m + *a);
         }
         self.x.copy_from_slice(&self.acc);
         descend(&mut self.x, theta, &self.d, F::from_f64(h));
-        all_finite(&self.x) && all_finite(&self.acc)
+        Ok(!any_nonfinite(field, &[&self.x, &self.acc])?)
     }
 }
 
@@ -395,7 +399,7 @@ impl<F: Scalar> Optimizer<F> for RkSolver<F> {
         let loss = field.eval(theta, &mut self.k1)?;
         report.grad_evals += 1;
         report.loss = loss;
-        if !loss.is_finite() || !all_finite(&self.k1) {
+        if !loss.is_finite() || any_nonfinite(field, &[&self.k1])? {
             return Err(Error::NonFinite(format!(
                 "step {step}: the loss ({loss}) or its gradient at the current parameters is not finite; a smaller step cannot help"
             )));
@@ -443,7 +447,7 @@ impl<F: Scalar> Optimizer<F> for RkSolver<F> {
             if let StepSize::ErrorControlled { control, .. } = &self.opts.step_size {
                 let control = *control;
                 let q = self.opts.tableau.embedded_order().unwrap_or(1);
-                let err = self.error_norm(theta, h, &control);
+                let err = self.error_norm(theta, h, &control, field)?;
                 if !err.is_finite() {
                     self.retry_nonfinite(&mut report, &mut h, step, "the error estimate")?;
                     continue;
@@ -462,7 +466,7 @@ impl<F: Scalar> Optimizer<F> for RkSolver<F> {
                 report.error_estimate = Some(err);
                 h_next = Some(control.next_h(h, err, q));
             }
-            if !self.form_update(theta, h) {
+            if !self.form_update(theta, h, field)? {
                 self.retry_nonfinite(&mut report, &mut h, step, "the updated parameters")?;
                 continue;
             }

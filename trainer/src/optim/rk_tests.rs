@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::field::DiagonalQuadratic;
+use crate::scalar::norm;
 
 fn quad() -> DiagonalQuadratic {
     DiagonalQuadratic::new(vec![0.5, 1.0, 2.0])
