@@ -47,10 +47,15 @@ enum Command {
         /// Abort the whole job when one collective waits longer than this (seconds).
         #[arg(long, default_value_t = 300.0)]
         collective_timeout: f64,
-        /// Memory budget per rank (e.g. 2GiB): the planner picks micro-batches and the stage-buffer
-        /// policy to stay under it (`kutta plan` shows its choice); plan.json goes to the run folder.
+        /// Memory budget per rank (e.g. 2GiB): the planner picks micro-batches, the stage-buffer
+        /// policy, activation recomputation and optimizer sharding to stay under it (`kutta plan`
+        /// shows its choice); plan.json goes to the run folder.
         #[arg(long)]
         memory: Option<String>,
+        /// GPU ordinal for this process with train.device = "cuda"/"auto" (the same as
+        /// --set train.gpu=N); default: the launcher's local rank modulo the GPU count.
+        #[arg(long)]
+        gpu: Option<usize>,
     },
     /// Start a local data-parallel job: mpirun -np N kutta <ARGS>, returning its exit status.
     Launch {
@@ -145,7 +150,8 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     match Cli::parse().command {
-        Command::Train { config, sets, out, resume, progress, collective_timeout, memory } => {
+        Command::Train { config, mut sets, out, resume, progress, collective_timeout, memory, gpu } => {
+            sets.extend(gpu.map(|g| format!("train.gpu={g}")));
             std::process::exit(train_on_every_rank(config, sets, out, resume, &progress, collective_timeout, memory))
         }
         Command::Bench { collectives_worker: Some(parts), per_rank_batch, min_seconds, min_reps, config, .. } => {
@@ -229,16 +235,16 @@ fn train_on_every_rank(
     )
 }
 
-/// Plan the run's memory under `budget` (SPEC §6) and apply the plan's settings to `cfg`.
+/// Plan the run's memory under `budget` (SPEC §6) and apply the plan's settings to `cfg`: the
+/// stage-buffer policy, micro-batches, recomputation and sharding, each where the config says
+/// otherwise (`Plan::overrides`).
 fn apply_memory_plan(cfg: Config, budget: &str, world_size: usize) -> Result<(Config, planner::Plan)> {
     let budget = planner::parse_bytes(budget)?;
     let plan = planner::plan_config(&cfg, world_size, budget)?;
-    anyhow::ensure!(
-        plan.chosen.executable,
-        "the only plans that fit need activation recomputation or sharded state, which the trainer does not execute yet:\n{}",
-        planner::format_plan(&plan)
-    );
     tracing::info!("memory plan: {}", plan.reason);
+    if !plan.overrides.is_empty() {
+        tracing::info!("memory plan applied: --set {}", plan.overrides.join(" --set "));
+    }
     let cfg = Config::from_toml_str(&cfg.to_toml(), &plan.overrides)?;
     Ok((cfg, plan))
 }

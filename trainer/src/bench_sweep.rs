@@ -1,6 +1,8 @@
 //! `kutta bench --sweep batch`: sgd, adam and rk4 step times against the batch size, each batch
 //! size run the way the memory planner lays it out under a budget (micro-batches, stage-buffer
-//! policy), with the planner's predicted peak next to the measured one.
+//! policy, activation recomputation), with the planner's predicted peak next to the measured one.
+//! The sweep is one process, so it plans for a world of one rank: sharding the optimizer has
+//! nothing to split there.
 //!
 //! The headline number is rk4 / (4 × sgd): the ratio of an rk4 step to four sgd gradient
 //! evaluations. An sgd step is one gradient evaluation plus a cheap update (θ − h·g), so four of
@@ -63,6 +65,9 @@ pub struct SweepRow {
     /// Samples per forward/backward pass (the smallest the three optimizers' plans chose).
     pub micro_batch: usize,
     pub micro_batches: usize,
+    /// Activation recomputation (`ModelField::set_recompute`): on when any of the three plans
+    /// chose it (they share one gradient oracle).
+    pub recompute: bool,
     /// rk4's stage-buffer policy from its plan: streaming (true) or resident.
     pub rk4_streaming: bool,
     /// Timed steps of each optimizer (after one warm-up step).
@@ -131,11 +136,12 @@ fn plan_for(cfg: &Config, budget: u64, data: &Dataset) -> Result<Plan> {
 }
 
 /// What the sweep runs at one batch size: each optimizer's config with its plan applied, and the
-/// micro-batch the shared gradient oracle uses.
+/// micro-batch and recomputation setting the shared gradient oracle uses.
 struct SizePlan {
     configs: Vec<Config>,
     micro_batch: usize,
     micro_batches: usize,
+    recompute: bool,
     rk4_streaming: bool,
     predicted_peak: u64,
 }
@@ -146,30 +152,26 @@ fn plan_size(base: &Config, budget: u64, bs: usize, data: &Dataset) -> Result<Si
     for label in OPTIMIZERS {
         let cfg = optimizer_config(base, label, bs)?;
         let plan = plan_for(&cfg, budget, data).map_err(|e| Error::Other(format!("batch {bs}, {label}: {e}")))?;
-        if !plan.chosen.executable {
-            return Err(Error::Other(format!(
-                "batch {bs}, {label}: the only plans that fit need activation recomputation or sharded state, \
-                 which the trainer does not execute yet:\n{}",
-                planner::format_plan(&plan)
-            )));
-        }
         configs.push(Config::from_toml_str(&cfg.to_toml(), &plan.overrides)?);
         chosen.push(plan.chosen);
     }
     // One gradient oracle serves all three (regathering per optimizer would be timed), so it
-    // takes the smallest micro-batch any plan asked for.
+    // takes the smallest micro-batch any plan asked for, and recomputes if any plan does: both
+    // only lower the peak.
     let micro_batch = chosen.iter().map(|c| c.micro_batch).min().unwrap_or(bs);
+    let recompute = chosen.iter().any(|c| c.recompute);
     let rk4 = OPTIMIZERS.iter().position(|l| *l == "rk4").expect("rk4 is swept");
     Ok(SizePlan {
         rk4_streaming: configs[rk4].optimizer.streaming,
         micro_batches: bs.div_ceil(micro_batch.max(1)),
         micro_batch,
+        recompute,
         predicted_peak: chosen.iter().map(|c| c.peak_bytes).max().unwrap_or(0),
         configs,
     })
 }
 
-/// Plans every batch size (failing before any timing if one has no executable plan), then times
+/// Plans every batch size (failing before any timing if one fits under no plan), then times
 /// sgd, adam and rk4 at each. `on_progress` gets one line per event (planned, timed).
 pub fn run(opts: &SweepOptions, mut on_progress: impl FnMut(&str)) -> Result<SweepReport> {
     if opts.batch_sizes.is_empty() || opts.batch_sizes.contains(&0) {
@@ -183,9 +185,10 @@ pub fn run(opts: &SweepOptions, mut on_progress: impl FnMut(&str)) -> Result<Swe
     for &bs in &opts.batch_sizes {
         let p = plan_size(&opts.base, opts.budget, bs, &data)?;
         on_progress(&format!(
-            "batch {bs:>6}: plan {} × {}, rk4 {} stage buffers, predicted peak {}",
+            "batch {bs:>6}: plan {} × {}{}, rk4 {} stage buffers, predicted peak {}",
             p.micro_batches,
             p.micro_batch,
+            if p.recompute { " with recomputation" } else { "" },
             if p.rk4_streaming { "streaming" } else { "resident" },
             planner::fmt_bytes(p.predicted_peak)
         ));
@@ -199,6 +202,7 @@ pub fn run(opts: &SweepOptions, mut on_progress: impl FnMut(&str)) -> Result<Swe
         let optimizers = plan.configs.iter().map(build_optimizer).collect::<Result<Vec<_>>>()?;
         let mut field = ModelField::new(model.as_ref(), &data);
         field.set_micro_batch(plan.micro_batch);
+        field.set_recompute(plan.recompute);
         let mut cells = time_interleaved(optimizers, &theta0, &mut field, data.len(), bs, |reps, secs| {
             reps >= opts.max_reps || (reps >= opts.min_reps && secs >= opts.min_seconds)
         })?;
@@ -214,6 +218,7 @@ pub fn run(opts: &SweepOptions, mut on_progress: impl FnMut(&str)) -> Result<Swe
             batch_size: bs,
             micro_batch: plan.micro_batch,
             micro_batches: plan.micro_batches,
+            recompute: plan.recompute,
             rk4_streaming: plan.rk4_streaming,
             reps,
             sgd_ms,
@@ -247,7 +252,7 @@ pub fn run(opts: &SweepOptions, mut on_progress: impl FnMut(&str)) -> Result<Swe
 
 pub fn format_table(report: &SweepReport) -> String {
     let mut s = format!(
-        "machine: {} ({} threads)\nmodel:   {}\ndata:    {}\nmemory:  budget {}; micro-batches and rk4's stage buffers as the planner lays them out\n\n",
+        "machine: {} ({} threads)\nmodel:   {}\ndata:    {}\nmemory:  budget {}; micro-batches, recomputation and rk4's stage buffers as the planner lays them out\n\n",
         report.machine,
         report.threads,
         report.model,
@@ -255,14 +260,15 @@ pub fn format_table(report: &SweepReport) -> String {
         planner::fmt_bytes(report.budget_bytes)
     );
     s += &format!(
-        "{:>7} {:>15} {:>6} {:>11} {:>11} {:>11} {:>12} {:>6} {:>9} {:>9}\n",
-        "batch", "micro-batches", "steps", "sgd ms", "adam ms", "rk4 ms", "rk4/(4×sgd)", format!("≤{:.2}", report.goal), "pred MiB", "meas MiB"
+        "{:>7} {:>15} {:>9} {:>6} {:>11} {:>11} {:>11} {:>12} {:>6} {:>9} {:>9}\n",
+        "batch", "micro-batches", "recompute", "steps", "sgd ms", "adam ms", "rk4 ms", "rk4/(4×sgd)", format!("≤{:.2}", report.goal), "pred MiB", "meas MiB"
     );
     for r in &report.rows {
         s += &format!(
-            "{:>7} {:>15} {:>6} {:>11.3} {:>11.3} {:>11.3} {:>12.3} {:>6} {:>9.0} {:>9}\n",
+            "{:>7} {:>15} {:>9} {:>6} {:>11.3} {:>11.3} {:>11.3} {:>12.3} {:>6} {:>9.0} {:>9}\n",
             r.batch_size,
             format!("{} × {}", r.micro_batches, r.micro_batch),
+            if r.recompute { "yes" } else { "no" },
             r.reps,
             r.sgd_ms,
             r.adam_ms,
@@ -292,14 +298,15 @@ pub fn format_table(report: &SweepReport) -> String {
 /// `sweep.csv`: a header row and one row per batch size.
 pub fn to_csv(report: &SweepReport) -> String {
     let mut s = String::from(
-        "batch_size,micro_batch,micro_batches,rk4_streaming,reps,sgd_ms,adam_ms,rk4_ms,rk4_grad_evals,rk4_over_4sgd,meets_goal,predicted_peak_mib,measured_peak_mib\n",
+        "batch_size,micro_batch,micro_batches,recompute,rk4_streaming,reps,sgd_ms,adam_ms,rk4_ms,rk4_grad_evals,rk4_over_4sgd,meets_goal,predicted_peak_mib,measured_peak_mib\n",
     );
     for r in &report.rows {
         s += &format!(
-            "{},{},{},{},{},{:.6},{:.6},{:.6},{:.2},{:.6},{},{:.1},{}\n",
+            "{},{},{},{},{},{},{:.6},{:.6},{:.6},{:.2},{:.6},{},{:.1},{}\n",
             r.batch_size,
             r.micro_batch,
             r.micro_batches,
+            r.recompute,
             r.rk4_streaming,
             r.reps,
             r.sgd_ms,
@@ -415,6 +422,7 @@ mod tests {
             batch_size: bs,
             micro_batch: bs,
             micro_batches: 1,
+            recompute: false,
             rk4_streaming: true,
             reps: 3,
             sgd_ms: sgd,
@@ -453,8 +461,8 @@ mod tests {
         let lines: Vec<&str> = csv.lines().collect();
         assert_eq!(lines.len(), 3);
         assert!(lines[0].starts_with("batch_size,micro_batch,micro_batches,"));
-        assert_eq!(lines[1], "16,16,1,true,3,1.000000,1.500000,4.200000,4.00,1.050000,true,600.0,512.0");
-        assert_eq!(lines[2], "60000,60000,1,true,3,2.000000,3.000000,10.000000,4.00,1.250000,false,600.0,");
+        assert_eq!(lines[1], "16,16,1,false,true,3,1.000000,1.500000,4.200000,4.00,1.050000,true,600.0,512.0");
+        assert_eq!(lines[2], "60000,60000,1,false,true,3,2.000000,3.000000,10.000000,4.00,1.250000,false,600.0,");
         let cols = lines[0].split(',').count();
         assert!(lines.iter().all(|l| l.split(',').count() == cols));
         let table = format_table(&r);
@@ -483,10 +491,11 @@ mod tests {
         assert_eq!(rows.len(), 2, "{csv}");
         for (r, bs) in rows.iter().zip(["8", "16"]) {
             assert_eq!(r[0], bs);
-            for ms in &r[5..8] {
+            assert_eq!(r[3], "false", "no recomputation at a small batch: {csv}");
+            for ms in &r[6..9] {
                 assert!(ms.parse::<f64>().unwrap() > 0.0, "{csv}");
             }
-            assert_eq!(r[8], "4.00", "rk4 evaluates 4 gradients per step: {csv}");
+            assert_eq!(r[9], "4.00", "rk4 evaluates 4 gradients per step: {csv}");
         }
         let svg = std::fs::read_to_string(out.join("sweep.svg")).unwrap();
         assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(200)]);

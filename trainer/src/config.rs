@@ -100,11 +100,17 @@ pub struct TrainConfig {
     /// buffers and optimizer state, reduce-scatters each stage gradient, updates its block and
     /// all-gathers the next stage point. No effect on one rank.
     pub shard_optimizer: bool,
+    /// Where the model runs: "cpu", "cuda" (needs a build with `--features cuda` and a GPU), or
+    /// "auto" (the GPU when there is one, else the CPU).
+    pub device: crate::device::DeviceKind,
+    /// The GPU ordinal for this process (`kutta train --gpu N`); default: the launcher's local
+    /// rank modulo the number of GPUs.
+    pub gpu: Option<usize>,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        Self { steps: 10_000, batch_size: 16, seed: 0, eval_every: 500, checkpoint_every: 1000, log_every: 10, eval_chunk: 1000, micro_batch: 0, recompute: false, shard_optimizer: false }
+        Self { steps: 10_000, batch_size: 16, seed: 0, eval_every: 500, checkpoint_every: 1000, log_every: 10, eval_chunk: 1000, micro_batch: 0, recompute: false, shard_optimizer: false, device: Default::default(), gpu: None }
     }
 }
 

@@ -94,6 +94,9 @@ pub struct Summary {
     /// Activations recomputed in the backward pass (`train.recompute`).
     #[serde(default)]
     pub recompute: bool,
+    /// Where rank 0's model ran: "cpu" or "cuda:N".
+    #[serde(default)]
+    pub device: String,
     /// Ranks the optimizer's buffers are split over (1 = not sharded).
     #[serde(default)]
     pub optimizer_shards: usize,
@@ -256,9 +259,12 @@ pub fn load_run_config(dir: &Path, overrides: &[String]) -> Result<Config> {
     cmp.train.micro_batch = old.train.micro_batch;
     cmp.train.recompute = old.train.recompute;
     cmp.train.shard_optimizer = old.train.shard_optimizer;
+    // Where it runs: the same arithmetic up to the device's rounding.
+    cmp.train.device = old.train.device;
+    cmp.train.gpu = old.train.gpu;
     if cmp != old {
         return Err(Error::Other(format!(
-            "--set on resume may change only train.steps, eval_every, checkpoint_every, log_every, eval_chunk, micro_batch, recompute and shard_optimizer; \
+            "--set on resume may change only train.steps, eval_every, checkpoint_every, log_every, eval_chunk, micro_batch, recompute, shard_optimizer, device and gpu; \
              other keys would change the trajectory (start a new run with --config {} instead)",
             path.display()
         )));
@@ -282,6 +288,8 @@ impl Runner<'_> {
         // Data errors are found on every rank before training starts.
         let (train, test) = agree(comm, "loading the data", load_data(cfg))?;
         let model = agree(comm, "building the model", build_model(cfg, &train))?;
+        let local_rank = kutta_collectives::rendezvous::local_rank().unwrap_or(0);
+        let device = agree(comm, "opening the device", crate::device::select(cfg.train.device, cfg.train.gpu, local_rank))?;
         let layout = model.layout().clone();
         let mut opt = build_optimizer(cfg)?;
         // The sharded optimizer (SPEC §6): each rank keeps one block of θ and of every optimizer
@@ -299,6 +307,7 @@ impl Runner<'_> {
             batch_size: cfg.train.batch_size,
             micro_batch: if cfg.train.micro_batch == 0 { cfg.train.batch_size } else { cfg.train.micro_batch },
             recompute: cfg.train.recompute,
+            device: crate::device::describe(&device),
             optimizer_shards: sharding.as_ref().map_or(1, |s| s.world),
             train_samples: train.len(),
             test_samples: test.len(),
@@ -358,9 +367,10 @@ impl Runner<'_> {
 
         if writer {
             tracing::info!(
-            "{} | {} | {} train / {} test samples | batch {} | steps {}..{} | run folder {}",
+            "{} | {} | {} | {} train / {} test samples | batch {} | steps {}..{} | run folder {}",
             summary.model,
             summary.optimizer,
+            summary.device,
             train.len(),
             test.len(),
             cfg.train.batch_size,
@@ -377,6 +387,7 @@ impl Runner<'_> {
         let mut inner = ModelField::new(model.as_ref(), &train);
         inner.set_micro_batch(cfg.train.micro_batch);
         inner.set_recompute(cfg.train.recompute);
+        inner.set_device(device.clone());
         let mut field = ShardedField::new(inner, comm);
         // With a sharded optimizer the optimizer's θ is this rank's block; the field keeps the
         // whole vector the model needs.
@@ -449,7 +460,7 @@ impl Runner<'_> {
             };
             if eval_now {
                 let full = field.full_params(&theta)?;
-                let (loss, acc) = evaluate_sharded(model.as_ref(), full, &test_shard, test.len(), tc.eval_chunk, comm)?;
+                let (loss, acc) = evaluate_sharded(model.as_ref(), full, &test_shard, test.len(), tc.eval_chunk, &device, comm)?;
                 line.test_loss = Some(loss);
                 line.test_accuracy = Some(acc);
                 best = Some(best.map_or(acc, |b: f64| b.max(acc)));
@@ -539,11 +550,19 @@ fn open_run_files(cfg: &Config, out: &Path, start: u64) -> Result<std::fs::File>
 }
 
 /// Test loss and accuracy over the whole test set, each rank evaluating its shard.
-fn evaluate_sharded(model: &dyn Model, theta: &[f32], shard: &Dataset, total: usize, chunk: usize, comm: &dyn Communicator) -> Result<(f64, f64)> {
+fn evaluate_sharded(
+    model: &dyn Model,
+    theta: &[f32],
+    shard: &Dataset,
+    total: usize,
+    chunk: usize,
+    device: &candle_core::Device,
+    comm: &dyn Communicator,
+) -> Result<(f64, f64)> {
     let (loss_sum, correct) = if shard.is_empty() {
         (0.0, 0.0)
     } else {
-        let (loss, acc) = model::evaluate(model, theta, shard, chunk)?;
+        let (loss, acc) = model::evaluate_on(model, theta, shard, chunk, device)?;
         let n = shard.len() as f64;
         (loss * n, (acc * n).round())
     };

@@ -31,6 +31,8 @@ pub struct ModelField<'a> {
     /// Activation recomputation: keep only the segment boundaries of the forward pass and
     /// recompute each segment during the backward pass.
     recompute: bool,
+    /// Where the model runs: θ is copied to it at every `eval`, gradients come back to the host.
+    device: Device,
     /// The current batch, gathered, one entry per micro-batch (one when micro-batching is off).
     micro: Vec<MicroBatch>,
     batch_set: bool,
@@ -53,6 +55,7 @@ impl<'a> ModelField<'a> {
             global_batch: 0,
             micro_batch: 0,
             recompute: false,
+            device: Device::Cpu,
             micro: Vec::new(),
             batch_set: false,
             batch_error: None,
@@ -90,6 +93,14 @@ impl<'a> ModelField<'a> {
     /// is the same computation in the same order: bit-identical (tested).
     pub fn set_recompute(&mut self, on: bool) {
         self.recompute = on;
+    }
+
+    /// Run the model on `device` (config `train.device`); the current batch moves with it.
+    pub fn set_device(&mut self, device: Device) {
+        self.device = device;
+        if self.batch_set {
+            self.gather();
+        }
     }
 
     /// Number of samples in the current batch (this rank's slice).
@@ -148,8 +159,8 @@ impl<'a> ModelField<'a> {
             }
             let err = |e: candle_core::Error| e.to_string();
             self.micro.push(MicroBatch {
-                x: Tensor::from_vec(x, (chunk.len(), d), &Device::Cpu).map_err(err)?,
-                onehot: Tensor::from_vec(onehot, (chunk.len(), k), &Device::Cpu).map_err(err)?,
+                x: Tensor::from_vec(x, (chunk.len(), d), &self.device).map_err(err)?,
+                onehot: Tensor::from_vec(onehot, (chunk.len(), k), &self.device).map_err(err)?,
             });
         }
         Ok(())
@@ -189,7 +200,7 @@ impl VectorField<f32> for ModelField<'_> {
         let vars = layout
             .params
             .iter()
-            .map(|s| Var::from_slice(&theta[s.range()], s.shape.as_slice(), &Device::Cpu))
+            .map(|s| Var::from_slice(&theta[s.range()], s.shape.as_slice(), &self.device))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let params: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let scale = 1.0 / self.global_batch as f64;
@@ -298,11 +309,17 @@ fn cross_entropy(logits: &Tensor, onehot: &Tensor) -> Result<Tensor> {
 /// without autograd. Returns (loss, accuracy in [0, 1]). The cross-entropy is computed on the host
 /// in f64 from the logits — an implementation independent of the one `ModelField` differentiates.
 /// A sample counts as correct when its label is the first index of its largest logit.
-pub fn evaluate(
+pub fn evaluate(model: &dyn Model, theta: &[f32], data: &Dataset, chunk: usize) -> Result<(f64, f64)> {
+    evaluate_on(model, theta, data, chunk, &Device::Cpu)
+}
+
+/// `evaluate` with the model on `device` (the logits come back to the host).
+pub fn evaluate_on(
     model: &dyn Model,
     theta: &[f32],
     data: &Dataset,
     chunk: usize,
+    device: &Device,
 ) -> Result<(f64, f64)> {
     let layout = model.layout();
     if theta.len() != layout.len() {
@@ -326,7 +343,7 @@ pub fn evaluate(
     let params = layout
         .params
         .iter()
-        .map(|s| Tensor::from_slice(&theta[s.range()], s.shape.as_slice(), &Device::Cpu))
+        .map(|s| Tensor::from_slice(&theta[s.range()], s.shape.as_slice(), device))
         .collect::<candle_core::Result<Vec<_>>>()?;
     let chunk = if chunk == 0 { n } else { chunk };
 
@@ -335,7 +352,7 @@ pub fn evaluate(
     for start in (0..n).step_by(chunk) {
         let end = (start + chunk).min(n);
         let x =
-            Tensor::from_slice(&data.images[start * d..end * d], (end - start, d), &Device::Cpu)?;
+            Tensor::from_slice(&data.images[start * d..end * d], (end - start, d), device)?;
         let logits = model.forward(&params, &x)?;
         let (rows, cols) = logits.dims2()?;
         if rows != end - start || cols != k {

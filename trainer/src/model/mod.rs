@@ -18,7 +18,7 @@ pub mod cnn;
 pub mod field;
 pub mod mlp;
 
-pub use field::{evaluate, ModelField};
+pub use field::{evaluate, evaluate_on, ModelField};
 
 use std::path::Path;
 
