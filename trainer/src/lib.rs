@@ -14,6 +14,7 @@ pub mod tableau;
 pub mod optim;
 pub mod model;
 pub mod data;
+pub mod device;
 
 pub use error::{Error, Result};
 pub mod config;
