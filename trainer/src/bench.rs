@@ -107,6 +107,8 @@ pub(crate) fn bench_data(base: &Config) -> (Dataset, String) {
 pub fn run(opts: &BenchOptions, mut on_row: impl FnMut(&BenchRow)) -> Result<BenchReport> {
     let (data, data_desc) = bench_data(&opts.base);
     let model = build_model(&opts.base, &data)?;
+    // train.device of the base config: the GPU when there is one (`auto`), as in training.
+    let device = crate::device::for_config(&opts.base)?;
     let theta0 = model::init_params(model.as_ref(), 0);
     let variants = variants();
     let mut rows = Vec::new();
@@ -117,6 +119,7 @@ pub fn run(opts: &BenchOptions, mut on_row: impl FnMut(&BenchRow)) -> Result<Ben
             opts_for_size.push(build_optimizer(&Config::from_toml_str(&opts.base.to_toml(), &sets)?)?);
         }
         let mut field = ModelField::new(model.as_ref(), &data);
+        field.set_device(device.clone());
         let n = opts_for_size.len();
         let cells = time_interleaved(opts_for_size, &theta0, &mut field, data.len(), bs, |reps, secs| {
             reps >= opts.max_reps || (reps >= opts.min_reps && secs >= opts.min_seconds * n as f64)

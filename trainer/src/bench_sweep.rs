@@ -179,6 +179,8 @@ pub fn run(opts: &SweepOptions, mut on_progress: impl FnMut(&str)) -> Result<Swe
     }
     let (data, data_desc) = bench_data(&opts.base);
     let model = build_model(&opts.base, &data)?;
+    // train.device of the base config: the GPU when there is one (`auto`), as in training.
+    let device = crate::device::for_config(&opts.base)?;
     let theta0 = model::init_params(model.as_ref(), 0);
 
     let mut plans = Vec::new();
@@ -201,6 +203,7 @@ pub fn run(opts: &SweepOptions, mut on_progress: impl FnMut(&str)) -> Result<Swe
         let peak_reset = memory::reset_peak();
         let optimizers = plan.configs.iter().map(build_optimizer).collect::<Result<Vec<_>>>()?;
         let mut field = ModelField::new(model.as_ref(), &data);
+        field.set_device(device.clone());
         field.set_micro_batch(plan.micro_batch);
         field.set_recompute(plan.recompute);
         let mut cells = time_interleaved(optimizers, &theta0, &mut field, data.len(), bs, |reps, secs| {

@@ -71,6 +71,12 @@ pub fn select(kind: DeviceKind, explicit_gpu: Option<usize>, local_rank: usize) 
     }
 }
 
+/// The device a config asks for, on this process (its local rank from the launcher).
+pub fn for_config(cfg: &crate::config::Config) -> Result<Device> {
+    let local_rank = kutta_collectives::rendezvous::local_rank().unwrap_or(0);
+    select(cfg.train.device, cfg.train.gpu, local_rank)
+}
+
 /// "cpu" or "cuda:N", for logs and the summary.
 pub fn describe(device: &Device) -> String {
     match device.location() {

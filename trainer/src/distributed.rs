@@ -146,6 +146,11 @@ impl<'a> ShardedField<'a> {
         self.inner.set_batch(&global[r], global.len());
     }
 
+    /// The most GPU memory this rank's model was seen using (`ModelField::peak_device_bytes`).
+    pub fn peak_device_bytes(&self) -> u64 {
+        self.inner.peak_device_bytes()
+    }
+
     /// The whole parameter vector for evaluation and checkpoints: `theta` itself, or, with a
     /// sharded optimizer (`theta` is this rank's block), every rank's block gathered. Collective
     /// when sharded: every rank must call it.

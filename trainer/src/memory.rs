@@ -22,3 +22,18 @@ fn status_kib(key: &str) -> Option<u64> {
     let line = s.lines().find(|l| l.starts_with(key))?;
     line[key.len()..].trim().trim_end_matches("kB").trim().parse().ok()
 }
+
+/// GPU memory in use on `device`'s GPU, in bytes: total − free as the driver reports it (every
+/// process on that GPU and the CUDA context included, and candle's freed-but-pooled blocks).
+/// None on the CPU or in a build without the `cuda` feature.
+pub fn device_used_bytes(device: &candle_core::Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    {
+        if let Ok(d) = device.as_cuda_device() {
+            let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
+            return Some(total.saturating_sub(free) as u64);
+        }
+    }
+    let _ = device;
+    None
+}

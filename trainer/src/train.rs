@@ -61,6 +61,10 @@ pub struct MetricsLine {
     /// Peak resident memory of this process (rank 0) so far, MiB.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_rss_mib: Option<f64>,
+    /// GPU memory in use on rank 0's GPU, the most seen after a backward pass so far, MiB
+    /// (`memory::device_used_bytes`); absent on the CPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_device_mib: Option<f64>,
 }
 
 fn is_zero(x: &u32) -> bool {
@@ -102,6 +106,9 @@ pub struct Summary {
     pub optimizer_shards: usize,
     /// Peak resident memory of rank 0's process over the run, MiB.
     pub peak_rss_mib: Option<f64>,
+    /// The most GPU memory rank 0's GPU was seen using, MiB (absent on the CPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_device_mib: Option<f64>,
 }
 
 /// How `train` reports progress.
@@ -288,8 +295,7 @@ impl Runner<'_> {
         // Data errors are found on every rank before training starts.
         let (train, test) = agree(comm, "loading the data", load_data(cfg))?;
         let model = agree(comm, "building the model", build_model(cfg, &train))?;
-        let local_rank = kutta_collectives::rendezvous::local_rank().unwrap_or(0);
-        let device = agree(comm, "opening the device", crate::device::select(cfg.train.device, cfg.train.gpu, local_rank))?;
+        let device = agree(comm, "opening the device", crate::device::for_config(cfg))?;
         let layout = model.layout().clone();
         let mut opt = build_optimizer(cfg)?;
         // The sharded optimizer (SPEC §6): each rank keeps one block of θ and of every optimizer
@@ -470,6 +476,8 @@ impl Runner<'_> {
             line.wall_s = wall_before + t0.elapsed().as_secs_f64();
             line.peak_rss_mib = memory::peak_rss_bytes().map(mib);
             summary.peak_rss_mib = line.peak_rss_mib;
+            line.peak_device_mib = Some(field.peak_device_bytes()).filter(|&b| b > 0).map(mib);
+            summary.peak_device_mib = line.peak_device_mib;
             if let Some(metrics) = metrics.as_mut().filter(|_| {
                 eval_now || last || done.is_multiple_of(tc.log_every) || report.rejected > 0 || report.nonfinite_retries > 0
             }) {

@@ -33,6 +33,9 @@ pub struct ModelField<'a> {
     recompute: bool,
     /// Where the model runs: θ is copied to it at every `eval`, gradients come back to the host.
     device: Device,
+    /// The most GPU memory seen in use right after a backward pass (when activations and
+    /// gradients are all alive); stays 0 on the CPU.
+    peak_device_bytes: u64,
     /// The current batch, gathered, one entry per micro-batch (one when micro-batching is off).
     micro: Vec<MicroBatch>,
     batch_set: bool,
@@ -56,6 +59,7 @@ impl<'a> ModelField<'a> {
             micro_batch: 0,
             recompute: false,
             device: Device::Cpu,
+            peak_device_bytes: 0,
             micro: Vec::new(),
             batch_set: false,
             batch_error: None,
@@ -100,6 +104,18 @@ impl<'a> ModelField<'a> {
         self.device = device;
         if self.batch_set {
             self.gather();
+        }
+    }
+
+    /// The most GPU memory in use seen at the end of a backward pass so far (bytes; 0 on the
+    /// CPU). See `memory::device_used_bytes` for what it counts.
+    pub fn peak_device_bytes(&self) -> u64 {
+        self.peak_device_bytes
+    }
+
+    fn sample_device_memory(&mut self) {
+        if let Some(used) = crate::memory::device_used_bytes(&self.device) {
+            self.peak_device_bytes = self.peak_device_bytes.max(used);
         }
     }
 
@@ -206,10 +222,12 @@ impl VectorField<f32> for ModelField<'_> {
         let scale = 1.0 / self.global_batch as f64;
 
         let mut loss_sum = 0.0f64;
+        let mut peak_device = 0u64;
         if self.recompute && self.model.segments() > 1 {
             for (k, mb) in self.micro.iter().enumerate() {
                 loss_sum += self.recomputed_backward(&vars, mb, scale, grad, k > 0)?;
             }
+            self.sample_device_memory();
             return Ok(loss_sum * scale);
         }
         for (k, mb) in self.micro.iter().enumerate() {
@@ -218,6 +236,11 @@ impl VectorField<f32> for ModelField<'_> {
             loss_sum += per_sample.to_vec1::<f32>()?.iter().map(|&l| l as f64).sum::<f64>();
             // Scaling the scalar objective scales every gradient for free.
             let grads = per_sample.sum_all()?.affine(scale, 0.0)?.backward()?;
+            if k == 0 && !self.device.is_cpu() {
+                if let Some(used) = crate::memory::device_used_bytes(&self.device) {
+                    peak_device = peak_device.max(used);
+                }
+            }
             for (var, spec) in vars.iter().zip(&layout.params) {
                 let out = &mut grad[spec.range()];
                 match grads.get(var) {
@@ -227,6 +250,7 @@ impl VectorField<f32> for ModelField<'_> {
                 }
             }
         }
+        self.peak_device_bytes = self.peak_device_bytes.max(peak_device);
         Ok(loss_sum * scale)
     }
 }
