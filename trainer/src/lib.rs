@@ -26,3 +26,4 @@ pub mod train;
 pub mod bench;
 pub mod bench_collectives;
 pub mod bench_sweep;
+pub mod kernels;
