@@ -295,6 +295,27 @@ fn micro_batching_gives_the_same_trajectory_and_memory_is_measured() {
     assert!(last["peak_rss_mib"].as_f64().is_some());
 }
 
+/// Issue 4: activation recomputation through the binary gives the very same weights (bit for
+/// bit) as keeping every activation, with and without micro-batches.
+#[test]
+fn recomputation_gives_bit_identical_weights() {
+    require_fashion_mnist();
+    let dir = tempfile::tempdir().unwrap();
+    let extra = ["optimizer.preconditioner=modified-adagrad", "optimizer.momentum=0.9", "optimizer.lr=0.2"];
+    for micro in ["train.micro_batch=0", "train.micro_batch=10"] {
+        let (plain, re) = (dir.path().join(format!("plain-{micro}")), dir.path().join(format!("re-{micro}")));
+        let base: Vec<&str> = extra.iter().copied().chain([micro]).collect();
+        assert!(small_run(&plain, 4, &base).status.success());
+        let with_re: Vec<&str> = base.iter().copied().chain(["train.recompute=true"]).collect();
+        let o = small_run(&re, 4, &with_re);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(summary(&re)["recompute"], true);
+        let (a, b) = (theta(&plain), theta(&re));
+        let differ = a.iter().zip(&b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+        assert_eq!(differ, 0, "{micro}: {differ} of {} weights differ with recomputation", a.len());
+    }
+}
+
 #[test]
 fn plan_fits_full_batch_in_2gib_and_says_what_would_fit() {
     require_fashion_mnist();
