@@ -145,7 +145,7 @@ pub fn run(opts: &BenchOptions, mut on_row: impl FnMut(&BenchRow)) -> Result<Ben
         .filter_map(|&bs| Some((bs, find("rk4", bs)? / find("sgd", bs)?)))
         .collect();
     Ok(BenchReport {
-        machine: machine_description(),
+        machine: format!("{}, model on {}", machine_description(), crate::device::describe(&device)),
         threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         model: model.describe(),
         data: data_desc,

@@ -240,7 +240,7 @@ pub fn run(opts: &SweepOptions, mut on_progress: impl FnMut(&str)) -> Result<Swe
         rows.push(row);
     }
     Ok(SweepReport {
-        machine: machine_description(),
+        machine: format!("{}, model on {}", machine_description(), crate::device::describe(&device)),
         threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         model: model.describe(),
         data: data_desc,
