@@ -181,6 +181,17 @@ impl RkKernels {
         Ok(())
     }
 
+    /// `check` for several inputs of length n and an optional preconditioner D.
+    fn check_all(&self, n: usize, inputs: &[(&str, In)], d: Option<In>) -> KResult<()> {
+        for (what, s) in inputs {
+            self.check(what, *s, n)?;
+        }
+        match d {
+            Some(d) => self.check("d", d, n),
+            None => Ok(()),
+        }
+    }
+
     fn check_ctx<S: DeviceSlice<f32> + ?Sized>(&self, what: &str, s: &S) -> KResult<()> {
         if s.stream().context() != self.stream.context() {
             return args_err(format!("{what} lives in another CUDA context than the kernels"));
@@ -214,10 +225,7 @@ impl RkKernels {
     ) -> KResult<()> {
         let n = x.len();
         self.check("x", x, n)?;
-        self.check("theta", theta, n)?;
-        if let Some(d) = d {
-            self.check("d", d, n)?;
-        }
+        self.check_all(n, &[("theta", theta)], d)?;
         if stages.len() > MAX_STAGES {
             return args_err(format!("{} stages in one stage point; the kernel takes at most {MAX_STAGES}", stages.len()));
         }
@@ -400,78 +408,74 @@ impl RkKernels {
     /// ‖D⊙v‖² (‖v‖² without D), accumulated in f64. See [`super::reference::dnorm2`].
     pub fn dnorm2(&self, v: In, d: Option<In>) -> KResult<f64> {
         let n = v.len();
-        self.check("v", v, n)?;
-        if let Some(d) = d {
-            self.check("d", d, n)?;
-        }
-        self.reduce(n, |partials, cfg| {
-            let mut p = Ptrs::new(&self.stream);
-            let (vp, dp) = (p.rd(v), p.rd_opt(d));
-            let n64 = n as u64;
-            let mut l = self.stream.launch_builder(&self.f.reduce_dnorm2);
-            l.arg(&vp).arg(&dp).arg(&n64).arg(&partials);
-            // SAFETY: matches `kutta_reduce_dnorm2`; `partials` holds cfg.grid_dim.0 doubles.
-            unsafe { l.launch(cfg) }?;
-            Ok(())
-        })
+        self.check_all(n, &[("v", v)], d)?;
+        let r = Reduction::DNorm2 { v, d };
+        self.reduce(n, |partials, cfg| self.launch_reduction(&r, n, partials, cfg))
     }
 
     /// ‖D⊙(a − b)‖² in f64 (D = I without D). See [`super::reference::ddiff2`].
     pub fn ddiff2(&self, a: In, b: In, d: Option<In>) -> KResult<f64> {
         let n = a.len();
-        self.check("a", a, n)?;
-        self.check("b", b, n)?;
-        if let Some(d) = d {
-            self.check("d", d, n)?;
-        }
-        self.reduce(n, |partials, cfg| {
-            let mut p = Ptrs::new(&self.stream);
-            let (ap, bp, dp) = (p.rd(a), p.rd(b), p.rd_opt(d));
-            let n64 = n as u64;
-            let mut l = self.stream.launch_builder(&self.f.reduce_ddiff2);
-            l.arg(&ap).arg(&bp).arg(&dp).arg(&n64).arg(&partials);
-            // SAFETY: matches `kutta_reduce_ddiff2`.
-            unsafe { l.launch(cfg) }?;
-            Ok(())
-        })
+        self.check_all(n, &[("a", a), ("b", b)], d)?;
+        let r = Reduction::DDiff2 { a, b, d };
+        self.reduce(n, |partials, cfg| self.launch_reduction(&r, n, partials, cfg))
     }
 
     /// Σ ((h·d·e) / (atol + rtol·|θ|))² in f64 (d = 1 without D); the scaled error of rk.rs is
     /// sqrt(sum / P) (sums and P over all shards). See [`super::reference::error_sum`].
     pub fn error_sum(&self, theta: In, err: In, d: Option<In>, h: f64, atol: f64, rtol: f64) -> KResult<f64> {
         let n = theta.len();
-        self.check("theta", theta, n)?;
-        self.check("err", err, n)?;
-        if let Some(d) = d {
-            self.check("d", d, n)?;
-        }
-        self.reduce(n, |partials, cfg| {
-            let mut p = Ptrs::new(&self.stream);
-            let (tp, ep, dp) = (p.rd(theta), p.rd(err), p.rd_opt(d));
-            let n64 = n as u64;
-            let mut l = self.stream.launch_builder(&self.f.reduce_errsum);
-            l.arg(&tp).arg(&ep).arg(&dp).arg(&h).arg(&atol).arg(&rtol).arg(&n64).arg(&partials);
-            // SAFETY: matches `kutta_reduce_errsum`.
-            unsafe { l.launch(cfg) }?;
-            Ok(())
-        })
+        self.check_all(n, &[("theta", theta), ("err", err)], d)?;
+        let r = Reduction::ErrorSum { theta, err, d, h, atol, rtol };
+        self.reduce(n, |partials, cfg| self.launch_reduction(&r, n, partials, cfg))
     }
 
     /// Number of NaN/±Inf entries of v. See [`super::reference::nonfinite_count`].
     pub fn nonfinite_count(&self, v: In) -> KResult<u64> {
         let n = v.len();
         self.check("v", v, n)?;
-        let c = self.reduce(n, |partials, cfg| {
-            let mut p = Ptrs::new(&self.stream);
-            let vp = p.rd(v);
-            let n64 = n as u64;
-            let mut l = self.stream.launch_builder(&self.f.reduce_nonfinite);
-            l.arg(&vp).arg(&n64).arg(&partials);
-            // SAFETY: matches `kutta_reduce_nonfinite`.
-            unsafe { l.launch(cfg) }?;
-            Ok(())
-        })?;
+        let r = Reduction::NonFinite { v };
+        let c = self.reduce(n, |partials, cfg| self.launch_reduction(&r, n, partials, cfg))?;
         Ok(c as u64)
+    }
+
+    /// The first pass of reduction `r` over n entries: per-block partial sums into `partials`
+    /// (cfg.grid_dim.0 doubles). Lengths were checked by the caller.
+    fn launch_reduction(&self, r: &Reduction, n: usize, partials: u64, cfg: LaunchConfig) -> KResult<()> {
+        let mut p = Ptrs::new(&self.stream);
+        let n64 = n as u64;
+        let mut l;
+        match *r {
+            Reduction::DNorm2 { v, d } => {
+                let (vp, dp) = (p.rd(v), p.rd_opt(d));
+                l = self.stream.launch_builder(&self.f.reduce_dnorm2);
+                l.arg(&vp).arg(&dp).arg(&n64).arg(&partials);
+                // SAFETY: matches `kutta_reduce_dnorm2`.
+                unsafe { l.launch(cfg) }?;
+            }
+            Reduction::DDiff2 { a, b, d } => {
+                let (ap, bp, dp) = (p.rd(a), p.rd(b), p.rd_opt(d));
+                l = self.stream.launch_builder(&self.f.reduce_ddiff2);
+                l.arg(&ap).arg(&bp).arg(&dp).arg(&n64).arg(&partials);
+                // SAFETY: matches `kutta_reduce_ddiff2`.
+                unsafe { l.launch(cfg) }?;
+            }
+            Reduction::ErrorSum { theta, err, d, h, atol, rtol } => {
+                let (tp, ep, dp) = (p.rd(theta), p.rd(err), p.rd_opt(d));
+                l = self.stream.launch_builder(&self.f.reduce_errsum);
+                l.arg(&tp).arg(&ep).arg(&dp).arg(&h).arg(&atol).arg(&rtol).arg(&n64).arg(&partials);
+                // SAFETY: matches `kutta_reduce_errsum`.
+                unsafe { l.launch(cfg) }?;
+            }
+            Reduction::NonFinite { v } => {
+                let vp = p.rd(v);
+                l = self.stream.launch_builder(&self.f.reduce_nonfinite);
+                l.arg(&vp).arg(&n64).arg(&partials);
+                // SAFETY: matches `kutta_reduce_nonfinite`.
+                unsafe { l.launch(cfg) }?;
+            }
+        }
+        Ok(())
     }
 
     /// Both passes of a reduction (the first by `first(partials, cfg)`), then the result to the
@@ -677,56 +681,17 @@ impl RkKernels {
 
         // Reductions: only the two launches are timed (not the copy of the result to the host).
         let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        let nr = n;
-        let ms = self.time_ms(reps, || {
-            self.reduce_launch(&mut scratch, nr, |pp, cfg| {
-                let mut p = Ptrs::new(&self.stream);
-                let (vp, dp, n64) = (p.rd(&k0), p.rd(&d), nn);
-                let mut l = self.stream.launch_builder(&self.f.reduce_dnorm2);
-                l.arg(&vp).arg(&dp).arg(&n64).arg(&pp);
-                // SAFETY: as in `dnorm2`.
-                unsafe { l.launch(cfg) }?;
-                Ok(())
-            })
-        })?;
-        row("dnorm2 + D (reduction)", 2, ms);
-        let ms = self.time_ms(reps, || {
-            self.reduce_launch(&mut scratch, nr, |pp, cfg| {
-                let mut p = Ptrs::new(&self.stream);
-                let (ap, bp, dp, n64) = (p.rd(&k0), p.rd(&k1), p.rd(&d), nn);
-                let mut l = self.stream.launch_builder(&self.f.reduce_ddiff2);
-                l.arg(&ap).arg(&bp).arg(&dp).arg(&n64).arg(&pp);
-                // SAFETY: as in `ddiff2`.
-                unsafe { l.launch(cfg) }?;
-                Ok(())
-            })
-        })?;
-        row("ddiff2 + D (reduction)", 3, ms);
-        let ms = self.time_ms(reps, || {
-            self.reduce_launch(&mut scratch, nr, |pp, cfg| {
-                let mut p = Ptrs::new(&self.stream);
-                let (tp, ep, dp, n64) = (p.rd(&theta), p.rd(&err), p.rd(&d), nn);
-                let (h, atol, rtol) = (0.01f64, 1e-4f64, 1e-2f64);
-                let mut l = self.stream.launch_builder(&self.f.reduce_errsum);
-                l.arg(&tp).arg(&ep).arg(&dp).arg(&h).arg(&atol).arg(&rtol).arg(&n64).arg(&pp);
-                // SAFETY: as in `error_sum`.
-                unsafe { l.launch(cfg) }?;
-                Ok(())
-            })
-        })?;
-        row("error_sum + D (reduction)", 3, ms);
-        let ms = self.time_ms(reps, || {
-            self.reduce_launch(&mut scratch, nr, |pp, cfg| {
-                let mut p = Ptrs::new(&self.stream);
-                let (vp, n64) = (p.rd(&k0), nn);
-                let mut l = self.stream.launch_builder(&self.f.reduce_nonfinite);
-                l.arg(&vp).arg(&n64).arg(&pp);
-                // SAFETY: as in `nonfinite_count`.
-                unsafe { l.launch(cfg) }?;
-                Ok(())
-            })
-        })?;
-        row("nonfinite_count (reduction)", 1, ms);
+        let (h, atol, rtol) = (0.01f64, 1e-4f64, 1e-2f64);
+        let reductions = [
+            ("dnorm2 + D (reduction)", 2, Reduction::DNorm2 { v: &k0, d: Some(&d) }),
+            ("ddiff2 + D (reduction)", 3, Reduction::DDiff2 { a: &k0, b: &k1, d: Some(&d) }),
+            ("error_sum + D (reduction)", 3, Reduction::ErrorSum { theta: &theta, err: &err, d: Some(&d), h, atol, rtol }),
+            ("nonfinite_count (reduction)", 1, Reduction::NonFinite { v: &k0 }),
+        ];
+        for (label, elems, r) in &reductions {
+            let ms = self.time_ms(reps, || self.reduce_launch(&mut scratch, n, |pp, cfg| self.launch_reduction(r, n, pp, cfg)))?;
+            row(label, *elems, ms);
+        }
         drop(scratch);
 
         // Gather/scatter: 16 equal segments of k0 (the "tensors") into/out of x (the flat buffer).
@@ -770,6 +735,14 @@ impl RkKernels {
         ts.sort_by(|a, b| a.total_cmp(b));
         Ok(ts[ts.len() / 2])
     }
+}
+
+/// A fused reduction's first pass and its inputs (`RkKernels::launch_reduction`).
+enum Reduction<'a> {
+    DNorm2 { v: In<'a>, d: Option<In<'a>> },
+    DDiff2 { a: In<'a>, b: In<'a>, d: Option<In<'a>> },
+    ErrorSum { theta: In<'a>, err: In<'a>, d: Option<In<'a>>, h: f64, atol: f64, rtol: f64 },
+    NonFinite { v: In<'a> },
 }
 
 /// A gather/scatter layout uploaded once ([`RkKernels::segment_table`]).
