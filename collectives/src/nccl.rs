@@ -689,3 +689,226 @@ impl Communicator for NcclComm {
         "nccl"
     }
 }
+
+// ---- self-check -----------------------------------------------------------------------------
+//
+// The correctness checks and the bus-bandwidth timing of a communicator, as a library function so
+// that `examples/nccl_smoke.rs` (any number of ranks under mpirun) and `kutta bench --nccl` (the
+// one binary `scripts/gpu-check` carries to the GPU machine) run the same code.
+
+/// What [`self_check`] measured. The time is the slowest rank's (the collective's time).
+#[derive(Clone, Debug)]
+pub struct SelfCheck {
+    pub world_size: usize,
+    /// This rank's GPU ordinal and name.
+    pub device_ordinal: usize,
+    pub device: String,
+    /// `ncclGetVersion`, as (major, minor, patch).
+    pub nccl_version: Option<(u32, u32, u32)>,
+    /// The timed all-reduce: `mib` MiB of f32, `iters` calls after 3 warm-up calls.
+    pub mib: usize,
+    pub iters: usize,
+    pub seconds_per_call: f64,
+    /// Bytes / time (nccl-tests' algbw), GB/s.
+    pub algbw_gb_per_s: f64,
+    /// algbw · 2(n−1)/n (nccl-tests' busbw; 0 on one rank, where nothing crosses a link), GB/s.
+    pub busbw_gb_per_s: f64,
+}
+
+impl SelfCheck {
+    /// One line: checks passed, the all-reduce time and bandwidths.
+    pub fn describe(&self) -> String {
+        let version = self.nccl_version.map_or_else(|| "?".into(), |(a, b, c)| format!("{a}.{b}.{c}"));
+        format!(
+            "all_reduce_sum_device {} MiB × {} on {} rank(s): {:.3} ms per call, algbw {:.2} GB/s, busbw {:.2} GB/s (NCCL {version})",
+            self.mib,
+            self.iters,
+            self.world_size,
+            self.seconds_per_call * 1e3,
+            self.algbw_gb_per_s,
+            self.busbw_gb_per_s
+        )
+    }
+}
+
+/// Every correctness check of `comm` ([`check_collectives`]), then `iters` timed in-place
+/// all-reduces of `mib` MiB ([`all_reduce_seconds`]), then the slowest rank's time. Collective:
+/// every rank of the world must call it. On `Err` in a world of more than one rank the caller
+/// must end the job (`comm.abort`): peers may be waiting in a collective this rank left.
+pub fn self_check(comm: &NcclComm, mib: usize, iters: usize) -> std::result::Result<SelfCheck, String> {
+    if mib == 0 || iters == 0 {
+        return Err("the all-reduce size (MiB) and the iteration count must be positive".into());
+    }
+    check_collectives(comm)?;
+    let per_call = all_reduce_seconds(comm, mib, iters)?;
+    let n = comm.world_size();
+    // The slowest rank's time is the collective's time.
+    let mut times = vec![0.0f32; n];
+    times[comm.rank()] = per_call as f32;
+    comm.all_reduce_sum(&mut times).map_err(|e| e.to_string())?;
+    let slowest = times.into_iter().fold(0.0f32, f32::max) as f64;
+    let algbw = (mib << 20) as f64 / slowest / 1e9;
+    Ok(SelfCheck {
+        world_size: n,
+        device_ordinal: comm.device_ordinal(),
+        device: comm.context().name().unwrap_or_else(|_| "?".into()),
+        nccl_version: nccl_version(),
+        mib,
+        iters,
+        seconds_per_call: slowest,
+        algbw_gb_per_s: algbw,
+        busbw_gb_per_s: algbw * 2.0 * (n as f64 - 1.0) / n as f64,
+    })
+}
+
+/// Uniform values in [-1, 1), the same sequence for the same `seed` on every rank.
+fn check_random(seed: u64, len: usize) -> Vec<f32> {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ (seed + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn check_upload(s: &Arc<CudaStream>, host: &[f32]) -> std::result::Result<CudaSlice<f32>, String> {
+    s.clone_htod(host).map_err(|e| format!("copy to the GPU: {e}"))
+}
+
+fn check_download(s: &Arc<CudaStream>, dev: &CudaSlice<f32>) -> std::result::Result<Vec<f32>, String> {
+    s.clone_dtoh(dev).map_err(|e| format!("copy from the GPU: {e}"))
+}
+
+/// The first element where `got` differs from `want(i)`, as a message.
+fn check_mismatch(what: &str, got: &[f32], want: impl Fn(usize) -> f32) -> std::result::Result<(), String> {
+    match (0..got.len()).find(|&i| got[i] != want(i)) {
+        Some(i) => Err(format!("{what}: element {i} is {}, want {}", got[i], want(i))),
+        None => Ok(()),
+    }
+}
+
+/// All correctness checks, in an order identical on every rank (each one is a collective): every
+/// device collective against closed-form values, all-reduce of random data against a recomputed
+/// sum with bit-identical results on every rank, the host-slice and scalar paths, and (on more
+/// than one rank) disagreements that must be errors after which the communicator still works.
+pub fn check_collectives(comm: &NcclComm) -> std::result::Result<(), String> {
+    let (rank, n) = (comm.rank(), comm.world_size());
+    let s = comm.stream().clone();
+    let e = |e: CommError| e.to_string();
+    if comm.name() != "nccl" {
+        return Err("name() is not \"nccl\"".into());
+    }
+    let ranks_sum = (n * (n + 1) / 2) as f32;
+
+    // Exact sums: small integers times 0.5, on the device.
+    let len = 10_007;
+    let mut buf = check_upload(&s, &(0..len).map(|i| (rank + 1) as f32 * (i % 1000) as f32 * 0.5).collect::<Vec<_>>())?;
+    comm.all_reduce_sum_device(&mut buf).map_err(e)?;
+    check_mismatch("all_reduce_sum_device", &check_download(&s, &buf)?, |i| ranks_sum * (i % 1000) as f32 * 0.5)?;
+
+    // Random data: every rank's data is reproducible anywhere, so each rank recomputes the sum
+    // (in its own order, hence a tolerance) and checks that all ranks hold the same bits.
+    let mut noisy = check_upload(&s, &check_random(rank as u64, len))?;
+    comm.all_reduce_sum_device(&mut noisy).map_err(e)?;
+    let sums = check_download(&s, &noisy)?;
+    let mut want = vec![0.0f64; len];
+    for r in 0..n {
+        for (w, x) in want.iter_mut().zip(check_random(r as u64, len)) {
+            *w += x as f64;
+        }
+    }
+    if let Some(i) = (0..len).find(|&i| (sums[i] as f64 - want[i]).abs() > 1e-5 * n as f64) {
+        return Err(format!("all_reduce_sum_device of random data: element {i} is {}, want {}", sums[i], want[i]));
+    }
+    let mut rank0 = check_upload(&s, &sums)?;
+    comm.broadcast_device(&mut rank0, 0).map_err(e)?;
+    if check_download(&s, &rank0)?.iter().zip(&sums).any(|(a, b)| a.to_bits() != b.to_bits()) {
+        return Err("all_reduce_sum_device of random data: sums differ from rank 0's in some bits".into());
+    }
+
+    // Reduce-scatter and all-gather on the device, with a block that is not a round number.
+    let b = 1001;
+    let send = check_upload(&s, &(0..n * b).map(|i| (rank + 1) as f32 * i as f32 * 0.5).collect::<Vec<_>>())?;
+    let mut recv = s.alloc_zeros::<f32>(b).map_err(|e| e.to_string())?;
+    comm.reduce_scatter_sum_device(&send, &mut recv).map_err(e)?;
+    check_mismatch("reduce_scatter_sum_device", &check_download(&s, &recv)?, |i| ranks_sum * (rank * b + i) as f32 * 0.5)?;
+    let mine = check_upload(&s, &(0..b).map(|i| (rank * 10_000 + i) as f32).collect::<Vec<_>>())?;
+    let mut all = s.alloc_zeros::<f32>(n * b).map_err(|e| e.to_string())?;
+    comm.all_gather_device(&mine, &mut all).map_err(e)?;
+    check_mismatch("all_gather_device", &check_download(&s, &all)?, |i| ((i / b) * 10_000 + i % b) as f32)?;
+
+    // The host-slice path.
+    let mut host: Vec<f32> = (0..len).map(|i| (rank + 1) as f32 * (i % 1000) as f32 * 0.5).collect();
+    comm.all_reduce_sum(&mut host).map_err(e)?;
+    check_mismatch("all_reduce_sum (host)", &host, |i| ranks_sum * (i % 1000) as f32 * 0.5)?;
+    let send_host: Vec<f32> = (0..n * b).map(|i| (rank + 1) as f32 * i as f32 * 0.5).collect();
+    let mut recv_host = vec![0.0f32; b];
+    comm.reduce_scatter_sum(&send_host, &mut recv_host).map_err(e)?;
+    check_mismatch("reduce_scatter_sum (host)", &recv_host, |i| ranks_sum * (rank * b + i) as f32 * 0.5)?;
+    let mut all_host = vec![0.0f32; n * b];
+    comm.all_gather(&(0..b).map(|i| (rank * 10_000 + i) as f32).collect::<Vec<_>>(), &mut all_host).map_err(e)?;
+    check_mismatch("all_gather (host)", &all_host, |i| ((i / b) * 10_000 + i % b) as f32)?;
+    let root = n - 1;
+    let mut bc: Vec<f32> = if rank == root { (0..len).map(|i| i as f32 - 3.25).collect() } else { vec![f32::NAN; len] };
+    comm.broadcast(&mut bc, root).map_err(e)?;
+    check_mismatch("broadcast (host)", &bc, |i| i as f32 - 3.25)?;
+
+    // The scalar path (the bootstrap).
+    let x = comm.all_reduce_sum_f64(rank as f64 + 0.25).map_err(e)?;
+    let want_x = (n * (n - 1) / 2) as f64 + 0.25 * n as f64;
+    if x != want_x {
+        return Err(format!("all_reduce_sum_f64 is {x}, want {want_x}"));
+    }
+
+    // Disagreements are errors on every rank, and the communicator stays usable after them.
+    if n > 1 {
+        let mut uneven = s.alloc_zeros::<f32>(if rank == 0 { 3 } else { 4 }).map_err(|e| e.to_string())?;
+        if comm.all_reduce_sum_device(&mut uneven).is_ok() {
+            return Err("all_reduce_sum_device with lengths differing across ranks succeeded".into());
+        }
+        let mut bad_recv = s.alloc_zeros::<f32>(if rank == 0 { b + 1 } else { b }).map_err(|e| e.to_string())?;
+        if comm.reduce_scatter_sum_device(&send, &mut bad_recv).is_ok() {
+            return Err("reduce_scatter_sum_device with a bad block on rank 0 succeeded".into());
+        }
+    }
+    if comm.broadcast(&mut [0.0f32; 2], n).is_ok() {
+        return Err("broadcast from a rank outside the world succeeded".into());
+    }
+    comm.barrier().map_err(e)?;
+    if comm.all_reduce_sum_f64(1.0).map_err(e)? != n as f64 {
+        return Err("all_reduce_sum_f64 after the error paths is wrong".into());
+    }
+    let mut again = check_upload(&s, &[1.0, 2.0])?;
+    comm.all_reduce_sum_device(&mut again).map_err(e)?;
+    check_mismatch("all_reduce_sum_device after the error paths", &check_download(&s, &again)?, |i| (i + 1) as f32 * n as f32)?;
+    Ok(())
+}
+
+/// Times `iters` in-place all-reduces of `mib` MiB (after 3 warm-up calls), then checks one
+/// all-reduce of that size exactly. Returns this rank's seconds per all-reduce.
+pub fn all_reduce_seconds(comm: &NcclComm, mib: usize, iters: usize) -> std::result::Result<f64, String> {
+    let (rank, n) = (comm.rank(), comm.world_size());
+    let s = comm.stream().clone();
+    let len = mib << 18; // f32 per MiB
+    let e = |e: CommError| e.to_string();
+    let mut buf = s.alloc_zeros::<f32>(len).map_err(|e| format!("cannot allocate {mib} MiB on the GPU: {e}"))?;
+    for _ in 0..3 {
+        comm.all_reduce_sum_device(&mut buf).map_err(e)?;
+    }
+    comm.barrier().map_err(e)?;
+    let start = Instant::now();
+    for _ in 0..iters {
+        comm.all_reduce_sum_device(&mut buf).map_err(e)?;
+    }
+    let per_call = start.elapsed().as_secs_f64() / iters.max(1) as f64;
+    // Exact check of the large buffer: (rank + 1) · (i mod 1024) sums to n(n+1)/2 · (i mod 1024).
+    let pattern: Vec<f32> = (0..len).map(|i| (rank + 1) as f32 * (i % 1024) as f32).collect();
+    s.memcpy_htod(&pattern, &mut buf).map_err(|e| format!("copy to the GPU: {e}"))?;
+    comm.all_reduce_sum_device(&mut buf).map_err(e)?;
+    let ranks_sum = (n * (n + 1) / 2) as f32;
+    check_mismatch(&format!("all_reduce_sum_device of {mib} MiB"), &check_download(&s, &buf)?, |i| ranks_sum * (i % 1024) as f32)?;
+    Ok(per_call)
+}

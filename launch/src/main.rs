@@ -18,6 +18,8 @@ use kutta_trainer::tableau::Tableau;
 use kutta_trainer::train::{self, Progress};
 use std::path::PathBuf;
 
+mod gpu;
+
 #[derive(Parser)]
 #[command(name = "kutta", version, about = "Data-parallel neural-network training with Runge-Kutta solvers of the gradient flow")]
 struct Cli {
@@ -96,7 +98,8 @@ enum Command {
     },
     /// Time optimizer steps (sgd, adam, rk4, rk4 with all modifications) on the MLP; with
     /// --collectives, all-reduce bandwidth and the weak scaling of rk4 steps over MPI ranks; with
-    /// --sweep batch, sgd/adam/rk4 against the batch size under a memory plan, with CSV and SVG.
+    /// --sweep batch, sgd/adam/rk4 against the batch size under a memory plan, with CSV and SVG;
+    /// with --kernels / --nccl, the GPU self-checks (a --features cuda build).
     Bench {
         /// Batch sizes, comma-separated [default: 16,128,1024,8192; with --sweep 16,128,1024,8192,60000].
         #[arg(long, value_delimiter = ',', conflicts_with = "collectives")]
@@ -111,9 +114,20 @@ enum Command {
         /// Config providing the model and data (default: the paper's MLP on Fashion-MNIST).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Override a key of that config, e.g. --set data.dir=DIR --set train.device=cuda (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE", conflicts_with = "collectives")]
+        sets: Vec<String>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Check the RK kernels against their CPU references on the GPU, then time each against
+        /// the copy bandwidth (goal ≥ 80 %); exit status 1 when a check fails (--features cuda).
+        #[arg(long, conflicts_with_all = ["collectives", "sweep", "nccl"])]
+        kernels: bool,
+        /// Check the NCCL communicator (one GPU per rank; a world of one without mpirun) and time
+        /// its all-reduce bus bandwidth; exit status 1 when a check fails (--features cuda).
+        #[arg(long, conflicts_with_all = ["collectives", "sweep"])]
+        nccl: bool,
         /// Benchmark all-reduce and data-parallel rk4 steps on 1..=--max-ranks ranks, through
         /// child `mpirun` jobs (needs a kutta built with --features mpi, and Open MPI).
         #[arg(long)]
@@ -154,6 +168,7 @@ fn main() {
             sets.extend(gpu.map(|g| format!("train.gpu={g}")));
             std::process::exit(train_on_every_rank(config, sets, out, resume, &progress, collective_timeout, memory))
         }
+        Command::Bench { nccl: true, json, .. } => std::process::exit(gpu::bench_nccl(json)),
         Command::Bench { collectives_worker: Some(parts), per_rank_batch, min_seconds, min_reps, config, .. } => {
             let opts = WorkerOptions {
                 parts: parts.iter().filter_map(|p| Part::parse(p)).collect(),
@@ -346,21 +361,19 @@ fn run(command: Command) -> Result<()> {
                 print!("{}", planner::format_plan(&plan));
             }
         }
+        Command::Bench { kernels: true, json, .. } => gpu::bench_kernels(json)?,
         Command::Bench { collectives: true, max_ranks, per_rank_batch, mpirun, min_seconds, min_reps, config, json, .. } => {
             let opts = CollectivesOptions { max_ranks, per_rank_batch, min_seconds: min_seconds.unwrap_or(0.5), min_reps: min_reps.unwrap_or(5), config, mpirun };
             bench_collectives_driver(&opts, json)?
         }
-        Command::Bench { sweep: Some(_), batch_sizes, min_seconds, min_reps, config, json, memory, out, .. } => {
-            bench_sweep_driver(batch_sizes, min_seconds, min_reps, config, memory, out, json)?
+        Command::Bench { sweep: Some(_), batch_sizes, min_seconds, min_reps, config, sets, json, memory, out, .. } => {
+            bench_sweep_driver(batch_sizes, min_seconds, min_reps, config, sets, memory, out, json)?
         }
-        Command::Bench { batch_sizes, min_seconds, min_reps, config, json, .. } => {
+        Command::Bench { batch_sizes, min_seconds, min_reps, config, sets, json, .. } => {
             let batch_sizes = batch_sizes.unwrap_or_else(|| vec![16, 128, 1024, 8192]);
             let min_seconds = min_seconds.unwrap_or(2.0);
             let min_reps = min_reps.unwrap_or(5);
-            let base = match &config {
-                Some(p) => Config::load(p, &[])?,
-                None => Config::default(),
-            };
+            let base = bench_base(config.as_ref(), &sets)?;
             if batch_sizes.contains(&0) {
                 anyhow::bail!("--batch-sizes: batch sizes must be positive");
             }
@@ -381,12 +394,24 @@ fn run(command: Command) -> Result<()> {
     Ok(())
 }
 
+/// The config `kutta bench` times: `--config` (default: the built-in defaults, the paper's MLP on
+/// Fashion-MNIST) with its `--set` overrides.
+fn bench_base(config: Option<&PathBuf>, sets: &[String]) -> Result<Config> {
+    Ok(match config {
+        Some(p) => Config::load(p, sets)?,
+        None if sets.is_empty() => Config::default(),
+        None => Config::from_toml_str("", sets)?,
+    })
+}
+
 /// `kutta bench --sweep batch`: plan, time, print the table, write sweep.csv and sweep.svg.
+#[allow(clippy::too_many_arguments)]
 fn bench_sweep_driver(
     batch_sizes: Option<Vec<usize>>,
     min_seconds: Option<f64>,
     min_reps: Option<usize>,
     config: Option<PathBuf>,
+    sets: Vec<String>,
     memory: Option<String>,
     out: Option<PathBuf>,
     json: bool,
@@ -400,10 +425,7 @@ fn bench_sweep_driver(
         budget: planner::parse_bytes(&memory)?,
         min_seconds: min_seconds.unwrap_or(defaults.min_seconds),
         min_reps: min_reps.unwrap_or(defaults.min_reps),
-        base: match &config {
-            Some(p) => Config::load(p, &[])?,
-            None => Config::default(),
-        },
+        base: bench_base(config.as_ref(), &sets)?,
         ..defaults
     };
     let out = out.unwrap_or_else(bench_sweep::default_out_dir);
@@ -414,11 +436,12 @@ fn bench_sweep_driver(
     })?;
     let sizes: Vec<String> = opts.batch_sizes.iter().map(|b| b.to_string()).collect();
     report.command = format!(
-        "kutta bench --sweep batch --memory {memory} --batch-sizes {} --min-seconds {} --min-reps {}{}",
+        "kutta bench --sweep batch --memory {memory} --batch-sizes {} --min-seconds {} --min-reps {}{}{}",
         sizes.join(","),
         opts.min_seconds,
         opts.min_reps,
-        config.map_or(String::new(), |p| format!(" --config {}", p.display()))
+        config.map_or(String::new(), |p| format!(" --config {}", p.display())),
+        sets.iter().map(|s| format!(" --set {s}")).collect::<String>()
     );
     bench_sweep::write_outputs(&mut report, &out)?;
     if json {
@@ -543,5 +566,35 @@ mod tests {
         assert!(Cli::try_parse_from(["kutta", "bench", "--out", "x"]).is_err());
         assert!(Cli::try_parse_from(["kutta", "bench", "--sweep", "lr"]).is_err());
         assert!(Cli::try_parse_from(["kutta", "bench", "--sweep", "batch", "--collectives"]).is_err());
+    }
+
+    /// `--kernels` and `--nccl` stand alone; `--set` goes with the bench and the sweep.
+    #[test]
+    fn gpu_check_args_parse() {
+        match Cli::try_parse_from(["kutta", "bench", "--kernels", "--json"]).unwrap().command {
+            Command::Bench { kernels, nccl, json, .. } => assert_eq!((kernels, nccl, json), (true, false, true)),
+            _ => panic!("not a bench"),
+        }
+        assert!(matches!(Cli::try_parse_from(["kutta", "bench", "--nccl"]).unwrap().command, Command::Bench { nccl: true, kernels: false, .. }));
+        assert!(Cli::try_parse_from(["kutta", "bench", "--kernels", "--nccl"]).is_err());
+        assert!(Cli::try_parse_from(["kutta", "bench", "--kernels", "--sweep", "batch"]).is_err());
+        assert!(Cli::try_parse_from(["kutta", "bench", "--nccl", "--collectives"]).is_err());
+        match Cli::try_parse_from(["kutta", "bench", "--sweep", "batch", "--set", "data.dir=d", "--set", "train.device=cuda"]).unwrap().command {
+            Command::Bench { sets, .. } => assert_eq!(sets, ["data.dir=d", "train.device=cuda"]),
+            _ => panic!("not a bench"),
+        }
+        assert!(Cli::try_parse_from(["kutta", "bench", "--collectives", "--set", "x=1"]).is_err());
+        let cfg = bench_base(None, &["data.dir=d".into(), "train.device=cpu".into()]).unwrap();
+        assert_eq!(cfg.data.dir, PathBuf::from("d"));
+        assert!(bench_base(None, &["no.such_key=1".into()]).is_err());
+    }
+
+    /// Without the `cuda` feature both GPU checks are errors that say what is missing.
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn gpu_checks_need_the_cuda_feature() {
+        let e = gpu::bench_kernels(false).unwrap_err().to_string();
+        assert!(e.contains("--kernels") && e.contains("--features cuda"), "{e}");
+        assert_eq!(gpu::bench_nccl(false), 1);
     }
 }

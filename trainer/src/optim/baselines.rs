@@ -147,8 +147,7 @@ fn descend<F: Scalar>(
 /// buffer `theta_new` (resized to θ's length) and copy the first finite one into θ. Returns
 /// (lr_k, k); if every candidate is non-finite, `NonFinite` with θ untouched.
 fn descend_and_commit<F: Scalar>(
-    name: &str,
-    step: u64,
+    (name, step): (&str, u64),
     theta: &mut [F],
     dir: &[F],
     lr: f64,
@@ -295,8 +294,7 @@ impl<F: Scalar> Optimizer<F> for Sgd<F> {
         check_lr(name, self.lr)?;
         let loss = eval_gradient(name, step, theta, field, &mut self.grad)?;
         let (h, k) = descend_and_commit(
-            name,
-            step,
+            (name, step),
             theta,
             &self.grad,
             self.lr,
@@ -400,8 +398,7 @@ impl<F: Scalar> Optimizer<F> for Momentum<F> {
             )));
         }
         let (h, k) = descend_and_commit(
-            name,
-            step,
+            (name, step),
             theta,
             dir,
             self.lr,
@@ -591,8 +588,7 @@ impl<F: Scalar> Optimizer<F> for Adam<F> {
             )));
         }
         let (h, k) = descend_and_commit(
-            name,
-            step,
+            (name, step),
             theta,
             &self.dir,
             self.lr,
