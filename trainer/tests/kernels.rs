@@ -12,8 +12,8 @@
 //!   elementwise results to a max-norm relative error of 1e-6 (they are in fact expected to be
 //!   bit-identical: same operations, no FMA contraction), f64 reductions to 1e-9 relative,
 //!   counts exactly, bad arguments refused.
-//! - `gpu_bandwidth_report` (ignored; `--features cuda -- --ignored --nocapture`) prints each
-//!   kernel's achieved bandwidth next to the device's copy bandwidth.
+//! Bandwidth is measured, not tested: `kutta bench --kernels` prints each kernel's achieved
+//! bandwidth next to the device's copy bandwidth.
 
 use kutta_trainer::kernels::reference as r;
 use rand::{Rng, SeedableRng};
@@ -97,13 +97,6 @@ fn gpu_kernels_match_references() {
     eprintln!("SKIPPED: kernel tests need --features cuda and a GPU");
 }
 
-#[cfg(not(feature = "cuda"))]
-#[test]
-#[ignore = "needs --features cuda and a GPU"]
-fn gpu_bandwidth_report() {
-    eprintln!("SKIPPED: the bandwidth report needs --features cuda and a GPU");
-}
-
 #[cfg(feature = "cuda")]
 mod gpu {
     use kutta_trainer::kernels::check;
@@ -131,18 +124,5 @@ mod gpu {
         assert!(failures.is_empty(), "{} of {} kernel checks failed:\n{}", failures.len(), report.rows.len(), failures.join("\n"));
         assert!(report.passed());
         eprintln!("gpu_kernels_match_references: {} kernel calls checked on {}", report.kernel_calls, report.device);
-    }
-
-    #[test]
-    #[ignore = "a measurement; run with --features cuda -- --ignored --nocapture on a GPU"]
-    fn gpu_bandwidth_report() {
-        let Some(k) = kernels_or_skip() else { return };
-        let n: usize = std::env::var("KUTTA_BW_FLOATS").ok().and_then(|v| v.parse().ok()).unwrap_or(64 << 20);
-        let report = k.bandwidth(n, 20).unwrap();
-        println!("{}", report.table());
-        let slow = report.below(0.8);
-        if !slow.is_empty() {
-            println!("below 80 % of copy bandwidth: {:?}", slow.iter().map(|r| &r.kernel).collect::<Vec<_>>());
-        }
     }
 }
