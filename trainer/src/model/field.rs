@@ -113,10 +113,10 @@ impl<'a> ModelField<'a> {
         self.peak_device_bytes
     }
 
-    fn sample_device_memory(&mut self) {
-        if let Some(used) = crate::memory::device_used_bytes(&self.device) {
-            self.peak_device_bytes = self.peak_device_bytes.max(used);
-        }
+    /// GPU memory in use now (0 on the CPU); sampled right after a backward pass, when the
+    /// activations and the gradients are all alive.
+    fn device_in_use(&self) -> u64 {
+        crate::memory::device_used_bytes(&self.device).unwrap_or(0)
     }
 
     /// Number of samples in the current batch (this rank's slice).
@@ -225,9 +225,11 @@ impl VectorField<f32> for ModelField<'_> {
         let mut peak_device = 0u64;
         if self.recompute && self.model.segments() > 1 {
             for (k, mb) in self.micro.iter().enumerate() {
-                loss_sum += self.recomputed_backward(&vars, mb, scale, grad, k > 0)?;
+                let (loss, peak) = self.recomputed_backward(&vars, mb, scale, grad, k > 0)?;
+                loss_sum += loss;
+                peak_device = peak_device.max(peak);
             }
-            self.sample_device_memory();
+            self.peak_device_bytes = self.peak_device_bytes.max(peak_device);
             return Ok(loss_sum * scale);
         }
         for (k, mb) in self.micro.iter().enumerate() {
@@ -236,11 +238,7 @@ impl VectorField<f32> for ModelField<'_> {
             loss_sum += per_sample.to_vec1::<f32>()?.iter().map(|&l| l as f64).sum::<f64>();
             // Scaling the scalar objective scales every gradient for free.
             let grads = per_sample.sum_all()?.affine(scale, 0.0)?.backward()?;
-            if k == 0 && !self.device.is_cpu() {
-                if let Some(used) = crate::memory::device_used_bytes(&self.device) {
-                    peak_device = peak_device.max(used);
-                }
-            }
+            peak_device = peak_device.max(self.device_in_use());
             for (var, spec) in vars.iter().zip(&layout.params) {
                 let out = &mut grad[spec.range()];
                 match grads.get(var) {
@@ -257,8 +255,9 @@ impl VectorField<f32> for ModelField<'_> {
 
 impl ModelField<'_> {
     /// One micro-batch's gradient with activation recomputation (see `set_recompute`), written
-    /// into `grad` (added when `accumulate`). Returns the micro-batch's summed loss.
-    fn recomputed_backward(&self, vars: &[Var], mb: &MicroBatch, scale: f64, grad: &mut [f32], accumulate: bool) -> Result<f64> {
+    /// into `grad` (added when `accumulate`). Returns the micro-batch's summed loss and the most
+    /// GPU memory in use seen after a segment's backward pass.
+    fn recomputed_backward(&self, vars: &[Var], mb: &MicroBatch, scale: f64, grad: &mut [f32], accumulate: bool) -> Result<(f64, u64)> {
         let layout = self.model.layout();
         let segments = self.model.segments();
         let params: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
@@ -274,6 +273,7 @@ impl ModelField<'_> {
         drop(h);
         let mut loss_sum = 0.0f64;
         let mut touched = vec![false; vars.len()];
+        let mut peak_device = 0u64;
         // The gradient of the objective with respect to the current segment's output.
         let mut upstream: Option<Tensor> = None;
         for k in (0..segments).rev() {
@@ -294,6 +294,7 @@ impl ModelField<'_> {
                 Some(g) => (out * g)?.sum_all()?,
             };
             let grads = objective.backward()?;
+            peak_device = peak_device.max(self.device_in_use());
             for ((var, spec), seen) in vars.iter().zip(&layout.params).zip(touched.iter_mut()) {
                 if let Some(g) = grads.get(var) {
                     tensor_into_slice(g, &mut grad[spec.range()], accumulate)?;
@@ -314,7 +315,7 @@ impl ModelField<'_> {
                 }
             }
         }
-        Ok(loss_sum)
+        Ok((loss_sum, peak_device))
     }
 }
 
