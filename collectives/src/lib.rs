@@ -78,6 +78,11 @@ pub trait Communicator: Send {
     fn abort(&self, code: i32) -> ! {
         std::process::exit(code)
     }
+    /// The limit the back end's watchdog puts on one collective call, if it has one (MPI with
+    /// `--collective-timeout`); a communicator joined next to this one (NCCL) takes the same.
+    fn collective_timeout(&self) -> Option<std::time::Duration> {
+        None
+    }
     /// The back end, for logs: "mpi" for `MpiComm`. The default is the implementing type's short
     /// name (`SingleProcess`, `LocalGroup`) until a back end overrides it.
     fn name(&self) -> &'static str {
@@ -117,6 +122,9 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
     }
     fn abort(&self, code: i32) -> ! {
         (**self).abort(code)
+    }
+    fn collective_timeout(&self) -> Option<std::time::Duration> {
+        (**self).collective_timeout()
     }
     fn name(&self) -> &'static str {
         (**self).name()

@@ -140,6 +140,8 @@ pub struct MpiComm {
     scratch: Mutex<Vec<f32>>,
     clock: Arc<InFlightClock>,
     watchdog: Option<JoinHandle<()>>,
+    /// The watchdog's limit per collective call.
+    timeout: Option<Duration>,
     /// MPI granted `MPI_THREAD_MULTIPLE`: any thread may call `MPI_Abort`.
     multiple: bool,
     init_thread: ThreadId,
@@ -184,6 +186,7 @@ impl MpiComm {
             scratch: Mutex::new(Vec::new()),
             clock,
             watchdog,
+            timeout,
             multiple,
             init_thread: std::thread::current().id(),
             _universe: universe,
@@ -384,6 +387,9 @@ impl Communicator for MpiComm {
         }
         let _ = writeln!(std::io::stderr(), "rank {}: abort({code}) off the MPI thread; ending this rank with SIGABRT", self.rank);
         std::process::abort()
+    }
+    fn collective_timeout(&self) -> Option<Duration> {
+        self.timeout
     }
     fn name(&self) -> &'static str {
         "mpi"

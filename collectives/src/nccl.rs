@@ -169,8 +169,9 @@ pub struct NcclComm {
     state: Mutex<State>,
     stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
-    // Last: dropped after the NCCL communicator is gone (`MPI_Finalize` for `MpiComm`).
-    bootstrap: Box<dyn Communicator>,
+    // Last: dropped after the NCCL communicator is gone (`MPI_Finalize` for `MpiComm`). None for
+    // a communicator `joined` over one it does not own.
+    bootstrap: Option<Box<dyn Communicator>>,
 }
 
 fn failed(rank: usize, msg: impl Into<String>) -> CommError {
@@ -208,7 +209,22 @@ impl NcclComm {
         Self::init(bootstrap, Ok(stream), timeout)
     }
 
+    /// An NCCL communicator on the caller's stream, bootstrapped over a communicator the caller
+    /// keeps (the trainer's MPI world): for the device collectives next to it. It does not own
+    /// the bootstrap, so its scalar collectives and `barrier` return an error (use the
+    /// bootstrap), and the watchdog (and `abort`) end this process with the exit code instead of
+    /// `MPI_Abort`; the launcher (mpirun, srun) then ends the rest of the job.
+    pub fn joined(bootstrap: &dyn Communicator, stream: Arc<CudaStream>, timeout: Option<Duration>) -> Result<NcclComm> {
+        Self::init_over(bootstrap, Ok(stream), timeout)
+    }
+
     fn init(bootstrap: Box<dyn Communicator>, stream: Result<Arc<CudaStream>>, timeout: Option<Duration>) -> Result<NcclComm> {
+        let mut comm = Self::init_over(&*bootstrap, stream, timeout)?;
+        comm.bootstrap = Some(bootstrap);
+        Ok(comm)
+    }
+
+    fn init_over(bootstrap: &dyn Communicator, stream: Result<Arc<CudaStream>>, timeout: Option<Duration>) -> Result<NcclComm> {
         let (rank, size) = (bootstrap.rank(), bootstrap.world_size());
         if timeout.is_some_and(|t| t.is_zero()) {
             return Err(failed(rank, "collective timeout must be positive"));
@@ -249,7 +265,7 @@ impl NcclComm {
         } else {
             (None, None)
         };
-        let shared = crate::rendezvous::broadcast_nccl_id(&*bootstrap, mine.as_ref());
+        let shared = crate::rendezvous::broadcast_nccl_id(bootstrap, mine.as_ref());
         if let Some(e) = id_error {
             return Err(e);
         }
@@ -294,7 +310,7 @@ impl NcclComm {
             let _ = writeln!(std::io::stderr(), "rank {rank}: {msg}; aborting the job");
             bootstrap.abort(FAILURE_EXIT_CODE);
         }
-        Ok(NcclComm { rank, size, timeout, comm: RawComm(comm), state: Mutex::new(state), stream, ctx, bootstrap })
+        Ok(NcclComm { rank, size, timeout, comm: RawComm(comm), state: Mutex::new(state), stream, ctx, bootstrap: None })
     }
 
     /// The stream every NCCL call of this communicator runs on; run the kernels that produce and
@@ -319,9 +335,24 @@ impl NcclComm {
     }
 
     /// The communicator that bootstrapped this one (and carries the scalar all-reduce, the
-    /// barrier and `abort`).
-    pub fn bootstrap(&self) -> &dyn Communicator {
-        &*self.bootstrap
+    /// barrier and `abort`); None for a `joined` communicator.
+    pub fn bootstrap(&self) -> Option<&dyn Communicator> {
+        self.bootstrap.as_deref()
+    }
+
+    /// The bootstrap, or the error a `joined` communicator gives for host-side scalar work.
+    fn owned_bootstrap(&self, what: &str) -> Result<&dyn Communicator> {
+        self.bootstrap().ok_or_else(|| {
+            failed(self.rank, format!("{what}: this NCCL communicator was joined over a communicator it does not own; call that one"))
+        })
+    }
+
+    /// End the job: `abort` on the owned bootstrap, else the end of this process.
+    fn end_process(&self, code: i32) -> ! {
+        match self.bootstrap() {
+            Some(b) => b.abort(code),
+            None => std::process::exit(code),
+        }
     }
 
     /// Element-wise sum over ranks of a device buffer, in place. Returns once the sums are in
@@ -552,7 +583,7 @@ impl NcclComm {
         unsafe {
             sys::ncclCommAbort(self.comm.0);
         }
-        self.bootstrap.abort(code)
+        self.end_process(code)
     }
 
     /// Host-path helper: makes `slot` a device buffer of at least `len` f32 (kept for reuse).
@@ -659,7 +690,7 @@ impl Communicator for NcclComm {
     }
     /// Through the bootstrap (a scalar is not worth a device round trip).
     fn all_reduce_sum_f64(&self, x: f64) -> Result<f64> {
-        self.bootstrap.all_reduce_sum_f64(x)
+        self.owned_bootstrap("all_reduce_sum_f64")?.all_reduce_sum_f64(x)
     }
     /// Compatibility path through device scratch, like `all_reduce_sum`.
     fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
@@ -667,7 +698,7 @@ impl Communicator for NcclComm {
     }
     /// Through the bootstrap.
     fn barrier(&self) -> Result<()> {
-        self.bootstrap.barrier()
+        self.owned_bootstrap("barrier")?.barrier()
     }
     /// Compatibility path through device scratch; the GPU path is `reduce_scatter_sum_device`.
     fn reduce_scatter_sum(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
@@ -683,7 +714,10 @@ impl Communicator for NcclComm {
     /// Through the bootstrap: `MPI_Abort` under MPI, the end of this process for
     /// `SingleProcess`. No NCCL work of ours is in flight outside a collective call.
     fn abort(&self, code: i32) -> ! {
-        self.bootstrap.abort(code)
+        self.end_process(code)
+    }
+    fn collective_timeout(&self) -> Option<Duration> {
+        self.timeout
     }
     fn name(&self) -> &'static str {
         "nccl"

@@ -417,7 +417,7 @@ fn time_steps(comm: &TimedComm, opts: &WorkerOptions) -> Result<StepSamples> {
     let mut opt = build_optimizer(&cfg)?;
     let mut sampler = BatchSampler::new(data.len(), global, 0, true);
     let mut field = ShardedField::new(ModelField::new(model.as_ref(), &data), comm);
-    let params = field.dim();
+    let params = VectorField::<f32>::dim(&field);
     let (mut step_s, mut ar_s) = (Vec::new(), Vec::new());
     let mut start = Instant::now();
     for step in 0u64.. {

@@ -106,11 +106,16 @@ pub struct TrainConfig {
     /// The GPU ordinal for this process (`kutta train --gpu N`); default: the launcher's local
     /// rank modulo the number of GPUs.
     pub gpu: Option<usize>,
+    /// With the model on a GPU, run the RK solver there too (default): θ, the stage gradients
+    /// and the optimizer state stay on the device, the fused kernels do the stage arithmetic and
+    /// NCCL all-reduces the gradients. false keeps the solver on the host (θ and each gradient
+    /// cross PCIe at every evaluation), for comparison.
+    pub gpu_solver: bool,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        Self { steps: 10_000, batch_size: 16, seed: 0, eval_every: 500, checkpoint_every: 1000, log_every: 10, eval_chunk: 1000, micro_batch: 0, recompute: false, shard_optimizer: false, device: Default::default(), gpu: None }
+        Self { steps: 10_000, batch_size: 16, seed: 0, eval_every: 500, checkpoint_every: 1000, log_every: 10, eval_chunk: 1000, micro_batch: 0, recompute: false, shard_optimizer: false, device: Default::default(), gpu: None, gpu_solver: true }
     }
 }
 

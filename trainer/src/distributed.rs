@@ -124,11 +124,44 @@ pub struct ShardedField<'a> {
     comm: &'a dyn Communicator,
     /// Set when the optimizer is sharded: `eval` then takes and returns this rank's block.
     full: Option<FullBuffers>,
+    /// Set when the solver runs on the GPU: device evaluations and the NCCL all-reduce.
+    #[cfg(feature = "cuda")]
+    gpu: Option<GpuParts>,
+}
+
+/// What the device evaluation needs: the kernels on the model's stream (θ in, gradient out) and,
+/// with more than one rank, the NCCL communicator on that stream.
+#[cfg(feature = "cuda")]
+pub struct GpuParts {
+    pub kernels: std::sync::Arc<crate::kernels::cuda::RkKernels>,
+    pub nccl: Option<kutta_collectives::nccl::NcclComm>,
 }
 
 impl<'a> ShardedField<'a> {
     pub fn new(inner: ModelField<'a>, comm: &'a dyn Communicator) -> Self {
-        Self { inner, comm, full: None }
+        Self {
+            inner,
+            comm,
+            full: None,
+            #[cfg(feature = "cuda")]
+            gpu: None,
+        }
+    }
+
+    /// Evaluate on device buffers from now on (`VectorField<f32, CudaSlice<f32>>`, the solver's
+    /// GPU back end): the model reads θ from and writes the gradient to flat device buffers, and
+    /// the gradient is summed over ranks by `parts.nccl` with no host round trip. Not together
+    /// with a sharded optimizer (whose blocks live on the host).
+    #[cfg(feature = "cuda")]
+    pub fn use_gpu(&mut self, parts: GpuParts) -> Result<()> {
+        if self.full.is_some() {
+            return Err(Error::config("train.shard_optimizer", "the sharded optimizer keeps its blocks on the host; it cannot be combined with the GPU solver"));
+        }
+        if self.comm.world_size() > 1 && parts.nccl.is_none() {
+            return Err(Error::Other(format!("{} ranks on the GPU need an NCCL communicator for the gradient all-reduce", self.comm.world_size())));
+        }
+        self.gpu = Some(parts);
+        Ok(())
     }
 
     /// Shard the optimizer: from now on `eval` takes θ's block `sharding.own()` and writes the
@@ -200,6 +233,34 @@ impl VectorField<f32> for ShardedField<'_> {
             None => Ok(x),
             Some(_) => self.comm.all_reduce_sum_f64(x).map_err(comm_err),
         }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn on_device(&mut self) -> Option<&mut dyn VectorField<f32, crate::kernels::cuda::DeviceBuf>> {
+        if self.gpu.is_some() {
+            Some(self)
+        } else {
+            None
+        }
+    }
+}
+
+/// The same field on device buffers (see `use_gpu`): each stage gradient is computed on this
+/// rank's slice of the batch into a device buffer and all-reduced there by NCCL before the
+/// solver forms the next stage point (SPEC §5), exactly as the host path does with host buffers.
+#[cfg(feature = "cuda")]
+impl VectorField<f32, crate::kernels::cuda::DeviceBuf> for ShardedField<'_> {
+    fn dim(&self) -> usize {
+        self.inner.dim()
+    }
+
+    fn eval(&mut self, theta: &crate::kernels::cuda::DeviceBuf, grad: &mut crate::kernels::cuda::DeviceBuf) -> Result<f64> {
+        let gpu = self.gpu.as_ref().ok_or_else(|| Error::Other("ShardedField: a device evaluation before use_gpu".into()))?;
+        let local = self.inner.eval_device(&gpu.kernels, theta, grad)?;
+        if let Some(nccl) = &gpu.nccl {
+            nccl.all_reduce_sum_device(grad).map_err(comm_err)?;
+        }
+        self.comm.all_reduce_sum_f64(local).map_err(comm_err)
     }
 }
 

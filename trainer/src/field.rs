@@ -6,17 +6,26 @@
 use crate::error::Result;
 use crate::scalar::Scalar;
 
-pub trait VectorField<F: Scalar = f32> {
+///
+/// `B` is the kind of flat buffer θ and the gradient live in: host slices `[F]` (the default),
+/// or device buffers for a solver that runs on a GPU (`optim::arith`).
+pub trait VectorField<F: Scalar = f32, B: ?Sized = [F]> {
     /// Number of parameters P.
     fn dim(&self) -> usize;
     /// Write g(θ) = ∇L_B(θ) into `grad` (length P) and return L_B(θ).
-    fn eval(&mut self, theta: &[F], grad: &mut [F]) -> Result<f64>;
+    fn eval(&mut self, theta: &B, grad: &mut B) -> Result<f64>;
     /// Sum a per-entry partial result (a sum of squares, a count of non-finite entries) over
     /// every part of θ. A field whose θ is one rank's shard of the parameter vector (the sharded
     /// optimizer, `distributed::ShardedField`) all-reduces it, so every rank takes the same
     /// decisions (step size, acceptance, retries); for a whole θ it is `x` itself.
     fn sum_shards(&mut self, x: f64) -> Result<f64> {
         Ok(x)
+    }
+    /// The same field on flat GPU buffers, when it can evaluate there (the trainer's field once
+    /// the solver runs on the GPU; `optim::gpu::GpuRk` asks for it). None by default.
+    #[cfg(feature = "cuda")]
+    fn on_device(&mut self) -> Option<&mut dyn VectorField<f32, crate::kernels::cuda::DeviceBuf>> {
+        None
     }
 }
 

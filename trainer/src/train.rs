@@ -101,6 +101,9 @@ pub struct Summary {
     /// Where rank 0's model ran: "cpu" or "cuda:N".
     #[serde(default)]
     pub device: String,
+    /// Where the optimizer's arithmetic and buffers were: "cpu" or "cuda:N" (`train.gpu_solver`).
+    #[serde(default)]
+    pub solver_device: String,
     /// Ranks the optimizer's buffers are split over (1 = not sharded).
     #[serde(default)]
     pub optimizer_shards: usize,
@@ -122,32 +125,37 @@ pub enum Progress {
     Off,
 }
 
-/// Build the optimizer a config asks for.
+/// The RK solver's options from a config's `[optimizer]` table.
+pub fn rk_options(cfg: &Config) -> Result<RkOptions> {
+    let o = &cfg.optimizer;
+    let lr = o.lr;
+    let step_size = match o.step_size {
+        StepSizeKind::Constant => StepSize::Constant { lr },
+        StepSizeKind::Cosine => StepSize::Cosine { lr, warmup: o.warmup_steps, total: cfg.train.steps, min_fraction: o.min_lr_fraction },
+        StepSizeKind::Dalr => StepSize::Dalr { c: lr, p: o.dalr.p, estimator: o.dalr.estimator, fd_eps: o.dalr.fd_eps },
+        StepSizeKind::ErrorControlled => StepSize::ErrorControlled { h0: lr, control: o.error_control },
+    };
+    let preconditioner = match o.preconditioner {
+        PreconditionerKind::None => Preconditioner::None,
+        PreconditionerKind::Adagrad => Preconditioner::Adagrad { eps: o.adagrad_eps },
+        PreconditionerKind::ModifiedAdagrad => Preconditioner::ModifiedAdagrad,
+    };
+    Ok(RkOptions {
+        tableau: cfg.tableau()?,
+        preconditioner,
+        step_size,
+        momentum: o.momentum,
+        streaming: o.streaming,
+        nonfinite_retries: o.nonfinite_retries,
+    })
+}
+
+/// Build the optimizer a config asks for (on the host; `gpu_solver` moves RK onto a GPU).
 pub fn build_optimizer(cfg: &Config) -> Result<Box<dyn Optimizer<f32>>> {
     let o = &cfg.optimizer;
     let lr = o.lr;
     Ok(match o.kind {
-        OptimizerKind::Rk => {
-            let step_size = match o.step_size {
-                StepSizeKind::Constant => StepSize::Constant { lr },
-                StepSizeKind::Cosine => StepSize::Cosine { lr, warmup: o.warmup_steps, total: cfg.train.steps, min_fraction: o.min_lr_fraction },
-                StepSizeKind::Dalr => StepSize::Dalr { c: lr, p: o.dalr.p, estimator: o.dalr.estimator, fd_eps: o.dalr.fd_eps },
-                StepSizeKind::ErrorControlled => StepSize::ErrorControlled { h0: lr, control: o.error_control },
-            };
-            let preconditioner = match o.preconditioner {
-                PreconditionerKind::None => Preconditioner::None,
-                PreconditionerKind::Adagrad => Preconditioner::Adagrad { eps: o.adagrad_eps },
-                PreconditionerKind::ModifiedAdagrad => Preconditioner::ModifiedAdagrad,
-            };
-            Box::new(RkSolver::<f32>::new(RkOptions {
-                tableau: cfg.tableau()?,
-                preconditioner,
-                step_size,
-                momentum: o.momentum,
-                streaming: o.streaming,
-                nonfinite_retries: o.nonfinite_retries,
-            })?)
-        }
+        OptimizerKind::Rk => Box::new(RkSolver::<f32>::new(rk_options(cfg)?)?),
         kind => {
             let base: Box<dyn Optimizer<f32>> = match kind {
                 OptimizerKind::Sgd => Box::new(Sgd::new(lr)),
@@ -192,6 +200,45 @@ impl Optimizer<f32> for Scheduled {
     fn set_lr(&mut self, lr: f64) {
         self.lr = lr;
     }
+}
+
+/// The RK solver's GPU parts when it should run on the GPU: the model is on a CUDA device,
+/// the optimizer is RK, `train.gpu_solver` is on and the optimizer is not sharded. The kernels
+/// load on the model's stream; with more than one rank an NCCL communicator joins over `comm`
+/// on that stream for the gradient all-reduce. Logs which way it went.
+#[cfg(feature = "cuda")]
+fn gpu_solver(cfg: &Config, device: &candle_core::Device, sharded: bool, comm: &dyn Communicator) -> Result<Option<crate::distributed::GpuParts>> {
+    let candle_core::Device::Cuda(cuda) = device else { return Ok(None) };
+    let why_not = if cfg.optimizer.kind != OptimizerKind::Rk {
+        Some("the baselines' arithmetic runs on the host")
+    } else if !cfg.train.gpu_solver {
+        Some("train.gpu_solver = false")
+    } else if sharded {
+        Some("the sharded optimizer keeps its blocks on the host")
+    } else {
+        None
+    };
+    if let Some(why) = why_not {
+        if comm.is_writer() {
+            tracing::info!("model on the GPU, optimizer on the host ({why}): θ and each gradient cross to the GPU and back at every evaluation");
+        }
+        return Ok(None);
+    }
+    let stream = cuda.cuda_stream();
+    let kernels = agree(comm, "loading the RK kernels", crate::kernels::cuda::RkKernels::new(stream.clone()).map_err(Error::from))?;
+    let nccl = if comm.world_size() > 1 {
+        let c = kutta_collectives::nccl::NcclComm::joined(comm, stream, comm.collective_timeout()).map_err(comm_err)?;
+        Some(c)
+    } else {
+        None
+    };
+    if comm.is_writer() {
+        tracing::info!(
+            "RK solver on the GPU: θ, stage gradients and optimizer state stay on the device; fused kernels{}",
+            if nccl.is_some() { ", NCCL all-reduce" } else { "" }
+        );
+    }
+    Ok(Some(crate::distributed::GpuParts { kernels: std::sync::Arc::new(kernels), nccl }))
 }
 
 /// Load the training and test sets a config names, with `train_subset` applied.
@@ -269,9 +316,10 @@ pub fn load_run_config(dir: &Path, overrides: &[String]) -> Result<Config> {
     // Where it runs: the same arithmetic up to the device's rounding.
     cmp.train.device = old.train.device;
     cmp.train.gpu = old.train.gpu;
+    cmp.train.gpu_solver = old.train.gpu_solver;
     if cmp != old {
         return Err(Error::Other(format!(
-            "--set on resume may change only train.steps, eval_every, checkpoint_every, log_every, eval_chunk, micro_batch, recompute, shard_optimizer, device and gpu; \
+            "--set on resume may change only train.steps, eval_every, checkpoint_every, log_every, eval_chunk, micro_batch, recompute, shard_optimizer, device, gpu and gpu_solver; \
              other keys would change the trajectory (start a new run with --config {} instead)",
             path.display()
         )));
@@ -297,11 +345,19 @@ impl Runner<'_> {
         let model = agree(comm, "building the model", build_model(cfg, &train))?;
         let device = agree(comm, "opening the device", crate::device::for_config(cfg))?;
         let layout = model.layout().clone();
-        let mut opt = build_optimizer(cfg)?;
         // The sharded optimizer (SPEC §6): each rank keeps one block of θ and of every optimizer
         // buffer. Nothing to split on one rank.
         let sharding = (cfg.train.shard_optimizer && comm.world_size() > 1)
             .then(|| ParamSharding::new(layout.len(), comm.rank(), comm.world_size()));
+        #[cfg(feature = "cuda")]
+        let gpu = gpu_solver(cfg, &device, sharding.is_some(), comm)?;
+        #[cfg(not(feature = "cuda"))]
+        let gpu: Option<()> = None;
+        let mut opt = match &gpu {
+            #[cfg(feature = "cuda")]
+            Some(g) => Box::new(crate::optim::gpu::GpuRk::new(rk_options(cfg)?, g.kernels.clone())?),
+            _ => build_optimizer(cfg)?,
+        };
         let tableau = (cfg.optimizer.kind == OptimizerKind::Rk).then(|| cfg.tableau().map(|t| t.name)).transpose()?;
 
         let mut summary = Summary {
@@ -314,6 +370,7 @@ impl Runner<'_> {
             micro_batch: if cfg.train.micro_batch == 0 { cfg.train.batch_size } else { cfg.train.micro_batch },
             recompute: cfg.train.recompute,
             device: crate::device::describe(&device),
+            solver_device: if gpu.is_some() { crate::device::describe(&device) } else { "cpu".into() },
             optimizer_shards: sharding.as_ref().map_or(1, |s| s.world),
             train_samples: train.len(),
             test_samples: test.len(),
@@ -395,6 +452,10 @@ impl Runner<'_> {
         inner.set_recompute(cfg.train.recompute);
         inner.set_device(device.clone());
         let mut field = ShardedField::new(inner, comm);
+        #[cfg(feature = "cuda")]
+        if let Some(g) = gpu {
+            field.use_gpu(g)?;
+        }
         // With a sharded optimizer the optimizer's θ is this rank's block; the field keeps the
         // whole vector the model needs.
         let mut theta = match &sharding {
@@ -451,6 +512,11 @@ impl Runner<'_> {
 
             let last = done == tc.steps;
             let eval_now = last || (tc.eval_every > 0 && done % tc.eval_every == 0);
+            let checkpoint_now = last || (tc.checkpoint_every > 0 && done.is_multiple_of(tc.checkpoint_every));
+            if eval_now || checkpoint_now {
+                // θ (and the state) to the host, for a solver that keeps them on a GPU.
+                opt.sync_theta(&mut theta)?;
+            }
             let mut line = MetricsLine {
                 step: done,
                 epoch: sampler.epoch(step),
@@ -495,7 +561,6 @@ impl Runner<'_> {
             if last {
                 summary.status = "completed".into();
             }
-            let checkpoint_now = last || (tc.checkpoint_every > 0 && done.is_multiple_of(tc.checkpoint_every));
             // A sharded optimizer's θ and state are gathered on every rank; rank 0 writes them.
             let gathered = match &sharding {
                 Some(s) if checkpoint_now => Some((field.full_params(&theta)?.to_vec(), s.gather_state(comm, opt.state())?)),
@@ -527,6 +592,7 @@ impl Runner<'_> {
             }
         }
         bar.finish();
+        opt.sync_theta(&mut theta)?;
         let theta = field.full_params(&theta)?;
         if !writer {
             return Ok(summary);

@@ -11,7 +11,9 @@
 //!   at an odd offset (the scalar path), with and without D, momentum and the error accumulator:
 //!   elementwise results to a max-norm relative error of 1e-6 (they are in fact expected to be
 //!   bit-identical: same operations, no FMA contraction), f64 reductions to 1e-9 relative,
-//!   counts exactly, bad arguments refused.
+//!   counts exactly, bad arguments refused; then whole RK trajectories of the solver on the GPU
+//!   back end against the host solver (`kernels::check::SOLVER_TOL`).
+//!
 //! Bandwidth is measured, not tested: `kutta bench --kernels` prints each kernel's achieved
 //! bandwidth next to the device's copy bandwidth.
 

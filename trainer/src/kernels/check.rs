@@ -130,6 +130,7 @@ pub fn run(k: &RkKernels) -> KResult<CheckReport> {
         }
     }
     argument_errors(k, &s, &mut rows)?;
+    calls += solver_steps(&s, &mut rows)?;
     let device = k.context().name().unwrap_or_else(|_| "unknown CUDA device".to_string());
     Ok(CheckReport { device, kernel_calls: calls, rows: rows.rows })
 }
@@ -465,4 +466,115 @@ fn argument_errors(k: &RkKernels, s: &Arc<CudaStream>, rows: &mut Rows) -> KResu
     rows.exact("argument check: gather with a valid table runs", "n=10", r.is_ok(), &format!("{:?}", r.err()));
     s.synchronize()?;
     Ok(())
+}
+
+// ---- whole RK steps: the solver on the GPU back end against the host solver ------------------
+
+/// Whole trajectories: θ after [`SOLVER_STEPS`] steps of `RkSolver<f32, Arc<RkKernels>>` against
+/// `RkSolver<f32, Host>` (max-norm relative error), with the same gradient oracle. Elementwise
+/// kernels are bit-identical to the references; the f64 reductions (DALR's v, the error norm)
+/// may differ in the last bits, which can move h by an f32 ulp and so θ slightly after many steps.
+pub const SOLVER_TOL: f64 = 1e-5;
+/// Steps per solver trajectory.
+pub const SOLVER_STEPS: u64 = 12;
+
+/// A diagonal quadratic whose θ and gradient are device buffers: the gradient is computed on the
+/// host (the point is the solver's buffer arithmetic, not the oracle).
+struct DeviceQuadratic {
+    q: crate::field::DiagonalQuadratic,
+    stream: Arc<CudaStream>,
+    theta: Vec<f32>,
+    grad: Vec<f32>,
+}
+
+impl crate::field::VectorField<f32, CudaSlice<f32>> for DeviceQuadratic {
+    fn dim(&self) -> usize {
+        self.q.lambda.len()
+    }
+    fn eval(&mut self, theta: &CudaSlice<f32>, grad: &mut CudaSlice<f32>) -> crate::Result<f64> {
+        let drv = |e: cudarc::driver::DriverError| crate::Error::from(KernelError::from(e));
+        self.stream.memcpy_dtoh(theta, &mut self.theta).map_err(drv)?;
+        let loss = crate::field::VectorField::<f32>::eval(&mut self.q, &self.theta, &mut self.grad)?;
+        self.stream.memcpy_htod(&self.grad, grad).map_err(drv)?;
+        Ok(loss)
+    }
+}
+
+fn solver_steps(s: &Arc<CudaStream>, rows: &mut Rows) -> KResult<usize> {
+    use crate::optim::rk::{Preconditioner, RkOptions, RkSolver, StepSize};
+    use crate::optim::step_size::{DalrEstimator, ErrorControl};
+    use crate::optim::Optimizer;
+    use crate::tableau::Tableau;
+
+    let dalr = |estimator| StepSize::Dalr { c: 0.5, p: 1.0, estimator, fd_eps: 1e-3 };
+    let cases: Vec<(&str, Preconditioner, StepSize, f64, bool)> = vec![
+        ("rk4", Preconditioner::None, StepSize::Constant { lr: 0.05 }, 0.0, true),
+        ("rk4", Preconditioner::ModifiedAdagrad, dalr(DalrEstimator::Stage), 0.9, true),
+        ("rk4", Preconditioner::ModifiedAdagrad, dalr(DalrEstimator::Stage), 0.9, false),
+        ("bs32", Preconditioner::Adagrad { eps: 1e-8 }, dalr(DalrEstimator::FiniteDifference), 0.5, true),
+        ("dopri54", Preconditioner::None, StepSize::ErrorControlled { h0: 0.3, control: ErrorControl { atol: 1e-4, rtol: 1e-4, ..Default::default() } }, 0.0, true),
+        ("dopri54", Preconditioner::ModifiedAdagrad, StepSize::ErrorControlled { h0: 0.3, control: ErrorControl::default() }, 0.9, false),
+    ];
+    let mut rng = ChaCha8Rng::seed_from_u64(SEED + 1);
+    let p = 4099;
+    let lambda: Vec<f64> = (0..p).map(|_| rng.random_range(0.1..10.0)).collect();
+    let theta0 = random(&mut rng, p, -1.0, 1.0);
+    let kernels = Arc::new(RkKernels::new(s.clone())?);
+    let mut calls = 0;
+    for (tableau, pre, step_size, momentum, streaming) in cases {
+        let opts = RkOptions {
+            tableau: Tableau::builtin(tableau).expect("builtin tableau"),
+            preconditioner: pre,
+            step_size: step_size.clone(),
+            momentum,
+            streaming,
+            nonfinite_retries: 4,
+        };
+        let name = format!("rk solver {SOLVER_STEPS} steps: {tableau} D={} mom={momentum} {} streaming={streaming}", pre != Preconditioner::None, step_kind(&step_size));
+        let args = |e: crate::Error| KernelError::Args(format!("{name}: {e}"));
+        let mut host = RkSolver::<f32>::new(opts.clone()).map_err(args)?;
+        let mut gpu = RkSolver::with_backend(opts, kernels.clone()).map_err(args)?;
+        let mut th_host = theta0.clone();
+        let mut th_gpu = s.clone_htod(&theta0)?;
+        let mut f_host = crate::field::DiagonalQuadratic::new(lambda.clone());
+        let mut f_gpu = DeviceQuadratic { q: crate::field::DiagonalQuadratic::new(lambda.clone()), stream: s.clone(), theta: vec![0.0; p], grad: vec![0.0; p] };
+        let mut same_h = true;
+        for n in 0..SOLVER_STEPS {
+            let a = host.step(n, &mut th_host, &mut f_host).map_err(args)?;
+            let b = gpu.step_on(n, &mut th_gpu, &mut f_gpu).map_err(args)?;
+            same_h &= a.h.to_bits() == b.h.to_bits() && a.grad_evals == b.grad_evals && a.rejected == b.rejected;
+            calls += 1;
+        }
+        let got = s.clone_dtoh(&th_gpu)?;
+        let mut err = rel_err(&got, &th_host);
+        let mut note = if same_h { "same h, evaluations and rejections every step".to_string() } else { "h or the attempt count differed".to_string() };
+        let st_host = host.state();
+        let st_gpu = gpu.state_on_host().map_err(args)?;
+        for ((name_h, a), (name_g, b)) in st_host.buffers.iter().zip(&st_gpu.buffers) {
+            if name_h != name_g {
+                err = f64::INFINITY;
+                note = format!("state buffers {name_h} vs {name_g}");
+            } else {
+                err = err.max(rel_err(b, a));
+            }
+        }
+        if st_host.buffers.len() != st_gpu.buffers.len() {
+            err = f64::INFINITY;
+            note = "state buffers differ in number".into();
+        }
+        rows.record(&name, &format!("n={p}"), err, SOLVER_TOL, &note);
+    }
+    Ok(calls)
+}
+
+fn step_kind(s: &crate::optim::rk::StepSize) -> &'static str {
+    use crate::optim::rk::StepSize;
+    use crate::optim::step_size::DalrEstimator;
+    match s {
+        StepSize::Constant { .. } => "constant",
+        StepSize::Cosine { .. } => "cosine",
+        StepSize::Dalr { estimator: DalrEstimator::Stage, .. } => "dalr(stage)",
+        StepSize::Dalr { .. } => "dalr(fd)",
+        StepSize::ErrorControlled { .. } => "error-controlled",
+    }
 }

@@ -37,6 +37,9 @@ const REDUCE_BLOCKS: usize = 1024;
 /// A read-only device buffer of f32.
 pub type In<'a> = &'a dyn DevicePtr<f32>;
 
+/// A flat f32 buffer on the GPU: what the RK solver's GPU back end holds (`super::backend`).
+pub type DeviceBuf = CudaSlice<f32>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     #[error("CUDA driver: {0}")]

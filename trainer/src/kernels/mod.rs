@@ -38,6 +38,10 @@ pub mod reference;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
+/// `optim::arith::Arith` on the kernels: the RK solver's GPU back end.
+#[cfg(feature = "cuda")]
+pub mod backend;
+
 /// The kernels against the references on a GPU (`kutta bench --kernels`, the kernel tests).
 #[cfg(feature = "cuda")]
 pub mod check;

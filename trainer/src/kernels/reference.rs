@@ -28,6 +28,8 @@
 // Written exactly as rk.rs writes each operation (`y = y + a·x`, index loops), on purpose.
 #![allow(clippy::assign_op_pattern, clippy::needless_range_loop)]
 
+use crate::scalar::Scalar;
+
 /// Most stage gradients one stage point may combine in a single pass (the kernels take a fixed
 /// table). dopri54's last stage uses 6; `optim::rk` handles any number on the CPU.
 pub const MAX_STAGES: usize = 8;
@@ -41,7 +43,7 @@ fn check_len(what: &str, got: usize, n: usize) {
 ///
 /// rk.rs feeds only the stages with a_ij ≠ 0, in j order; callers should do the same to get
 /// identical results (a zero coefficient still adds 0·k_j, which differs for non-finite k_j).
-pub fn stage_point(x: &mut [f32], theta: &[f32], d: Option<&[f32]>, stages: &[(&[f32], f32)], h: f32) {
+pub fn stage_point<F: Scalar>(x: &mut [F], theta: &[F], d: Option<&[F]>, stages: &[(&[F], F)], h: F) {
     let n = x.len();
     check_len("theta", theta.len(), n);
     if let Some(d) = d {
@@ -69,17 +71,17 @@ pub fn stage_point(x: &mut [f32], theta: &[f32], d: Option<&[f32]>, stages: &[(&
 
 /// acc = acc + b·k (skipped when b == 0) and err = err + e·k with e = b_i − b̂_i (skipped when
 /// `err` is None or e == 0). The coefficients are the f64 tableau values cast to f32, as in rk.rs.
-pub fn accumulate(acc: &mut [f32], err: Option<&mut [f32]>, k: &[f32], b: f32, e: f32) {
+pub fn accumulate<F: Scalar>(acc: &mut [F], err: Option<&mut [F]>, k: &[F], b: F, e: F) {
     let n = acc.len();
     check_len("k", k.len(), n);
-    if b != 0.0 {
+    if b != F::zero() {
         for (y, x) in acc.iter_mut().zip(k) {
             *y = *y + b * *x;
         }
     }
     if let Some(err) = err {
         check_len("err", err.len(), n);
-        if e != 0.0 {
+        if e != F::zero() {
             for (y, x) in err.iter_mut().zip(k) {
                 *y = *y + e * *x;
             }
@@ -89,14 +91,14 @@ pub fn accumulate(acc: &mut [f32], err: Option<&mut [f32]>, k: &[f32], b: f32, e
 
 /// The candidate θ_{n+1}: with momentum acc = β·m + acc (m is read, not written: the caller swaps
 /// m and acc once the step is accepted), then x = θ − (h·d)⊙acc (x = θ − h·acc without D).
-pub fn final_update(
-    x: &mut [f32],
-    theta: &[f32],
-    acc: &mut [f32],
-    m: Option<&[f32]>,
-    d: Option<&[f32]>,
-    beta: f32,
-    h: f32,
+pub fn final_update<F: Scalar>(
+    x: &mut [F],
+    theta: &[F],
+    acc: &mut [F],
+    m: Option<&[F]>,
+    d: Option<&[F]>,
+    beta: F,
+    h: F,
 ) {
     let n = x.len();
     check_len("theta", theta.len(), n);
@@ -108,7 +110,7 @@ pub fn final_update(
 }
 
 /// [`final_update`] writing θ_{n+1} over θ.
-pub fn final_update_in_place(theta: &mut [f32], acc: &mut [f32], m: Option<&[f32]>, d: Option<&[f32]>, beta: f32, h: f32) {
+pub fn final_update_in_place<F: Scalar>(theta: &mut [F], acc: &mut [F], m: Option<&[F]>, d: Option<&[F]>, beta: F, h: F) {
     let n = theta.len();
     check_update_args(n, acc, m, d);
     for i in 0..n {
@@ -117,7 +119,7 @@ pub fn final_update_in_place(theta: &mut [f32], acc: &mut [f32], m: Option<&[f32
     }
 }
 
-fn check_update_args(n: usize, acc: &[f32], m: Option<&[f32]>, d: Option<&[f32]>) {
+fn check_update_args<F>(n: usize, acc: &[F], m: Option<&[F]>, d: Option<&[F]>) {
     check_len("acc", acc.len(), n);
     if let Some(m) = m {
         check_len("m", m.len(), n);
@@ -129,7 +131,7 @@ fn check_update_args(n: usize, acc: &[f32], m: Option<&[f32]>, d: Option<&[f32]>
 
 /// acc[i] = β·m[i] + acc[i] with momentum; returns the (new) acc[i].
 #[inline]
-fn momentum_elem(acc: &mut [f32], m: Option<&[f32]>, beta: f32, i: usize) -> f32 {
+fn momentum_elem<F: Scalar>(acc: &mut [F], m: Option<&[F]>, beta: F, i: usize) -> F {
     let mut a = acc[i];
     if let Some(m) = m {
         a = beta * m[i] + a;
@@ -140,7 +142,7 @@ fn momentum_elem(acc: &mut [f32], m: Option<&[f32]>, beta: f32, i: usize) -> f32
 
 /// θ − (h·d)·a, or θ − h·a without D (rk.rs `descend`).
 #[inline]
-fn descend_elem(t: f32, a: f32, d: Option<&[f32]>, h: f32, i: usize) -> f32 {
+fn descend_elem<F: Scalar>(t: F, a: F, d: Option<&[F]>, h: F, i: usize) -> F {
     match d {
         Some(d) => t - h * d[i] * a,
         None => t - h * a,
@@ -148,17 +150,17 @@ fn descend_elem(t: f32, a: f32, d: Option<&[f32]>, h: f32, i: usize) -> f32 {
 }
 
 /// D = 1/sqrt(ε + (G + k1·k1)) for the step, without committing G.
-pub fn adagrad_d(d: &mut [f32], g: &[f32], k1: &[f32], eps: f32) {
+pub fn adagrad_d<F: Scalar>(d: &mut [F], g: &[F], k1: &[F], eps: F) {
     let n = d.len();
     check_len("g", g.len(), n);
     check_len("k1", k1.len(), n);
     for i in 0..n {
-        d[i] = 1.0 / (eps + (g[i] + k1[i] * k1[i])).sqrt();
+        d[i] = F::one() / (eps + (g[i] + k1[i] * k1[i])).sqrt();
     }
 }
 
 /// G = G + k1·k1 when the step is accepted.
-pub fn adagrad_commit(g: &mut [f32], k1: &[f32]) {
+pub fn adagrad_commit<F: Scalar>(g: &mut [F], k1: &[F]) {
     check_len("k1", k1.len(), g.len());
     for (g, k) in g.iter_mut().zip(k1) {
         *g = *g + *k * *k;
@@ -166,29 +168,29 @@ pub fn adagrad_commit(g: &mut [f32], k1: &[f32]) {
 }
 
 /// ‖D⊙v‖² in f64 (‖v‖² without D): Σ (v·d)².
-pub fn dnorm2(v: &[f32], d: Option<&[f32]>) -> f64 {
+pub fn dnorm2<F: Scalar>(v: &[F], d: Option<&[F]>) -> f64 {
     match d {
         None => v.iter().map(|v| {
-            let v = *v as f64;
+            let v = v.as_f64();
             v * v
         }).sum(),
         Some(d) => {
             check_len("d", d.len(), v.len());
-            v.iter().zip(d).map(|(a, d)| (*a as f64 * *d as f64).powi(2)).sum()
+            v.iter().zip(d).map(|(a, d)| (a.as_f64() * d.as_f64()).powi(2)).sum()
         }
     }
 }
 
 /// ‖D⊙(a − b)‖² in f64: Σ ((a − b)·d)², d = 1 without D.
-pub fn ddiff2(a: &[f32], b: &[f32], d: Option<&[f32]>) -> f64 {
+pub fn ddiff2<F: Scalar>(a: &[F], b: &[F], d: Option<&[F]>) -> f64 {
     check_len("b", b.len(), a.len());
     if let Some(d) = d {
         check_len("d", d.len(), a.len());
     }
     let mut s = 0.0;
     for i in 0..a.len() {
-        let dd = d.map_or(1.0, |d| d[i] as f64);
-        let v = (a[i] as f64 - b[i] as f64) * dd;
+        let dd = d.map_or(1.0, |d| d[i].as_f64());
+        let v = (a[i].as_f64() - b[i].as_f64()) * dd;
         s += v * v;
     }
     s
@@ -198,7 +200,7 @@ pub fn ddiff2(a: &[f32], b: &[f32], d: Option<&[f32]>) -> f64 {
 /// the accumulated Σ (b_i − b̂_i) k_i. rk.rs's scaled error is sqrt(S / max(P, 1)) with S and P
 /// summed over the shards of θ (`VectorField::sum_shards`); the same holds for the other sums
 /// here, which are one shard's partial sums.
-pub fn error_sum(theta: &[f32], err: &[f32], d: Option<&[f32]>, h: f64, atol: f64, rtol: f64) -> f64 {
+pub fn error_sum<F: Scalar>(theta: &[F], err: &[F], d: Option<&[F]>, h: f64, atol: f64, rtol: f64) -> f64 {
     check_len("err", err.len(), theta.len());
     if let Some(d) = d {
         check_len("d", d.len(), theta.len());
@@ -208,15 +210,15 @@ pub fn error_sum(theta: &[f32], err: &[f32], d: Option<&[f32]>, h: f64, atol: f6
         .zip(err)
         .enumerate()
         .map(|(p, (t, e))| {
-            let dd = d.map_or(1.0, |d| d[p] as f64);
-            let e = h * dd * *e as f64;
-            (e / (atol + rtol * (*t as f64).abs())).powi(2)
+            let dd = d.map_or(1.0, |d| d[p].as_f64());
+            let e = h * dd * e.as_f64();
+            (e / (atol + rtol * t.as_f64().abs())).powi(2)
         })
         .sum()
 }
 
 /// Number of NaN/±Inf entries.
-pub fn nonfinite_count(v: &[f32]) -> u64 {
+pub fn nonfinite_count<F: Scalar>(v: &[F]) -> u64 {
     v.iter().filter(|x| !x.is_finite()).count() as u64
 }
 
@@ -312,8 +314,8 @@ mod tests {
         let s = error_sum(&[0.0, -3.0], &[1.0, 4.0], Some(&[1.0, 0.5]), 0.5, 0.5, 0.5);
         assert_eq!(s, 1.0 + 0.25);
         assert_eq!(nonfinite_count(&[1.0, f32::NAN, f32::INFINITY, -f32::INFINITY, 0.0]), 3);
-        assert_eq!(nonfinite_count(&[]), 0);
-        assert_eq!(dnorm2(&[], None), 0.0);
+        assert_eq!(nonfinite_count::<f32>(&[]), 0);
+        assert_eq!(dnorm2::<f32>(&[], None), 0.0);
     }
 
     #[test]

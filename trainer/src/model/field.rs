@@ -6,6 +6,9 @@
 //! size, runs `backward()` and copies each parameter's gradient into its range of the flat `grad`.
 //! The batch is set once per optimizer step (`set_batch`) and its images are gathered then, into
 //! one contiguous tensor, so the s stages of an RK step reuse it without regathering (SPEC §1).
+//! With the `cuda` feature, `eval_device` does the same with θ and the gradient as flat device
+//! buffers (no host round trip): the one forward/backward loop (`backward_passes`) hands each
+//! parameter's gradient to a sink, the host slice's (`HostGrad`) or the device's (`DeviceGrads`).
 //!
 //! Dividing by the *global* batch size rather than by this process's share is what lets the
 //! data-parallel path (SPEC §5) just all-reduce-sum the per-rank gradients: each rank returns
@@ -17,6 +20,7 @@ use super::{tensor_into_slice, Model};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::field::VectorField;
+use crate::layout::ParamLayout;
 
 /// The gradient oracle over a model and a data set (or this rank's shard of one).
 pub struct ModelField<'a> {
@@ -41,6 +45,10 @@ pub struct ModelField<'a> {
     batch_set: bool,
     /// Why the current batch cannot be evaluated; `eval` reports it (set_batch cannot fail).
     batch_error: Option<String>,
+    /// `eval_device`'s parameter tensors on the device, built at its first call (dropped by
+    /// `set_device`).
+    #[cfg(feature = "cuda")]
+    device_params: Option<DeviceParams>,
 }
 
 /// Gathered samples of one micro-batch.
@@ -63,6 +71,8 @@ impl<'a> ModelField<'a> {
             micro: Vec::new(),
             batch_set: false,
             batch_error: None,
+            #[cfg(feature = "cuda")]
+            device_params: None,
         }
     }
 
@@ -102,6 +112,10 @@ impl<'a> ModelField<'a> {
     /// Run the model on `device` (config `train.device`); the current batch moves with it.
     pub fn set_device(&mut self, device: Device) {
         self.device = device;
+        #[cfg(feature = "cuda")]
+        {
+            self.device_params = None;
+        }
         if self.batch_set {
             self.gather();
         }
@@ -190,13 +204,60 @@ impl VectorField<f32> for ModelField<'_> {
 
     /// loss = (Σ over the batch of per-sample cross-entropy) / global_batch, and its gradient.
     fn eval(&mut self, theta: &[f32], grad: &mut [f32]) -> Result<f64> {
+        if !self.ready(theta.len(), grad.len())? {
+            // An empty slice of the global batch contributes nothing to the sums.
+            grad.fill(0.0);
+            return Ok(0.0);
+        }
         let layout = self.model.layout();
-        let p = layout.len();
-        if theta.len() != p || grad.len() != p {
+        // One leaf per layout tensor: θ's values copied once into candle storage.
+        let vars = layout
+            .params
+            .iter()
+            .map(|s| Var::from_slice(&theta[s.range()], s.shape.as_slice(), &self.device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        self.backward_passes(&vars, &mut HostGrad { layout, grad })
+    }
+}
+
+/// Where the forward/backward loop (`ModelField::backward_passes`) delivers each parameter's
+/// gradient: the host's flat slice (`HostGrad`, `eval`) or per-parameter device tensors
+/// (`DeviceGrads`, `eval_device`). Parameters are named by their index in the layout.
+trait GradSink {
+    /// Parameter `i`'s gradient from one backward pass: stored, or added to what is stored when
+    /// `accumulate` (micro-batches after the first).
+    fn put(&mut self, i: usize, g: &Tensor, accumulate: bool) -> Result<()>;
+    /// Parameter `i` received no gradient in the first micro-batch (it does not influence the
+    /// loss): its gradient is zero.
+    fn zero(&mut self, i: usize) -> Result<()>;
+}
+
+/// The host sink: each gradient copied into (or added to) its range of the flat `grad`.
+struct HostGrad<'g> {
+    layout: &'g ParamLayout,
+    grad: &'g mut [f32],
+}
+
+impl GradSink for HostGrad<'_> {
+    fn put(&mut self, i: usize, g: &Tensor, accumulate: bool) -> Result<()> {
+        tensor_into_slice(g, &mut self.grad[self.layout.params[i].range()], accumulate)
+    }
+
+    fn zero(&mut self, i: usize) -> Result<()> {
+        self.grad[self.layout.params[i].range()].fill(0.0);
+        Ok(())
+    }
+}
+
+impl ModelField<'_> {
+    /// The checks `eval` and `eval_device` share: θ and the gradient buffer have the layout's
+    /// length, and a usable batch is set. Ok(false) when this process's slice of the batch is
+    /// empty (the gradient is then zero and the loss 0).
+    fn ready(&self, theta_len: usize, grad_len: usize) -> Result<bool> {
+        let p = self.model.layout().len();
+        if theta_len != p || grad_len != p {
             return Err(Error::Other(format!(
-                "ModelField: θ has {} values and the gradient buffer {}, but {} has {p}",
-                theta.len(),
-                grad.len(),
+                "ModelField: θ has {theta_len} values and the gradient buffer {grad_len}, but {} has {p}",
                 self.model.describe()
             )));
         }
@@ -206,59 +267,71 @@ impl VectorField<f32> for ModelField<'_> {
         if let Some(msg) = &self.batch_error {
             return Err(Error::Other(msg.clone()));
         }
-        if self.micro.is_empty() {
-            // An empty slice of the global batch contributes nothing to the sums.
-            grad.fill(0.0);
-            return Ok(0.0);
-        }
+        Ok(!self.micro.is_empty())
+    }
 
-        // One leaf per layout tensor: θ's values copied once into candle storage.
-        let vars = layout
-            .params
-            .iter()
-            .map(|s| Var::from_slice(&theta[s.range()], s.shape.as_slice(), &self.device))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let params: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    /// The forward and backward passes over the current batch's micro-batches at the parameters
+    /// `vars` (layout order, on `self.device`), plain or with activation recomputation; every
+    /// parameter gradient goes to `sink`. Returns the loss (summed per-sample losses /
+    /// global_batch) and records the peak device memory seen after each backward pass.
+    fn backward_passes(&mut self, vars: &[Var], sink: &mut dyn GradSink) -> Result<f64> {
         let scale = 1.0 / self.global_batch as f64;
-
+        let recompute = self.recompute && self.model.segments() > 1;
+        let params: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let mut loss_sum = 0.0f64;
         let mut peak_device = 0u64;
-        if self.recompute && self.model.segments() > 1 {
-            for (k, mb) in self.micro.iter().enumerate() {
-                let (loss, peak) = self.recomputed_backward(&vars, mb, scale, grad, k > 0)?;
-                loss_sum += loss;
-                peak_device = peak_device.max(peak);
-            }
-            self.peak_device_bytes = self.peak_device_bytes.max(peak_device);
-            return Ok(loss_sum * scale);
-        }
         for (k, mb) in self.micro.iter().enumerate() {
-            let logits = self.model.forward(&params, &mb.x)?; // (m, classes)
-            let per_sample = cross_entropy(&logits, &mb.onehot)?; // (m)
-            loss_sum += per_sample.to_vec1::<f32>()?.iter().map(|&l| l as f64).sum::<f64>();
-            // Scaling the scalar objective scales every gradient for free.
-            let grads = per_sample.sum_all()?.affine(scale, 0.0)?.backward()?;
-            peak_device = peak_device.max(self.device_in_use());
-            for (var, spec) in vars.iter().zip(&layout.params) {
-                let out = &mut grad[spec.range()];
-                match grads.get(var) {
-                    Some(g) => tensor_into_slice(g, out, k > 0)?,
-                    None if k == 0 => out.fill(0.0), // does not influence the loss
-                    None => {}
-                }
-            }
+            let (loss, peak) = if recompute {
+                self.recomputed_backward(vars, mb, scale, sink, k > 0)?
+            } else {
+                self.plain_backward(&params, vars, mb, scale, sink, k > 0)?
+            };
+            loss_sum += loss;
+            peak_device = peak_device.max(peak);
         }
         self.peak_device_bytes = self.peak_device_bytes.max(peak_device);
         Ok(loss_sum * scale)
     }
-}
 
-impl ModelField<'_> {
-    /// One micro-batch's gradient with activation recomputation (see `set_recompute`), written
-    /// into `grad` (added when `accumulate`). Returns the micro-batch's summed loss and the most
-    /// GPU memory in use seen after a segment's backward pass.
-    fn recomputed_backward(&self, vars: &[Var], mb: &MicroBatch, scale: f64, grad: &mut [f32], accumulate: bool) -> Result<(f64, u64)> {
-        let layout = self.model.layout();
+    /// One micro-batch's forward pass with autograd and one backward pass; the gradients go to
+    /// `sink` (added when `accumulate`). Returns the micro-batch's summed loss and the GPU memory
+    /// in use right after the backward pass.
+    fn plain_backward(
+        &self,
+        params: &[Tensor],
+        vars: &[Var],
+        mb: &MicroBatch,
+        scale: f64,
+        sink: &mut dyn GradSink,
+        accumulate: bool,
+    ) -> Result<(f64, u64)> {
+        let logits = self.model.forward(params, &mb.x)?; // (m, classes)
+        let per_sample = cross_entropy(&logits, &mb.onehot)?; // (m)
+        let loss = per_sample.to_vec1::<f32>()?.iter().map(|&l| l as f64).sum::<f64>();
+        // Scaling the scalar objective scales every gradient for free.
+        let grads = per_sample.sum_all()?.affine(scale, 0.0)?.backward()?;
+        let peak_device = self.device_in_use();
+        for (i, var) in vars.iter().enumerate() {
+            match grads.get(var) {
+                Some(g) => sink.put(i, g, accumulate)?,
+                None if !accumulate => sink.zero(i)?, // does not influence the loss
+                None => {}
+            }
+        }
+        Ok((loss, peak_device))
+    }
+
+    /// One micro-batch's gradient with activation recomputation (see `set_recompute`), handed to
+    /// `sink` (added when `accumulate`). Returns the micro-batch's summed loss and the most GPU
+    /// memory in use seen after a segment's backward pass.
+    fn recomputed_backward(
+        &self,
+        vars: &[Var],
+        mb: &MicroBatch,
+        scale: f64,
+        sink: &mut dyn GradSink,
+        accumulate: bool,
+    ) -> Result<(f64, u64)> {
         let segments = self.model.segments();
         let params: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         // Forward without autograd (detached parameters build no graph), keeping the inputs of
@@ -295,9 +368,9 @@ impl ModelField<'_> {
             };
             let grads = objective.backward()?;
             peak_device = peak_device.max(self.device_in_use());
-            for ((var, spec), seen) in vars.iter().zip(&layout.params).zip(touched.iter_mut()) {
+            for (i, (var, seen)) in vars.iter().zip(touched.iter_mut()).enumerate() {
                 if let Some(g) = grads.get(var) {
-                    tensor_into_slice(g, &mut grad[spec.range()], accumulate)?;
+                    sink.put(i, g, accumulate)?;
                     *seen = true;
                 }
             }
@@ -309,15 +382,238 @@ impl ModelField<'_> {
             }
         }
         if !accumulate {
-            for (spec, seen) in layout.params.iter().zip(touched) {
+            for (i, seen) in touched.into_iter().enumerate() {
                 if !seen {
-                    grad[spec.range()].fill(0.0); // does not influence the loss
+                    sink.zero(i)?; // does not influence the loss
                 }
             }
         }
         Ok((loss_sum, peak_device))
     }
 }
+
+/// The device path, `ModelField::eval_device` (feature `cuda`): θ and the gradient stay on the
+/// GPU as flat buffers in the layout of `Model::layout()`; the forward/backward loop is the one
+/// `eval` runs (`backward_passes`), with a device gradient sink.
+///
+/// - θ → parameters: one cached `Var` per layout tensor (zeros, contiguous, on the model's device,
+///   created at the first call; `set_device` drops them) whose storage ONE `scatter_table` launch
+///   overwrites with θ at every eval; the segment table (the Vars' device addresses, stable while
+///   they live) is uploaded once. Writing into a Var's storage in place is what candle's own
+///   `Var::set` does; it is sound here because nothing reads the old values afterwards: the
+///   previous eval's graph, gradient store and gradient tensors are all dropped when it returns
+///   (only the Vars themselves are kept, and nothing outside this field ever sees them), and every
+///   kernel that read the old values was enqueued before the scatter on the same stream.
+/// - gradients: `DeviceGrads` keeps each parameter's gradient tensor on the device (detached, so
+///   no graph outlives its backward pass) and adds micro-batch k > 0 into it with candle's f32 add,
+///   the host sink's `out + g` bit for bit; after the last backward pass ONE `gather_raw` launch
+///   copies them into the flat `grad` (after a stream memset when some parameter received no
+///   gradient).
+/// - one stream: the kernels must launch on candle's stream of the model's device
+///   (`RkKernels::new(cuda_device.cuda_stream())`, candle's per-thread default stream; call from
+///   the thread that runs the model), so stream order alone puts the scatter before the forward
+///   pass and the gather after the backward pass.
+#[cfg(feature = "cuda")]
+mod device {
+    use std::sync::Arc;
+
+    use candle_core::{DType, Device, Layout, Storage, Tensor, Var};
+    use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, SyncOnDrop};
+
+    use super::{GradSink, ModelField};
+    use crate::error::{Error, Result};
+    use crate::kernels::cuda::{KernelError, RkKernels, Segment, SegmentTable};
+    use crate::layout::{ParamLayout, ParamSpec};
+
+    fn err<T>(msg: impl std::fmt::Display) -> Result<T> {
+        Err(Error::Other(format!("ModelField::eval_device: {msg}")))
+    }
+
+    /// The parameter tensors `eval_device` computes with, and where θ goes into them.
+    pub(super) struct DeviceParams {
+        vars: Vec<Var>,
+        /// Var j's storage ← θ[layout.params[j].range()].
+        table: SegmentTable,
+    }
+
+    impl DeviceParams {
+        fn new(layout: &ParamLayout, device: &Device, stream: &CudaStream, kernels: &RkKernels) -> Result<Self> {
+            let vars = layout
+                .params
+                .iter()
+                .map(|s| Var::zeros(s.shape.as_slice(), DType::F32, device))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let storages: Vec<_> = vars.iter().map(|v| v.as_tensor().storage_and_layout()).collect();
+            let mut segs = Vec::with_capacity(vars.len());
+            for ((storage, l), spec) in storages.iter().zip(&layout.params) {
+                segs.push(segment(storage, l, spec, stream)?.0);
+            }
+            let table = kernels.segment_table(&segs, layout.len(), true)?;
+            drop(storages);
+            Ok(Self { vars, table })
+        }
+    }
+
+    /// The device segment of parameter `spec` in tensor storage `(storage, l)` (checked:
+    /// contiguous f32 on a CUDA device of `stream`'s context, spec.numel() values), and the guard
+    /// that records the access on `stream` when dropped.
+    fn segment<'s>(
+        storage: &'s Storage,
+        l: &Layout,
+        spec: &ParamSpec,
+        stream: &'s CudaStream,
+    ) -> Result<(Segment, SyncOnDrop<'s>)> {
+        let name = &spec.name;
+        let Storage::Cuda(cs) = storage else {
+            return err(format!("parameter {name} is not on a CUDA device"));
+        };
+        let slice = cs.as_cuda_slice::<f32>()?;
+        if slice.stream().context() != stream.context() {
+            return err(format!("parameter {name} lives in another CUDA context than the kernels"));
+        }
+        let Some((start, end)) = l.contiguous_offsets() else {
+            return err(format!("parameter {name}: the tensor is not contiguous"));
+        };
+        if end - start != spec.numel() || end > slice.len() {
+            return err(format!(
+                "parameter {name}: a tensor of {} values at {start}..{end} of a buffer of {}, the layout has {}",
+                end - start,
+                slice.len(),
+                spec.numel()
+            ));
+        }
+        let (base, sync) = slice.device_ptr(stream);
+        let ptr = base + (start * std::mem::size_of::<f32>()) as u64;
+        Ok((Segment { ptr, offset: spec.offset as u64, len: spec.numel() as u64 }, sync))
+    }
+
+    /// The device sink: per-parameter gradient tensors, summed over the micro-batches.
+    struct DeviceGrads(Vec<Option<Tensor>>);
+
+    impl GradSink for DeviceGrads {
+        fn put(&mut self, i: usize, g: &Tensor, accumulate: bool) -> Result<()> {
+            // Detached: a kept gradient must not keep its backward pass's graph alive.
+            let g = g.detach();
+            let slot = &mut self.0[i];
+            *slot = Some(match (slot.take(), accumulate) {
+                // f32 adds in the host sink's order (out + g): bit-identical.
+                (Some(sum), true) => (sum + g)?,
+                // The host adds to the zeros it wrote for the first micro-batch.
+                (None, true) => (g.zeros_like()? + g)?,
+                (_, false) => g,
+            });
+            Ok(())
+        }
+
+        fn zero(&mut self, i: usize) -> Result<()> {
+            self.0[i] = None;
+            Ok(())
+        }
+    }
+
+    impl DeviceGrads {
+        /// Every gradient into its range of `grad` with one gather launch; zeros where a
+        /// parameter received none.
+        fn gather_into(
+            self,
+            kernels: &RkKernels,
+            stream: &Arc<CudaStream>,
+            layout: &ParamLayout,
+            grad: &mut CudaSlice<f32>,
+        ) -> Result<()> {
+            let mut parts = Vec::with_capacity(self.0.len());
+            for (spec, g) in layout.params.iter().zip(self.0) {
+                if let Some(g) = g {
+                    parts.push((spec, g.contiguous()?));
+                }
+            }
+            if parts.len() < layout.params.len() {
+                stream.memset_zeros(grad).map_err(KernelError::from)?;
+            }
+            let storages: Vec<_> = parts.iter().map(|(_, t)| t.storage_and_layout()).collect();
+            let mut segs = Vec::with_capacity(parts.len());
+            let mut syncs = Vec::with_capacity(parts.len());
+            for ((spec, _), (storage, l)) in parts.iter().zip(&storages) {
+                let (seg, sync) = segment(storage, l, spec, stream)?;
+                segs.push(seg);
+                syncs.push(sync);
+            }
+            // SAFETY: each segment addresses spec.numel() f32 of a gradient tensor's device
+            // storage (checked by `segment`), kept alive by `parts` until the launch is enqueued
+            // (their frees afterwards are ordered on the same stream); candle wrote them on this
+            // stream, which the launch follows in stream order.
+            unsafe { kernels.gather_raw(grad, &segs)? };
+            drop(syncs);
+            Ok(())
+        }
+    }
+
+    impl ModelField<'_> {
+        /// g(θ) with θ and the gradient as flat device buffers (the layout of `Model::layout()`),
+        /// on the model's CUDA device (`set_device`). The same loss and gradient as `eval` (the
+        /// host path): the same forward/backward passes, micro-batches and recomputation.
+        /// `kernels` must launch on candle's stream of that device
+        /// (`RkKernels::new(cuda_device.cuda_stream())`); a CPU device, another context or
+        /// another stream, buffers of the wrong length or context are errors.
+        pub fn eval_device(
+            &mut self,
+            kernels: &RkKernels,
+            theta: &CudaSlice<f32>,
+            grad: &mut CudaSlice<f32>,
+        ) -> Result<f64> {
+            let stream = self.device_stream(kernels)?;
+            for (what, buf) in [("θ", theta), ("the gradient buffer", &*grad)] {
+                if buf.stream().context() != stream.context() {
+                    return err(format!("{what} lives in another CUDA context than the model"));
+                }
+            }
+            if !self.ready(theta.len(), grad.len())? {
+                // An empty slice of the global batch contributes nothing to the sums.
+                stream.memset_zeros(grad).map_err(KernelError::from)?;
+                return Ok(0.0);
+            }
+            let layout = self.model.layout();
+            if self.device_params.is_none() {
+                self.device_params = Some(DeviceParams::new(layout, &self.device, &stream, kernels)?);
+            }
+            let Some(params) = &self.device_params else { return err("no device parameters") };
+            // SAFETY: the table addresses the cached Vars' storage (checked contiguous f32 of
+            // the layout's sizes when built), alive as long as `self.device_params`; on this one
+            // stream every earlier read of it (the previous eval) runs before this write, and no
+            // tensor reading the old values survives the previous eval (see the module notes).
+            unsafe { kernels.scatter_table(theta, &params.table)? };
+            let vars = params.vars.clone();
+            let mut sink = DeviceGrads(vec![None; vars.len()]);
+            let loss = self.backward_passes(&vars, &mut sink)?;
+            sink.gather_into(kernels, &stream, layout, grad)?;
+            Ok(loss)
+        }
+
+        /// candle's stream on the model's device, checked to be the one `kernels` launch on.
+        fn device_stream(&self, kernels: &RkKernels) -> Result<Arc<CudaStream>> {
+            let Ok(dev) = self.device.as_cuda_device() else {
+                return err(format!(
+                    "the model runs on {:?}, not on a CUDA device (ModelField::set_device)",
+                    self.device.location()
+                ));
+            };
+            let stream = dev.cuda_stream();
+            if stream.context() != kernels.context() {
+                return err("the RK kernels live in another CUDA context than the model's device");
+            }
+            if *stream != **kernels.stream() {
+                return err(
+                    "the RK kernels launch on another CUDA stream than candle's on the model's device \
+                     (build them with RkKernels::new(cuda_device.cuda_stream()))",
+                );
+            }
+            Ok(stream)
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+use device::DeviceParams;
 
 /// Per-sample cross-entropy −log softmax(z)_y = logsumexp(z − m) − (z_y − m), (B, K) → (B), with
 /// the one-hot labels built on the host. m = max_k z is detached: the value does not depend on

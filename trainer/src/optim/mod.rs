@@ -9,7 +9,11 @@
 //! - `state`/`load_state` round-trip everything a step reads, bit for bit, so a resumed run is
 //!   bit-identical to an uninterrupted one.
 
+pub mod arith;
 pub mod baselines;
+/// The RK solver on the GPU (feature `cuda`).
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod rk;
 pub mod step_size;
 
@@ -56,6 +60,14 @@ pub trait Optimizer<F: Scalar = f32> {
     fn step(&mut self, step: u64, theta: &mut [F], field: &mut dyn VectorField<F>) -> Result<StepReport>;
     fn state(&self) -> OptimizerState<F>;
     fn load_state(&mut self, state: &OptimizerState<F>) -> Result<()>;
+    /// Bring θ to the host. An optimizer that keeps θ and its state on a GPU between steps
+    /// (the RK solver on the `cuda` back end) leaves the host θ stale after `step` and writes it
+    /// here; the trainer calls this before it reads θ (evaluation, checkpoint, the final model)
+    /// and before `state`. Host optimizers have nothing to do.
+    fn sync_theta(&mut self, theta: &mut [F]) -> Result<()> {
+        let _ = theta;
+        Ok(())
+    }
     /// Set the learning rate of the next step. The baselines use it for schedules applied from
     /// outside; the RK solver schedules h itself (SPEC §3-4) and does not implement it.
     fn set_lr(&mut self, lr: f64) {

@@ -24,12 +24,14 @@
 //! Failure contract (see `optim`): nothing in `self` or θ changes until the step is accepted.
 
 use crate::error::{Error, Result};
-use crate::field::{any_nonfinite, VectorField};
+use crate::field::VectorField;
+use crate::optim::arith::{Arith, Host};
 use crate::optim::step_size::{cosine, dalr, DalrEstimator, ErrorControl};
 use crate::optim::{Optimizer, OptimizerState, StepReport};
-use crate::scalar::{sum_squares, Scalar};
+use crate::scalar::Scalar;
 use crate::tableau::Tableau;
 use serde_json::json;
+use std::borrow::{Borrow, BorrowMut};
 
 /// The diagonal preconditioner of paper §3.1.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -89,36 +91,64 @@ impl RkOptions {
     }
 }
 
-pub struct RkSolver<F: Scalar = f32> {
+pub struct RkSolver<F: Scalar = f32, A: Arith<F> = Host> {
     opts: RkOptions,
-    /// AdaGrad accumulator G (P), committed at acceptance. Empty when there is no preconditioner.
-    g_acc: Vec<F>,
-    /// Momentum m (P). Empty when β = 0.
-    m: Vec<F>,
+    /// Where the buffers live and the arithmetic runs (`Host`, or the GPU kernels).
+    arith: A,
+    /// AdaGrad accumulator G (P), committed at acceptance. None without preconditioner.
+    g_acc: Option<A::Owned>,
+    /// Momentum m (P). None when β = 0.
+    m: Option<A::Owned>,
     /// v measured from the previous step's first two stages (stage estimator).
     dalr_prev_v: Option<f64>,
     /// The error controller's h for the next step.
     h_ec: Option<f64>,
-    // ---- scratch, reused across steps; none of it is state ----
-    k1: Vec<F>,
-    /// D for this step (P); empty without preconditioner.
-    d: Vec<F>,
-    /// The stage point θ_i (the "model's own parameter storage"), later the candidate θ_{n+1}.
-    x: Vec<F>,
-    /// Σ b_i k_i, then (with momentum) β m + g*.
-    acc: Vec<F>,
-    /// Σ (b_i − b̂_i) k_i for the error estimate.
-    err_acc: Vec<F>,
-    /// Stage gradients k_2..k_s (index i−1 = stage i, 0-based); None when not live.
-    stages: Vec<Option<Vec<F>>>,
-    /// Freed stage buffers, reused to avoid allocation.
-    pool: Vec<Vec<F>>,
+    /// Scratch, reused across steps (none of it is state); allocated at the first step.
+    work: Option<Work<A::Owned>>,
     /// Most stage buffers (besides k_1) live at once, for tests and the memory planner.
     pub peak_live_stage_buffers: usize,
 }
 
-impl<F: Scalar> RkSolver<F> {
+/// The solver's scratch buffers, each of P entries.
+struct Work<B> {
+    p: usize,
+    k1: B,
+    /// D for this step; None without preconditioner.
+    d: Option<B>,
+    /// The stage point θ_i (the "model's own parameter storage"), later the candidate θ_{n+1}.
+    x: B,
+    /// Σ b_i k_i, then (with momentum) β m + g*.
+    acc: B,
+    /// Σ (b_i − b̂_i) k_i for the error estimate; None without an embedded pair.
+    err_acc: Option<B>,
+    /// Stage gradients k_2..k_s (index i−1 = stage i, 0-based); None when not live.
+    stages: Vec<Option<B>>,
+    /// Freed stage buffers, reused to avoid allocation.
+    pool: Vec<B>,
+}
+
+/// The borrowed view of an owned buffer (`Vec<F>` → `[F]`).
+fn rd<F: Scalar, A: Arith<F>>(b: &A::Owned) -> &A::Buf {
+    b.borrow()
+}
+
+fn wr<F: Scalar, A: Arith<F>>(b: &mut A::Owned) -> &mut A::Buf {
+    b.borrow_mut()
+}
+
+fn rd_opt<F: Scalar, A: Arith<F>>(b: &Option<A::Owned>) -> Option<&A::Buf> {
+    b.as_ref().map(rd::<F, A>)
+}
+
+impl<F: Scalar> RkSolver<F, Host> {
     pub fn new(opts: RkOptions) -> Result<Self> {
+        Self::with_backend(opts, Host)
+    }
+}
+
+impl<F: Scalar, A: Arith<F>> RkSolver<F, A> {
+    /// A solver whose buffers live in and whose arithmetic runs on `arith`.
+    pub fn with_backend(opts: RkOptions, arith: A) -> Result<Self> {
         let t = &opts.tableau;
         if let StepSize::ErrorControlled { .. } = opts.step_size {
             if !t.is_embedded() {
@@ -136,186 +166,174 @@ impl<F: Scalar> RkSolver<F> {
                 ));
             }
         }
-        let s = t.stages();
-        Ok(Self {
-            opts,
-            g_acc: Vec::new(),
-            m: Vec::new(),
-            dalr_prev_v: None,
-            h_ec: None,
-            k1: Vec::new(),
-            d: Vec::new(),
-            x: Vec::new(),
-            acc: Vec::new(),
-            err_acc: Vec::new(),
-            stages: (0..s).map(|_| None).collect(),
-            pool: Vec::new(),
-            peak_live_stage_buffers: 0,
-        })
+        Ok(Self { opts, arith, g_acc: None, m: None, dalr_prev_v: None, h_ec: None, work: None, peak_live_stage_buffers: 0 })
     }
 
     pub fn options(&self) -> &RkOptions {
         &self.opts
     }
 
-    fn ensure(&mut self, p: usize) {
-        let pre = self.opts.preconditioner.eps().is_some();
-        resize(&mut self.k1, p);
-        resize(&mut self.x, p);
-        resize(&mut self.acc, p);
-        if pre {
-            resize(&mut self.g_acc, p);
-            resize(&mut self.d, p);
+    pub fn backend(&self) -> &A {
+        &self.arith
+    }
+
+    /// Allocate the scratch for P parameters and the state buffers that are not loaded yet.
+    fn ensure(&mut self, p: usize) -> Result<()> {
+        let a = &self.arith;
+        let fits = |b: &Option<A::Owned>| b.as_ref().is_some_and(|b| a.len(rd::<F, A>(b)) == p);
+        if self.opts.preconditioner.eps().is_some() && !fits(&self.g_acc) {
+            self.g_acc = Some(a.alloc(p)?);
         }
-        if self.opts.momentum != 0.0 {
-            resize(&mut self.m, p);
+        if self.opts.momentum != 0.0 && !fits(&self.m) {
+            self.m = Some(a.alloc(p)?);
         }
-        if self.opts.tableau.is_embedded() {
-            resize(&mut self.err_acc, p);
+        if self.work.as_ref().is_none_or(|w| w.p != p) {
+            let pre = self.opts.preconditioner.eps().is_some();
+            self.work = Some(Work {
+                p,
+                k1: a.alloc(p)?,
+                d: if pre { Some(a.alloc(p)?) } else { None },
+                x: a.alloc(p)?,
+                acc: a.alloc(p)?,
+                err_acc: if self.opts.tableau.is_embedded() { Some(a.alloc(p)?) } else { None },
+                stages: (0..self.opts.tableau.stages()).map(|_| None).collect(),
+                pool: Vec::new(),
+            });
+        }
+        Ok(())
+    }
+
+    fn work(&mut self) -> &mut Work<A::Owned> {
+        self.work.as_mut().expect("ensure() runs first in every step")
+    }
+
+    fn take_buffer(&mut self) -> Result<A::Owned> {
+        let w = self.work.as_mut().expect("ensure() runs first in every step");
+        match w.pool.pop() {
+            Some(b) => Ok(b),
+            None => self.arith.alloc(w.p),
         }
     }
 
-    fn take_buffer(&mut self, p: usize) -> Vec<F> {
-        let mut b = self.pool.pop().unwrap_or_default();
-        resize(&mut b, p);
-        b
+    /// True when some entry of `parts` is NaN/Inf on any shard of θ (one `sum_shards`).
+    fn any_nonfinite(&self, field: &mut dyn VectorField<F, A::Buf>, parts: &[&A::Buf]) -> Result<bool> {
+        let mut local = 0u64;
+        for p in parts {
+            local += self.arith.nonfinite_count(p)?;
+        }
+        Ok(field.sum_shards(local as f64)? > 0.0)
     }
 
-    /// ‖D·v‖ (D = I without preconditioner), over all shards of θ (`VectorField::sum_shards`).
-    fn d_norm(&self, v: &[F], field: &mut dyn VectorField<F>) -> Result<f64> {
-        let local = if self.d.is_empty() {
-            sum_squares(v)
-        } else {
-            v.iter().zip(&self.d).map(|(a, d)| (a.as_f64() * d.as_f64()).powi(2)).sum::<f64>()
-        };
+    /// ‖D·k_1‖ over all shards of θ.
+    fn k1_norm(&self, field: &mut dyn VectorField<F, A::Buf>) -> Result<f64> {
+        let w = self.work.as_ref().expect("ensure() runs first in every step");
+        let local = self.arith.dnorm2(rd::<F, A>(&w.k1), rd_opt::<F, A>(&w.d))?;
         Ok(field.sum_shards(local)?.sqrt())
     }
 
-    /// ‖D·(a − b)‖, over all shards of θ.
-    fn d_norm_diff(&self, a: &[F], b: &[F], field: &mut dyn VectorField<F>) -> Result<f64> {
-        let mut s = 0.0;
-        for i in 0..a.len() {
-            let d = if self.d.is_empty() { 1.0 } else { self.d[i].as_f64() };
-            let v = (a[i].as_f64() - b[i].as_f64()) * d;
-            s += v * v;
-        }
-        Ok(field.sum_shards(s)?.sqrt())
+    /// ‖D·(v − k_1)‖ over all shards of θ.
+    fn diff_k1_norm(&self, v: &A::Buf, field: &mut dyn VectorField<F, A::Buf>) -> Result<f64> {
+        let w = self.work.as_ref().expect("ensure() runs first in every step");
+        let local = self.arith.ddiff2(v, rd::<F, A>(&w.k1), rd_opt::<F, A>(&w.d))?;
+        Ok(field.sum_shards(local)?.sqrt())
     }
 
     /// DALR's finite-difference probe: v ≈ ‖D(g(θ_n + ε u) − k_1)‖ / ε, u = f/‖f‖, f = −D k_1.
-    fn dalr_probe(&mut self, theta: &[F], field: &mut dyn VectorField<F>, eps: f64) -> Result<f64> {
-        let fnorm = self.d_norm(&self.k1, field)?;
+    fn dalr_probe(&mut self, theta: &A::Buf, field: &mut dyn VectorField<F, A::Buf>, eps: f64) -> Result<f64> {
+        let fnorm = self.k1_norm(field)?;
         if fnorm == 0.0 {
             return Ok(0.0);
         }
         // θ_n + ε·u with u = f/‖f‖ = −D k_1/‖D k_1‖: the same descent as a stage point.
-        self.x.copy_from_slice(&self.k1);
-        descend(&mut self.x, theta, &self.d, F::from_f64(eps / fnorm));
-        let mut probe = self.take_buffer(theta.len());
-        let loss = field.eval(&self.x, &mut probe)?;
+        let mut probe = self.take_buffer()?;
+        let w = self.work.as_mut().expect("ensure() runs first in every step");
+        let (d, k1) = (rd_opt::<F, A>(&w.d), rd::<F, A>(&w.k1));
+        self.arith.stage_point(wr::<F, A>(&mut w.x), theta, d, &[(k1, F::one())], F::from_f64(eps / fnorm))?;
+        let loss = field.eval(rd::<F, A>(&w.x), wr::<F, A>(&mut probe))?;
         // `loss` is the same on every rank, so all ranks make the same collective calls.
-        let v = if loss.is_finite() && !any_nonfinite(field, &[&probe])? {
-            self.d_norm_diff(&probe, &self.k1, field)? / eps
+        let v = if loss.is_finite() && !self.any_nonfinite(field, &[rd::<F, A>(&probe)])? {
+            self.diff_k1_norm(rd::<F, A>(&probe), field)? / eps
         } else {
             f64::NAN
         };
-        self.pool.push(probe);
+        self.work().pool.push(probe);
         Ok(v)
     }
 
-    /// θ_i = θ_n − h·D·Σ_{j<i} a_ij k_j into `self.x`, as passes over contiguous slices that
-    /// the compiler vectorizes: Σ a_ij k_j is built in `x` (in j order), then x = θ − (h·d)·x.
-    fn form_stage_point(&mut self, theta: &[F], i: usize, h: F) {
+    /// θ_i = θ_n − h·D·Σ_{j<i} a_ij k_j into `x`, in one pass over the stages that feed it
+    /// (a_ij ≠ 0, in j order; θ_i = θ_n when none does).
+    fn form_stage_point(&mut self, theta: &A::Buf, i: usize, h: F) -> Result<()> {
         let row = &self.opts.tableau.a[i];
-        let feeding: Vec<usize> = (0..i).filter(|&j| row[j] != 0.0).collect();
-        if let [j] = feeding[..] {
-            // One earlier stage (rk4, heun, midpoint, …): a single fused pass, the same
-            // operations in the same order as the general path below.
-            let k: &[F] = if j == 0 { &self.k1 } else { self.stages[j].as_deref().expect("stage buffer live until last use") };
-            let a = F::from_f64(row[j]);
-            if self.d.is_empty() {
-                self.x.iter_mut().zip(theta).zip(k).for_each(|((x, t), k)| *x = *t - h * (a * *k));
-            } else {
-                self.x.iter_mut().zip(theta).zip(k).zip(&self.d).for_each(|(((x, t), k), d)| *x = *t - h * *d * (a * *k));
-            }
-            return;
+        let w = self.work.as_mut().expect("ensure() runs first in every step");
+        let mut stages: Vec<(&A::Buf, F)> = Vec::with_capacity(i);
+        for (j, &a) in row.iter().enumerate().take(i).filter(|(_, &a)| a != 0.0) {
+            let k = if j == 0 { &w.k1 } else { w.stages[j].as_ref().expect("stage buffer live until last use") };
+            stages.push((rd::<F, A>(k), F::from_f64(a)));
         }
-        let mut first = true;
-        for j in feeding {
-            let k: &[F] = if j == 0 { &self.k1 } else { self.stages[j].as_deref().expect("stage buffer live until last use") };
-            let a = F::from_f64(row[j]);
-            if first {
-                self.x.iter_mut().zip(k).for_each(|(x, k)| *x = a * *k);
-                first = false;
-            } else {
-                self.x.iter_mut().zip(k).for_each(|(x, k)| *x = *x + a * *k);
-            }
-        }
-        if first {
-            // No earlier stage feeds this one (c_i = 0): θ_i = θ_n.
-            self.x.copy_from_slice(theta);
-            return;
-        }
-        descend(&mut self.x, theta, &self.d, h);
+        self.arith.stage_point(wr::<F, A>(&mut w.x), theta, rd_opt::<F, A>(&w.d), &stages, h)
     }
 
     /// Add stage i's contributions b_i k_i (and (b_i − b̂_i) k_i) to the accumulators.
-    fn accumulate(&mut self, i: usize) {
+    fn accumulate(&mut self, i: usize) -> Result<()> {
         let t = &self.opts.tableau;
-        let k: &[F] = if i == 0 { &self.k1 } else { self.stages[i].as_deref().expect("stage live at accumulation") };
         let b = t.b[i];
-        if b != 0.0 {
-            axpy(&mut self.acc, F::from_f64(b), k);
+        let e = t.b_hat.as_ref().map_or(0.0, |bh| b - bh[i]);
+        if b == 0.0 && e == 0.0 {
+            return Ok(());
         }
-        if let Some(bh) = &t.b_hat {
-            let e = b - bh[i];
-            if e != 0.0 {
-                axpy(&mut self.err_acc, F::from_f64(e), k);
-            }
-        }
+        let w = self.work.as_mut().expect("ensure() runs first in every step");
+        let k = if i == 0 { &w.k1 } else { w.stages[i].as_ref().expect("stage live at accumulation") };
+        let err = w.err_acc.as_mut().map(wr::<F, A>);
+        self.arith.accumulate(wr::<F, A>(&mut w.acc), err, rd::<F, A>(k), F::from_f64(b), F::from_f64(e))
     }
 
     fn free_stage(&mut self, j: usize) {
-        if let Some(b) = self.stages[j].take() {
-            self.pool.push(b);
+        let w = self.work();
+        if let Some(b) = w.stages[j].take() {
+            w.pool.push(b);
         }
     }
 
     fn live_stage_buffers(&self) -> usize {
-        self.stages.iter().filter(|s| s.is_some()).count()
+        self.work.as_ref().map_or(0, |w| w.stages.iter().filter(|s| s.is_some()).count())
     }
 
     /// Stages 2..s with step h from θ_n, leaving g* in `acc` and Σ(b−b̂)k in `err_acc`.
     /// Returns (whether every value stayed finite, the stage-DALR v measured at stage 2).
-    fn run_stages(&mut self, theta: &[F], field: &mut dyn VectorField<F>, h: f64) -> Result<(bool, Option<f64>, u64)> {
+    fn run_stages(&mut self, theta: &A::Buf, field: &mut dyn VectorField<F, A::Buf>, h: f64) -> Result<(bool, Option<f64>, u64)> {
         let s = self.opts.tableau.stages();
-        let p = theta.len();
         let hf = F::from_f64(h);
         let streaming = self.opts.streaming;
-        fill(&mut self.acc, F::zero());
-        fill(&mut self.err_acc, F::zero());
+        {
+            let w = self.work.as_mut().expect("ensure() runs first in every step");
+            self.arith.zero(wr::<F, A>(&mut w.acc))?;
+            if let Some(e) = w.err_acc.as_mut() {
+                self.arith.zero(wr::<F, A>(e))?;
+            }
+        }
         if streaming {
-            self.accumulate(0);
+            self.accumulate(0)?;
         }
         let mut v_stage = None;
         let mut evals = 0;
         let mut finite = true;
         for i in 1..s {
-            self.form_stage_point(theta, i, hf);
+            self.form_stage_point(theta, i, hf)?;
             if streaming {
                 // k_j with last use i is not needed after θ_i exists (k_1 is kept; see module doc).
                 for j in 1..i {
-                    if self.stages[j].is_some() && self.opts.tableau.last_use(j) <= i {
+                    if self.work().stages[j].is_some() && self.opts.tableau.last_use(j) <= i {
                         self.free_stage(j);
                     }
                 }
             }
-            let mut k = self.take_buffer(p);
-            let loss = field.eval(&self.x, &mut k)?;
+            let mut k = self.take_buffer()?;
+            let loss = field.eval(rd::<F, A>(&self.work().x), wr::<F, A>(&mut k))?;
             evals += 1;
-            self.stages[i] = Some(k);
+            self.work().stages[i] = Some(k);
             self.peak_live_stage_buffers = self.peak_live_stage_buffers.max(self.live_stage_buffers());
-            if !loss.is_finite() || any_nonfinite(field, &[self.stages[i].as_deref().unwrap()])? {
+            let ki = rd::<F, A>(self.work.as_ref().and_then(|w| w.stages[i].as_ref()).expect("just stored"));
+            if !loss.is_finite() || self.any_nonfinite(field, &[ki])? {
                 finite = false;
                 break;
             }
@@ -323,18 +341,18 @@ impl<F: Scalar> RkSolver<F> {
                 if let StepSize::Dalr { estimator: DalrEstimator::Stage, .. } = self.opts.step_size {
                     // k_2 − k_1 ≈ −h a_21 H D k_1  ⇒  v ≈ ‖D(k_2 − k_1)‖ / (h a_21 ‖D k_1‖)
                     let a21 = self.opts.tableau.a[1][0];
-                    let num = self.d_norm_diff(self.stages[1].as_deref().unwrap(), &self.k1, field)?;
-                    let den = h * a21.abs() * self.d_norm(&self.k1, field)?;
+                    let num = self.diff_k1_norm(ki, field)?;
+                    let den = h * a21.abs() * self.k1_norm(field)?;
                     v_stage = if den > 0.0 { Some(num / den) } else { Some(0.0) };
                 }
             }
             if streaming {
-                self.accumulate(i);
+                self.accumulate(i)?;
             }
         }
         if finite && !streaming {
             for i in 0..s {
-                self.accumulate(i);
+                self.accumulate(i)?;
             }
         }
         for j in 1..s {
@@ -344,62 +362,41 @@ impl<F: Scalar> RkSolver<F> {
     }
 
     /// Scaled RMS error of e = h·D·Σ(b−b̂)k against atol + rtol·|θ_n|.
-    fn error_norm(&self, theta: &[F], h: f64, ec: &ErrorControl, field: &mut dyn VectorField<F>) -> Result<f64> {
-        let s: f64 = theta
-            .iter()
-            .zip(&self.err_acc)
-            .enumerate()
-            .map(|(p, (t, e))| {
-                let d = self.d.get(p).map_or(1.0, |d| d.as_f64());
-                let e = h * d * e.as_f64();
-                (e / (ec.atol + ec.rtol * t.as_f64().abs())).powi(2)
-            })
-            .sum();
+    fn error_norm(&self, theta: &A::Buf, h: f64, ec: &ErrorControl, field: &mut dyn VectorField<F, A::Buf>) -> Result<f64> {
+        let w = self.work.as_ref().expect("ensure() runs first in every step");
+        let err = rd::<F, A>(w.err_acc.as_ref().expect("error control needs an embedded pair (checked in new)"));
+        let s = self.arith.error_sum(theta, err, rd_opt::<F, A>(&w.d), h, ec.atol, ec.rtol)?;
         let s = field.sum_shards(s)?;
-        let n = field.sum_shards(theta.len() as f64)?;
+        let n = field.sum_shards(self.arith.len(theta) as f64)?;
         Ok((s / n.max(1.0)).sqrt())
     }
 
     /// The candidate θ_{n+1} into `x` (and β m + g* into `acc` with momentum). Returns finiteness.
-    fn form_update(&mut self, theta: &[F], h: f64, field: &mut dyn VectorField<F>) -> Result<bool> {
-        if !self.m.is_empty() {
-            let beta = F::from_f64(self.opts.momentum);
-            self.acc.iter_mut().zip(&self.m).for_each(|(a, m)| *a = beta * *m + *a);
-        }
-        self.x.copy_from_slice(&self.acc);
-        descend(&mut self.x, theta, &self.d, F::from_f64(h));
-        Ok(!any_nonfinite(field, &[&self.x, &self.acc])?)
-    }
-}
-
-/// x ← θ − (h·d)·x, with d = 1 when `d` is empty (no preconditioner). The one place where the
-/// preconditioned step is formed, for stage points and the final update alike.
-fn descend<F: Scalar>(x: &mut [F], theta: &[F], d: &[F], h: F) {
-    if d.is_empty() {
-        x.iter_mut().zip(theta).for_each(|(x, t)| *x = *t - h * *x);
-    } else {
-        x.iter_mut().zip(theta).zip(d).for_each(|((x, t), d)| *x = *t - h * *d * *x);
-    }
-}
-
-impl<F: Scalar> Optimizer<F> for RkSolver<F> {
-    fn name(&self) -> String {
-        format!("rk({})", self.opts.tableau.name)
+    fn form_update(&mut self, theta: &A::Buf, h: f64, field: &mut dyn VectorField<F, A::Buf>) -> Result<bool> {
+        let w = self.work.as_mut().expect("ensure() runs first in every step");
+        let beta = F::from_f64(self.opts.momentum);
+        let (m, d) = (rd_opt::<F, A>(&self.m), rd_opt::<F, A>(&w.d));
+        self.arith.final_update(wr::<F, A>(&mut w.x), theta, wr::<F, A>(&mut w.acc), m, d, beta, F::from_f64(h))?;
+        let w = self.work.as_ref().expect("ensure() runs first in every step");
+        Ok(!self.any_nonfinite(field, &[rd::<F, A>(&w.x), rd::<F, A>(&w.acc)])?)
     }
 
-    fn step(&mut self, step: u64, theta: &mut [F], field: &mut dyn VectorField<F>) -> Result<StepReport> {
-        let p = theta.len();
+    /// One step on the back end's buffers (see `Optimizer::step` for the contract): θ and every
+    /// gradient the field returns are `A::Buf`s.
+    pub fn step_on(&mut self, step: u64, theta: &mut A::Buf, field: &mut dyn VectorField<F, A::Buf>) -> Result<StepReport> {
+        let p = self.arith.len(theta);
         if p != field.dim() {
             return Err(Error::Other(format!("θ has {p} entries but the model has {}", field.dim())));
         }
-        self.ensure(p);
+        self.ensure(p)?;
         let mut report = StepReport::default();
 
         // Stage 1: k_1 = g(θ_n) and the step's loss.
-        let loss = field.eval(theta, &mut self.k1)?;
+        let loss = field.eval(theta, wr::<F, A>(&mut self.work().k1))?;
         report.grad_evals += 1;
         report.loss = loss;
-        if !loss.is_finite() || any_nonfinite(field, &[&self.k1])? {
+        let k1 = rd::<F, A>(&self.work.as_ref().expect("allocated above").k1);
+        if !loss.is_finite() || self.any_nonfinite(field, &[k1])? {
             return Err(Error::NonFinite(format!(
                 "step {step}: the loss ({loss}) or its gradient at the current parameters is not finite; a smaller step cannot help"
             )));
@@ -407,10 +404,10 @@ impl<F: Scalar> Optimizer<F> for RkSolver<F> {
 
         // D for this step from G_n = G_{n-1} + k_1², without committing G yet.
         if let Some(eps) = self.opts.preconditioner.eps() {
-            let eps = F::from_f64(eps);
-            for ((d, g), k) in self.d.iter_mut().zip(&self.g_acc).zip(&self.k1) {
-                *d = F::one() / (eps + (*g + *k * *k)).sqrt();
-            }
+            let w = self.work.as_mut().expect("allocated above");
+            let g = rd::<F, A>(self.g_acc.as_ref().expect("allocated with the preconditioner"));
+            let d = wr::<F, A>(w.d.as_mut().expect("allocated with the preconditioner"));
+            self.arith.adagrad_d(d, g, rd::<F, A>(&w.k1), F::from_f64(eps))?;
         }
 
         // The step size.
@@ -475,12 +472,13 @@ impl<F: Scalar> Optimizer<F> for RkSolver<F> {
         }
 
         // Accept: commit θ, m, G and the controllers' state together.
-        theta.copy_from_slice(&self.x);
-        if !self.m.is_empty() {
-            std::mem::swap(&mut self.m, &mut self.acc);
+        let w = self.work.as_mut().expect("allocated above");
+        self.arith.copy(theta, rd::<F, A>(&w.x))?;
+        if let Some(m) = self.m.as_mut() {
+            std::mem::swap(m, &mut w.acc);
         }
-        if !self.g_acc.is_empty() {
-            self.g_acc.iter_mut().zip(&self.k1).for_each(|(g, k)| *g = *g + *k * *k);
+        if let Some(g) = self.g_acc.as_mut() {
+            self.arith.adagrad_commit(wr::<F, A>(g), rd::<F, A>(&w.k1))?;
         }
         if v_next.is_some() {
             self.dalr_prev_v = v_next;
@@ -492,24 +490,26 @@ impl<F: Scalar> Optimizer<F> for RkSolver<F> {
         Ok(report)
     }
 
-    fn state(&self) -> OptimizerState<F> {
+    /// G, m and the controllers' scalars, on the host.
+    pub fn state_on_host(&self) -> Result<OptimizerState<F>> {
         let mut st = OptimizerState::default();
-        if !self.g_acc.is_empty() {
-            st.buffers.push(("rk.G".into(), self.g_acc.clone()));
+        if let Some(g) = &self.g_acc {
+            st.buffers.push(("rk.G".into(), self.arith.download(rd::<F, A>(g))?));
         }
-        if !self.m.is_empty() {
-            st.buffers.push(("rk.m".into(), self.m.clone()));
+        if let Some(m) = &self.m {
+            st.buffers.push(("rk.m".into(), self.arith.download(rd::<F, A>(m))?));
         }
         st.scalars.insert("dalr_prev_v".into(), json!(self.dalr_prev_v));
         st.scalars.insert("h_ec".into(), json!(self.h_ec));
-        st
+        Ok(st)
     }
 
-    fn load_state(&mut self, st: &OptimizerState<F>) -> Result<()> {
+    /// Load what `state_on_host` returned (buffers go to the back end).
+    pub fn load_state_from_host(&mut self, st: &OptimizerState<F>) -> Result<()> {
         for (name, buf) in &st.buffers {
             match name.as_str() {
-                "rk.G" if self.opts.preconditioner.eps().is_some() => self.g_acc = buf.clone(),
-                "rk.m" if self.opts.momentum != 0.0 => self.m = buf.clone(),
+                "rk.G" if self.opts.preconditioner.eps().is_some() => self.g_acc = Some(self.arith.upload(buf)?),
+                "rk.m" if self.opts.momentum != 0.0 => self.m = Some(self.arith.upload(buf)?),
                 other => {
                     return Err(Error::Other(format!(
                         "optimizer state holds `{other}`, which this RK configuration does not use (was the preconditioner or momentum changed?)"
@@ -522,9 +522,7 @@ impl<F: Scalar> Optimizer<F> for RkSolver<F> {
         self.h_ec = get("h_ec");
         Ok(())
     }
-}
 
-impl<F: Scalar> RkSolver<F> {
     fn retry_nonfinite(&mut self, report: &mut StepReport, h: &mut f64, step: u64, what: &str) -> Result<()> {
         report.nonfinite_retries += 1;
         if report.nonfinite_retries > self.opts.nonfinite_retries {
@@ -539,21 +537,21 @@ impl<F: Scalar> RkSolver<F> {
     }
 }
 
-fn resize<F: Scalar>(v: &mut Vec<F>, p: usize) {
-    if v.len() != p {
-        v.clear();
-        v.resize(p, F::zero());
+impl<F: Scalar> Optimizer<F> for RkSolver<F, Host> {
+    fn name(&self) -> String {
+        format!("rk({})", self.opts.tableau.name)
     }
-}
 
-fn fill<F: Scalar>(v: &mut [F], x: F) {
-    v.iter_mut().for_each(|e| *e = x);
-}
+    fn step(&mut self, step: u64, theta: &mut [F], field: &mut dyn VectorField<F>) -> Result<StepReport> {
+        self.step_on(step, theta, field)
+    }
 
-/// y += a·x
-fn axpy<F: Scalar>(y: &mut [F], a: F, x: &[F]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y = *y + a * *x;
+    fn state(&self) -> OptimizerState<F> {
+        self.state_on_host().expect("host buffers download without error")
+    }
+
+    fn load_state(&mut self, st: &OptimizerState<F>) -> Result<()> {
+        self.load_state_from_host(st)
     }
 }
 
