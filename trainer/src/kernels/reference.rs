@@ -38,34 +38,48 @@ fn check_len(what: &str, got: usize, n: usize) {
     assert_eq!(got, n, "{what} has {got} entries, expected {n}");
 }
 
-/// x = θ − (h·d)⊙s with s = a_0 k_0 + a_1 k_1 + … (f32, summed left to right: s = a_0 k_0, then
+/// x = θ − (h·d)⊙s with s = a_0 k_0 + a_1 k_1 + … (summed left to right: s = a_0 k_0, then
 /// s = s + a_j k_j); without D, x = θ − h·s. With no stage (c_i = 0), x = θ.
 ///
 /// rk.rs feeds only the stages with a_ij ≠ 0, in j order; callers should do the same to get
 /// identical results (a zero coefficient still adds 0·k_j, which differs for non-finite k_j).
+/// The kernel takes at most [`MAX_STAGES`] stages; this reference any number (the host solver
+/// runs on it). Written as passes over whole slices so that the compiler vectorizes them: the
+/// partial sum s lives in x, which holds the same values as the kernel's per-element s.
 pub fn stage_point<F: Scalar>(x: &mut [F], theta: &[F], d: Option<&[F]>, stages: &[(&[F], F)], h: F) {
     let n = x.len();
     check_len("theta", theta.len(), n);
     if let Some(d) = d {
         check_len("d", d.len(), n);
     }
-    assert!(stages.len() <= MAX_STAGES, "{} stages, at most {MAX_STAGES}", stages.len());
     for (k, _) in stages {
         check_len("a stage gradient", k.len(), n);
     }
-    if stages.is_empty() {
+    let Some(((k0, a0), rest)) = stages.split_first() else {
         x.copy_from_slice(theta);
         return;
-    }
-    for i in 0..n {
-        let mut s = stages[0].1 * stages[0].0[i];
-        for (k, a) in &stages[1..] {
-            s = s + *a * k[i];
+    };
+    let a0 = *a0;
+    if rest.is_empty() {
+        // One stage (rk4, heun, midpoint, …): a single fused pass.
+        match d {
+            Some(d) => x.iter_mut().zip(theta).zip(*k0).zip(d).for_each(|(((x, t), k), d)| *x = *t - h * *d * (a0 * *k)),
+            None => x.iter_mut().zip(theta).zip(*k0).for_each(|((x, t), k)| *x = *t - h * (a0 * *k)),
         }
-        x[i] = match d {
-            Some(d) => theta[i] - h * d[i] * s,
-            None => theta[i] - h * s,
-        };
+        return;
+    }
+    x.iter_mut().zip(*k0).for_each(|(x, k)| *x = a0 * *k);
+    for (k, a) in rest {
+        x.iter_mut().zip(*k).for_each(|(x, k)| *x = *x + *a * *k);
+    }
+    descend(x, theta, d, h);
+}
+
+/// x ← θ − (h·d)⊙x (x ← θ − h·x without D): the one place the preconditioned step is formed.
+fn descend<F: Scalar>(x: &mut [F], theta: &[F], d: Option<&[F]>, h: F) {
+    match d {
+        Some(d) => x.iter_mut().zip(theta).zip(d).for_each(|((x, t), d)| *x = *t - h * *d * *x),
+        None => x.iter_mut().zip(theta).for_each(|(x, t)| *x = *t - h * *x),
     }
 }
 
@@ -103,19 +117,19 @@ pub fn final_update<F: Scalar>(
     let n = x.len();
     check_len("theta", theta.len(), n);
     check_update_args(n, acc, m, d);
-    for i in 0..n {
-        let a = momentum_elem(acc, m, beta, i);
-        x[i] = descend_elem(theta[i], a, d, h, i);
-    }
+    momentum(acc, m, beta);
+    x.copy_from_slice(acc);
+    descend(x, theta, d, h);
 }
 
 /// [`final_update`] writing θ_{n+1} over θ.
 pub fn final_update_in_place<F: Scalar>(theta: &mut [F], acc: &mut [F], m: Option<&[F]>, d: Option<&[F]>, beta: F, h: F) {
     let n = theta.len();
     check_update_args(n, acc, m, d);
-    for i in 0..n {
-        let a = momentum_elem(acc, m, beta, i);
-        theta[i] = descend_elem(theta[i], a, d, h, i);
+    momentum(acc, m, beta);
+    match d {
+        Some(d) => theta.iter_mut().zip(&*acc).zip(d).for_each(|((t, a), d)| *t = *t - h * *d * *a),
+        None => theta.iter_mut().zip(&*acc).for_each(|(t, a)| *t = *t - h * *a),
     }
 }
 
@@ -129,23 +143,10 @@ fn check_update_args<F>(n: usize, acc: &[F], m: Option<&[F]>, d: Option<&[F]>) {
     }
 }
 
-/// acc[i] = β·m[i] + acc[i] with momentum; returns the (new) acc[i].
-#[inline]
-fn momentum_elem<F: Scalar>(acc: &mut [F], m: Option<&[F]>, beta: F, i: usize) -> F {
-    let mut a = acc[i];
+/// acc = β·m + acc with momentum; nothing without.
+fn momentum<F: Scalar>(acc: &mut [F], m: Option<&[F]>, beta: F) {
     if let Some(m) = m {
-        a = beta * m[i] + a;
-        acc[i] = a;
-    }
-    a
-}
-
-/// θ − (h·d)·a, or θ − h·a without D (rk.rs `descend`).
-#[inline]
-fn descend_elem<F: Scalar>(t: F, a: F, d: Option<&[F]>, h: F, i: usize) -> F {
-    match d {
-        Some(d) => t - h * d[i] * a,
-        None => t - h * a,
+        acc.iter_mut().zip(m).for_each(|(a, m)| *a = beta * *m + *a);
     }
 }
 
@@ -154,9 +155,7 @@ pub fn adagrad_d<F: Scalar>(d: &mut [F], g: &[F], k1: &[F], eps: F) {
     let n = d.len();
     check_len("g", g.len(), n);
     check_len("k1", k1.len(), n);
-    for i in 0..n {
-        d[i] = F::one() / (eps + (g[i] + k1[i] * k1[i])).sqrt();
-    }
+    d.iter_mut().zip(g).zip(k1).for_each(|((d, g), k)| *d = F::one() / (eps + (*g + *k * *k)).sqrt());
 }
 
 /// G = G + k1·k1 when the step is accepted.

@@ -77,23 +77,7 @@ impl<F: Scalar> Arith<F> for Host {
         Ok(())
     }
     fn stage_point(&self, x: &mut [F], theta: &[F], d: Option<&[F]>, stages: &[(&[F], F)], h: F) -> Result<()> {
-        if stages.len() <= r::MAX_STAGES {
-            r::stage_point(x, theta, d, stages, h);
-            return Ok(());
-        }
-        // More stages than one kernel pass takes (custom tableaux): the same left-to-right sum
-        // in several passes, x holding the partial sum.
-        for (i, (k, a)) in stages.iter().enumerate() {
-            if i == 0 {
-                x.iter_mut().zip(k.iter()).for_each(|(x, k)| *x = *a * *k);
-            } else {
-                x.iter_mut().zip(k.iter()).for_each(|(x, k)| *x = *x + *a * *k);
-            }
-        }
-        match d {
-            Some(d) => x.iter_mut().zip(theta).zip(d).for_each(|((x, t), d)| *x = *t - h * *d * *x),
-            None => x.iter_mut().zip(theta).for_each(|(x, t)| *x = *t - h * *x),
-        }
+        r::stage_point(x, theta, d, stages, h);
         Ok(())
     }
     fn accumulate(&self, acc: &mut [F], err: Option<&mut [F]>, k: &[F], b: F, e: F) -> Result<()> {
