@@ -33,6 +33,19 @@ impl Dataset {
         let d = self.sample_dim();
         &self.images[i * d..(i + 1) * d]
     }
+    /// `n` images of N(0, 1) pixels with uniform random labels, reproducible from `seed`: a
+    /// stand-in data set for tests of the model and gradient code.
+    pub fn random(n: usize, image_shape: [usize; 3], num_classes: usize, seed: u64) -> Self {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let d: usize = image_shape.iter().product();
+        Dataset {
+            images: (0..n * d).map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal)).collect(),
+            labels: (0..n).map(|_| rng.random_range(0..num_classes as u32)).collect(),
+            image_shape,
+            num_classes,
+        }
+    }
     /// Keep only the first `n` samples (`data.train_subset`).
     pub fn truncate(&mut self, n: usize) {
         if n < self.len() {

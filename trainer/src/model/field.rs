@@ -709,14 +709,7 @@ mod tests {
     use rand_distr::StandardNormal;
 
     fn random_data(n: usize, image_shape: [usize; 3], classes: usize, seed: u64) -> Dataset {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let d: usize = image_shape.iter().product();
-        Dataset {
-            images: (0..n * d).map(|_| rng.sample::<f32, _>(StandardNormal)).collect(),
-            labels: (0..n).map(|_| rng.random_range(0..classes as u32)).collect(),
-            image_shape,
-            num_classes: classes,
-        }
+        Dataset::random(n, image_shape, classes, seed)
     }
 
     /// θ with every entry ~ N(0, scale²) (biases too, so no pre-activation sits at a bias of 0).

@@ -37,14 +37,7 @@ fn device_or_skip() -> Option<(Device, RkKernels)> {
 }
 
 fn random_data(n: usize, image_shape: [usize; 3], classes: usize, seed: u64) -> Dataset {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let d: usize = image_shape.iter().product();
-    Dataset {
-        images: (0..n * d).map(|_| rng.sample::<f32, _>(StandardNormal)).collect(),
-        labels: (0..n).map(|_| rng.random_range(0..classes as u32)).collect(),
-        image_shape,
-        num_classes: classes,
-    }
+    Dataset::random(n, image_shape, classes, seed)
 }
 
 fn random_theta(p: usize, scale: f32, seed: u64) -> Vec<f32> {
