@@ -6,7 +6,7 @@ use crate::config::Config;
 use crate::data::{sampler::BatchSampler, Dataset};
 use crate::error::Result;
 use crate::model::{self, ModelField};
-use crate::train::{build_model, build_optimizer, load_data};
+use crate::train::{build_model, build_optimizer_on, load_data, solver_kernels};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -109,6 +109,8 @@ pub fn run(opts: &BenchOptions, mut on_row: impl FnMut(&BenchRow)) -> Result<Ben
     let model = build_model(&opts.base, &data)?;
     // train.device of the base config: the GPU when there is one (`auto`), as in training.
     let device = crate::device::for_config(&opts.base)?;
+    // On a GPU the RK variants run the GPU solver (as training does); the baselines stay on the host.
+    let (kernels, _) = solver_kernels(&opts.base, &device, false)?;
     let theta0 = model::init_params(model.as_ref(), 0);
     let variants = variants();
     let mut rows = Vec::new();
@@ -116,10 +118,11 @@ pub fn run(opts: &BenchOptions, mut on_row: impl FnMut(&BenchRow)) -> Result<Ben
         let mut opts_for_size = Vec::new();
         for (_, sets) in &variants {
             let sets: Vec<String> = sets.iter().map(|s| s.to_string()).chain([format!("train.batch_size={bs}")]).collect();
-            opts_for_size.push(build_optimizer(&Config::from_toml_str(&opts.base.to_toml(), &sets)?)?);
+            opts_for_size.push(build_optimizer_on(&Config::from_toml_str(&opts.base.to_toml(), &sets)?, &kernels)?);
         }
         let mut field = ModelField::new(model.as_ref(), &data);
         field.set_device(device.clone());
+        field.use_solver_kernels(&kernels);
         let n = opts_for_size.len();
         let cells = time_interleaved(opts_for_size, &theta0, &mut field, data.len(), bs, |reps, secs| {
             reps >= opts.max_reps || (reps >= opts.min_reps && secs >= opts.min_seconds * n as f64)
@@ -145,7 +148,12 @@ pub fn run(opts: &BenchOptions, mut on_row: impl FnMut(&BenchRow)) -> Result<Ben
         .filter_map(|&bs| Some((bs, find("rk4", bs)? / find("sgd", bs)?)))
         .collect();
     Ok(BenchReport {
-        machine: format!("{}, model on {}", machine_description(), crate::device::describe(&device)),
+        machine: format!(
+            "{}, model on {}{}",
+            machine_description(),
+            crate::device::describe(&device),
+            if kernels.is_some() { ", RK solver on the GPU" } else { "" }
+        ),
         threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         model: model.describe(),
         data: data_desc,

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::memory;
 use crate::model::{self, ModelField};
 use crate::planner::{self, Plan};
-use crate::train::{build_model, build_optimizer};
+use crate::train::{build_model, build_optimizer_on, solver_kernels};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -181,6 +181,8 @@ pub fn run(opts: &SweepOptions, mut on_progress: impl FnMut(&str)) -> Result<Swe
     let model = build_model(&opts.base, &data)?;
     // train.device of the base config: the GPU when there is one (`auto`), as in training.
     let device = crate::device::for_config(&opts.base)?;
+    // On a GPU rk4 runs the GPU solver (as training does); sgd and adam stay on the host.
+    let (kernels, _) = solver_kernels(&opts.base, &device, false)?;
     let theta0 = model::init_params(model.as_ref(), 0);
 
     let mut plans = Vec::new();
@@ -201,9 +203,10 @@ pub fn run(opts: &SweepOptions, mut on_progress: impl FnMut(&str)) -> Result<Swe
     for (&bs, plan) in opts.batch_sizes.iter().zip(&plans) {
         // The previous size's optimizers and batch are dropped: its peak must not count here.
         let peak_reset = memory::reset_peak();
-        let optimizers = plan.configs.iter().map(build_optimizer).collect::<Result<Vec<_>>>()?;
+        let optimizers = plan.configs.iter().map(|c| build_optimizer_on(c, &kernels)).collect::<Result<Vec<_>>>()?;
         let mut field = ModelField::new(model.as_ref(), &data);
         field.set_device(device.clone());
+        field.use_solver_kernels(&kernels);
         field.set_micro_batch(plan.micro_batch);
         field.set_recompute(plan.recompute);
         let mut cells = time_interleaved(optimizers, &theta0, &mut field, data.len(), bs, |reps, secs| {
@@ -240,7 +243,12 @@ pub fn run(opts: &SweepOptions, mut on_progress: impl FnMut(&str)) -> Result<Swe
         rows.push(row);
     }
     Ok(SweepReport {
-        machine: format!("{}, model on {}", machine_description(), crate::device::describe(&device)),
+        machine: format!(
+            "{}, model on {}{}",
+            machine_description(),
+            crate::device::describe(&device),
+            if kernels.is_some() { ", RK solver on the GPU" } else { "" }
+        ),
         threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         model: model.describe(),
         data: data_desc,

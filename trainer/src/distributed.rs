@@ -137,6 +137,9 @@ pub struct GpuParts {
     pub nccl: Option<kutta_collectives::nccl::NcclComm>,
 }
 
+#[cfg(feature = "cuda")]
+type DeviceBuf = crate::kernels::cuda::DeviceBuf;
+
 impl<'a> ShardedField<'a> {
     pub fn new(inner: ModelField<'a>, comm: &'a dyn Communicator) -> Self {
         Self {
@@ -160,6 +163,7 @@ impl<'a> ShardedField<'a> {
         if self.comm.world_size() > 1 && parts.nccl.is_none() {
             return Err(Error::Other(format!("{} ranks on the GPU need an NCCL communicator for the gradient all-reduce", self.comm.world_size())));
         }
+        self.inner.use_solver_kernels(&Some(parts.kernels.clone()));
         self.gpu = Some(parts);
         Ok(())
     }
@@ -201,7 +205,7 @@ impl<'a> ShardedField<'a> {
 impl VectorField<f32> for ShardedField<'_> {
     fn dim(&self) -> usize {
         match &self.full {
-            None => self.inner.dim(),
+            None => VectorField::<f32>::dim(&self.inner),
             Some(f) => f.sharding.own().len(),
         }
     }
@@ -236,7 +240,7 @@ impl VectorField<f32> for ShardedField<'_> {
     }
 
     #[cfg(feature = "cuda")]
-    fn on_device(&mut self) -> Option<&mut dyn VectorField<f32, crate::kernels::cuda::DeviceBuf>> {
+    fn on_device(&mut self) -> Option<&mut dyn VectorField<f32, DeviceBuf>> {
         if self.gpu.is_some() {
             Some(self)
         } else {
@@ -249,12 +253,12 @@ impl VectorField<f32> for ShardedField<'_> {
 /// rank's slice of the batch into a device buffer and all-reduced there by NCCL before the
 /// solver forms the next stage point (SPEC §5), exactly as the host path does with host buffers.
 #[cfg(feature = "cuda")]
-impl VectorField<f32, crate::kernels::cuda::DeviceBuf> for ShardedField<'_> {
+impl VectorField<f32, DeviceBuf> for ShardedField<'_> {
     fn dim(&self) -> usize {
-        self.inner.dim()
+        VectorField::<f32>::dim(&self.inner)
     }
 
-    fn eval(&mut self, theta: &crate::kernels::cuda::DeviceBuf, grad: &mut crate::kernels::cuda::DeviceBuf) -> Result<f64> {
+    fn eval(&mut self, theta: &DeviceBuf, grad: &mut DeviceBuf) -> Result<f64> {
         let gpu = self.gpu.as_ref().ok_or_else(|| Error::Other("ShardedField: a device evaluation before use_gpu".into()))?;
         let local = self.inner.eval_device(&gpu.kernels, theta, grad)?;
         if let Some(nccl) = &gpu.nccl {

@@ -202,33 +202,68 @@ impl Optimizer<f32> for Scheduled {
     }
 }
 
-/// The RK solver's GPU parts when it should run on the GPU: the model is on a CUDA device,
-/// the optimizer is RK, `train.gpu_solver` is on and the optimizer is not sharded. The kernels
-/// load on the model's stream; with more than one rank an NCCL communicator joins over `comm`
-/// on that stream for the gradient all-reduce. Logs which way it went.
+/// The kernels a GPU solver runs on: `Some` when the model is on a CUDA device and
+/// `train.gpu_solver` is on (feature `cuda`); always None without the feature.
+#[cfg(feature = "cuda")]
+pub type SolverKernels = Option<std::sync::Arc<crate::kernels::cuda::RkKernels>>;
+/// The kernels a GPU solver runs on: always None without the `cuda` feature.
+#[cfg(not(feature = "cuda"))]
+pub type SolverKernels = Option<std::convert::Infallible>;
+
+/// The RK kernels on the model's stream when the solver should run on the GPU: the model is on a
+/// CUDA device, `train.gpu_solver` is on and the optimizer is not sharded (`why_not` says which
+/// did not hold otherwise, for the log). Fails when the kernels do not load.
+pub fn solver_kernels(cfg: &Config, device: &candle_core::Device, sharded: bool) -> Result<(SolverKernels, Option<&'static str>)> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(cuda) = device {
+        if !cfg.train.gpu_solver {
+            return Ok((None, Some("train.gpu_solver = false")));
+        }
+        if sharded {
+            return Ok((None, Some("the sharded optimizer keeps its blocks on the host")));
+        }
+        let k = crate::kernels::cuda::RkKernels::new(cuda.cuda_stream())?;
+        return Ok((Some(std::sync::Arc::new(k)), None));
+    }
+    let _ = (cfg, device, sharded);
+    Ok((None, None))
+}
+
+/// `build_optimizer`, with RK on the GPU (`optim::gpu::GpuRk`) when `kernels` holds some.
+pub fn build_optimizer_on(cfg: &Config, kernels: &SolverKernels) -> Result<Box<dyn Optimizer<f32>>> {
+    #[cfg(feature = "cuda")]
+    if let (Some(k), OptimizerKind::Rk) = (kernels, cfg.optimizer.kind) {
+        return Ok(Box::new(crate::optim::gpu::GpuRk::new(rk_options(cfg)?, k.clone())?));
+    }
+    let _ = kernels;
+    build_optimizer(cfg)
+}
+
+/// The GPU solver's parts for a training run (see `solver_kernels`; the baselines keep their
+/// arithmetic on the host): the kernels and, with more than one rank, an NCCL communicator
+/// joined over `comm` on the model's stream for the gradient all-reduce. Logs which way it went.
 #[cfg(feature = "cuda")]
 fn gpu_solver(cfg: &Config, device: &candle_core::Device, sharded: bool, comm: &dyn Communicator) -> Result<Option<crate::distributed::GpuParts>> {
-    let candle_core::Device::Cuda(cuda) = device else { return Ok(None) };
-    let why_not = if cfg.optimizer.kind != OptimizerKind::Rk {
-        Some("the baselines' arithmetic runs on the host")
-    } else if !cfg.train.gpu_solver {
-        Some("train.gpu_solver = false")
-    } else if sharded {
-        Some("the sharded optimizer keeps its blocks on the host")
-    } else {
-        None
-    };
-    if let Some(why) = why_not {
-        if comm.is_writer() {
-            tracing::info!("model on the GPU, optimizer on the host ({why}): θ and each gradient cross to the GPU and back at every evaluation");
-        }
+    if !device.is_cuda() {
         return Ok(None);
     }
-    let stream = cuda.cuda_stream();
-    let kernels = agree(comm, "loading the RK kernels", crate::kernels::cuda::RkKernels::new(stream.clone()).map_err(Error::from))?;
+    let (kernels, why_not) = if cfg.optimizer.kind != OptimizerKind::Rk {
+        (None, Some("the baselines' arithmetic runs on the host"))
+    } else {
+        agree(comm, "loading the RK kernels", solver_kernels(cfg, device, sharded))?
+    };
+    let Some(kernels) = kernels else {
+        if comm.is_writer() {
+            tracing::info!(
+                "model on the GPU, optimizer on the host ({}): θ and each gradient cross to the GPU and back at every evaluation",
+                why_not.unwrap_or("?")
+            );
+        }
+        return Ok(None);
+    };
     let nccl = if comm.world_size() > 1 {
-        let c = kutta_collectives::nccl::NcclComm::joined(comm, stream, comm.collective_timeout()).map_err(comm_err)?;
-        Some(c)
+        let stream = kernels.stream().clone();
+        Some(kutta_collectives::nccl::NcclComm::joined(comm, stream, comm.collective_timeout()).map_err(comm_err)?)
     } else {
         None
     };
@@ -238,7 +273,7 @@ fn gpu_solver(cfg: &Config, device: &candle_core::Device, sharded: bool, comm: &
             if nccl.is_some() { ", NCCL all-reduce" } else { "" }
         );
     }
-    Ok(Some(crate::distributed::GpuParts { kernels: std::sync::Arc::new(kernels), nccl }))
+    Ok(Some(crate::distributed::GpuParts { kernels, nccl }))
 }
 
 /// Load the training and test sets a config names, with `train_subset` applied.
@@ -353,11 +388,10 @@ impl Runner<'_> {
         let gpu = gpu_solver(cfg, &device, sharding.is_some(), comm)?;
         #[cfg(not(feature = "cuda"))]
         let gpu: Option<()> = None;
-        let mut opt = match &gpu {
-            #[cfg(feature = "cuda")]
-            Some(g) => Box::new(crate::optim::gpu::GpuRk::new(rk_options(cfg)?, g.kernels.clone())?),
-            _ => build_optimizer(cfg)?,
-        };
+        #[cfg(feature = "cuda")]
+        let mut opt = build_optimizer_on(cfg, &gpu.as_ref().map(|g| g.kernels.clone()))?;
+        #[cfg(not(feature = "cuda"))]
+        let mut opt = build_optimizer(cfg)?;
         let tableau = (cfg.optimizer.kind == OptimizerKind::Rk).then(|| cfg.tableau().map(|t| t.name)).transpose()?;
 
         let mut summary = Summary {

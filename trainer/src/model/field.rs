@@ -49,6 +49,10 @@ pub struct ModelField<'a> {
     /// `set_device`).
     #[cfg(feature = "cuda")]
     device_params: Option<DeviceParams>,
+    /// The kernels a GPU solver runs on (`use_solver_kernels`): with them the field also
+    /// evaluates on device buffers (`VectorField::on_device`).
+    #[cfg(feature = "cuda")]
+    kernels: Option<std::sync::Arc<crate::kernels::cuda::RkKernels>>,
 }
 
 /// Gathered samples of one micro-batch.
@@ -73,6 +77,8 @@ impl<'a> ModelField<'a> {
             batch_error: None,
             #[cfg(feature = "cuda")]
             device_params: None,
+            #[cfg(feature = "cuda")]
+            kernels: None,
         }
     }
 
@@ -217,6 +223,51 @@ impl VectorField<f32> for ModelField<'_> {
             .map(|s| Var::from_slice(&theta[s.range()], s.shape.as_slice(), &self.device))
             .collect::<candle_core::Result<Vec<_>>>()?;
         self.backward_passes(&vars, &mut HostGrad { layout, grad })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn on_device(&mut self) -> Option<&mut dyn VectorField<f32, crate::kernels::cuda::DeviceBuf>> {
+        if self.kernels.is_some() {
+            Some(<OnDevice as ref_cast::RefCast>::ref_cast_mut(self))
+        } else {
+            None
+        }
+    }
+}
+
+impl ModelField<'_> {
+    /// Let a GPU solver (`optim::gpu::GpuRk`) call this field on device buffers with `kernels`
+    /// (`train::solver_kernels`; None, and without the `cuda` feature always None: host only).
+    pub fn use_solver_kernels(&mut self, kernels: &crate::train::SolverKernels) {
+        #[cfg(feature = "cuda")]
+        {
+            self.kernels = kernels.clone();
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = kernels;
+    }
+}
+
+/// A `ModelField` seen as the field on flat device buffers (`VectorField<f32, DeviceBuf>`), with
+/// the kernels of `use_solver_kernels`; `VectorField::on_device` hands it out. A separate type so
+/// that `ModelField` itself has one `VectorField` impl and `field.eval(&θ, &mut g)` stays
+/// unambiguous for host callers.
+#[cfg(feature = "cuda")]
+#[derive(ref_cast::RefCast)]
+#[repr(transparent)]
+pub struct OnDevice<'a>(pub ModelField<'a>);
+
+#[cfg(feature = "cuda")]
+impl VectorField<f32, crate::kernels::cuda::DeviceBuf> for OnDevice<'_> {
+    fn dim(&self) -> usize {
+        self.0.model.layout().len()
+    }
+
+    fn eval(&mut self, theta: &crate::kernels::cuda::DeviceBuf, grad: &mut crate::kernels::cuda::DeviceBuf) -> Result<f64> {
+        let Some(kernels) = self.0.kernels.clone() else {
+            return Err(Error::Other("ModelField: a device evaluation before use_solver_kernels".into()));
+        };
+        self.0.eval_device(&kernels, theta, grad)
     }
 }
 
