@@ -148,12 +148,7 @@ pub fn run(opts: &BenchOptions, mut on_row: impl FnMut(&BenchRow)) -> Result<Ben
         .filter_map(|&bs| Some((bs, find("rk4", bs)? / find("sgd", bs)?)))
         .collect();
     Ok(BenchReport {
-        machine: format!(
-            "{}, model on {}{}",
-            machine_description(),
-            crate::device::describe(&device),
-            if kernels.is_some() { ", RK solver on the GPU" } else { "" }
-        ),
+        machine: placement(&device, &kernels),
         threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         model: model.describe(),
         data: data_desc,
@@ -208,6 +203,18 @@ pub(crate) fn time_interleaved(
         }
     }
     Ok(cells.into_iter().map(|(_, _, t)| t).collect())
+}
+
+/// The machine line of a benchmark report: the CPU, where the model runs and where each
+/// optimizer's buffer arithmetic runs. On a GPU only the RK solver has kernels; sgd and adam
+/// download each gradient and upload θ, which their step times include.
+pub fn placement(device: &candle_core::Device, kernels: &crate::train::SolverKernels) -> String {
+    let arith = match (device.is_cpu(), kernels.is_some()) {
+        (true, _) => "",
+        (false, true) => ", RK solver on the GPU, sgd/adam arithmetic on the host",
+        (false, false) => ", optimizer arithmetic on the host",
+    };
+    format!("{}, model on {}{arith}", machine_description(), crate::device::describe(device))
 }
 
 /// CPU model name from /proc/cpuinfo (Linux), or the architecture.

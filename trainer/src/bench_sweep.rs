@@ -13,7 +13,7 @@
 //! so drift in the machine's speed falls on all three alike. Outputs: a table, `sweep.csv` and
 //! `sweep.svg` (step time against batch size, both axes logarithmic).
 
-use crate::bench::{bench_data, machine_description, median, time_interleaved};
+use crate::bench::{bench_data, median, placement, time_interleaved};
 use crate::config::Config;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
@@ -243,12 +243,7 @@ pub fn run(opts: &SweepOptions, mut on_progress: impl FnMut(&str)) -> Result<Swe
         rows.push(row);
     }
     Ok(SweepReport {
-        machine: format!(
-            "{}, model on {}{}",
-            machine_description(),
-            crate::device::describe(&device),
-            if kernels.is_some() { ", RK solver on the GPU" } else { "" }
-        ),
+        machine: placement(&device, &kernels),
         threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         model: model.describe(),
         data: data_desc,
