@@ -39,7 +39,8 @@
 //! `cuEventQuery`, yielding the thread for the first polls and then sleeping 1/16 of the time
 //! waited so far (20 µs to 1 ms), so a poll costs little CPU and adds at most ~6% to the wait.
 //! Each poll also reads `ncclCommGetAsyncError`. With `timeout = Some(t)`, a call (agreement
-//! included, so `t` also bounds waiting for a slower peer) that has not finished after `t` prints
+//! included, so `t` also bounds waiting for a slower peer; a device-buffer call first finishes
+//! the work already queued on its stream, which the clock does not count) that has not finished after `t` prints
 //! `rank R: NCCL <op> did not finish within T s; aborting the job`, aborts the NCCL communicator
 //! (`ncclCommAbort`, which also stops its kernels) and calls `bootstrap.abort(124)`, which under
 //! MPI is `MPI_Abort` on the world: every rank ends. The watchdog runs in the calling thread
@@ -358,7 +359,7 @@ impl NcclComm {
     /// Element-wise sum over ranks of a device buffer, in place. Returns once the sums are in
     /// `buf` (see the module doc on completion). Every rank must pass the same length.
     pub fn all_reduce_sum_device<B: DevicePtrMut<f32>>(&self, buf: &mut B) -> Result<()> {
-        let started = Instant::now();
+        let started = self.settle(Op::AllReduceSum);
         let mut st = self.lock();
         let problem = self.foreign(buf.stream());
         self.agree(&mut st, Op::AllReduceSum, buf.len(), 0, problem, started)?;
@@ -374,7 +375,7 @@ impl NcclComm {
     /// Reduce-scatter of device buffers: `send` holds world_size blocks of `recv.len()`; the sum
     /// over ranks of block `rank` lands in `recv`. Every rank must pass the same block length.
     pub fn reduce_scatter_sum_device<S: DevicePtr<f32>, R: DevicePtrMut<f32>>(&self, send: &S, recv: &mut R) -> Result<()> {
-        let started = Instant::now();
+        let started = self.settle(Op::ReduceScatterSum);
         let mut st = self.lock();
         let problem = self
             .foreign(send.stream())
@@ -394,7 +395,7 @@ impl NcclComm {
     /// All-gather of device buffers: every rank's `send` concatenated in rank order into `recv`
     /// (world_size blocks of `send.len()`). Every rank must pass the same block length.
     pub fn all_gather_device<S: DevicePtr<f32>, R: DevicePtrMut<f32>>(&self, send: &S, recv: &mut R) -> Result<()> {
-        let started = Instant::now();
+        let started = self.settle(Op::AllGather);
         let mut st = self.lock();
         let problem = self
             .foreign(send.stream())
@@ -413,7 +414,7 @@ impl NcclComm {
 
     /// Copies `root`'s device buffer to every rank, in place.
     pub fn broadcast_device<B: DevicePtrMut<f32>>(&self, buf: &mut B, root: usize) -> Result<()> {
-        let started = Instant::now();
+        let started = self.settle(Op::Broadcast);
         let mut st = self.lock();
         let problem = self.foreign(buf.stream());
         self.agree(&mut st, Op::Broadcast, buf.len(), root, problem, started)?;
@@ -436,6 +437,17 @@ impl NcclComm {
         (**theirs != *self.ctx).then(|| {
             failed(self.rank, format!("a buffer on GPU {} passed to the NCCL communicator of GPU {}", theirs.ordinal(), self.ctx.ordinal()))
         })
+    }
+
+    /// The start of a device collective: finishes the work already queued on the stream (the
+    /// computation that produced the buffer, e.g. a backward pass) and starts the watchdog's
+    /// clock. Without this, `timeout` would also bound this rank's own queued computation, and a
+    /// short timeout could end a healthy job whose last kernels are slow.
+    fn settle(&self, op: Op) -> Instant {
+        if let Err(e) = self.ctx.bind_to_thread().and_then(|()| self.stream.synchronize()) {
+            self.end_job(format!("{}: the computation before it failed on the GPU: {e}", op.name()), FAILURE_EXIT_CODE);
+        }
+        Instant::now()
     }
 
     /// Checks that every rank passed the same `len` and `root` and that no rank has a local

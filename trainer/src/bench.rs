@@ -189,6 +189,9 @@ pub(crate) fn time_interleaved(
             let (opt, theta, timed) = &mut cells[(c + step as usize) % n];
             let t = Instant::now();
             let r = opt.step(step, theta, field)?;
+            // A GPU step may return with work still queued (the GPU solver's last copies):
+            // finish it here so it is not charged to the next optimizer.
+            field.synchronize()?;
             let ms = t.elapsed().as_secs_f64() * 1e3;
             if step > 0 {
                 timed.step_ms.push(ms);

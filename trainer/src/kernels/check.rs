@@ -542,12 +542,13 @@ fn solver_steps(s: &Arc<CudaStream>, rows: &mut Rows) -> KResult<usize> {
         for n in 0..SOLVER_STEPS {
             let a = host.step(n, &mut th_host, &mut f_host).map_err(args)?;
             let b = gpu.step_on(n, &mut th_gpu, &mut f_gpu).map_err(args)?;
-            same_h &= a.h.to_bits() == b.h.to_bits() && a.grad_evals == b.grad_evals && a.rejected == b.rejected;
+            // h comes from f64 sums whose order differs on the GPU (DALR, error control).
+            same_h &= (a.h - b.h).abs() <= 1e-6 * a.h.abs() && a.grad_evals == b.grad_evals && a.rejected == b.rejected;
             calls += 1;
         }
         let got = s.clone_dtoh(&th_gpu)?;
         let mut err = rel_err(&got, &th_host);
-        let mut note = if same_h { "same h, evaluations and rejections every step".to_string() } else { "h or the attempt count differed".to_string() };
+        let mut note = if same_h { "same h (1e-6), evaluations and rejections every step".to_string() } else { "h or the attempt count differed".to_string() };
         let st_host = host.state();
         let st_gpu = gpu.state_on_host().map_err(args)?;
         for ((name_h, a), (name_g, b)) in st_host.buffers.iter().zip(&st_gpu.buffers) {

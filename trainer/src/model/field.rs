@@ -116,6 +116,12 @@ impl<'a> ModelField<'a> {
     }
 
     /// Run the model on `device` (config `train.device`); the current batch moves with it.
+    /// Waits until the work queued on the model's device has finished (nothing on the CPU).
+    /// Timing code calls it so that a GPU step's queued tail is charged to that step.
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.device.synchronize()?)
+    }
+
     pub fn set_device(&mut self, device: Device) {
         self.device = device;
         #[cfg(feature = "cuda")]
