@@ -104,6 +104,10 @@ pub struct RkKernels {
     sm_count: u32,
     /// REDUCE_BLOCKS partial sums, then the final sum.
     scratch: Mutex<CudaSlice<f64>>,
+    /// The thread that built these kernels. Candle's stream is the per-thread default stream,
+    /// which the driver resolves per calling thread, so a launch from another thread would run
+    /// on that thread's stream, unordered with the model's work (see `owner`).
+    owner: std::thread::ThreadId,
 }
 
 /// Device pointers of the current launch, with cudarc's guards that record the accesses on the
@@ -154,7 +158,7 @@ impl RkKernels {
         };
         let sm_count = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as u32;
         let scratch = Mutex::new(stream.alloc_zeros::<f64>(REDUCE_BLOCKS + 1)?);
-        Ok(Self { stream, f, sm_count, scratch })
+        Ok(Self { stream, f, sm_count, scratch, owner: std::thread::current().id() })
     }
 
     /// A new context on device `ordinal` and its default stream. Fails (does not panic) when the
@@ -166,6 +170,13 @@ impl RkKernels {
 
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// The thread that built these kernels: the only one whose launches are ordered with
+    /// candle's work on the per-thread stream. Callers check it before using the kernels with a
+    /// model (`ModelField::eval_device`).
+    pub fn owner(&self) -> std::thread::ThreadId {
+        self.owner
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {

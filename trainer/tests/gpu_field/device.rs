@@ -134,6 +134,11 @@ fn eval_device_errors_not_panics() {
     let other = RkKernels::new(device.as_cuda_device().unwrap().cuda_stream().context().default_stream()).unwrap();
     let e = field.eval_device(&other, &theta, &mut grad).unwrap_err().to_string();
     assert!(e.contains("stream"), "{e}");
+    // Kernels built on another thread (candle's stream is per thread).
+    let stream = device.as_cuda_device().unwrap().cuda_stream();
+    let foreign = std::thread::spawn(move || RkKernels::new(stream).unwrap()).join().unwrap();
+    let e = field.eval_device(&foreign, &theta, &mut grad).unwrap_err().to_string();
+    assert!(e.contains("another thread"), "{e}");
     field.set_batch(&[0, 9], 2);
     assert!(field.eval_device(&k, &theta, &mut grad).is_err(), "index out of range");
     field.set_batch(&[0, 1], 2);
