@@ -14,6 +14,7 @@ use kutta_trainer::bench_collectives::{self, CollectivesOptions, Part, TimedComm
 use kutta_trainer::bench_sweep::{self, SweepOptions};
 use kutta_trainer::config::Config;
 use kutta_trainer::planner;
+use kutta_trainer::stop;
 use kutta_trainer::tableau::Tableau;
 use kutta_trainer::train::{self, Progress};
 use std::path::PathBuf;
@@ -40,8 +41,9 @@ enum Command {
         /// Run folder (default: runs/<config name>-<unix time>). Must not exist or be empty.
         #[arg(long, conflicts_with = "resume")]
         out: Option<PathBuf>,
-        /// Continue the run in this folder from its checkpoint up to train.steps.
-        #[arg(long, value_name = "DIR")]
+        /// Continue a run up to train.steps: from the newest checkpoint of the run folder DIR, or
+        /// from one checkpoint file in a run folder (DIR/checkpoint-<step>.safetensors).
+        #[arg(long, value_name = "DIR|FILE")]
         resume: Option<PathBuf>,
         /// Progress display: auto (bar on a terminal, log lines otherwise), bar, lines.
         #[arg(long, default_value = "auto", value_parser = ["auto", "bar", "lines"])]
@@ -217,8 +219,10 @@ fn train_on_every_rank(
         timeout,
         |c| c,
         |comm| {
+            // After joining the MPI world: these handlers replace any the MPI library installed.
+            kutta_trainer::stop::install()?;
             let (cfg, dir) = match &resume {
-                Some(dir) => (train::load_run_config(dir, &sets)?, dir.clone()),
+                Some(path) => (train::load_run_config(&train::run_folder(path), &sets)?, train::run_folder(path)),
                 None => {
                     let path = config.expect("clap requires --config without --resume");
                     let cfg = Config::load(&path, &sets)?;
@@ -232,8 +236,8 @@ fn train_on_every_rank(
                 }
                 None => (cfg, None),
             };
-            let summary = match resume {
-                Some(_) => train::resume(&cfg, &dir, progress, comm.as_ref())?,
+            let summary = match &resume {
+                Some(path) => train::resume(&cfg, path, progress, comm.as_ref())?,
                 None => train::train(&cfg, &dir, progress, comm.as_ref())?,
             };
             if let (Some(plan), true) = (&plan, comm.is_writer()) {
@@ -247,6 +251,8 @@ fn train_on_every_rank(
             Ok(summary)
         },
         serde_json::to_string_pretty,
+        // An interrupted run exits as a shell expects of a process stopped by that signal.
+        |s: &train::Summary| s.signal.as_deref().and_then(stop::number).map_or(0, stop::exit_status),
     )
 }
 
@@ -268,11 +274,11 @@ fn apply_memory_plan(cfg: Config, budget: &str, world_size: usize) -> Result<(Co
 /// rank 0's `WorkerReport` as one JSON line on stdout. Failure ends the whole job, as in training.
 fn collectives_worker(opts: &WorkerOptions) -> i32 {
     let timeout = std::time::Duration::from_secs_f64(bench_collectives::WORKER_COLLECTIVE_TIMEOUT_S);
-    on_every_rank(Some(timeout), TimedComm::new, |comm| Ok(bench_collectives::worker(comm, opts)?), serde_json::to_string)
+    on_every_rank(Some(timeout), TimedComm::new, |comm| Ok(bench_collectives::worker(comm, opts)?), serde_json::to_string, |_| 0)
 }
 
-/// Run `body` on this rank of the job's world (one process when not launched by mpirun/srun)
-/// and print rank 0's result on stdout. A panic aborts this process at once (never unwinding
+/// Run `body` on this rank of the job's world (one process when not launched by mpirun/srun),
+/// print rank 0's result on stdout and return `status` of it (every rank has the same result). A panic aborts this process at once (never unwinding
 /// into MPI_Finalize while peers wait; mpirun then ends the job); an error on any rank of a
 /// multi-rank job aborts the whole job with a message naming the rank. Returns the exit status.
 fn on_every_rank<C: kutta_collectives::Communicator, T>(
@@ -280,6 +286,7 @@ fn on_every_rank<C: kutta_collectives::Communicator, T>(
     wrap: impl FnOnce(Box<dyn kutta_collectives::Communicator>) -> C,
     body: impl FnOnce(&C) -> Result<T>,
     show: impl FnOnce(&T) -> serde_json::Result<String>,
+    status: impl FnOnce(&T) -> i32,
 ) -> i32 {
     let comm = match kutta_collectives::rendezvous::connect(timeout) {
         Ok(c) => wrap(c),
@@ -299,7 +306,7 @@ fn on_every_rank<C: kutta_collectives::Communicator, T>(
             if comm.is_writer() {
                 println!("{}", show(&result).expect("result serializes"));
             }
-            0
+            status(&result)
         }
         Err(e) if size > 1 => {
             eprintln!("rank {rank}: error: {e:#}");

@@ -66,7 +66,7 @@ fn rk4_trains_the_mlp_on_real_fashion_mnist() {
     assert_eq!(s["grad_evals"], 1600, "RK4: four gradient evaluations per step");
     assert_eq!(s["optimizer"], "rk(rk4)");
     assert_eq!(s["tableau"], "rk4");
-    for f in ["config.toml", "metrics.jsonl", "model.safetensors", "checkpoint.safetensors"] {
+    for f in ["config.toml", "metrics.jsonl", "model.safetensors", "checkpoint-00000400.safetensors"] {
         assert!(out.join(f).is_file(), "{f} missing from the run folder");
     }
     // metrics.jsonl: one object per logged step with the documented fields.
@@ -164,9 +164,11 @@ fn resume_refuses_trajectory_changes_and_missing_checkpoints() {
     assert_clean_error(&o, "train.steps");
     let o = kutta(&["train", "--resume", dir.path().join("nope").to_str().unwrap()]);
     assert_clean_error(&o, "config.toml");
-    std::fs::remove_file(run.join("checkpoint.safetensors")).unwrap();
+    for ck in kutta_trainer::checkpoint::list(&run).unwrap() {
+        std::fs::remove_file(ck).unwrap();
+    }
     let o = kutta(&["train", "--resume", run.to_str().unwrap(), "--set", "train.steps=8"]);
-    assert_clean_error(&o, "checkpoint.safetensors");
+    assert_clean_error(&o, "no checkpoint");
 }
 
 #[test]
@@ -268,7 +270,8 @@ fn bench_reports_every_optimizer_and_the_ratio() {
 }
 
 fn theta(dir: &Path) -> Vec<f32> {
-    let bytes = std::fs::read(dir.join("checkpoint.safetensors")).unwrap();
+    let newest = kutta_trainer::checkpoint::list(dir).unwrap().remove(0);
+    let bytes = std::fs::read(newest).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     st.tensor("theta").unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }

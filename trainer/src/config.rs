@@ -86,6 +86,10 @@ pub struct TrainConfig {
     pub eval_every: u64,
     /// Write a checkpoint every N steps (and after the last step); 0 = only at the end.
     pub checkpoint_every: u64,
+    /// Keep the last K checkpoints (`checkpoint-<step>.safetensors`), removing older ones; at
+    /// least 1. More than one lets a run continue from an earlier checkpoint when the newest is
+    /// damaged.
+    pub keep_checkpoints: usize,
     /// Append a line to metrics.jsonl every N steps.
     pub log_every: u64,
     /// Samples per forward pass during evaluation.
@@ -115,7 +119,7 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        Self { steps: 10_000, batch_size: 16, seed: 0, eval_every: 500, checkpoint_every: 1000, log_every: 10, eval_chunk: 1000, micro_batch: 0, recompute: false, shard_optimizer: false, device: Default::default(), gpu: None, gpu_solver: true }
+        Self { steps: 10_000, batch_size: 16, seed: 0, eval_every: 500, checkpoint_every: 1000, keep_checkpoints: 2, log_every: 10, eval_chunk: 1000, micro_batch: 0, recompute: false, shard_optimizer: false, device: Default::default(), gpu: None, gpu_solver: true }
     }
 }
 
@@ -313,6 +317,9 @@ impl Config {
                 // Allowed by the sampler (batches straddle epochs), but almost always a mistake.
                 return Err(Error::config("train.batch_size", format!("{} is larger than data.train_subset = {n}", t.batch_size)));
             }
+        }
+        if t.keep_checkpoints == 0 {
+            return Err(Error::config("train.keep_checkpoints", "must be at least 1 (the checkpoint a run stops with is always kept)"));
         }
         if t.log_every == 0 {
             return Err(Error::config("train.log_every", "must be at least 1"));

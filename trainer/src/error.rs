@@ -25,8 +25,10 @@ pub enum Error {
     #[error("non-finite values: {0}")]
     NonFinite(String),
 
-    #[error("io error on {}: {source}", path.display())]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    /// The cause is part of the message and deliberately not a `#[source]`: error chains
+    /// (`{:#}`) would print it twice.
+    #[error("io error on {}: {cause}", path.display())]
+    Io { path: PathBuf, cause: std::io::Error },
 
     #[error("model: {0}")]
     Candle(#[from] candle_core::Error),
@@ -48,6 +50,6 @@ impl Error {
         Error::Checkpoint { path: path.into(), msg: msg.into() }
     }
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io { path: path.into(), cause: source }
     }
 }

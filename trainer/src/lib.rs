@@ -19,6 +19,8 @@ pub mod device;
 pub use error::{Error, Result};
 pub mod config;
 pub mod checkpoint;
+pub mod integrity;
+pub mod stop;
 pub mod distributed;
 pub mod memory;
 pub mod planner;

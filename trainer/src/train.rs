@@ -5,17 +5,23 @@
 //! - `metrics.jsonl`    one JSON object per logged step (see `MetricsLine`);
 //! - `summary.json`     the headline numbers (see `Summary`), rewritten at every evaluation;
 //! - `model.safetensors` the final weights, one tensor per layout entry;
-//! - `checkpoint.safetensors` θ plus all optimizer state, for `kutta train --resume`.
+//! - `checkpoint-<step>.safetensors` θ plus all optimizer state, for `kutta train --resume`: the
+//!   last `train.keep_checkpoints`, each verified by checksums when loaded (`checkpoint`).
+//!
+//! A run stopped by SIGTERM, SIGINT or SIGUSR1 (`stop`) finishes its step, writes a checkpoint
+//! and ends with `summary.json` saying "interrupted"; resuming it ends bit-identical to a run
+//! that was never interrupted.
 //!
 //! Step numbering: `step` in metrics and checkpoints counts completed optimizer steps, so the
 //! line with `step = 1` describes the first step; its `train_loss` is the mini-batch loss at the
 //! parameters *before* that step (the first stage's loss, which every optimizer gets for free).
 
-use crate::checkpoint::{self, Checkpoint, CheckpointMeta};
+use crate::checkpoint::{self, Checkpoint, CheckpointMeta, ResumePoint};
 use crate::config::{Config, OptimizerKind, PreconditionerKind, StepSizeKind};
 use crate::data::{mnist, sampler::BatchSampler, Dataset};
 use crate::distributed::{agree, comm_err, shard_dataset, ParamSharding, ShardedField};
 use crate::memory;
+use crate::stop;
 use kutta_collectives::Communicator;
 use crate::error::{Error, Result};
 use crate::model::{self, Model, ModelField};
@@ -74,8 +80,12 @@ fn is_zero(x: &u32) -> bool {
 /// `summary.json`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Summary {
-    /// "running", "completed", or "failed: <reason>".
+    /// "running", "completed", "interrupted" (by `signal`; continue with --resume) or
+    /// "failed: <reason>".
     pub status: String,
+    /// The signal an interrupted run stopped for ("SIGTERM", "SIGINT", "SIGUSR1").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
     pub steps: u64,
     pub grad_evals: u64,
     pub wall_seconds: f64,
@@ -318,14 +328,28 @@ fn prepare_run_folder(out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))
 }
 
-/// Continue the run in `dir` from its checkpoint, up to `cfg.train.steps`.
+/// The run folder of `kutta train --resume PATH`: PATH itself, or the folder of the checkpoint
+/// file PATH names.
+pub fn run_folder(path: &Path) -> PathBuf {
+    if path.is_file() {
+        match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// Continue a run up to `cfg.train.steps` from `path`: a run folder (its newest checkpoint,
+/// which must be intact) or one checkpoint file in it (`checkpoint::ResumePoint`).
 /// `cfg` is the run's `config.toml` with any `--set` overrides applied; keys that change the
 /// trajectory (model, data, batch, seed, optimizer) must match the checkpoint.
-/// Every rank reads the checkpoint (a shared file system, as on any cluster); θ is then
-/// broadcast from rank 0 so that all ranks start bit-identical whatever they read.
-pub fn resume(cfg: &Config, dir: &Path, progress: Progress, comm: &dyn Communicator) -> Result<Summary> {
-    let ck = agree(comm, "loading the checkpoint", Checkpoint::load(&dir.join(checkpoint::FILE_NAME)))?;
-    Runner { cfg, out: dir.to_path_buf(), resume_from: Some(ck), comm }.run(progress)
+/// Every rank reads and verifies the checkpoint (a shared file system, as on any cluster); θ is
+/// then broadcast from rank 0 so that all ranks start bit-identical whatever they read.
+pub fn resume(cfg: &Config, path: &Path, progress: Progress, comm: &dyn Communicator) -> Result<Summary> {
+    let point = agree(comm, "loading the checkpoint", ResumePoint::find(path))?;
+    Runner { cfg, out: point.dir.clone(), resume_from: Some(point), comm }.run(progress)
 }
 
 /// Read `config.toml` of a run folder and apply overrides.
@@ -341,6 +365,7 @@ pub fn load_run_config(dir: &Path, overrides: &[String]) -> Result<Config> {
     cmp.train.steps = old.train.steps;
     cmp.train.eval_every = old.train.eval_every;
     cmp.train.checkpoint_every = old.train.checkpoint_every;
+    cmp.train.keep_checkpoints = old.train.keep_checkpoints;
     cmp.train.log_every = old.train.log_every;
     cmp.train.eval_chunk = old.train.eval_chunk;
     // Memory knobs: they change only the summation order of the gradient (the checkpoint holds
@@ -354,7 +379,7 @@ pub fn load_run_config(dir: &Path, overrides: &[String]) -> Result<Config> {
     cmp.train.gpu_solver = old.train.gpu_solver;
     if cmp != old {
         return Err(Error::Other(format!(
-            "--set on resume may change only train.steps, eval_every, checkpoint_every, log_every, eval_chunk, micro_batch, recompute, shard_optimizer, device, gpu and gpu_solver; \
+            "--set on resume may change only train.steps, eval_every, checkpoint_every, keep_checkpoints, log_every, eval_chunk, micro_batch, recompute, shard_optimizer, device, gpu and gpu_solver; \
              other keys would change the trajectory (start a new run with --config {} instead)",
             path.display()
         )));
@@ -365,7 +390,7 @@ pub fn load_run_config(dir: &Path, overrides: &[String]) -> Result<Config> {
 struct Runner<'c> {
     cfg: &'c Config,
     out: PathBuf,
-    resume_from: Option<Checkpoint>,
+    resume_from: Option<ResumePoint>,
     comm: &'c dyn Communicator,
 }
 
@@ -413,9 +438,10 @@ impl Runner<'_> {
 
         // θ and the counters: from the checkpoint, the init file, or the seed.
         let (mut theta, start, mut grad_evals, wall_before, mut best) = match &self.resume_from {
-            Some(ck) => {
+            Some(point) => {
+                let ck = &point.checkpoint;
                 let m = &ck.meta;
-                let ckpath = out.join(checkpoint::FILE_NAME);
+                let ckpath = point.file.clone();
                 let mismatch = |what: &str, was: String, now: String| {
                     Error::checkpoint(&ckpath, format!("was written with {what} = {was}, the config now says {now}"))
                 };
@@ -456,6 +482,11 @@ impl Runner<'_> {
         };
         // Identical start: rank 0's θ everywhere.
         comm.broadcast(&mut theta, 0).map_err(comm_err)?;
+        if let (Some(point), true) = (&self.resume_from, writer) {
+            agree(comm, "tidying the run folder", tidy_for_resume(point))?;
+        } else if self.resume_from.is_some() {
+            agree(comm, "tidying the run folder", Ok(()))?;
+        }
 
         let metrics_path = out.join(METRICS_FILE);
         let files = if writer { Some(open_run_files(cfg, out, start)) } else { None };
@@ -529,15 +560,13 @@ impl Runner<'_> {
                     if writer {
                         write_json(&out.join(SUMMARY_FILE), &summary)?;
                     }
-                    let last = if start > 0 || out.join(checkpoint::FILE_NAME).exists() {
-                        format!("the last good checkpoint in {} is intact", out.display())
-                    } else {
-                        "no checkpoint had been written yet".to_string()
-                    };
-                    return Err(Error::Other(format!("{e}; the run stopped ({last})")));
+                    return Err(Error::Other(format!("{e}; the run stopped ({})", last_checkpoint_note(out))));
                 }
             };
             step_seconds += ts.elapsed().as_secs_f64();
+            // A stop signal on any rank stops every rank after this same step (`stop::agree`).
+            // A signal during the last step changes nothing: the run is complete.
+            let stop_for = stop::agree(comm)?.filter(|_| done < tc.steps);
             grad_evals += report.grad_evals;
             recent_losses.push_back(report.loss);
             if recent_losses.len() > 100 {
@@ -546,7 +575,7 @@ impl Runner<'_> {
 
             let last = done == tc.steps;
             let eval_now = last || (tc.eval_every > 0 && done % tc.eval_every == 0);
-            let checkpoint_now = last || (tc.checkpoint_every > 0 && done.is_multiple_of(tc.checkpoint_every));
+            let checkpoint_now = last || stop_for.is_some() || (tc.checkpoint_every > 0 && done.is_multiple_of(tc.checkpoint_every));
             if eval_now || checkpoint_now {
                 // θ (and the state) to the host, for a solver that keeps them on a GPU.
                 opt.sync_theta(&mut theta)?;
@@ -600,7 +629,16 @@ impl Runner<'_> {
                 Some(s) if checkpoint_now => Some((field.full_params(&theta)?.to_vec(), s.gather_state(comm, opt.state())?)),
                 _ => None,
             };
-            let Some(metrics) = metrics.as_mut() else { continue };
+            if let Some(sig) = stop_for {
+                summary.status = "interrupted".into();
+                summary.signal = Some(stop::name(sig).into());
+            }
+            let Some(metrics) = metrics.as_mut() else {
+                match stop_for {
+                    Some(_) => break,
+                    None => continue,
+                }
+            };
             if eval_now {
                 metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
                 write_json(&out.join(SUMMARY_FILE), &summary)?;
@@ -622,10 +660,41 @@ impl Runner<'_> {
                     optimizer_scalars: Default::default(),
                 };
                 let (full, state) = gathered.unwrap_or_else(|| (theta.clone(), opt.state()));
-                Checkpoint::new(meta, full, state).save(&out.join(checkpoint::FILE_NAME))?;
+                let path = out.join(checkpoint::file_name(done));
+                if let Err(e) = Checkpoint::new(meta, full, state).save(&path) {
+                    bar.finish();
+                    let msg = format!("checkpoint of step {done} not written: {e}; the run stopped ({})", last_checkpoint_note(out));
+                    summary.status = format!("failed: {msg}");
+                    // Best effort: the disk may be what failed.
+                    let _ = write_json(&out.join(SUMMARY_FILE), &summary);
+                    return Err(Error::Other(msg));
+                }
+                for old in checkpoint::prune(out, tc.keep_checkpoints)? {
+                    tracing::debug!("removed {} (train.keep_checkpoints = {})", old.display(), tc.keep_checkpoints);
+                }
+            }
+            if let Some(sig) = stop_for {
+                bar.finish();
+                metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
+                write_json(&out.join(SUMMARY_FILE), &summary)?;
+                tracing::info!(
+                    "interrupted by {} after step {done} of {}: checkpoint {} written; continue with: kutta train --resume {}{}",
+                    stop::name(sig),
+                    tc.steps,
+                    out.join(checkpoint::file_name(done)).display(),
+                    out.display(),
+                    if comm.world_size() > 1 { " (on any number of ranks)" } else { "" }
+                );
+                break;
             }
         }
         bar.finish();
+        if summary.status == "interrupted" {
+            // No rank leaves before rank 0 has written the checkpoint: a launcher that sees one
+            // rank exit with a non-zero status (128 + signal) ends the others at once.
+            comm.barrier().map_err(comm_err)?;
+            return Ok(summary);
+        }
         opt.sync_theta(&mut theta)?;
         let theta = field.full_params(&theta)?;
         if !writer {
@@ -644,6 +713,30 @@ impl Runner<'_> {
         );
         Ok(summary)
     }
+}
+
+/// Where the run can continue from, for the message of a run that stopped on an error.
+fn last_checkpoint_note(out: &Path) -> String {
+    match checkpoint::list(out).ok().and_then(|l| l.into_iter().next()) {
+        Some(p) => format!("the last good checkpoint {} is intact", p.display()),
+        None => "no checkpoint had been written yet".to_string(),
+    }
+}
+
+/// Before a resumed run writes anything: remove the temporary files a killed process left, and
+/// set aside the checkpoints newer than the one it continues from (the run will write its own
+/// for those steps), renamed `<name>.damaged` or `<name>.superseded`, never deleted.
+fn tidy_for_resume(point: &ResumePoint) -> Result<()> {
+    for p in checkpoint::remove_partial_writes(&point.dir) {
+        tracing::info!("removed {}, a partial write left by a process that was killed while writing it", p.display());
+    }
+    for p in &point.newer {
+        let why = if Checkpoint::load(p).is_ok() { "superseded" } else { "damaged" };
+        let aside = p.with_file_name(format!("{}.{why}", p.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint")));
+        std::fs::rename(p, &aside).map_err(|e| Error::io(p, e))?;
+        tracing::warn!("{} is newer than the checkpoint this run continues from; set aside as {}", p.display(), aside.display());
+    }
+    Ok(())
 }
 
 /// Rank 0's run files: the resolved config, and metrics.jsonl opened for appending (cut back to

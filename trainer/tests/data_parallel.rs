@@ -30,7 +30,8 @@ fn config(sets: &[&str]) -> Config {
 }
 
 fn weights(dir: &Path) -> Vec<f32> {
-    let bytes = std::fs::read(dir.join("checkpoint.safetensors")).unwrap();
+    let newest = kutta_trainer::checkpoint::list(dir).unwrap().remove(0);
+    let bytes = std::fs::read(newest).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     st.tensor("theta").unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }

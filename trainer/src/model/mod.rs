@@ -141,10 +141,19 @@ pub fn init_params(model: &dyn Model, seed: u64) -> Vec<f32> {
 /// Load initial weights from a safetensors file, by tensor name. Every layout tensor must be
 /// present with the layout's shape; F32 is taken as is, F64/F16/BF16 are converted to f32. Extra
 /// tensors are an error (they mean the file is for another model), and so are non-finite values.
+/// A file kutta wrote is verified against its checksums first (`integrity`): damage is an error
+/// naming the tensor or the header; a file from another tool (no checksums) loads unverified.
 pub fn load_safetensors(model: &dyn Model, path: &Path) -> Result<Vec<f32>> {
     let layout = model.layout();
     let bytes = std::fs::read(path)
         .map_err(|e| Error::checkpoint(path, format!("cannot read weights file: {e}")))?;
+    match crate::integrity::verify(&bytes).map_err(|msg| Error::checkpoint(path, msg))? {
+        crate::integrity::Verified::Intact => {}
+        crate::integrity::Verified::Unchecked => tracing::info!(
+            "{}: no kutta checksums (written by another tool or an earlier kutta); loaded unverified",
+            path.display()
+        ),
+    }
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::checkpoint(path, format!("not a valid safetensors file: {e}")))?;
 
@@ -206,7 +215,8 @@ pub fn load_safetensors(model: &dyn Model, path: &Path) -> Result<Vec<f32>> {
 
 /// Write θ as a safetensors file, one F32 tensor per layout entry (names and shapes from the
 /// layout), atomically: the bytes go to `<path>.tmp`, are synced, and the file is renamed over
-/// `path`, so a crash never leaves a half-written weights file under the real name.
+/// `path`, so a crash never leaves a half-written weights file under the real name. The file
+/// carries CRC32C checksums of its header and tensors in its metadata (`integrity`).
 pub fn save_safetensors(layout: &ParamLayout, theta: &[f32], path: &Path) -> Result<()> {
     if theta.len() != layout.len() {
         return Err(Error::checkpoint(
@@ -225,7 +235,7 @@ pub fn save_safetensors(layout: &ParamLayout, theta: &[f32], path: &Path) -> Res
                 .map_err(|e| Error::checkpoint(path, format!("tensor `{}`: {e}", p.name)))
         })
         .collect::<Result<Vec<_>>>()?;
-    let buffer = safetensors::serialize(views, None)
+    let buffer = crate::integrity::serialize(views, Default::default())
         .map_err(|e| Error::checkpoint(path, format!("cannot serialize: {e}")))?;
     crate::checkpoint::write_atomic(path, &buffer)
 }
