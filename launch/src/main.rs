@@ -342,12 +342,32 @@ fn cannot_start(mpirun: &str) -> String {
 }
 
 /// `kutta launch --nproc N -- ARGS`: run `mpirun -np N <this kutta> ARGS` and return its status.
+///
+/// mpirun gets its own process group and no terminal input, so that Ctrl-C reaches this process
+/// only: SIGINT, SIGTERM and SIGUSR1 here are passed to mpirun as SIGUSR1, which it forwards to
+/// every rank (a graceful stop, `stop`); Open MPI would answer SIGINT or SIGTERM to mpirun itself
+/// by killing the ranks. A job stopped that way exits as a process stopped by the signal this
+/// launcher received (130 for Ctrl-C), not by the SIGUSR1 it was passed as.
 fn launch(nproc: usize, mpirun: &str, args: &[String]) -> Result<i32> {
-    let status = mpirun_command(nproc, mpirun, args)?.status().with_context(|| cannot_start(mpirun))?;
-    Ok(status.code().unwrap_or_else(|| {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = mpirun_command(nproc, mpirun, args)?;
+    cmd.process_group(0).stdin(std::process::Stdio::null());
+    let mut child = cmd.spawn().with_context(|| cannot_start(mpirun))?;
+    stop::forward_to(child.id())?;
+    let status = child.wait().with_context(|| format!("waiting for {mpirun}"))?;
+    let Some(code) = status.code() else {
         eprintln!("error: {mpirun} was killed by a signal");
-        1
-    }))
+        return Ok(1);
+    };
+    Ok(match stop::forwarded() {
+        Some(sig) if code == stop::exit_status(libc_sigusr1()) => stop::exit_status(sig),
+        _ => code,
+    })
+}
+
+/// SIGUSR1's number (10 on Linux), from the signal table the trainer stops for.
+fn libc_sigusr1() -> i32 {
+    stop::number("SIGUSR1").expect("SIGUSR1 is a stop signal")
 }
 
 fn run(command: Command) -> Result<()> {

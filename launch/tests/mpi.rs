@@ -234,7 +234,8 @@ fn config_errors_end_the_job_on_every_rank() {
 /// Issue 11: a stop signal sent to one rank only (rank 1, which writes nothing) stops every rank
 /// after the same step: mpirun exits with 128 + the signal, rank 0 writes the checkpoint and
 /// `summary.json` says "interrupted", and the run resumed on 2 ranks ends with weights
-/// bit-identical to an uninterrupted 2-rank run.
+/// bit-identical to an uninterrupted 2-rank run. The same for SIGINT to `kutta launch` (Ctrl-C),
+/// which passes it to every rank through mpirun and exits with 130.
 #[test]
 fn a_signal_to_one_rank_stops_every_rank_after_the_same_step() {
     if !enabled() {
@@ -244,7 +245,7 @@ fn a_signal_to_one_rank_stops_every_rank_after_the_same_step() {
     let dir = tempfile::tempdir().unwrap();
     let straight = dir.path().join("straight");
     ok(&train(2, &straight, STEPS, &["train.checkpoint_every=100"]));
-    for (sig, status) in [("TERM", 143), ("USR1", 138)] {
+    for (to_launcher, sig, status) in [(false, "TERM", 143), (false, "USR1", 138), (true, "INT", 130)] {
         let out = dir.path().join(format!("signalled-{sig}"));
         let child = kutta()
             .args(["launch", "--nproc", "2", "--", "train", "--config", &config(), "--out", out.to_str().unwrap()])
@@ -259,20 +260,27 @@ fn a_signal_to_one_rank_stops_every_rank_after_the_same_step() {
             std::thread::sleep(Duration::from_millis(10));
         }
         let name = out.file_name().unwrap().to_str().unwrap().to_string();
-        let rank1 = std::fs::read_dir("/proc")
-            .unwrap()
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-            .find(|&pid| {
-                let cmd = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default()).into_owned();
-                cmd.contains(&name) && !cmd.contains("launch") && environ(pid).contains("OMPI_COMM_WORLD_RANK=1\n")
-            })
-            .expect("rank 1 process");
-        Command::new("kill").args(["-s", sig, &rank1.to_string()]).status().unwrap();
+        let target = if to_launcher {
+            child.id()
+        } else {
+            std::fs::read_dir("/proc")
+                .unwrap()
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .find(|&pid| {
+                    let cmd = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default()).into_owned();
+                    cmd.contains(&name) && !cmd.contains("launch") && environ(pid).contains("OMPI_COMM_WORLD_RANK=1\n")
+                })
+                .expect("rank 1 process")
+        };
+        Command::new("kill").args(["-s", sig, &target.to_string()]).status().unwrap();
         let o = child.wait_with_output().unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(status), "SIG{sig} to rank 1: {err}");
+        let whom = if to_launcher { "kutta launch" } else { "rank 1" };
+        assert_eq!(o.status.code(), Some(status), "SIG{sig} to {whom}: {err}");
         let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
-        assert_eq!((s["status"].as_str(), s["signal"].as_str()), (Some("interrupted"), Some(format!("SIG{sig}").as_str())), "{s}");
+        // The ranks got the launcher's signal as SIGUSR1 through mpirun.
+        let seen = if to_launcher { "SIGUSR1".to_string() } else { format!("SIG{sig}") };
+        assert_eq!((s["status"].as_str(), s["signal"].as_str()), (Some("interrupted"), Some(seen.as_str())), "{s}");
         let stopped = s["steps"].as_u64().unwrap();
         assert!(stopped < STEPS, "stopped after {stopped}");
         let newest = kutta_trainer::checkpoint::list(&out).unwrap().remove(0);
@@ -280,8 +288,8 @@ fn a_signal_to_one_rank_stops_every_rank_after_the_same_step() {
         ok(&resume(2, &out, STEPS));
         assert!(
             std::fs::read(out.join("model.safetensors")).unwrap() == std::fs::read(straight.join("model.safetensors")).unwrap(),
-            "SIG{sig} to rank 1 after step {stopped}: the resumed run differs from the uninterrupted one"
+            "SIG{sig} to {whom} after step {stopped}: the resumed run differs from the uninterrupted one"
         );
-        eprintln!("SIG{sig} to rank 1: mpirun exit {status}, every rank stopped after step {stopped}, resume bit-identical");
+        eprintln!("SIG{sig} to {whom}: exit {status}, every rank stopped after step {stopped}, resume bit-identical");
     }
 }

@@ -122,6 +122,34 @@ fn decode(total: f64, base: f64) -> Option<i32> {
     None
 }
 
+/// The first stop signal `kutta launch` received and passed on (0: none); see `forward_to`.
+static FORWARDED: AtomicI32 = AtomicI32::new(0);
+
+/// For a launcher (`kutta launch`): from now on SIGTERM, SIGINT and SIGUSR1 to this process are
+/// passed to `pid` (mpirun) as SIGUSR1, which mpirun forwards to every rank: the first stops the
+/// run gracefully, a second makes the ranks exit at once. (SIGTERM or SIGINT to mpirun itself
+/// would make Open MPI kill the ranks after a short grace period.) `forwarded` tells which signal
+/// came first, so the launcher can exit as a process stopped by it.
+pub fn forward_to(pid: u32) -> Result<()> {
+    let pid = pid as libc::pid_t;
+    for (sig, _) in SIGNALS {
+        // SAFETY: atomics and kill(2), which is async-signal-safe.
+        unsafe {
+            signal_hook::low_level::register(sig, move || {
+                let _ = FORWARDED.compare_exchange(0, sig, SeqCst, SeqCst);
+                libc::kill(pid, libc::SIGUSR1);
+            })
+        }
+        .map_err(|e| Error::Other(format!("cannot install the {} handler: {e}", name(sig))))?;
+    }
+    Ok(())
+}
+
+/// The first signal `forward_to` passed on, if any.
+pub fn forwarded() -> Option<i32> {
+    Some(FORWARDED.load(SeqCst)).filter(|&s| s != 0)
+}
+
 /// While alive, a second signal removes `path` (a temporary file being written) before exiting.
 pub struct PartialWrite(());
 
