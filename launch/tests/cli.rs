@@ -4,6 +4,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+mod common;
+
 const FASHION: &str = "/usr/share/datasets/fashion-mnist";
 
 fn kutta(args: &[&str]) -> Output {
@@ -84,26 +86,15 @@ fn rk4_trains_the_mlp_on_real_fashion_mnist() {
 }
 
 fn small_run(out: &Path, steps: u64, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "train".to_string(),
-        "--config".into(),
-        config(Path::new("configs/fashion_mnist_mlp.toml")),
-        "--out".into(),
-        out.to_string_lossy().into_owned(),
-    ];
     let sets = [
-        format!("train.steps={steps}"),
-        "data.train_subset=512".into(),
-        "model.hidden=[64, 32]".into(),
-        "train.batch_size=24".into(),
-        "train.eval_every=0".into(),
-        "train.checkpoint_every=3".into(),
-        "train.log_every=1".into(),
+        "data.train_subset=512",
+        "model.hidden=[64, 32]",
+        "train.batch_size=24",
+        "train.eval_every=0",
+        "train.checkpoint_every=3",
+        "train.log_every=1",
     ];
-    for s in sets.iter().map(|s| s.as_str()).chain(extra.iter().copied()) {
-        args.push("--set".into());
-        args.push(s.into());
-    }
+    let args = common::train_args(out, steps, &sets, extra);
     Command::new(env!("CARGO_BIN_EXE_kutta")).args(&args).env("RUST_LOG", "warn").output().unwrap()
 }
 

@@ -167,6 +167,18 @@ fn environ(pid: u32) -> String {
     std::fs::read(format!("/proc/{pid}/environ")).map(|b| String::from_utf8_lossy(&b).replace('\0', "\n")).unwrap_or_default()
 }
 
+/// The pid of rank `rank` of the job whose command line mentions `run` (its run folder's name).
+fn rank_pid(run: &str, rank: usize) -> u32 {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|&pid| {
+            let cmd = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default()).into_owned();
+            cmd.contains(run) && !cmd.contains("launch") && environ(pid).contains(&format!("OMPI_COMM_WORLD_RANK={rank}\n"))
+        })
+        .unwrap_or_else(|| panic!("rank {rank} process of {run}"))
+}
+
 #[test]
 fn a_killed_rank_ends_the_job_within_30_seconds() {
     if !enabled() {
@@ -187,15 +199,7 @@ fn a_killed_rank_ends_the_job_within_30_seconds() {
         assert!(t0.elapsed() < Duration::from_secs(60), "training did not start");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let rank1 = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .find(|&pid| {
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmd = String::from_utf8_lossy(&cmd);
-            cmd.contains("victim-run") && !cmd.contains("launch") && environ(pid).contains("OMPI_COMM_WORLD_RANK=1\n")
-        })
-        .expect("rank 1 process");
+    let rank1 = rank_pid("victim-run", 1);
     let killed = Instant::now();
     Command::new("kill").args(["-9", &rank1.to_string()]).status().unwrap();
     let status = loop {
@@ -260,18 +264,7 @@ fn a_signal_to_one_rank_stops_every_rank_after_the_same_step() {
             std::thread::sleep(Duration::from_millis(10));
         }
         let name = out.file_name().unwrap().to_str().unwrap().to_string();
-        let target = if to_launcher {
-            child.id()
-        } else {
-            std::fs::read_dir("/proc")
-                .unwrap()
-                .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-                .find(|&pid| {
-                    let cmd = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default()).into_owned();
-                    cmd.contains(&name) && !cmd.contains("launch") && environ(pid).contains("OMPI_COMM_WORLD_RANK=1\n")
-                })
-                .expect("rank 1 process")
-        };
+        let target = if to_launcher { child.id() } else { rank_pid(&name, 1) };
         Command::new("kill").args(["-s", sig, &target.to_string()]).status().unwrap();
         let o = child.wait_with_output().unwrap();
         let err = String::from_utf8_lossy(&o.stderr);

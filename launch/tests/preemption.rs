@@ -13,40 +13,27 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const FASHION: &str = "/usr/share/datasets/fashion-mnist";
+mod common;
+use common::require_fashion_mnist;
+
 const KUTTA: &str = env!("CARGO_BIN_EXE_kutta");
-
-fn require_fashion_mnist() {
-    assert!(
-        Path::new(FASHION).join("train-images-idx3-ubyte.gz").is_file(),
-        "Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist"
-    );
-}
-
-fn config() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("configs/fashion_mnist_mlp.toml").to_string_lossy().into_owned()
-}
 
 /// `kutta train` of a small workload into `out` (RK4 with AdaGrad and momentum: θ and two
 /// optimizer tensors in each checkpoint).
 fn train_args(out: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = vec!["train".into(), "--config".into(), config(), "--out".into(), out.to_string_lossy().into_owned(), "--progress".into(), "lines".into()];
     let sets = [
-        format!("train.steps={steps}"),
-        "data.train_subset=512".into(),
-        "model.hidden=[64, 32]".into(),
-        "train.batch_size=24".into(),
-        "train.eval_every=0".into(),
-        "train.checkpoint_every=50".into(),
-        "train.log_every=1".into(),
-        "optimizer.preconditioner=modified-adagrad".into(),
-        "optimizer.momentum=0.9".into(),
-        "optimizer.lr=0.05".into(),
+        "data.train_subset=512",
+        "model.hidden=[64, 32]",
+        "train.batch_size=24",
+        "train.eval_every=0",
+        "train.checkpoint_every=50",
+        "train.log_every=1",
+        "optimizer.preconditioner=modified-adagrad",
+        "optimizer.momentum=0.9",
+        "optimizer.lr=0.05",
     ];
-    for s in sets.iter().map(|s| s.as_str()).chain(extra.iter().copied()) {
-        args.push("--set".into());
-        args.push(s.into());
-    }
+    let mut args = common::train_args(out, steps, &sets, extra);
+    args.extend(["--progress".to_string(), "lines".to_string()]);
     args
 }
 
@@ -72,6 +59,11 @@ fn summary(dir: &Path) -> serde_json::Value {
 
 fn checkpoints(dir: &Path) -> Vec<PathBuf> {
     kutta_trainer::checkpoint::list(dir).unwrap()
+}
+
+/// The steps of the checkpoints in `dir`, newest first.
+fn checkpoint_steps(dir: &Path) -> Vec<u64> {
+    checkpoints(dir).iter().map(|p| kutta_trainer::checkpoint::step_of(p).unwrap()).collect()
 }
 
 fn temp_files(dir: &Path) -> Vec<String> {
@@ -311,8 +303,7 @@ fn a_newest_damaged_checkpoint_names_the_newest_intact_one() {
     let run = dir.path().join("run");
     ok(&kutta(&train_args(&run, 9, &["train.checkpoint_every=3", "train.keep_checkpoints=3"])));
     let files = checkpoints(&run);
-    let steps: Vec<u64> = files.iter().map(|p| kutta_trainer::checkpoint::step_of(p).unwrap()).collect();
-    assert_eq!(steps, [9, 6, 3]);
+    assert_eq!(checkpoint_steps(&run), [9, 6, 3]);
     let mut bytes = std::fs::read(&files[0]).unwrap();
     let n = bytes.len();
     bytes[n - 100] ^= 0x40;
@@ -328,8 +319,7 @@ fn a_newest_damaged_checkpoint_names_the_newest_intact_one() {
     let straight = dir.path().join("straight");
     ok(&kutta(&train_args(&straight, 12, &["train.checkpoint_every=3"])));
     assert!(std::fs::read(run.join("model.safetensors")).unwrap() == std::fs::read(straight.join("model.safetensors")).unwrap());
-    let steps: Vec<u64> = checkpoints(&run).iter().map(|p| kutta_trainer::checkpoint::step_of(p).unwrap()).collect();
-    assert_eq!(steps, [12, 9, 6], "keep_checkpoints = 3 after the resumed run");
+    assert_eq!(checkpoint_steps(&run), [12, 9, 6], "keep_checkpoints = 3 after the resumed run");
 }
 
 #[test]

@@ -482,10 +482,9 @@ impl Runner<'_> {
         };
         // Identical start: rank 0's θ everywhere.
         comm.broadcast(&mut theta, 0).map_err(comm_err)?;
-        if let (Some(point), true) = (&self.resume_from, writer) {
-            agree(comm, "tidying the run folder", tidy_for_resume(point))?;
-        } else if self.resume_from.is_some() {
-            agree(comm, "tidying the run folder", Ok(()))?;
+        if let Some(point) = &self.resume_from {
+            let tidied = if writer { tidy_for_resume(point) } else { Ok(()) };
+            agree(comm, "tidying the run folder", tidied)?;
         }
 
         let metrics_path = out.join(METRICS_FILE);
@@ -725,14 +724,20 @@ fn last_checkpoint_note(out: &Path) -> String {
 
 /// Before a resumed run writes anything: remove the temporary files a killed process left, and
 /// set aside the checkpoints newer than the one it continues from (the run will write its own
-/// for those steps), renamed `<name>.damaged` or `<name>.superseded`, never deleted.
+/// for those steps), renamed `<name>.damaged` or `<name>.superseded` (`.1`, `.2`, … after that
+/// when the name is taken), never deleted or written over.
 fn tidy_for_resume(point: &ResumePoint) -> Result<()> {
     for p in checkpoint::remove_partial_writes(&point.dir) {
         tracing::info!("removed {}, a partial write left by a process that was killed while writing it", p.display());
     }
     for p in &point.newer {
         let why = if Checkpoint::load(p).is_ok() { "superseded" } else { "damaged" };
-        let aside = p.with_file_name(format!("{}.{why}", p.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint")));
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint");
+        let aside = std::iter::once(format!("{name}.{why}"))
+            .chain((1..).map(|k| format!("{name}.{why}.{k}")))
+            .map(|n| p.with_file_name(n))
+            .find(|q| !q.exists())
+            .expect("an unbounded sequence of names");
         std::fs::rename(p, &aside).map_err(|e| Error::io(p, e))?;
         tracing::warn!("{} is newer than the checkpoint this run continues from; set aside as {}", p.display(), aside.display());
     }
