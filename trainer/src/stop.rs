@@ -56,14 +56,23 @@ fn on_signal(sig: i32) {
         unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
         return;
     }
+    let say = |msg: &[u8]| {
+        // SAFETY: write(2) on stderr is async-signal-safe.
+        unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+    };
+    say(b"\nkutta: second signal: exiting at once");
     let partial = PARTIAL.swap(null_mut(), SeqCst);
     if !partial.is_null() {
-        // SAFETY: a NUL-terminated path that `PartialWrite` leaked and no longer frees (swapped out).
-        unsafe { libc::unlink(partial) };
+        // SAFETY: a NUL-terminated path that `PartialWrite` leaked and no longer frees (swapped
+        // out), so it stays valid; unlink(2) is async-signal-safe, and so is reading its bytes.
+        let path = unsafe {
+            libc::unlink(partial);
+            std::slice::from_raw_parts(partial.cast::<u8>(), libc::strlen(partial))
+        };
+        say(b"; removed the partial write ");
+        say(path);
     }
-    let msg = b"\nkutta: second signal: exiting at once; the last complete checkpoint is intact\n";
-    // SAFETY: as above.
-    unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+    say(b"; the last complete checkpoint is intact\n");
     signal_hook::low_level::exit(128 + sig);
 }
 
