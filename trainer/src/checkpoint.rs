@@ -112,6 +112,12 @@ impl ResumePoint {
     /// newest intact one and the command that continues from it.
     pub fn find(path: &Path) -> Result<ResumePoint> {
         if path.is_file() {
+            if step_of(path).is_none() && path.file_name().is_none_or(|n| n != LEGACY_FILE_NAME) {
+                return Err(Error::checkpoint(
+                    path,
+                    "not a checkpoint file (checkpoint-<step>.safetensors): --resume takes a run folder or one of its checkpoints",
+                ));
+            }
             let dir = path.parent().map_or_else(|| PathBuf::from("."), |p| if p.as_os_str().is_empty() { PathBuf::from(".") } else { p.to_path_buf() });
             let checkpoint = Checkpoint::load(path)?;
             let newer = list(&dir)?.into_iter().filter(|p| step_of(p).is_some_and(|s| s > checkpoint.meta.step)).collect();
@@ -353,6 +359,10 @@ mod tests {
         assert_eq!(step_of(Path::new("checkpoint-.safetensors")), None);
         let e = ResumePoint::find(d).unwrap_err().to_string();
         assert!(e.contains("no checkpoint"), "{e}");
+        std::fs::write(d.join("config.toml"), "").unwrap();
+        let e = ResumePoint::find(&d.join("config.toml")).unwrap_err().to_string();
+        assert!(e.contains("config.toml") && e.contains("not a checkpoint file"), "{e}");
+        std::fs::remove_file(d.join("config.toml")).unwrap();
         let mut c = sample();
         for step in [3u64, 6, 9, 12] {
             c.meta.step = step;
