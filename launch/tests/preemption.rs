@@ -7,6 +7,7 @@
 //!   are detected by `model.init`.
 //! - A checkpoint write that fails part-way (a file-size limit: `ulimit -f`, RLIMIT_FSIZE) says so
 //!   once, leaves no temporary file and the previous checkpoint intact, and the run resumes.
+//!
 //! The mpirun case (a signal to one rank only) is in `tests/mpi.rs`.
 
 use std::path::{Path, PathBuf};
@@ -149,7 +150,7 @@ fn signals_stop_cleanly_and_the_resumed_run_is_bit_identical() {
         assert_eq!(s["status"], "interrupted", "SIG{sig}: {s}");
         assert_eq!(s["signal"], format!("SIG{sig}"));
         let stopped = s["steps"].as_u64().unwrap();
-        assert!(stopped >= 10 && stopped < STEPS, "SIG{sig}: stopped after step {stopped}");
+        assert!((10..STEPS).contains(&stopped), "SIG{sig}: stopped after step {stopped}");
         assert_eq!(kutta_trainer::checkpoint::step_of(&checkpoints(&out)[0]), Some(stopped), "SIG{sig}: no checkpoint of the last step");
         assert!(err.contains(&format!("interrupted by SIG{sig} after step {stopped}")) && err.contains("kutta train --resume"), "{err}");
         assert!(!out.join("model.safetensors").exists(), "an interrupted run has no final weights");

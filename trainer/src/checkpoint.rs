@@ -54,7 +54,7 @@ pub fn list(dir: &Path) -> Result<Vec<PathBuf>> {
             numbered.push((step, path));
         }
     }
-    numbered.sort_by(|a, b| b.0.cmp(&a.0));
+    numbered.sort_by_key(|(step, _)| std::cmp::Reverse(*step));
     let mut out: Vec<PathBuf> = numbered.into_iter().map(|(_, p)| p).collect();
     let legacy = dir.join(LEGACY_FILE_NAME);
     if legacy.is_file() {
