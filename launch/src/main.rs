@@ -222,7 +222,10 @@ fn train_on_every_rank(
             // After joining the MPI world: these handlers replace any the MPI library installed.
             kutta_trainer::stop::install()?;
             let (cfg, dir) = match &resume {
-                Some(path) => (train::load_run_config(&train::run_folder(path), &sets)?, train::run_folder(path)),
+                Some(path) => {
+                    let dir = kutta_trainer::checkpoint::run_folder(path);
+                    (train::load_run_config(&dir, &sets)?, dir)
+                }
                 None => {
                     let path = config.expect("clap requires --config without --resume");
                     let cfg = Config::load(&path, &sets)?;
@@ -278,9 +281,10 @@ fn collectives_worker(opts: &WorkerOptions) -> i32 {
 }
 
 /// Run `body` on this rank of the job's world (one process when not launched by mpirun/srun),
-/// print rank 0's result on stdout and return `status` of it (every rank has the same result). A panic aborts this process at once (never unwinding
-/// into MPI_Finalize while peers wait; mpirun then ends the job); an error on any rank of a
-/// multi-rank job aborts the whole job with a message naming the rank. Returns the exit status.
+/// print rank 0's result on stdout and return `status` of it (every rank has the same result).
+/// A panic aborts this process at once (never unwinding into MPI_Finalize while peers wait;
+/// mpirun then ends the job); an error on any rank of a multi-rank job aborts the whole job with
+/// a message naming the rank.
 fn on_every_rank<C: kutta_collectives::Communicator, T>(
     timeout: Option<std::time::Duration>,
     wrap: impl FnOnce(Box<dyn kutta_collectives::Communicator>) -> C,
@@ -359,15 +363,7 @@ fn launch(nproc: usize, mpirun: &str, args: &[String]) -> Result<i32> {
         eprintln!("error: {mpirun} was killed by a signal");
         return Ok(1);
     };
-    Ok(match stop::forwarded() {
-        Some(sig) if code == stop::exit_status(libc_sigusr1()) => stop::exit_status(sig),
-        _ => code,
-    })
-}
-
-/// SIGUSR1's number (10 on Linux), from the signal table the trainer stops for.
-fn libc_sigusr1() -> i32 {
-    stop::number("SIGUSR1").expect("SIGUSR1 is a stop signal")
+    Ok(stop::launcher_exit_status(code))
 }
 
 fn run(command: Command) -> Result<()> {

@@ -93,6 +93,19 @@ pub fn remove_partial_writes(dir: &Path) -> Vec<PathBuf> {
     removed
 }
 
+/// The run folder of `kutta train --resume PATH`: PATH itself, or the folder of the checkpoint
+/// file PATH names.
+pub fn run_folder(path: &Path) -> PathBuf {
+    if path.is_file() {
+        match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    } else {
+        path.to_path_buf()
+    }
+}
+
 /// Where `kutta train --resume PATH` continues from.
 #[derive(Debug)]
 pub struct ResumePoint {
@@ -118,7 +131,7 @@ impl ResumePoint {
                     "not a checkpoint file (checkpoint-<step>.safetensors): --resume takes a run folder or one of its checkpoints",
                 ));
             }
-            let dir = path.parent().map_or_else(|| PathBuf::from("."), |p| if p.as_os_str().is_empty() { PathBuf::from(".") } else { p.to_path_buf() });
+            let dir = run_folder(path);
             let checkpoint = Checkpoint::load(path)?;
             let newer = list(&dir)?.into_iter().filter(|p| step_of(p).is_some_and(|s| s > checkpoint.meta.step)).collect();
             return Ok(ResumePoint { dir, file: path.to_path_buf(), checkpoint, newer });

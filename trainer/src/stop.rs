@@ -137,8 +137,8 @@ static FORWARDED: AtomicI32 = AtomicI32::new(0);
 /// For a launcher (`kutta launch`): from now on SIGTERM, SIGINT and SIGUSR1 to this process are
 /// passed to `pid` (mpirun) as SIGUSR1, which mpirun forwards to every rank: the first stops the
 /// run gracefully, a second makes the ranks exit at once. (SIGTERM or SIGINT to mpirun itself
-/// would make Open MPI kill the ranks after a short grace period.) `forwarded` tells which signal
-/// came first, so the launcher can exit as a process stopped by it.
+/// would make Open MPI kill the ranks after a short grace period.) `launcher_exit_status` turns
+/// mpirun's status into that of the signal that came first.
 pub fn forward_to(pid: u32) -> Result<()> {
     let pid = pid as libc::pid_t;
     for (sig, _) in SIGNALS {
@@ -154,9 +154,15 @@ pub fn forward_to(pid: u32) -> Result<()> {
     Ok(())
 }
 
-/// The first signal `forward_to` passed on, if any.
-pub fn forwarded() -> Option<i32> {
-    Some(FORWARDED.load(SeqCst)).filter(|&s| s != 0)
+/// The exit status a launcher reports for mpirun's `code`: a job that `forward_to` stopped (its
+/// ranks exit with SIGUSR1's status) exits as a process stopped by the signal the launcher
+/// received (130 for Ctrl-C); anything else as mpirun did.
+pub fn launcher_exit_status(code: i32) -> i32 {
+    match FORWARDED.load(SeqCst) {
+        0 => code,
+        sig if code == exit_status(libc::SIGUSR1) => exit_status(sig),
+        _ => code,
+    }
 }
 
 /// While alive, a second signal removes `path` (a temporary file being written) before exiting.

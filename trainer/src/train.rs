@@ -328,19 +328,6 @@ fn prepare_run_folder(out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))
 }
 
-/// The run folder of `kutta train --resume PATH`: PATH itself, or the folder of the checkpoint
-/// file PATH names.
-pub fn run_folder(path: &Path) -> PathBuf {
-    if path.is_file() {
-        match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        }
-    } else {
-        path.to_path_buf()
-    }
-}
-
 /// Continue a run up to `cfg.train.steps` from `path`: a run folder (its newest checkpoint,
 /// which must be intact) or one checkpoint file in it (`checkpoint::ResumePoint`).
 /// `cfg` is the run's `config.toml` with any `--set` overrides applied; keys that change the
