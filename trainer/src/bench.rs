@@ -96,7 +96,7 @@ pub(crate) fn bench_data(base: &Config) -> (Dataset, String) {
             };
             let images = (0..n * d).map(|_| (next() >> 40) as f32 / (1u64 << 24) as f32).collect();
             let labels = (0..n).map(|_| (next() % 10) as u32).collect();
-            (Dataset { images, labels, image_shape: [1, 28, 28], num_classes: 10 }, format!("random images ({e})"))
+            (Dataset::from_f32(images, labels, [1, 28, 28], 10), format!("random images ({e})"))
         }
     }
 }

@@ -126,12 +126,12 @@ fn optimizer_config(base: &Config, label: &str, batch_size: usize) -> Result<Con
 /// The planner's plan for `cfg` on one process. Where the config's data directory is unreadable
 /// (the bench then times random images), the plan is made for the data set actually in memory.
 fn plan_for(cfg: &Config, budget: u64, data: &Dataset) -> Result<Plan> {
-    if planner::read_data_sizes(&cfg.data.dir).is_ok() {
+    if planner::read_data_sizes(&cfg.data).is_ok() {
         return planner::plan_config(cfg, 1, budget);
     }
-    let params = build_model(cfg, data)?.layout().len();
-    let fixed = (data.images.len() + data.labels.len()) as u64 * 4 + planner::RUNTIME_BASELINE_BYTES;
-    let input = planner::PlanInput::from_config(cfg, 1, budget, fixed, params, data.image_shape, data.num_classes)?;
+    let model = build_model(cfg, data)?;
+    let fixed = data.resident_bytes() + planner::RUNTIME_BASELINE_BYTES;
+    let input = planner::PlanInput::from_config(cfg, 1, budget, fixed, model.as_ref(), data.image_shape, data.num_classes)?;
     planner::plan(&input)
 }
 

@@ -26,6 +26,8 @@ pub const LEGACY_FILE_NAME: &str = "checkpoint.safetensors";
 const PREFIX: &str = "checkpoint-";
 const SUFFIX: &str = ".safetensors";
 const META_KEY: &str = "kutta";
+/// The tensor holding the model state (`Checkpoint::model_state`).
+const MODEL_STATE: &str = "model_state";
 /// 2: with checksums (`integrity`). 1 (no checksums) is still read, unverified, with a warning.
 const FORMAT_VERSION: u32 = 2;
 
@@ -180,6 +182,10 @@ pub struct CheckpointMeta {
     pub train_samples: usize,
     /// The optimizer's scalar state.
     pub optimizer_scalars: serde_json::Map<String, serde_json::Value>,
+    /// Updates of the model state so far (batch norm's `num_batches_tracked`); the state itself
+    /// is the tensor `model_state` (absent for models without state).
+    #[serde(default)]
+    pub model_state_updates: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -187,6 +193,9 @@ pub struct Checkpoint {
     pub meta: CheckpointMeta,
     pub theta: Vec<f32>,
     pub optimizer: OptimizerState<f32>,
+    /// State outside θ (`model::ModelState`: batch norm's running statistics), flat in the
+    /// model's state layout; empty for models without state.
+    pub model_state: Vec<f32>,
 }
 
 impl Checkpoint {
@@ -194,14 +203,30 @@ impl Checkpoint {
         let mut meta = meta;
         meta.format_version = FORMAT_VERSION;
         meta.optimizer_scalars = std::mem::take(&mut optimizer.scalars);
-        Self { meta, theta, optimizer }
+        Self { meta, theta, optimizer, model_state: Vec::new() }
+    }
+
+    /// With the model state (and its update count in the metadata).
+    pub fn with_model_state(mut self, state: &crate::model::ModelState) -> Self {
+        self.model_state = state.values.clone();
+        self.meta.model_state_updates = state.updates;
+        self
+    }
+
+    /// The model state this checkpoint holds.
+    pub fn model_state(&self) -> crate::model::ModelState {
+        crate::model::ModelState { values: self.model_state.clone(), updates: self.meta.model_state_updates }
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
         let theta_bytes = f32_to_bytes(&self.theta);
         let bufs: Vec<(String, Vec<u8>)> =
             self.optimizer.buffers.iter().map(|(n, b)| (format!("optimizer.{n}"), f32_to_bytes(b))).collect();
+        let state_bytes = f32_to_bytes(&self.model_state);
         let mut views = vec![("theta".to_string(), view(&theta_bytes)?)];
+        if !self.model_state.is_empty() {
+            views.push((MODEL_STATE.to_string(), view(&state_bytes)?));
+        }
         for (name, bytes) in &bufs {
             views.push((name.clone(), view(bytes)?));
         }
@@ -245,7 +270,8 @@ impl Checkpoint {
         if theta.len() != meta.param_count {
             return Err(bad(format!("theta has {} entries but the metadata says {}", theta.len(), meta.param_count)));
         }
-        let mut names: Vec<&str> = st.names().into_iter().filter(|n| *n != "theta").collect();
+        let model_state = if st.names().contains(&MODEL_STATE) { read(MODEL_STATE)? } else { Vec::new() };
+        let mut names: Vec<&str> = st.names().into_iter().filter(|n| *n != "theta" && *n != MODEL_STATE).collect();
         names.sort();
         let mut optimizer = OptimizerState::default();
         for n in names {
@@ -257,7 +283,7 @@ impl Checkpoint {
             optimizer.buffers.push((short.to_string(), b));
         }
         optimizer.scalars = std::mem::take(&mut meta.optimizer_scalars);
-        Ok(Checkpoint { meta, theta, optimizer })
+        Ok(Checkpoint { meta, theta, optimizer, model_state })
     }
 }
 
@@ -322,8 +348,10 @@ mod tests {
             shuffle: true,
             train_samples: 100,
             optimizer_scalars: Default::default(),
+            model_state_updates: 0,
         };
-        Checkpoint::new(meta, vec![1.0, 1.0 / 3.0, -7.5e-12], opt)
+        let state = crate::model::ModelState { values: vec![0.25, 3.0], updates: 41 };
+        Checkpoint::new(meta, vec![1.0, 1.0 / 3.0, -7.5e-12], opt).with_model_state(&state)
     }
 
     #[test]

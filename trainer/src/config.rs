@@ -7,7 +7,8 @@
 //! `train.seed`, `train.eval_every`, `train.checkpoint_every`, `optimizer.kind`,
 //! `optimizer.tableau`, `optimizer.lr`, `optimizer.momentum`, `optimizer.preconditioner`.
 
-use crate::data::mnist::Normalize;
+use crate::data::augment::Augment;
+use crate::data::Normalize;
 use crate::error::{Error, Result};
 use crate::optim::step_size::{DalrEstimator, ErrorControl};
 use crate::tableau::{CustomTableau, Tableau};
@@ -23,55 +24,94 @@ pub struct Config {
     pub optimizer: OptimizerConfig,
 }
 
+/// `[model]`: the kind and its keys. Each kind reads only its own keys (`model::registry`
+/// lists them; a key another kind reads is an error naming it) and fills in its defaults when
+/// the config is loaded, so `config.toml` in a run folder shows every value used.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// `mlp` or `cnn` (the paper's simple CNN).
+    /// `mlp`, `cnn` (the paper's simple CNN), `resnet18` (CIFAR ResNet-18), `wrn` (Wide-ResNet);
+    /// `kutta models` lists them with their keys.
     pub kind: String,
-    /// MLP hidden widths (default [500, 500, 500]), or the CNN's two filter counts (default
-    /// [20, 10]). Left out, it is filled in for the kind when the config is loaded.
+    /// mlp: hidden widths (default [500, 500, 500]); cnn: the two filter counts ([20, 10]).
     pub hidden: Option<Vec<usize>>,
+    /// resnet18: base width (64: torchvision's resnet18).
+    pub width: Option<usize>,
+    /// wrn: depth (28; 6n + 4).
+    pub depth: Option<usize>,
+    /// wrn: widening factor (10).
+    pub widen: Option<usize>,
+    /// Batch norm: samples per ghost batch whose statistics normalise it in training (32). The
+    /// per-rank micro-batch must be a multiple of it; then the trajectory does not depend on the
+    /// number of ranks or micro-batches.
+    pub bn_group: Option<usize>,
+    /// Batch norm: the running statistics' update weight (PyTorch's momentum, 0.1).
+    pub bn_momentum: Option<f64>,
     /// Initial weights from a safetensors file instead of the seed.
     pub init: Option<PathBuf>,
 }
 
-impl ModelConfig {
-    /// The widths or filter counts, with the kind's default when none were given.
-    pub fn hidden(&self) -> Vec<usize> {
-        match (&self.hidden, self.kind.as_str()) {
-            (Some(h), _) => h.clone(),
-            (None, "cnn") => vec![20, 10],
-            (None, _) => vec![500, 500, 500],
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            kind: "mlp".into(),
+            hidden: None,
+            width: None,
+            depth: None,
+            widen: None,
+            bn_group: None,
+            bn_momentum: None,
+            init: None,
         }
     }
 }
 
-impl Default for ModelConfig {
-    fn default() -> Self {
-        Self { kind: "mlp".into(), hidden: None, init: None }
-    }
+/// `data.format`: which files `data.dir` holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataFormat {
+    /// MNIST-format IDX files (MNIST, Fashion-MNIST): train-images-idx3-ubyte[.gz], …
+    #[default]
+    Idx,
+    /// CIFAR-10's binary files: data_batch_1.bin … data_batch_5.bin, test_batch.bin.
+    Cifar10,
+    /// CIFAR-100's binary files: train.bin, test.bin (fine labels; `data.coarse_labels` for the
+    /// 20 superclasses).
+    Cifar100,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
-    /// Directory with the four MNIST-format IDX files (gzip or raw).
+    /// `idx` (default), `cifar10` or `cifar100`.
+    pub format: DataFormat,
+    /// The directory with the data set's files (for CIFAR also its parent, holding
+    /// `cifar-10-batches-bin/` or `cifar-100-binary/`).
     pub dir: PathBuf,
     /// Use only the first N training samples.
     pub train_subset: Option<usize>,
     /// Shuffle with a permutation drawn from (seed, epoch); false keeps file order.
     pub shuffle: bool,
-    /// `unit`: pixels/255 in [0, 1]. `standardize`: then minus the training mean, over its std.
-    pub normalize: Normalize,
+    /// `unit`: pixels/255 in [0, 1]. `standardize`: then minus the training mean, over its std,
+    /// per channel. Default: unit for IDX, standardize for CIFAR.
+    pub normalize: Option<Normalize>,
+    /// Training augmentation: `none` or `crop-flip` (pad 4, random crop, horizontal flip: the
+    /// standard CIFAR recipe), drawn from (seed, step, sample index).
+    pub augment: Augment,
+    /// CIFAR-100: train on the 20 coarse labels instead of the 100 fine ones.
+    pub coarse_labels: bool,
 }
 
 impl Default for DataConfig {
     fn default() -> Self {
         Self {
+            format: DataFormat::Idx,
             dir: PathBuf::from("/usr/share/datasets/fashion-mnist"),
             train_subset: None,
             shuffle: true,
-            normalize: Normalize::Unit,
+            normalize: None,
+            augment: Augment::None,
+            coarse_labels: false,
         }
     }
 }
@@ -104,6 +144,8 @@ pub struct TrainConfig {
     /// buffers and optimizer state, reduce-scatters each stage gradient, updates its block and
     /// all-gathers the next stage point. No effect on one rank.
     pub shard_optimizer: bool,
+    /// Label smoothing ε of the training loss: the target is (1 − ε)·onehot + ε/K.
+    pub label_smoothing: f64,
     /// Where the model runs: "cpu", "cuda" (needs a build with `--features cuda` and a GPU), or
     /// "auto" (the GPU when there is one, else the CPU).
     pub device: crate::device::DeviceKind,
@@ -119,7 +161,7 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        Self { steps: 10_000, batch_size: 16, seed: 0, eval_every: 500, checkpoint_every: 1000, keep_checkpoints: 2, log_every: 10, eval_chunk: 1000, micro_batch: 0, recompute: false, shard_optimizer: false, device: Default::default(), gpu: None, gpu_solver: true }
+        Self { steps: 10_000, batch_size: 16, seed: 0, eval_every: 500, checkpoint_every: 1000, keep_checkpoints: 2, log_every: 10, eval_chunk: 1000, micro_batch: 0, recompute: false, shard_optimizer: false, label_smoothing: 0.0, device: Default::default(), gpu: None, gpu_solver: true }
     }
 }
 
@@ -182,6 +224,11 @@ pub struct OptimizerConfig {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// λ of an L2 penalty in the loss: L + ½·λ·Σ θ_i² over the weights of rank ≥ 2 (conv kernels,
+    /// linear weights; not biases or batch-norm scales) — init2winit's `l2_decay_factor` with
+    /// `l2_decay_rank_threshold = 2`. Part of the vector field, so RK optimizers see it in every
+    /// stage; for every optimizer.
+    pub l2: f64,
 }
 
 impl Default for OptimizerConfig {
@@ -206,6 +253,7 @@ impl Default for OptimizerConfig {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.0,
+            l2: 0.0,
         }
     }
 }
@@ -248,7 +296,11 @@ impl Config {
                 Error::config(path, msg)
             }
         })?;
-        cfg.model.hidden = Some(cfg.model.hidden());
+        crate::model::registry::fill_defaults(&mut cfg.model)?;
+        cfg.data.normalize.get_or_insert(match cfg.data.format {
+            DataFormat::Idx => Normalize::Unit,
+            DataFormat::Cifar10 | DataFormat::Cifar100 => Normalize::Standardize,
+        });
         cfg.validate()?;
         Ok(cfg)
     }
@@ -283,24 +335,24 @@ impl Config {
         let unit = |key: &str, v: f64| -> Result<()> {
             if (0.0..1.0).contains(&v) { Ok(()) } else { Err(Error::config(key, format!("must be in [0, 1), got {v}"))) }
         };
-        match self.model.kind.as_str() {
-            "mlp" => {
-                if self.model.hidden().contains(&0) {
-                    return Err(Error::config("model.hidden", "widths must be positive"));
-                }
-            }
-            "cnn" => {
-                let h = self.model.hidden();
-                if h.len() != 2 || h.contains(&0) {
-                    return Err(Error::config("model.hidden", format!("the cnn takes two positive filter counts (the paper: [20, 10]), got {h:?}")));
-                }
-            }
-            k => return Err(Error::config("model.kind", format!("unknown model {k:?}; expected \"mlp\" or \"cnn\""))),
-        }
+        crate::model::registry::validate(&self.model)?;
         if let Some(p) = &self.model.init {
             if !p.is_file() {
                 return Err(Error::config("model.init", format!("{} does not exist", p.display())));
             }
+        }
+        if self.data.coarse_labels && self.data.format != DataFormat::Cifar100 {
+            return Err(Error::config("data.coarse_labels", "only CIFAR-100 has coarse labels (data.format = \"cifar100\")"));
+        }
+        if self.data.augment != Augment::None && self.data.format == DataFormat::Idx {
+            // Works (the crop is taken from the padded image as for CIFAR), but say what it does.
+            tracing::debug!("data.augment on IDX images: pad 4, crop, flip as for CIFAR");
+        }
+        if !(0.0..1.0).contains(&self.train.label_smoothing) {
+            return Err(Error::config("train.label_smoothing", format!("must be in [0, 1), got {}", self.train.label_smoothing)));
+        }
+        if !(self.optimizer.l2 >= 0.0 && self.optimizer.l2.is_finite()) {
+            return Err(Error::config("optimizer.l2", format!("must be a finite number ≥ 0, got {}", self.optimizer.l2)));
         }
         if self.data.train_subset == Some(0) {
             return Err(Error::config("data.train_subset", "must be at least 1"));
@@ -452,7 +504,7 @@ mod tests {
         assert_eq!(c.optimizer.tableau, "rk4");
         assert_eq!(c.optimizer.lr, 0.003);
         assert_eq!(c.train.batch_size, 16);
-        assert_eq!(c.data.normalize, Normalize::Unit);
+        assert_eq!(c.data.normalize, Some(Normalize::Unit));
         assert!(c.data.shuffle);
     }
 

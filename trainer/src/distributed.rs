@@ -122,6 +122,8 @@ struct FullBuffers {
 pub struct ShardedField<'a> {
     inner: ModelField<'a>,
     comm: &'a dyn Communicator,
+    /// The L2 penalty (`optimizer.l2`): λ and the ranges of θ it applies to (weights of rank ≥ 2).
+    l2: Option<(f64, Vec<std::ops::Range<usize>>)>,
     /// Set when the optimizer is sharded: `eval` then takes and returns this rank's block.
     full: Option<FullBuffers>,
     /// Set when the solver runs on the GPU: device evaluations and the NCCL all-reduce.
@@ -145,6 +147,7 @@ impl<'a> ShardedField<'a> {
         Self {
             inner,
             comm,
+            l2: None,
             full: None,
             #[cfg(feature = "cuda")]
             gpu: None,
@@ -163,6 +166,9 @@ impl<'a> ShardedField<'a> {
         if self.comm.world_size() > 1 && parts.nccl.is_none() {
             return Err(Error::Other(format!("{} ranks on the GPU need an NCCL communicator for the gradient all-reduce", self.comm.world_size())));
         }
+        if self.l2.is_some() {
+            return Err(Error::config("optimizer.l2", "the L2 penalty is not on the GPU solver yet; set train.gpu_solver = false to use it on the GPU"));
+        }
         self.inner.use_solver_kernels(&Some(parts.kernels.clone()));
         self.gpu = Some(parts);
         Ok(())
@@ -177,10 +183,82 @@ impl<'a> ShardedField<'a> {
         self.full = Some(FullBuffers { theta: vec![0.0; n], grad: vec![0.0; n], block: vec![0.0; sharding.block], sharding });
     }
 
-    /// Use this rank's slice of `global` for every following evaluation.
-    pub fn set_global_batch(&mut self, global: &[usize]) {
+    /// Add an L2 penalty ½·λ·Σ θ_i² over the tensors of rank ≥ 2 of `layout` to the loss, and λ·θ_i
+    /// to their gradients (`optimizer.l2`, init2winit's `l2_decay_factor` with rank threshold 2).
+    /// It is added once, after the gradient is summed over the ranks (to this rank's block when
+    /// the optimizer is sharded), so every stage of an RK step sees it.
+    pub fn set_l2(&mut self, lambda: f64, layout: &crate::layout::ParamLayout) -> Result<()> {
+        if lambda <= 0.0 {
+            self.l2 = None;
+            return Ok(());
+        }
+        #[cfg(feature = "cuda")]
+        if self.gpu.is_some() {
+            return Err(Error::config("optimizer.l2", "the L2 penalty is not on the GPU solver yet; set train.gpu_solver = false to use it on the GPU"));
+        }
+        let ranges = layout.params.iter().filter(|p| p.shape.len() >= 2).map(|p| p.range()).collect();
+        self.l2 = Some((lambda, ranges));
+        Ok(())
+    }
+
+    /// The penalty on θ (the whole vector, or the block starting at `offset`): its loss, with λ·θ
+    /// added to `grad`.
+    fn add_l2(&self, theta: &[f32], grad: &mut [f32], offset: usize) -> f64 {
+        let Some((lambda, ranges)) = &self.l2 else { return 0.0 };
+        let lam = *lambda as f32;
+        let mut sq = 0.0f64;
+        let end = offset + theta.len();
+        for r in ranges {
+            let (lo, hi) = (r.start.max(offset), r.end.min(end));
+            if lo >= hi {
+                continue;
+            }
+            for (g, &t) in grad[lo - offset..hi - offset].iter_mut().zip(&theta[lo - offset..hi - offset]) {
+                *g += lam * t;
+                sq += t as f64 * t as f64;
+            }
+        }
+        0.5 * lambda * sq
+    }
+
+    /// Use this rank's slice of `global`, the batch of optimizer step `step`, for every following
+    /// evaluation.
+    pub fn set_global_batch(&mut self, step: u64, global: &[usize]) {
+        self.inner.set_step(step);
         let r = shard_range(global.len(), self.comm.rank(), self.comm.world_size());
         self.inner.set_batch(&global[r], global.len());
+    }
+
+    /// Update the model state (batch norm's running statistics) with the batch statistics this
+    /// step's first evaluation recorded, summed over every rank (one small all-reduce): the
+    /// running statistics are the mean over all ghost batches of the global batch, as on one
+    /// process. Collective; call once per accepted step. Nothing for a model without state.
+    pub fn update_model_state(&mut self, state: &mut crate::model::ModelState, momentum: f64) -> Result<()> {
+        if state.values.is_empty() {
+            return Ok(());
+        }
+        let stats = self.inner.take_batch_stats();
+        if self.comm.world_size() == 1 {
+            return match stats {
+                Some(s) => state.update(&s, momentum),
+                None => Err(Error::Other("model state: no batch statistics were recorded in this step".into())),
+            };
+        }
+        let n = state.values.len();
+        // A rank whose slice is empty (or that recorded nothing) adds zeros.
+        let mut buf: Vec<f32> = match &stats {
+            Some(s) => s.sums.iter().map(|&v| v as f32).chain([s.groups as f32]).collect(),
+            None => vec![0.0; n + 1],
+        };
+        self.comm.all_reduce_sum(&mut buf).map_err(comm_err)?;
+        let groups = buf[n].round() as u64;
+        let sums = buf[..n].iter().map(|&v| v as f64).collect();
+        state.update(&crate::model::BatchStats { sums, groups }, momentum)
+    }
+
+    /// How many evaluations recorded batch statistics (`ModelField::stat_captures`).
+    pub fn stat_captures(&self) -> u64 {
+        self.inner.stat_captures()
     }
 
     /// The most GPU memory this rank's model was seen using (`ModelField::peak_device_bytes`).
@@ -211,11 +289,12 @@ impl VectorField<f32> for ShardedField<'_> {
     }
 
     fn eval(&mut self, theta: &[f32], grad: &mut [f32]) -> Result<f64> {
-        let local = match &mut self.full {
+        let (local, penalty) = match &mut self.full {
             None => {
                 let local = self.inner.eval(theta, grad)?;
                 self.comm.all_reduce_sum(grad).map_err(comm_err)?;
-                local
+                // The same on every rank: added after the sum, once.
+                (local, self.add_l2(theta, grad, 0))
             }
             Some(f) => {
                 let p = f.sharding.params;
@@ -226,10 +305,13 @@ impl VectorField<f32> for ShardedField<'_> {
                 let local = self.inner.eval(&f.theta[..p], &mut f.grad[..p])?;
                 self.comm.reduce_scatter_sum(&f.grad, &mut f.block).map_err(comm_err)?;
                 grad.copy_from_slice(&f.block[..grad.len()]);
-                local
+                let offset = f.sharding.own().start;
+                // This block's part of the penalty: summed over the ranks with the loss.
+                let block_penalty = self.add_l2(theta, grad, offset);
+                (local + block_penalty, 0.0)
             }
         };
-        self.comm.all_reduce_sum_f64(local).map_err(comm_err)
+        Ok(self.comm.all_reduce_sum_f64(local).map_err(comm_err)? + penalty)
     }
 
     fn sum_shards(&mut self, x: f64) -> Result<f64> {
@@ -287,14 +369,7 @@ pub fn agree<T>(comm: &dyn Communicator, what: &str, outcome: Result<T>) -> Resu
 
 /// This rank's share of an evaluation set (copied once; the test set is small).
 pub fn shard_dataset(data: &Dataset, rank: usize, size: usize) -> Dataset {
-    let r = shard_range(data.len(), rank, size);
-    let d = data.sample_dim();
-    Dataset {
-        images: data.images[r.start * d..r.end * d].to_vec(),
-        labels: data.labels[r.clone()].to_vec(),
-        image_shape: data.image_shape,
-        num_classes: data.num_classes,
-    }
+    data.slice(shard_range(data.len(), rank, size))
 }
 
 #[cfg(test)]

@@ -4,13 +4,40 @@
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ParamSpec {
     /// Stable, documented name, e.g. `layers.0.weight` (shape [out, in], as PyTorch's nn.Linear).
     pub name: String,
     pub shape: Vec<usize>,
     /// Offset of the first element in the flat buffer.
     pub offset: usize,
+    /// How fresh values are drawn (`model::init_params`).
+    #[serde(default)]
+    pub init: Init,
+}
+
+/// How a tensor's fresh values are drawn. Shapes are [out, in, ...] (PyTorch's layout), so
+/// fan_in = Π shape[1..] and fan_out = shape[0] · Π shape[2..].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Init {
+    /// All zeros (biases, batch-norm shifts, running means).
+    #[default]
+    Zeros,
+    /// All ones (batch-norm scales, running variances).
+    Ones,
+    /// flax's default `lecun_normal`: a normal truncated at ±2σ and rescaled so that the variance
+    /// is exactly 1/fan_in.
+    LecunNormal,
+    /// He (Kaiming) normal with variance 2/fan_out, untruncated: torchvision's ResNet convs
+    /// (`kaiming_normal_(mode="fan_out", nonlinearity="relu")`).
+    HeNormalFanOut,
+    /// A normal truncated at ±2σ and rescaled to standard deviation `std` (timm's `trunc_normal_`
+    /// convention for transformers).
+    TruncatedNormal { std: f64 },
+    /// PyTorch's `nn.Linear` default for weight and bias: U(−1/√fan_in, 1/√fan_in) with the
+    /// layer's fan_in (the weight's, also for its bias).
+    TorchLinear { fan_in: usize },
 }
 
 impl ParamSpec {
@@ -22,16 +49,22 @@ impl ParamSpec {
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ParamLayout {
     pub params: Vec<ParamSpec>,
 }
 
 impl ParamLayout {
-    /// Append a tensor after the existing ones (contiguous, row-major).
+    /// Append a tensor after the existing ones (contiguous, row-major), initialised as the paper's
+    /// flax models are: LeCun normal for weights (rank ≥ 2), zeros for biases.
     pub fn push(&mut self, name: impl Into<String>, shape: &[usize]) {
+        let init = if shape.len() >= 2 { Init::LecunNormal } else { Init::Zeros };
+        self.push_init(name, shape, init);
+    }
+    /// Append a tensor with an explicit initialiser.
+    pub fn push_init(&mut self, name: impl Into<String>, shape: &[usize], init: Init) {
         let offset = self.len();
-        self.params.push(ParamSpec { name: name.into(), shape: shape.to_vec(), offset });
+        self.params.push(ParamSpec { name: name.into(), shape: shape.to_vec(), offset, init });
     }
     /// Total number of parameters P.
     pub fn len(&self) -> usize {

@@ -18,7 +18,7 @@
 
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta, ResumePoint};
 use crate::config::{Config, OptimizerKind, PreconditionerKind, StepSizeKind};
-use crate::data::{mnist, sampler::BatchSampler, Dataset};
+use crate::data::{sampler::BatchSampler, Dataset};
 use crate::distributed::{agree, comm_err, shard_dataset, ParamSharding, ShardedField};
 use crate::memory;
 use crate::stop;
@@ -288,7 +288,7 @@ fn gpu_solver(cfg: &Config, device: &candle_core::Device, sharded: bool, comm: &
 
 /// Load the training and test sets a config names, with `train_subset` applied.
 pub fn load_data(cfg: &Config) -> Result<(Dataset, Dataset)> {
-    let (mut train, test) = mnist::load_dir(&cfg.data.dir, cfg.data.normalize)?;
+    let (mut train, test) = crate::data::load(&cfg.data)?;
     if let Some(n) = cfg.data.train_subset {
         if n > train.len() {
             return Err(Error::config("data.train_subset", format!("{n} is more than the {} training samples in {}", train.len(), cfg.data.dir.display())));
@@ -299,7 +299,7 @@ pub fn load_data(cfg: &Config) -> Result<(Dataset, Dataset)> {
 }
 
 pub fn build_model(cfg: &Config, data: &Dataset) -> Result<Box<dyn Model>> {
-    model::build(&cfg.model.kind, &cfg.model.hidden(), data.image_shape, data.num_classes)
+    model::build(&cfg.model, data.image_shape, data.num_classes)
 }
 
 /// The run folder's default location: `runs/<config name>-<unix time>`.
@@ -424,7 +424,7 @@ impl Runner<'_> {
         };
 
         // θ and the counters: from the checkpoint, the init file, or the seed.
-        let (mut theta, start, mut grad_evals, wall_before, mut best) = match &self.resume_from {
+        let (mut theta, mut model_state, start, mut grad_evals, wall_before, mut best) = match &self.resume_from {
             Some(point) => {
                 let ck = &point.checkpoint;
                 let m = &ck.meta;
@@ -457,18 +457,25 @@ impl Runner<'_> {
                     None => Ok(ck.optimizer.clone()),
                 };
                 state.and_then(|st| opt.load_state(&st)).map_err(|e| Error::checkpoint(&ckpath, e.to_string()))?;
-                (ck.theta.clone(), m.step, m.grad_evals, m.wall_seconds, m.best_test_accuracy)
+                let model_state = ck.model_state();
+                if model_state.values.len() != model.state_layout().len() {
+                    return Err(mismatch("a model state of", model_state.values.len().to_string(), model.state_layout().len().to_string()));
+                }
+                (ck.theta.clone(), model_state, m.step, m.grad_evals, m.wall_seconds, m.best_test_accuracy)
             }
             None => {
-                let theta = match &cfg.model.init {
+                let (theta, state) = match &cfg.model.init {
                     Some(p) => agree(comm, "reading model.init", model::load_safetensors(model.as_ref(), p))?,
-                    None => model::init_params(model.as_ref(), cfg.train.seed),
+                    None => (model::init_params(model.as_ref(), cfg.train.seed), model::ModelState::initial(model.as_ref())),
                 };
-                (theta, 0, 0, 0.0, None)
+                (theta, state, 0, 0, 0.0, None)
             }
         };
-        // Identical start: rank 0's θ everywhere.
+        // Identical start: rank 0's θ and model state everywhere.
         comm.broadcast(&mut theta, 0).map_err(comm_err)?;
+        if !model_state.values.is_empty() {
+            comm.broadcast(&mut model_state.values, 0).map_err(comm_err)?;
+        }
         if let Some(point) = &self.resume_from {
             let tidied = if writer { tidy_for_resume(point) } else { Ok(()) };
             agree(comm, "tidying the run folder", tidied)?;
@@ -497,12 +504,16 @@ impl Runner<'_> {
             }
         }
 
+        check_batch_groups(model.as_ref(), cfg, comm.world_size())?;
         let mut sampler = BatchSampler::new(train.len(), cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle);
         let mut inner = ModelField::new(model.as_ref(), &train);
         inner.set_micro_batch(cfg.train.micro_batch);
         inner.set_recompute(cfg.train.recompute);
+        inner.set_label_smoothing(cfg.train.label_smoothing);
+        inner.set_augment(cfg.data.augment, cfg.train.seed);
         inner.set_device(device.clone());
         let mut field = ShardedField::new(inner, comm);
+        field.set_l2(cfg.optimizer.l2, &layout)?;
         #[cfg(feature = "cuda")]
         if let Some(g) = gpu {
             field.use_gpu(g)?;
@@ -533,7 +544,7 @@ impl Runner<'_> {
         for step in start..tc.steps {
             let done = step + 1;
             let batch = sampler.batch(step);
-            field.set_global_batch(&batch);
+            field.set_global_batch(step, &batch);
             let ts = Instant::now();
             let report = match opt.step(step, &mut theta, &mut field) {
                 Ok(r) => r,
@@ -549,6 +560,9 @@ impl Runner<'_> {
                     return Err(Error::Other(format!("{e}; the run stopped ({})", last_checkpoint_note(out))));
                 }
             };
+            // The running statistics take the accepted step's batch statistics (recorded by its
+            // first evaluation, at θ_n), summed over the ranks: once per step.
+            field.update_model_state(&mut model_state, model.state_momentum())?;
             step_seconds += ts.elapsed().as_secs_f64();
             // A stop signal on any rank stops every rank after this same step (`stop::agree`).
             // A signal during the last step changes nothing: the run is complete.
@@ -581,7 +595,7 @@ impl Runner<'_> {
             };
             if eval_now {
                 let full = field.full_params(&theta)?;
-                let (loss, acc) = evaluate_sharded(model.as_ref(), full, &test_shard, test.len(), tc.eval_chunk, &device, comm)?;
+                let (loss, acc) = evaluate_sharded(model.as_ref(), full, &model_state, &test_shard, test.len(), tc.eval_chunk, &device, comm)?;
                 line.test_loss = Some(loss);
                 line.test_accuracy = Some(acc);
                 best = Some(best.map_or(acc, |b: f64| b.max(acc)));
@@ -644,10 +658,11 @@ impl Runner<'_> {
                     shuffle: cfg.data.shuffle,
                     train_samples: train.len(),
                     optimizer_scalars: Default::default(),
+                    model_state_updates: 0,
                 };
                 let (full, state) = gathered.unwrap_or_else(|| (theta.clone(), opt.state()));
                 let path = out.join(checkpoint::file_name(done));
-                if let Err(e) = Checkpoint::new(meta, full, state).save(&path) {
+                if let Err(e) = Checkpoint::new(meta, full, state).with_model_state(&model_state).save(&path) {
                     bar.finish();
                     let msg = format!("checkpoint of step {done} not written: {e}; the run stopped ({})", last_checkpoint_note(out));
                     summary.status = format!("failed: {msg}");
@@ -686,7 +701,7 @@ impl Runner<'_> {
         if !writer {
             return Ok(summary);
         }
-        model::save_safetensors(&layout, theta, &out.join(MODEL_FILE))?;
+        model::save_safetensors(model.as_ref(), theta, &model_state, &out.join(MODEL_FILE))?;
         write_json(&out.join(SUMMARY_FILE), &summary)?;
         tracing::info!(
             "done: {} steps, {} gradient evaluations, {:.1} s; test accuracy {} (best {}); results in {}",
@@ -699,6 +714,40 @@ impl Runner<'_> {
         );
         Ok(summary)
     }
+}
+
+/// Batch norm normalises over ghost batches of `model.bn_group` samples (`Model::batch_multiple`):
+/// every rank's slice of the global batch, and its micro-batches, must be whole groups, so that
+/// the trajectory does not depend on the number of ranks or micro-batches. An error otherwise,
+/// naming the sizes that would work.
+pub fn check_batch_groups(model: &dyn Model, cfg: &Config, world: usize) -> Result<()> {
+    let g = model.batch_multiple();
+    if g <= 1 {
+        return Ok(());
+    }
+    let (batch, micro) = (cfg.train.batch_size, cfg.train.micro_batch);
+    let ranks = if world > 1 { format!(" over {world} ranks") } else { String::new() };
+    if batch % (g * world) != 0 {
+        let lower = batch / (g * world) * g * world;
+        let sizes = [lower, lower + g * world].iter().filter(|&&b| b > 0).map(|b| b.to_string()).collect::<Vec<_>>().join(" or ");
+        let groups: Vec<String> = (1..=g.min(batch / world.max(1)).max(1)).filter(|d| batch % (d * world) == 0).map(|d| d.to_string()).collect();
+        return Err(Error::config(
+            "model.bn_group",
+            format!(
+                "batch norm normalises over groups of {g} samples, so train.batch_size{ranks} must be a multiple of {}                  ({batch} is not; {sizes} would work), or set model.bn_group to a divisor of the per-rank batch ({} would work)",
+                g * world,
+                groups.join(", ")
+            ),
+        ));
+    }
+    if micro > 0 && micro < batch / world && micro % g != 0 {
+        let lower = (micro / g).max(1) * g;
+        return Err(Error::config(
+            "train.micro_batch",
+            format!("{micro} is not a multiple of model.bn_group = {g} (batch norm's group); {lower} or {} would work", lower + g),
+        ));
+    }
+    Ok(())
 }
 
 /// Where the run can continue from, for the message of a run that stopped on an error.
@@ -743,9 +792,11 @@ fn open_run_files(cfg: &Config, out: &Path, start: u64) -> Result<std::fs::File>
 }
 
 /// Test loss and accuracy over the whole test set, each rank evaluating its shard.
+#[allow(clippy::too_many_arguments)]
 fn evaluate_sharded(
     model: &dyn Model,
     theta: &[f32],
+    state: &model::ModelState,
     shard: &Dataset,
     total: usize,
     chunk: usize,
@@ -755,7 +806,7 @@ fn evaluate_sharded(
     let (loss_sum, correct) = if shard.is_empty() {
         (0.0, 0.0)
     } else {
-        let (loss, acc) = model::evaluate_on(model, theta, shard, chunk, device)?;
+        let (loss, acc) = model::evaluate_on(model, theta, state, shard, chunk, device)?;
         let n = shard.len() as f64;
         (loss * n, (acc * n).round())
     };
@@ -891,6 +942,49 @@ mod tests {
             for (n, h) in hs.iter().enumerate() {
                 let want = crate::optim::step_size::cosine(0.1, n as u64, 2, 12, 0.0);
                 assert!((h - want).abs() < 1e-12, "{kind} step {n}: h {h} vs {want}");
+            }
+        }
+    }
+
+    /// The running statistics are updated exactly once per accepted step, from the step's first
+    /// evaluation, although the field is evaluated many times per step (RK stages, DALR probes,
+    /// error-controlled rejections) — and the update equals the statistics of the batch at θ_n.
+    #[test]
+    fn model_state_is_updated_once_per_step_from_the_first_evaluation() {
+        use crate::model::{BatchStats, ModelState};
+        let data = Dataset::random(16, [1, 6, 6], 3, 1);
+        let sets = ["model.kind=resnet18", "model.width=2", "model.bn_group=4", "train.batch_size=8"];
+        for extra in [&["optimizer.kind=rk"][..], &["optimizer.step_size=dalr", "optimizer.dalr.estimator=finite-difference"], &["optimizer.tableau=dopri54", "optimizer.step_size=error-controlled", "optimizer.lr=2.0"], &["optimizer.kind=adam"]] {
+            let c = cfg(&[&sets[..], extra].concat());
+            let model = build_model(&c, &data).unwrap();
+            let mut theta = model::init_params(model.as_ref(), 0);
+            let mut state = ModelState::initial(model.as_ref());
+            let comm = kutta_collectives::SingleProcess;
+            let mut inner = ModelField::new(model.as_ref(), &data);
+            // What the first evaluation at θ_0 records, computed apart.
+            inner.set_batch(&[0, 1, 2, 3, 4, 5, 6, 7], 8);
+            let mut g = vec![0.0; theta.len()];
+            inner.eval(&theta, &mut g).unwrap();
+            let first: BatchStats = inner.take_batch_stats().unwrap();
+            assert_eq!(first.groups, 2);
+            let mut expect = state.clone();
+            expect.update(&first, 0.1).unwrap();
+            let before = inner.stat_captures();
+            let mut field = ShardedField::new(inner, &comm);
+            let mut opt = build_optimizer(&c).unwrap();
+            let mut evals = 0;
+            for step in 0..3u64 {
+                field.set_global_batch(step, &[0, 1, 2, 3, 4, 5, 6, 7]);
+                evals += opt.step(step, &mut theta, &mut field).unwrap().grad_evals;
+                field.update_model_state(&mut state, model.state_momentum()).unwrap();
+                if step == 0 {
+                    assert_eq!(state, expect, "{extra:?}: the first update is not from θ_0's statistics");
+                }
+            }
+            assert_eq!(state.updates, 3, "{extra:?}");
+            assert_eq!(field.stat_captures() - before, 3, "{extra:?}: {evals} evaluations");
+            if extra[0] != "optimizer.kind=adam" {
+                assert!(evals > 3 * 2, "{extra:?}: only {evals} evaluations");
             }
         }
     }

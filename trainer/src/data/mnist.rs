@@ -21,19 +21,7 @@ pub const TRAIN_LABELS: &str = "train-labels-idx1-ubyte";
 pub const TEST_IMAGES: &str = "t10k-images-idx3-ubyte";
 pub const TEST_LABELS: &str = "t10k-labels-idx1-ubyte";
 
-/// How raw pixels (0..=255) become the `f32` values the model sees.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Normalize {
-    /// `pixel / 255`, in [0, 1]. The default.
-    #[default]
-    Unit,
-    /// `(pixel / 255 − mean) / std`, where `mean` and `std` are the mean and the (population)
-    /// standard deviation over every pixel of the training images as loaded from the directory,
-    /// i.e. the whole training file, before any `data.train_subset` truncation. The same two
-    /// numbers are applied to the test set (no statistics are taken from test data).
-    Standardize,
-}
+pub use super::Normalize;
 
 /// Loads `(train, test)` from an MNIST-format directory. See the module docs for the file names.
 pub fn load_dir(dir: &Path, normalize: Normalize) -> Result<(Dataset, Dataset)> {
@@ -66,27 +54,9 @@ pub fn load_dir(dir: &Path, normalize: Normalize) -> Result<(Dataset, Dataset)> 
         ));
     }
 
-    let lut = match normalize {
-        Normalize::Unit => unit_lut(),
-        Normalize::Standardize => {
-            let (mean, std) = pixel_stats(&train.images.pixels);
-            if std <= 1e-12 {
-                return Err(Error::data(
-                    &train_images_path,
-                    format!(
-                        "cannot standardize: every training pixel has the same value \
-                         (mean {mean}, std {std})"
-                    ),
-                ));
-            }
-            let mut lut = [0f32; 256];
-            for (v, out) in lut.iter_mut().enumerate() {
-                *out = ((v as f64 / 255.0 - mean) / std) as f32;
-            }
-            lut
-        }
-    };
-    Ok((train.into_dataset(&lut), test.into_dataset(&lut)))
+    let shape = [1, train.images.rows, train.images.cols];
+    let tables = super::normalization_tables(normalize, &train.images.pixels, shape, &train_images_path)?;
+    Ok((train.into_dataset(&tables), test.into_dataset(&tables)))
 }
 
 /// The names looked for, for error messages.
@@ -148,43 +118,11 @@ fn load_split(images_path: &Path, labels_path: &Path) -> Result<Split> {
 }
 
 impl Split {
-    fn into_dataset(self, lut: &[f32; 256]) -> Dataset {
-        Dataset {
-            images: self.images.pixels.iter().map(|&p| lut[p as usize]).collect(),
-            labels: self.labels.iter().map(|&l| l as u32).collect(),
-            image_shape: [1, self.images.rows, self.images.cols],
-            num_classes: NUM_CLASSES,
-        }
+    fn into_dataset(self, tables: &[[f32; 256]]) -> Dataset {
+        let shape = [1, self.images.rows, self.images.cols];
+        let labels = self.labels.iter().map(|&l| l as u32).collect();
+        Dataset::from_u8(self.images.pixels, tables.to_vec(), labels, shape, NUM_CLASSES)
     }
-}
-
-fn unit_lut() -> [f32; 256] {
-    let mut lut = [0f32; 256];
-    for (v, out) in lut.iter_mut().enumerate() {
-        *out = v as f32 / 255.0;
-    }
-    lut
-}
-
-/// Mean and population standard deviation of `pixel / 255` over all pixels, exact via a
-/// histogram (no accumulation error from summing 47 million floats).
-fn pixel_stats(pixels: &[u8]) -> (f64, f64) {
-    let mut hist = [0u64; 256];
-    for &p in pixels {
-        hist[p as usize] += 1;
-    }
-    let n = pixels.len() as f64;
-    let mean = hist.iter().enumerate().map(|(v, &c)| c as f64 * (v as f64 / 255.0)).sum::<f64>() / n;
-    let var = hist
-        .iter()
-        .enumerate()
-        .map(|(v, &c)| {
-            let d = v as f64 / 255.0 - mean;
-            c as f64 * d * d
-        })
-        .sum::<f64>()
-        / n;
-    (mean, var.sqrt())
 }
 
 #[cfg(test)]
@@ -236,10 +174,10 @@ mod tests {
             assert_eq!(train.image_shape, [1, 3, 4]);
             assert_eq!(test.image_shape, [1, 3, 4]);
             assert_eq!(train.num_classes, 10);
-            assert_eq!(train.images.len(), 12 * 12);
+            assert_eq!(train.to_f32().len(), 12 * 12);
             assert_eq!(train.labels[..3], [0, 1, 2]);
-            assert_eq!(train.images[1], 37.0 / 255.0);
-            assert!(train.images.iter().all(|&x| (0.0..=1.0).contains(&x)));
+            assert_eq!(train.to_f32()[1], 37.0 / 255.0);
+            assert!(train.to_f32().iter().all(|&x| (0.0..=1.0).contains(&x)));
         }
     }
 
@@ -258,15 +196,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write_dir(dir.path(), 20, 7, 3, 3, false);
         let (train, test) = load_dir(dir.path(), Normalize::Standardize).unwrap();
-        let n = train.images.len() as f64;
-        let mean = train.images.iter().map(|&x| x as f64).sum::<f64>() / n;
-        let var = train.images.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+        let n = train.to_f32().len() as f64;
+        let mean = train.to_f32().iter().map(|&x| x as f64).sum::<f64>() / n;
+        let var = train.to_f32().iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
         assert!(mean.abs() < 1e-5, "mean {mean}");
         assert!((var - 1.0).abs() < 1e-4, "var {var}");
         // The test set uses the same affine map: same pixel value, same output.
         let (utrain, utest) = load_dir(dir.path(), Normalize::Unit).unwrap();
-        let a = (train.images[1] - train.images[0]) / (utrain.images[1] - utrain.images[0]);
-        let b = (test.images[1] - test.images[0]) / (utest.images[1] - utest.images[0]);
+        let a = (train.to_f32()[1] - train.to_f32()[0]) / (utrain.to_f32()[1] - utrain.to_f32()[0]);
+        let b = (test.to_f32()[1] - test.to_f32()[0]) / (utest.to_f32()[1] - utest.to_f32()[0]);
         assert!((a - b).abs() < 1e-4 * a.abs());
     }
 
@@ -365,9 +303,9 @@ mod tests {
         assert_eq!(train.image_shape, [1, 28, 28]);
         assert_eq!(test.image_shape, [1, 28, 28]);
         assert_eq!(train.num_classes, 10);
-        assert_eq!(train.images.len(), 60_000 * 784);
-        assert!(train.images.iter().chain(&test.images).all(|&x| (0.0..=1.0).contains(&x)));
-        let mean = train.images.iter().map(|&x| x as f64).sum::<f64>() / train.images.len() as f64;
+        assert_eq!(train.to_f32().len(), 60_000 * 784);
+        assert!(train.to_f32().iter().chain(&test.to_f32()).all(|&x| (0.0..=1.0).contains(&x)));
+        let mean = train.to_f32().iter().map(|&x| x as f64).sum::<f64>() / train.to_f32().len() as f64;
         assert!((mean - 0.286).abs() < 0.001, "train mean {mean}");
         // Balanced classes: 6000 of each in train, 1000 in test.
         let mut counts = [0usize; 10];
@@ -377,9 +315,9 @@ mod tests {
         assert_eq!(counts, [6000; 10]);
 
         let (strain, _) = load_dir(dir, Normalize::Standardize).unwrap();
-        let n = strain.images.len() as f64;
-        let smean = strain.images.iter().map(|&x| x as f64).sum::<f64>() / n;
-        let svar = strain.images.iter().map(|&x| (x as f64 - smean).powi(2)).sum::<f64>() / n;
+        let n = strain.to_f32().len() as f64;
+        let smean = strain.to_f32().iter().map(|&x| x as f64).sum::<f64>() / n;
+        let svar = strain.to_f32().iter().map(|&x| (x as f64 - smean).powi(2)).sum::<f64>() / n;
         assert!(smean.abs() < 1e-4, "standardized mean {smean}");
         assert!((svar - 1.0).abs() < 1e-3, "standardized var {svar}");
     }

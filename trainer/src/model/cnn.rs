@@ -9,9 +9,33 @@
 
 use candle_core::Tensor;
 
-use super::{conv2d, Model};
+use super::activation::{conv, dense, LayerActivation};
+use super::layers::conv2d;
+use super::registry::Kind;
+use super::{Model, Pass};
 use crate::error::{Error, Result};
 use crate::layout::ParamLayout;
+
+/// `model.kind = "cnn"`: `model.hidden` = the two filter counts.
+pub const KIND: Kind = Kind {
+    name: "cnn",
+    about: "the paper's simple CNN: conv3x3-ReLU twice, linear head",
+    keys: &["hidden"],
+    defaults: |c| {
+        c.hidden.get_or_insert_with(|| DEFAULT_FILTERS.to_vec());
+    },
+    validate: |c| match c.hidden.as_deref() {
+        Some(&[a, b]) if a > 0 && b > 0 => Ok(()),
+        h => Err(Error::config(
+            "model.hidden",
+            format!("the cnn takes two positive filter counts (the paper's: {DEFAULT_FILTERS:?}), got {h:?}"),
+        )),
+    },
+    build: |c, image_shape, classes| {
+        let f = c.hidden.as_deref().unwrap_or(&DEFAULT_FILTERS);
+        Ok(Box::new(Cnn::new(image_shape, [f[0], f[1]], classes)))
+    },
+};
 
 /// The paper's filter counts: 20 then 10.
 pub const DEFAULT_FILTERS: [usize; 2] = [20, 10];
@@ -55,7 +79,7 @@ impl Model for Cnn {
         3
     }
 
-    fn forward_segment(&self, params: &[Tensor], k: usize, h: &Tensor) -> Result<Tensor> {
+    fn forward_segment(&self, params: &[Tensor], k: usize, h: &Tensor, _: &mut Pass) -> Result<Tensor> {
         let [w0, b0, w1, b1, wh, bh] = params else {
             return Err(Error::Other(format!("model: the cnn takes 6 tensors, got {}", params.len())));
         };
@@ -72,9 +96,9 @@ impl Model for Cnn {
                 }
                 let x = h.reshape((batch, c, hh, ww))?; // (B, C, H, W), a view
                 // model::conv2d: x is data, so the first conv computes no input gradient.
-                Ok(conv2d(&x, w0, PADDING)?.broadcast_add(&bias(b0, self.filters[0])?)?.relu()?) // (B, F0, H, W)
+                Ok(conv2d(&x, w0, PADDING, 1)?.broadcast_add(&bias(b0, self.filters[0])?)?.relu()?) // (B, F0, H, W)
             }
-            1 => Ok(conv2d(h, w1, PADDING)?.broadcast_add(&bias(b1, self.filters[1])?)?.relu()?), // (B, F1, H, W)
+            1 => Ok(conv2d(h, w1, PADDING, 1)?.broadcast_add(&bias(b1, self.filters[1])?)?.relu()?), // (B, F1, H, W)
             2 => Ok(h.flatten_from(1)?.matmul(&wh.t()?)?.broadcast_add(bh)?), // (B, classes)
             _ => Err(Error::Other(format!("model: the cnn has 3 segments, not {}", k + 1))),
         }
@@ -90,11 +114,22 @@ impl Model for Cnn {
             self.layout.len()
         )
     }
+
+    fn activations(&self, threads: usize) -> Vec<LayerActivation> {
+        let [c, h, w] = self.image_shape;
+        let [f0, f1] = self.filters;
+        vec![
+            conv(c, f0, KERNEL, h * w, h * w, threads),
+            conv(f0, f1, KERNEL, h * w, h * w, threads),
+            dense(f1 * h * w, self.classes, false, true),
+        ]
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Pass;
     use candle_core::Device;
 
     #[test]
@@ -137,9 +172,9 @@ mod tests {
         ];
         // x = [1, 0, 2, −3] → h0 = [1, 0, 3, 0] → h1 = [1.5, .5, 3.5, .5] → y = [6, 2.5]
         let x = t(&[1.0, 0.0, 2.0, -3.0], &[1, 4]);
-        let y = m.forward(&params, &x).unwrap().to_vec2::<f32>().unwrap();
+        let y = m.forward(&params, &x, &mut Pass::train()).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(y, vec![vec![6.0, 2.5]]);
-        assert!(m.forward(&params, &t(&[1.0; 5], &[1, 5])).is_err());
+        assert!(m.forward(&params, &t(&[1.0; 5], &[1, 5]), &mut Pass::train()).is_err());
     }
 
     /// "same" padding: a 3×3 all-ones kernel sums each pixel's neighbourhood, zero outside.
@@ -163,7 +198,7 @@ mod tests {
             t(&[0.0; 9], &[9]),
         ];
         let x = t(&[1.0; 9], &[1, 9]);
-        let y = m.forward(&params, &x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let y = m.forward(&params, &x, &mut Pass::train()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(y, [4.0, 6.0, 4.0, 6.0, 9.0, 6.0, 4.0, 6.0, 4.0]);
     }
 }

@@ -16,7 +16,8 @@
 
 use candle_core::{Device, Tensor, Var};
 
-use super::{tensor_into_slice, Model};
+use super::{tensor_into_slice, BatchStats, Model, ModelState, Pass};
+use crate::data::augment::Augment;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::field::VectorField;
@@ -45,6 +46,20 @@ pub struct ModelField<'a> {
     batch_set: bool,
     /// Why the current batch cannot be evaluated; `eval` reports it (set_batch cannot fail).
     batch_error: Option<String>,
+    /// The next evaluation records the batch statistics (set by `set_batch`: the first
+    /// evaluation of an optimizer step is at θ_n, whatever the optimizer).
+    capture: bool,
+    /// The recorded statistics, until `take_batch_stats`.
+    stats: Option<BatchStats>,
+    /// How many evaluations have recorded batch statistics (a test counts them).
+    captures: u64,
+    /// ε of label smoothing (`train.label_smoothing`): the target is (1 − ε)·onehot + ε/K.
+    label_smoothing: f64,
+    /// Training augmentation (`data.augment`), drawn from (augment_seed, step, sample index).
+    augment: Augment,
+    augment_seed: u64,
+    /// The optimizer step the current batch belongs to (`set_step`).
+    step: u64,
     /// `eval_device`'s parameter tensors on the device, built at its first call (dropped by
     /// `set_device`).
     #[cfg(feature = "cuda")]
@@ -75,6 +90,13 @@ impl<'a> ModelField<'a> {
             micro: Vec::new(),
             batch_set: false,
             batch_error: None,
+            capture: false,
+            stats: None,
+            captures: 0,
+            label_smoothing: 0.0,
+            augment: Augment::None,
+            augment_seed: 0,
+            step: 0,
             #[cfg(feature = "cuda")]
             device_params: None,
             #[cfg(feature = "cuda")]
@@ -91,7 +113,42 @@ impl<'a> ModelField<'a> {
         self.indices.extend_from_slice(indices);
         self.global_batch = global_batch;
         self.batch_set = true;
+        self.capture = true;
+        self.stats = None;
         self.gather();
+    }
+
+    /// The batch statistics the first evaluation since `set_batch` recorded (batch norm's
+    /// ghost-batch means and unbiased variances, summed; `BatchStats`), once: None before that
+    /// evaluation, after a take, and for models without state. The trainer takes them after an
+    /// accepted step and updates the running statistics with them (`ModelState::update`), so
+    /// they come from the step's first evaluation at θ_n — never from later stages, DALR probes,
+    /// rejected attempts or retries.
+    pub fn take_batch_stats(&mut self) -> Option<BatchStats> {
+        self.stats.take()
+    }
+
+    /// How many evaluations have recorded batch statistics since the field was made.
+    pub fn stat_captures(&self) -> u64 {
+        self.captures
+    }
+
+    /// Augment training images with `augment` (`data.augment`), each sample's choice drawn from
+    /// (seed, step, sample index) (applies to the next `set_batch`).
+    pub fn set_augment(&mut self, augment: Augment, seed: u64) {
+        self.augment = augment;
+        self.augment_seed = seed;
+    }
+
+    /// The optimizer step the next `set_batch` belongs to (what augmentation draws from).
+    pub fn set_step(&mut self, step: u64) {
+        self.step = step;
+    }
+
+    /// Label smoothing ε in [0, 1): the training target is (1 − ε)·onehot + ε/K (applies to the
+    /// next `set_batch`).
+    pub fn set_label_smoothing(&mut self, eps: f64) {
+        self.label_smoothing = eps;
     }
 
     /// Process the batch in micro-batches of at most `max_samples` samples, summing their
@@ -172,17 +229,25 @@ impl<'a> ModelField<'a> {
             ));
         }
         let (d, k) = (data.sample_dim(), data.num_classes);
-        if data.images.len() != data.len() * d {
+        data.check().map_err(|msg| format!("ModelField: {msg}"))?;
+        let m = if self.micro_batch == 0 { n } else { self.micro_batch };
+        let multiple = self.model.batch_multiple();
+        if n % multiple != 0 || m % multiple != 0 {
             return Err(format!(
-                "ModelField: the data set has {} labels but {} pixel values for {d} per image",
-                data.len(),
-                data.images.len()
+                "ModelField: batch norm normalises over groups of model.bn_group = {multiple} samples, \
+                 but this process's batch of {n} in micro-batches of {m} is not made of whole groups"
             ));
         }
-        let m = if self.micro_batch == 0 { n } else { self.micro_batch };
+        let (on, off) = if self.label_smoothing > 0.0 {
+            let e = self.label_smoothing;
+            ((1.0 - e + e / k as f64) as f32, (e / k as f64) as f32)
+        } else {
+            (1.0, 0.0)
+        };
+        let mut scratch = Vec::new();
         for chunk in self.indices.chunks(m) {
-            let mut x = Vec::with_capacity(chunk.len() * d);
-            let mut onehot = vec![0.0f32; chunk.len() * k];
+            let mut x = vec![0.0f32; chunk.len() * d];
+            let mut onehot = vec![off; chunk.len() * k];
             for (row, &i) in chunk.iter().enumerate() {
                 if i >= data.len() {
                     return Err(format!(
@@ -196,8 +261,9 @@ impl<'a> ModelField<'a> {
                         "ModelField: sample {i} has label {label}, but there are {k} classes"
                     ));
                 }
-                x.extend_from_slice(data.image(i));
-                onehot[row * k + label] = 1.0;
+                let out = &mut x[row * d..(row + 1) * d];
+                data.write_training_image(i, self.augment, self.augment_seed, self.step, &mut scratch, out);
+                onehot[row * k + label] = on;
             }
             let err = |e: candle_core::Error| e.to_string();
             self.micro.push(MicroBatch {
@@ -337,14 +403,25 @@ impl ModelField<'_> {
         let params: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let mut loss_sum = 0.0f64;
         let mut peak_device = 0u64;
+        let state_len = self.model.state_layout().len();
+        let mut stats = (self.capture && state_len > 0).then(|| BatchStats { sums: vec![0.0; state_len], groups: 0 });
+        let multiple = self.model.batch_multiple() as u64;
         for (k, mb) in self.micro.iter().enumerate() {
             let (loss, peak) = if recompute {
-                self.recomputed_backward(vars, mb, scale, sink, k > 0)?
+                self.recomputed_backward(vars, mb, scale, sink, k > 0, stats.as_mut())?
             } else {
-                self.plain_backward(&params, vars, mb, scale, sink, k > 0)?
+                self.plain_backward(&params, vars, mb, scale, sink, k > 0, stats.as_mut())?
             };
+            if let Some(st) = stats.as_mut() {
+                st.groups += mb.x.dim(0)? as u64 / multiple;
+            }
             loss_sum += loss;
             peak_device = peak_device.max(peak);
+        }
+        self.capture = false;
+        if stats.is_some() {
+            self.captures += 1;
+            self.stats = stats;
         }
         self.peak_device_bytes = self.peak_device_bytes.max(peak_device);
         Ok(loss_sum * scale)
@@ -353,6 +430,7 @@ impl ModelField<'_> {
     /// One micro-batch's forward pass with autograd and one backward pass; the gradients go to
     /// `sink` (added when `accumulate`). Returns the micro-batch's summed loss and the GPU memory
     /// in use right after the backward pass.
+    #[allow(clippy::too_many_arguments)]
     fn plain_backward(
         &self,
         params: &[Tensor],
@@ -361,8 +439,10 @@ impl ModelField<'_> {
         scale: f64,
         sink: &mut dyn GradSink,
         accumulate: bool,
+        stats: Option<&mut BatchStats>,
     ) -> Result<(f64, u64)> {
-        let logits = self.model.forward(params, &mb.x)?; // (m, classes)
+        let mut pass = Pass { stats, ..Pass::train() };
+        let logits = self.model.forward(params, &mb.x, &mut pass)?; // (m, classes)
         let per_sample = cross_entropy(&logits, &mb.onehot)?; // (m)
         let loss = per_sample.to_vec1::<f32>()?.iter().map(|&l| l as f64).sum::<f64>();
         // Scaling the scalar objective scales every gradient for free.
@@ -388,6 +468,7 @@ impl ModelField<'_> {
         scale: f64,
         sink: &mut dyn GradSink,
         accumulate: bool,
+        stats: Option<&mut BatchStats>,
     ) -> Result<(f64, u64)> {
         let segments = self.model.segments();
         let params: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
@@ -396,8 +477,12 @@ impl ModelField<'_> {
         let plain: Vec<Tensor> = params.iter().map(|p| p.detach()).collect();
         let mut inputs: Vec<Tensor> = Vec::with_capacity(segments - 1);
         let mut h = mb.x.clone();
+        // This plain forward pass records the batch statistics; the recomputed segments below
+        // compute the same values again and record nothing (the last segment, never part of the
+        // plain pass, records in its one recomputation).
+        let mut pass = Pass { stats, ..Pass::train() };
         for k in 0..segments - 1 {
-            h = self.model.forward_segment(&plain, k, &h)?;
+            h = self.model.forward_segment(&plain, k, &h, &mut pass)?;
             inputs.push(h.clone());
         }
         drop(h);
@@ -412,7 +497,11 @@ impl ModelField<'_> {
                 _ => None,
             };
             let input = input_var.as_ref().map_or_else(|| mb.x.clone(), |v| v.as_tensor().clone());
-            let out = self.model.forward_segment(&params, k, &input)?;
+            let out = if k + 1 == segments {
+                self.model.forward_segment(&params, k, &input, &mut pass)?
+            } else {
+                self.model.forward_segment(&params, k, &input, &mut Pass::train())?
+            };
             let objective = match upstream.take() {
                 None => {
                     let per_sample = cross_entropy(&out, &mb.onehot)?;
@@ -689,18 +778,19 @@ fn cross_entropy(logits: &Tensor, onehot: &Tensor) -> Result<Tensor> {
     Ok((lse - picked)?.squeeze(1)?)
 }
 
-/// Mean cross-entropy and accuracy of θ on `data`, in chunks of `chunk` samples (0 = all at once),
+/// Mean cross-entropy and accuracy of θ (with the model state: evaluation mode) on `data`, in chunks of `chunk` samples (0 = all at once),
 /// without autograd. Returns (loss, accuracy in [0, 1]). The cross-entropy is computed on the host
 /// in f64 from the logits — an implementation independent of the one `ModelField` differentiates.
 /// A sample counts as correct when its label is the first index of its largest logit.
-pub fn evaluate(model: &dyn Model, theta: &[f32], data: &Dataset, chunk: usize) -> Result<(f64, f64)> {
-    evaluate_on(model, theta, data, chunk, &Device::Cpu)
+pub fn evaluate(model: &dyn Model, theta: &[f32], state: &ModelState, data: &Dataset, chunk: usize) -> Result<(f64, f64)> {
+    evaluate_on(model, theta, state, data, chunk, &Device::Cpu)
 }
 
 /// `evaluate` with the model on `device` (the logits come back to the host).
 pub fn evaluate_on(
     model: &dyn Model,
     theta: &[f32],
+    state: &ModelState,
     data: &Dataset,
     chunk: usize,
     device: &Device,
@@ -718,26 +808,32 @@ pub fn evaluate_on(
     if n == 0 {
         return Err(Error::Other("evaluate: the data set is empty".into()));
     }
-    if data.images.len() != n * d {
-        return Err(Error::Other(format!(
-            "evaluate: the data set has {n} labels but {} pixel values for {d} per image",
-            data.images.len()
-        )));
-    }
+    data.check().map_err(|msg| Error::Other(format!("evaluate: {msg}")))?;
     let params = layout
         .params
         .iter()
         .map(|s| Tensor::from_slice(&theta[s.range()], s.shape.as_slice(), device))
         .collect::<candle_core::Result<Vec<_>>>()?;
+    if state.values.len() != model.state_layout().len() {
+        return Err(Error::Other(format!(
+            "evaluate: the model state has {} values, but {} has {}",
+            state.values.len(),
+            model.describe(),
+            model.state_layout().len()
+        )));
+    }
+    let state_tensors = state.tensors(model, device)?;
     let chunk = if chunk == 0 { n } else { chunk };
 
     let (mut loss, mut correct) = (0.0f64, 0usize);
     let mut logits_host = Vec::new();
+    let mut images = Vec::new();
     for start in (0..n).step_by(chunk) {
         let end = (start + chunk).min(n);
-        let x =
-            Tensor::from_slice(&data.images[start * d..end * d], (end - start, d), device)?;
-        let logits = model.forward(&params, &x)?;
+        images.clear();
+        data.extend_images(start..end, &mut images);
+        let x = Tensor::from_slice(&images, (end - start, d), device)?;
+        let logits = model.forward(&params, &x, &mut Pass::eval(&state_tensors))?;
         let (rows, cols) = logits.dims2()?;
         if rows != end - start || cols != k {
             return Err(Error::Other(format!(
@@ -843,7 +939,7 @@ mod tests {
         for seed in 0..100 {
             let theta = random_theta(p, 0.5, seed);
             let Some(fd) =
-                finite_differences(&mut field, &theta, &coords, eps, &|t| preacts(t, &data.images))
+                finite_differences(&mut field, &theta, &coords, eps, &|t| preacts(t, &data.to_f32()))
             else {
                 continue;
             };
@@ -936,7 +1032,7 @@ mod tests {
             assert!((g - (0.1 - freq)).abs() < 1e-6, "class {c}: {g}");
         }
         assert!(grad[..last.offset].iter().all(|&g| g == 0.0));
-        let (eval_loss, _) = evaluate(&model, &theta, &data, 4).unwrap();
+        let (eval_loss, _) = evaluate(&model, &theta, &ModelState::default(), &data, 4).unwrap();
         assert!((eval_loss - 10f64.ln()).abs() < 1e-6);
     }
 
@@ -1020,9 +1116,9 @@ mod tests {
         let mut field = ModelField::new(&model, &data);
         full_batch(&mut field, 9);
         let loss = loss_at(&mut field, &theta);
-        let (eval_loss, acc) = evaluate(&model, &theta, &data, 4).unwrap();
+        let (eval_loss, acc) = evaluate(&model, &theta, &ModelState::default(), &data, 4).unwrap();
         assert!((loss - eval_loss).abs() < 1e-5 * eval_loss, "{loss} vs {eval_loss}");
-        assert_eq!(evaluate(&model, &theta, &data, 0).unwrap(), (eval_loss, acc));
+        assert_eq!(evaluate(&model, &theta, &ModelState::default(), &data, 0).unwrap(), (eval_loss, acc));
     }
 
     /// A linear classifier whose weights are the identity: the logits are the pixels.
@@ -1032,19 +1128,19 @@ mod tests {
         let theta = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0];
         let images = vec![1.0, 0.0, 0.0, 1.0, 2.0, -1.0, -1.0, 3.0, 0.5, 0.2];
         let mut data =
-            Dataset { images, labels: vec![0, 1, 0, 1, 0], image_shape: [1, 1, 2], num_classes: 2 };
+            Dataset::from_f32(images, vec![0, 1, 0, 1, 0], [1, 1, 2], 2);
         // −log softmax(z)_y = ln(1 + exp(z_other − z_y))
         let ce = |d: f64| (1.0 + d.exp()).ln();
         let expect = (ce(-1.0) + ce(-1.0) + ce(-3.0) + ce(-4.0) + ce(-0.3)) / 5.0;
         for chunk in [0, 1, 2, 5, 7] {
-            let (loss, acc) = evaluate(&model, &theta, &data, chunk).unwrap();
+            let (loss, acc) = evaluate(&model, &theta, &ModelState::default(), &data, chunk).unwrap();
             assert_eq!(acc, 1.0);
             assert!((loss - expect).abs() < 1e-7, "chunk {chunk}: {loss} vs {expect}");
         }
         data.labels = vec![1, 1, 0, 0, 1];
-        let (_, acc) = evaluate(&model, &theta, &data, 2).unwrap();
+        let (_, acc) = evaluate(&model, &theta, &ModelState::default(), &data, 2).unwrap();
         assert!((acc - 0.4).abs() < 1e-12);
-        assert!(evaluate(&model, &theta[..5], &data, 2).is_err());
+        assert!(evaluate(&model, &theta[..5], &ModelState::default(), &data, 2).is_err());
     }
 
     #[test]

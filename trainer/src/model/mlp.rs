@@ -7,9 +7,32 @@
 
 use candle_core::Tensor;
 
-use super::{input_linear, Model};
+use super::activation::{dense, LayerActivation};
+use super::layers::input_linear;
+use super::registry::Kind;
+use super::{Model, Pass};
 use crate::error::{Error, Result};
 use crate::layout::ParamLayout;
+
+/// `model.kind = "mlp"`: `model.hidden` = the hidden widths.
+pub const KIND: Kind = Kind {
+    name: "mlp",
+    about: "fully connected, ReLU (the paper's 784-500-500-500-10)",
+    keys: &["hidden"],
+    defaults: |c| {
+        c.hidden.get_or_insert_with(|| DEFAULT_HIDDEN.to_vec());
+    },
+    validate: |c| {
+        if c.hidden.as_deref().unwrap_or_default().contains(&0) {
+            return Err(Error::config("model.hidden", format!("widths must be positive, got {:?}", c.hidden)));
+        }
+        Ok(())
+    },
+    build: |c, image_shape, classes| {
+        let hidden = c.hidden.clone().unwrap_or_else(|| DEFAULT_HIDDEN.to_vec());
+        Ok(Box::new(Mlp::new(image_shape.iter().product(), &hidden, classes)))
+    },
+};
 
 /// The paper's hidden widths: three layers of 500 (SPEC §7).
 pub const DEFAULT_HIDDEN: [usize; 3] = [500, 500, 500];
@@ -54,7 +77,7 @@ impl Model for Mlp {
     }
 
     /// Layer k: x·Wᵀ + b, then ReLU except after the last layer.
-    fn forward_segment(&self, params: &[Tensor], k: usize, h: &Tensor) -> Result<Tensor> {
+    fn forward_segment(&self, params: &[Tensor], k: usize, h: &Tensor, _: &mut Pass) -> Result<Tensor> {
         let layers = self.segments();
         if k >= layers || params.len() != 2 * layers {
             return Err(Error::Other(format!("model: the mlp has {layers} layers; segment {k} with {} tensors", params.len())));
@@ -81,11 +104,17 @@ impl Model for Mlp {
         let widths: Vec<String> = self.widths.iter().map(|w| w.to_string()).collect();
         format!("mlp {} (ReLU), {} params", widths.join("-"), self.layout.len())
     }
+
+    fn activations(&self, _threads: usize) -> Vec<LayerActivation> {
+        let n = self.widths.len() - 1;
+        (0..n).map(|i| dense(self.widths[i], self.widths[i + 1], i == 0, i + 1 == n)).collect()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Pass;
     use candle_core::Device;
 
     #[test]
@@ -125,10 +154,10 @@ mod tests {
         let x = t(&[1.0, 1.0, -2.0, 4.0], &[2, 2]);
         // sample 0: z = [3, −1.5] → h = [3, 0] → y = [3.5, 3]
         // sample 1: z = [6, 3]   → h = [6, 3] → y = [6.5, 3]
-        let y = m.forward(&params, &x).unwrap().to_vec2::<f32>().unwrap();
+        let y = m.forward(&params, &x, &mut Pass::train()).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(y, vec![vec![3.5, 3.0], vec![6.5, 3.0]]);
         // Wrong shapes are errors, not panics.
-        assert!(m.forward(&params[..3], &x).is_err());
-        assert!(m.forward(&params, &t(&[1.0; 6], &[2, 3])).is_err());
+        assert!(m.forward(&params[..3], &x, &mut Pass::train()).is_err());
+        assert!(m.forward(&params, &t(&[1.0; 6], &[2, 3]), &mut Pass::train()).is_err());
     }
 }

@@ -1,0 +1,513 @@
+//! Layers with their own backward passes, and the layers the vision models share.
+//!
+//! - `input_linear` never computes a gradient with respect to the input images (candle's matmul
+//!   backward always does; for the default MLP that is the 784×500 product, a fifth of the
+//!   backward flops, thrown away);
+//! - `conv2d` (any stride and padding) skips it too, and computes the input gradient of hidden
+//!   convs as a convolution rather than with candle's slow CPU `conv_transpose2d`;
+//! - `batch_norm` over ghost batches (training) or with running statistics (evaluation);
+//! - `global_avg_pool`, `avg_pool2d`, `linear`.
+//!
+//! Every layer's gradient is tested against finite differences or candle's own autograd.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, MetalStorage, Shape, Tensor};
+
+use crate::error::{Error, Result};
+
+/// y = x·wᵀ for the first layer: x [batch, in] (the input), w [out, in]. In the backward pass
+/// only w gets a gradient (gᵀ·x); candle's matmul backward would also form g·w for x.
+pub(crate) fn input_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let x = x.detach();
+    let value = x.matmul(&w.detach().t()?)?;
+    with_param_grad(value, w, move |g| g.t()?.matmul(&x))
+}
+
+/// 2-D convolution x [batch, C, H, W] ⊛ w [out, C, k, k], stride `stride`, dilation 1, zero
+/// padding `padding` < k on every side (so "same" at stride 1 is padding (k − 1)/2), no bias,
+/// with its own backward pass:
+/// - the input gradient is a stride-1 convolution of g — dilated by inserting stride − 1 zeros
+///   between its entries and padded by k − 1 − padding (plus the rows and columns the forward
+///   pass's floor division dropped) — with the spatially flipped, channel-transposed kernel: the
+///   transposed convolution, written as a convolution. candle's conv backward uses its CPU
+///   `conv_transpose2d` instead, which is ~15× slower than the forward conv at the CNN's sizes
+///   (650 ms against 45 ms for 64×20×28×28 → 10 channels), so it dominated the CNN's whole
+///   gradient evaluation;
+/// - the input gradient is skipped when x does not track gradients (the input images), and the
+///   weight gradient when w does not.
+pub(crate) fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    let (_, _, kh, kw) = w.dims4()?;
+    if kh != kw || padding >= kh || stride == 0 {
+        return Err(Error::Other(format!(
+            "model: conv2d needs a square kernel, padding < kernel size and stride ≥ 1, \
+             got {kh}×{kw} with padding {padding}, stride {stride}"
+        )));
+    }
+    let value = x.detach().conv2d(&w.detach(), padding, stride, 1, 1)?;
+    if !x.track_op() && !w.track_op() {
+        return Ok(value);
+    }
+    Ok(value.apply_op3(x, w, Conv2dBackward { padding, stride })?)
+}
+
+/// The forward pass of the custom ops below, on every backend: a copy of the first argument (the
+/// value, computed beforehand from detached tensors). The copy is one activation-sized pass,
+/// small next to the matmul or conv that produced the value. The ops differ only in `bwd`; the
+/// rest of their impls is what `CustomOp2`/`CustomOp3` require: one method per backend and arity,
+/// each with its own storage type (the defaults of `cuda_fwd` and `metal_fwd` are errors).
+fn pass_through<S: BackendStorage>(s1: &S, l1: &Layout) -> candle_core::Result<(S, Shape)> {
+    Ok((s1.affine(l1, 1.0, 0.0)?, l1.shape().clone()))
+}
+
+/// The custom op behind `conv2d`: forward copies its first argument (`pass_through`), backward
+/// routes g to x and w.
+struct Conv2dBackward {
+    padding: usize,
+    stride: usize,
+}
+
+impl CustomOp3 for Conv2dBackward {
+    fn name(&self) -> &'static str {
+        "conv2d"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        pass_through(s1, l1)
+    }
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        pass_through(s1, l1)
+    }
+    fn metal_fwd(
+        &self,
+        s1: &MetalStorage,
+        l1: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(MetalStorage, Shape)> {
+        pass_through(s1, l1)
+    }
+    fn bwd(
+        &self,
+        _value: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (p, s) = (self.padding, self.stride);
+        let (_, _, k, _) = w.dims4()?;
+        let (_, _, h, wid) = x.dims4()?;
+        let (_, _, gh, gw) = g.dims4()?;
+        let dx = if x.track_op() {
+            // dL/dx[b, c, y, z] = Σ_{o,i,j} g[b, o, (y + p − i)/s, (z + p − j)/s] · w[o, c, i, j]
+            // over the (i, j) where the division is exact. With g dilated (g_s[b, o, s·u, s·v] =
+            // g[b, o, u, v], zero elsewhere) that is (g_s ⊛ w')[b, c, y, z] with
+            // w'[c, o, i, j] = w[o, c, k−1−i, k−1−j] and padding k − 1 − p: a stride-1
+            // convolution. The dilated g covers (gh − 1)·s + 1 rows; the forward pass dropped the
+            // last (h + 2p − k) mod s input rows, whose gradient is what the extra bottom
+            // padding gives (and likewise for columns).
+            let rev = Tensor::from_vec((0..k as u32).rev().collect::<Vec<_>>(), k, w.device())?;
+            let flipped = w.detach().index_select(&rev, 2)?.index_select(&rev, 3)?.transpose(0, 1)?.contiguous()?;
+            let q = k - 1 - p;
+            let g = g.contiguous()?;
+            if s == 1 {
+                Some(g.conv2d(&flipped, q, 1, 1, 1)?)
+            } else {
+                let (b, o) = (g.dim(0)?, g.dim(1)?);
+                // Dilate: (B, O, gh, 1, gw, 1) padded to (B, O, gh, s, gw, s), flattened, cut.
+                let dilated = g
+                    .reshape((b, o, gh, 1, gw, 1))?
+                    .pad_with_zeros(3, 0, s - 1)?
+                    .pad_with_zeros(5, 0, s - 1)?
+                    .reshape((b, o, gh * s, gw * s))?
+                    .narrow(2, 0, (gh - 1) * s + 1)?
+                    .narrow(3, 0, (gw - 1) * s + 1)?;
+                let extra_h = h + 2 * p - k - (gh - 1) * s;
+                let extra_w = wid + 2 * p - k - (gw - 1) * s;
+                let padded = dilated.pad_with_zeros(2, q, q + extra_h)?.pad_with_zeros(3, q, q + extra_w)?;
+                Some(padded.conv2d(&flipped, 0, 1, 1, 1)?)
+            }
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            // dL/dw[o, c, i, j] = Σ_{b,y,z} g[b, o, y, z] · x_pad[b, c, s·y + i, s·z + j]: a
+            // convolution over the batch axis with g as the kernel, dilated by the stride (the
+            // formula of candle's own conv2d backward).
+            let gw = x
+                .detach()
+                .transpose(0, 1)?
+                .conv2d(&g.transpose(0, 1)?, p, 1, s, 1)?
+                .transpose(0, 1)?;
+            let (_, _, rh, rw) = gw.dims4()?;
+            Some(if rh != k || rw != k { gw.narrow(2, 0, k)?.narrow(3, 0, k)? } else { gw })
+        } else {
+            None
+        };
+        Ok((None, dx, dw))
+    }
+}
+
+/// `value` in the forward pass; in the backward pass the incoming gradient g goes to `param` as
+/// `vjp(g)` and nowhere else. Without a tracked `param` (evaluation) this is just `value`.
+fn with_param_grad<F>(value: Tensor, param: &Tensor, vjp: F) -> Result<Tensor>
+where
+    F: Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync + 'static,
+{
+    if !param.track_op() {
+        return Ok(value);
+    }
+    Ok(value.apply_op2(param, ParamOnlyGrad { vjp })?)
+}
+
+/// The custom op behind `with_param_grad`: forward copies its first argument (`pass_through`),
+/// backward returns (nothing, vjp(g)).
+struct ParamOnlyGrad<F> {
+    vjp: F,
+}
+
+impl<F> CustomOp2 for ParamOnlyGrad<F>
+where
+    F: Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync,
+{
+    fn name(&self) -> &'static str {
+        "param-only-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        pass_through(s1, l1)
+    }
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        pass_through(s1, l1)
+    }
+    fn metal_fwd(
+        &self,
+        s1: &MetalStorage,
+        l1: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(MetalStorage, Shape)> {
+        pass_through(s1, l1)
+    }
+    fn bwd(
+        &self,
+        _value: &Tensor,
+        _param: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((None, Some((self.vjp)(grad)?)))
+    }
+}
+
+/// ε of batch norm: PyTorch's default (`torch.nn.BatchNorm2d(eps=1e-5)`).
+pub(crate) const BN_EPS: f64 = 1e-5;
+
+/// Training-mode batch norm over ghost batches: x [B, C, H, W] is cut into B / `group`
+/// consecutive groups of `group` samples, and each group is normalised with its own mean and
+/// (biased) variance over (samples, H, W) per channel, then scaled by γ and shifted by β [C].
+/// Built from candle ops that all have a backward pass, so the gradient flows through the
+/// statistics as in PyTorch's training-mode `BatchNorm2d` (one group = the whole batch is
+/// exactly PyTorch's). Returns y and the groups' means and biased variances, each [B / group, C].
+pub(crate) fn batch_norm_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    group: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, c, h, w) = x.dims4()?;
+    if group == 0 || b % group != 0 {
+        return Err(Error::Other(format!(
+            "model: batch norm over groups of {group} samples got a batch of {b}, not a multiple"
+        )));
+    }
+    let groups = b / group;
+    let xr = x.reshape((groups, group, c, h * w))?;
+    let mean = xr.mean_keepdim(3)?.mean_keepdim(1)?; // (groups, 1, C, 1)
+    let centred = xr.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(3)?.mean_keepdim(1)?; // biased, (groups, 1, C, 1)
+    let inv_std = (var.affine(1.0, BN_EPS)?).sqrt()?.recip()?;
+    let y = centred
+        .broadcast_mul(&inv_std)?
+        .broadcast_mul(&gamma.reshape((1, 1, c, 1))?)?
+        .broadcast_add(&beta.reshape((1, 1, c, 1))?)?
+        .reshape((b, c, h, w))?;
+    Ok((y, mean.reshape((groups, c))?, var.reshape((groups, c))?))
+}
+
+/// Evaluation-mode batch norm with the running statistics, computed as PyTorch's CPU kernel
+/// does (`batch_norm_cpu_transform_input`): α = γ / √(var + ε), β' = β − mean·α, y = x·α + β'.
+pub(crate) fn batch_norm_eval(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+) -> Result<Tensor> {
+    let c = x.dim(1)?;
+    let alpha = (gamma / running_var.affine(1.0, BN_EPS)?.sqrt()?)?;
+    let shift = (beta - (running_mean * &alpha)?)?;
+    Ok(x.broadcast_mul(&alpha.reshape((1, c, 1, 1))?)?.broadcast_add(&shift.reshape((1, c, 1, 1))?)?)
+}
+
+/// Mean over the spatial dims: [B, C, H, W] → [B, C] (PyTorch's `AdaptiveAvgPool2d(1)` + flatten).
+pub(crate) fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    Ok(x.reshape((b, c, h * w))?.mean(2)?)
+}
+
+/// Average pooling with a k×k window and stride k (PyTorch's `F.avg_pool2d(x, k)`, no padding;
+/// trailing rows and columns that do not fill a window are dropped).
+#[allow(dead_code)] // in the layer set (and tested); no model uses it yet: WRN's 8×8 pool is `global_avg_pool`
+pub(crate) fn avg_pool2d(x: &Tensor, k: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (oh, ow) = (h / k, w / k);
+    if k == 0 || oh == 0 || ow == 0 {
+        return Err(Error::Other(format!("model: avg_pool2d({k}) of a {h}×{w} map")));
+    }
+    let x = if oh * k != h || ow * k != w { x.narrow(2, 0, oh * k)?.narrow(3, 0, ow * k)? } else { x.clone() };
+    // (B, C, oh, k, ow, k): mean over the window axes; plain reductions, so plain gradients.
+    Ok(x.contiguous()?.reshape((b, c, oh, k, ow, k))?.mean_keepdim(5)?.mean_keepdim(3)?.reshape((b, c, oh, ow))?)
+}
+
+/// y = x·wᵀ + b for a hidden or head layer: x [B, in], w [out, in], b [out].
+pub(crate) fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(x.matmul(&w.t()?)?.broadcast_add(b)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// The gradients of Σ out·g for out = conv(x, w, padding, stride), by the definition:
+    /// loops over every output position and kernel tap, in f64.
+    fn brute_conv_grads(x: &Tensor, w: &Tensor, g: &Tensor, p: usize, s: usize) -> (Tensor, Tensor) {
+        let (b, c, h, wd) = x.dims4().unwrap();
+        let (o, _, k, _) = w.dims4().unwrap();
+        let (_, _, oh, ow) = g.dims4().unwrap();
+        let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let wv = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let gv = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (mut dx, mut dw) = (vec![0f64; xv.len()], vec![0f64; wv.len()]);
+        for bi in 0..b {
+            for oi in 0..o {
+                for y in 0..oh {
+                    for z in 0..ow {
+                        let gg = gv[((bi * o + oi) * oh + y) * ow + z] as f64;
+                        for ci in 0..c {
+                            for i in 0..k {
+                                for j in 0..k {
+                                    let (yy, zz) = ((y * s + i) as isize - p as isize, (z * s + j) as isize - p as isize);
+                                    if yy < 0 || zz < 0 || yy >= h as isize || zz >= wd as isize {
+                                        continue;
+                                    }
+                                    let xi = ((bi * c + ci) * h + yy as usize) * wd + zz as usize;
+                                    let wi = ((oi * c + ci) * k + i) * k + j;
+                                    dx[xi] += gg * wv[wi] as f64;
+                                    dw[wi] += gg * xv[xi] as f64;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let t = |v: Vec<f64>, shape: &[usize]| {
+            Tensor::from_vec(v.into_iter().map(|x| x as f32).collect::<Vec<_>>(), shape, &Device::Cpu).unwrap()
+        };
+        (t(dx, x.dims()), t(dw, w.dims()))
+    }
+
+    /// `input_linear` and `conv2d` give candle's values and, for any stride, padding and input
+    /// size (also those where the last rows do not fill a window, which candle's own conv
+    /// backward gets wrong), the gradients by definition; no gradient for an input that does not
+    /// track one.
+    #[test]
+    fn layer_ops_match_candle() {
+        let dev = Device::Cpu;
+        let loss = |t: &Tensor| t.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        for (k, padding, stride) in
+            [(3, 1, 1), (3, 0, 1), (3, 2, 1), (5, 2, 1), (1, 0, 1), (3, 1, 2), (1, 0, 2), (3, 0, 2), (3, 1, 3), (5, 2, 2)]
+        {
+            for (h, wd) in [(6, 5), (8, 8), (7, 7)] {
+                let x = Var::randn(0f32, 1.0, (3, 2, h, wd), &dev).unwrap();
+                let w = Var::randn(0f32, 1.0, (4, 2, k, k), &dev).unwrap();
+                let ours = conv2d(&x, &w, padding, stride).unwrap();
+                let reference = x.conv2d(&w, padding, stride, 1, 1).unwrap();
+                assert_close(&ours, &reference, 1e-6);
+                let (dx, dw) = brute_conv_grads(&x, &w, &ours.affine(2.0, 0.0).unwrap(), padding, stride);
+                let g_ours = loss(&ours);
+                assert_close(g_ours.get(&x).unwrap(), &dx, 1e-5);
+                assert_close(g_ours.get(&w).unwrap(), &dw, 1e-5);
+                // Data input: no input gradient.
+                let data = x.as_detached_tensor();
+                let g = loss(&conv2d(&data, &w, padding, stride).unwrap());
+                assert!(g.get(&data).is_none());
+                assert_close(g.get(&w).unwrap(), &dw, 1e-5);
+                // Fixed weights: input gradient only.
+                let fixed = w.as_detached_tensor();
+                let g = loss(&conv2d(&x, &fixed, padding, stride).unwrap());
+                assert!(g.get(&fixed).is_none());
+                assert_close(g.get(&x).unwrap(), &dx, 1e-5);
+            }
+        }
+        assert!(conv2d(
+            &Tensor::zeros((1, 1, 4, 4), candle_core::DType::F32, &dev).unwrap(),
+            &Tensor::zeros((1, 1, 3, 3), candle_core::DType::F32, &dev).unwrap(),
+            3,
+            1
+        )
+        .is_err());
+
+        let x = Var::randn(0f32, 1.0, (4, 6), &dev).unwrap();
+        let w = Var::randn(0f32, 1.0, (3, 6), &dev).unwrap();
+        let ours = input_linear(&x, &w).unwrap();
+        let reference = x.matmul(&w.t().unwrap()).unwrap();
+        assert_close(&ours, &reference, 1e-6);
+        let (g_ours, g_ref) = (loss(&ours), loss(&reference));
+        assert!(g_ours.get(&x).is_none());
+        assert!(g_ref.get(&x).is_some());
+        assert_close(g_ours.get(&w).unwrap(), g_ref.get(&w).unwrap(), 1e-5);
+    }
+
+    /// Central finite differences in f64 of f at every coordinate of `x`, against the autograd
+    /// gradient of Σ f(x)·r (r fixed random weights, so every output matters).
+    fn check_fd(x: &[f64], shape: &[usize], f: &dyn Fn(&Tensor) -> Tensor) {
+        let dev = Device::Cpu;
+        let var = Var::from_vec(x.to_vec(), shape, &dev).unwrap();
+        let out = f(var.as_tensor());
+        let r = Tensor::randn(0f64, 1.0, out.dims(), &dev).unwrap();
+        let objective = |t: &Tensor| (f(t) * &r).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        let grads = (out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = grads.get(&var).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let eps = 1e-6;
+        let gmax = g.iter().fold(1e-12f64, |m, v| m.max(v.abs()));
+        for i in 0..x.len() {
+            let mut up = x.to_vec();
+            up[i] += eps;
+            let mut down = x.to_vec();
+            down[i] -= eps;
+            let t = |v: Vec<f64>| Tensor::from_vec(v, shape, &dev).unwrap();
+            let fd = (objective(&t(up)) - objective(&t(down))) / (2.0 * eps);
+            assert!((fd - g[i]).abs() <= 1e-6 * gmax, "coordinate {i}: autograd {}, finite difference {fd}", g[i]);
+        }
+    }
+
+    fn randn(n: usize, seed: u64) -> Vec<f64> {
+        use rand::SeedableRng;
+        use rand_distr::Distribution;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| rand_distr::StandardNormal.sample(&mut rng)).collect()
+    }
+
+    /// Training-mode batch norm: gradients with respect to the input, γ and β match finite
+    /// differences (through the group statistics), with 1 and 3 ghost batches.
+    #[test]
+    fn batch_norm_gradients_match_finite_differences() {
+        let dev = Device::Cpu;
+        let t = |v: Vec<f64>, s: &[usize]| Tensor::from_vec(v, s, &dev).unwrap();
+        let (gamma, beta) = (t(randn(3, 1), &[3]), t(randn(3, 2), &[3]));
+        for group in [6, 2] {
+            let x = randn(6 * 3 * 2 * 2, 3);
+            check_fd(&x, &[6, 3, 2, 2], &|x| batch_norm_train(x, &gamma, &beta, group).unwrap().0);
+            let xt = t(x.clone(), &[6, 3, 2, 2]);
+            check_fd(&randn(3, 4), &[3], &|g| batch_norm_train(&xt, g, &beta, group).unwrap().0);
+            check_fd(&randn(3, 5), &[3], &|b| batch_norm_train(&xt, &gamma, b, group).unwrap().0);
+        }
+        // Each group is normalised on its own: mean 0 and variance 1/(1 + ε/var) per channel.
+        let x = t(randn(4 * 2 * 3 * 3, 6), &[4, 2, 3, 3]);
+        let ones = t(vec![1.0; 2], &[2]);
+        let zeros = t(vec![0.0; 2], &[2]);
+        let (y, mean, var) = batch_norm_train(&x, &ones, &zeros, 2).unwrap();
+        assert_eq!(mean.dims(), [2, 2]);
+        let y = y.reshape((2, 2, 2, 9)).unwrap();
+        let m = y.mean_keepdim(3).unwrap().mean_keepdim(1).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        assert!(m.iter().all(|v| v.abs() < 1e-12), "{m:?}");
+        let group0 = x.narrow(0, 0, 2).unwrap().transpose(0, 1).unwrap().flatten_from(1).unwrap();
+        let direct = group0.var_keepdim(1).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap(); // unbiased
+        let ours = var.get(0).unwrap().to_vec1::<f64>().unwrap(); // biased
+        for (d, o) in direct.iter().zip(&ours) {
+            assert!((d * 17.0 / 18.0 - o).abs() < 1e-12, "{d} {o}");
+        }
+        assert!(batch_norm_train(&x, &ones, &zeros, 3).is_err());
+    }
+
+    /// Evaluation-mode batch norm is (x − mean) / √(var + ε) · γ + β.
+    #[test]
+    fn batch_norm_eval_is_the_affine_map() {
+        let dev = Device::Cpu;
+        let t = |v: &[f64], s: &[usize]| Tensor::from_slice(v, s, &dev).unwrap();
+        let x = t(&[1.0, 2.0, 3.0, 4.0], &[1, 2, 1, 2]);
+        let y = batch_norm_eval(&x, &t(&[2.0, 1.0], &[2]), &t(&[0.5, -1.0], &[2]), &t(&[1.0, 4.0], &[2]), &t(&[4.0, 1.0], &[2]))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let expect = [
+            (1.0 - 1.0) / (4.0 + BN_EPS).sqrt() * 2.0 + 0.5,
+            (2.0 - 1.0) / (4.0 + BN_EPS).sqrt() * 2.0 + 0.5,
+            (3.0 - 4.0) / (1.0 + BN_EPS).sqrt() - 1.0,
+            (4.0 - 4.0) / (1.0 + BN_EPS).sqrt() - 1.0,
+        ];
+        for (a, b) in y.iter().zip(expect) {
+            assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn pooling_and_linear_gradients_match_finite_differences() {
+        check_fd(&randn(2 * 3 * 4 * 5, 7), &[2, 3, 4, 5], &|x| global_avg_pool(x).unwrap());
+        check_fd(&randn(2 * 3 * 4 * 5, 8), &[2, 3, 4, 5], &|x| avg_pool2d(x, 2).unwrap());
+        let x = Tensor::from_vec(randn(2 * 3 * 4 * 4, 9), (2, 3, 4, 4), &Device::Cpu).unwrap();
+        let pooled = avg_pool2d(&x, 2).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let xs = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        assert!((pooled[0] - (xs[0] + xs[1] + xs[4] + xs[5]) / 4.0).abs() < 1e-12);
+        let dev = Device::Cpu;
+        let w = Tensor::from_vec(randn(12, 10), (4, 3), &dev).unwrap();
+        let b = Tensor::from_vec(randn(4, 11), 4, &dev).unwrap();
+        check_fd(&randn(6, 12), &[2, 3], &|x| linear(x, &w, &b).unwrap());
+        let xin = Tensor::from_vec(randn(6, 13), (2, 3), &dev).unwrap();
+        check_fd(&randn(12, 14), &[4, 3], &|w| linear(&xin, w, &b).unwrap());
+    }
+
+    fn assert_close(a: &Tensor, b: &Tensor, tol: f32) {
+        assert_eq!(a.dims(), b.dims());
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let scale = b.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= tol * scale, "{x} vs {y}");
+        }
+    }
+
+}
