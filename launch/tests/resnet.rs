@@ -1,0 +1,86 @@
+//! The CIFAR ResNet-18 end to end through the real binary, on real images (Fashion-MNIST: CIFAR
+//! cannot be downloaded on these machines): it trains to a stated test accuracy, and the
+//! `model.safetensors` it writes loads into torchvision's resnet18 (CIFAR stem) with
+//! `load_state_dict(strict=True)` and predicts what kutta predicts (`scripts/torchvision_resnet.py`,
+//! when the PyTorch venv of the README is there; otherwise that part says SKIPPED).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+mod common;
+
+use common::{repo_path, require_fashion_mnist};
+use kutta_trainer::model::{self, Pass};
+
+/// The test-set accuracy the run must reach: measured 76.22 % on the full 10 000 test images
+/// (300 steps of batch 64 = 1/3 epoch, width 8, 288 s on 2 cores; the run is deterministic).
+const MIN_ACCURACY: f64 = 0.74;
+
+fn torch_python() -> Option<PathBuf> {
+    let p = std::env::var_os("KUTTA_TORCH_PYTHON").map(PathBuf::from).or_else(|| {
+        std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/kutta/torch-venv/bin/python"))
+    })?;
+    p.is_file().then_some(p)
+}
+
+#[test]
+fn resnet18_trains_on_real_images_and_matches_torchvision() {
+    require_fashion_mnist();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let t0 = std::time::Instant::now();
+    let o = Command::new(env!("CARGO_BIN_EXE_kutta"))
+        .args(["train", "--config", &repo_path("configs/fashion_mnist_resnet18.toml"), "--out", out.to_str().unwrap()])
+        .args(["--set", "model.width=8", "--set", "train.steps=300", "--set", "train.eval_every=0"])
+        .args(["--set", "train.checkpoint_every=0", "--set", "train.eval_chunk=500"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let acc = summary["final_test_accuracy"].as_f64().unwrap();
+    eprintln!("resnet18 width 8, 300 steps of batch 64 on Fashion-MNIST: test accuracy {:.2} % in {secs:.0} s", acc * 100.0);
+    assert!(acc >= MIN_ACCURACY, "test accuracy {acc} < {MIN_ACCURACY}");
+    assert!(summary["model"].as_str().unwrap().starts_with("resnet18"), "{summary}");
+
+    // kutta's evaluation-mode logits on 16 test images, for the independent check.
+    let cfg = kutta_trainer::config::Config::load(&out.join("config.toml"), &[]).unwrap();
+    let (_, test) = kutta_trainer::data::load(&cfg.data).unwrap();
+    let m = model::build(&cfg.model, test.image_shape, test.num_classes).unwrap();
+    let (theta, state) = model::load_safetensors(m.as_ref(), &out.join("model.safetensors")).unwrap();
+    assert_eq!(state.updates, 300, "the running statistics are updated once per step");
+    let dev = candle_core::Device::Cpu;
+    let params: Vec<candle_core::Tensor> = m
+        .layout()
+        .params
+        .iter()
+        .map(|s| candle_core::Tensor::from_slice(&theta[s.range()], s.shape.as_slice(), &dev).unwrap())
+        .collect();
+    let state_t = state.tensors(m.as_ref(), &dev).unwrap();
+    let mut x = Vec::new();
+    test.extend_images(0..16, &mut x);
+    let xt = candle_core::Tensor::from_slice(&x, (16, 784), &dev).unwrap();
+    let logits = m.forward(&params, &xt, &mut Pass::eval(&state_t)).unwrap();
+    let Some(python) = torch_python() else {
+        eprintln!("SKIPPED: the torchvision comparison needs PyTorch (python3 -m venv ~/.cache/kutta/torch-venv && ~/.cache/kutta/torch-venv/bin/pip install torch torchvision safetensors, or KUTTA_TORCH_PYTHON)");
+        return;
+    };
+    let io = dir.path().join("io.safetensors");
+    let xb: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let lv = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let lb: Vec<u8> = lv.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let views = vec![
+        ("x", safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![16, 1, 28, 28], &xb).unwrap()),
+        ("logits", safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![16, 10], &lb).unwrap()),
+    ];
+    std::fs::write(&io, safetensors::serialize(views, None).unwrap()).unwrap();
+    let check = Command::new(python)
+        .arg(repo_path("scripts/torchvision_resnet.py"))
+        .args(["check", "--weights", out.join("model.safetensors").to_str().unwrap(), "--inputs", io.to_str().unwrap(), "--tol", "1e-4"])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&check.stdout);
+    eprintln!("torchvision: {report}");
+    assert!(check.status.success(), "torchvision disagrees: {report}{}", String::from_utf8_lossy(&check.stderr));
+}
