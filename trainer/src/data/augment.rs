@@ -21,6 +21,7 @@
 
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use super::sampler::bounded;
 
 /// The padding of the standard CIFAR crop: 32×32 crops from the 40×40 zero-padded image.
 pub const CIFAR_PAD: usize = 4;
@@ -124,20 +125,6 @@ fn apply_crop_flip(
             }
         }
     }
-}
-
-/// A uniform integer in `0..s` (`s > 0`), unbiased: Lemire's multiply-shift with rejection (the
-/// sampler's `bounded`, kept separate so that each module's stream is pinned by its own tests).
-fn bounded(rng: &mut impl RngCore, s: u64) -> u64 {
-    debug_assert!(s > 0);
-    let mut m = rng.next_u64() as u128 * s as u128;
-    if (m as u64) < s {
-        let threshold = s.wrapping_neg() % s;
-        while (m as u64) < threshold {
-            m = rng.next_u64() as u128 * s as u128;
-        }
-    }
-    (m >> 64) as u64
 }
 
 #[cfg(test)]

@@ -124,7 +124,9 @@ fn splitmix64(x: u64) -> u64 {
 }
 
 /// A uniform integer in `0..s` (`s > 0`), unbiased: Lemire's multiply-shift with rejection.
-fn bounded(rng: &mut impl RngCore, s: u64) -> u64 {
+/// Ours rather than `rand`'s `random_range`, whose algorithm rand does not promise to keep: the
+/// shuffles and the augmentation (`augment`) must draw the same numbers in every version.
+pub(crate) fn bounded(rng: &mut impl RngCore, s: u64) -> u64 {
     debug_assert!(s > 0);
     let mut m = rng.next_u64() as u128 * s as u128;
     if (m as u64) < s {

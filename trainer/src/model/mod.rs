@@ -240,6 +240,25 @@ impl Bn {
     }
 }
 
+/// Declare a conv kernel [c_out, c_in, k, k] (no bias) with He normal (fan_out) initialisation,
+/// torchvision's for ResNets; returns its index in the layout.
+pub(crate) fn conv_weight(layout: &mut ParamLayout, name: String, c_out: usize, c_in: usize, k: usize) -> usize {
+    let i = layout.params.len();
+    layout.push_init(name, &[c_out, c_in, k, k], Init::HeNormalFanOut);
+    i
+}
+
+/// The spatial size (H, W) of `image_shape` after 3×3 (padding 1) or 1×1 convolutions with these
+/// strides: ⌈H / s⌉ each.
+pub(crate) fn spatial_after(image_shape: [usize; 3], strides: impl Iterator<Item = usize>) -> (usize, usize) {
+    let [_, mut h, mut w] = image_shape;
+    for s in strides {
+        h = (h - 1) / s + 1;
+        w = (w - 1) / s + 1;
+    }
+    (h, w)
+}
+
 /// jax.nn.initializers.truncated_normal's correction: the standard deviation of a standard normal
 /// truncated to [−2, 2]. Dividing by it makes the truncated draw's variance exactly 1.
 const TRUNCATED_NORMAL_STD: f64 = 0.879_625_661_034_239_8;

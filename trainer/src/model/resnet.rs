@@ -19,7 +19,7 @@ use candle_core::Tensor;
 use super::activation::{conv_bn, dense, LayerActivation};
 use super::layers::{conv2d, global_avg_pool, linear};
 use super::registry::{bn_defaults, bn_keys, Kind};
-use super::{Bn, Model, Pass};
+use super::{conv_weight, spatial_after, Bn, Model, Pass};
 use crate::error::{Error, Result};
 use crate::layout::{Init, ParamLayout};
 
@@ -76,11 +76,6 @@ pub struct ResNet18 {
     fc: usize,
 }
 
-fn conv_weight(layout: &mut ParamLayout, name: String, c_out: usize, c_in: usize, k: usize) -> usize {
-    let i = layout.params.len();
-    layout.push_init(name, &[c_out, c_in, k, k], Init::HeNormalFanOut);
-    i
-}
 
 impl ResNet18 {
     pub fn new(image_shape: [usize; 3], width: usize, classes: usize, bn_group: usize, bn_momentum: f64) -> Self {
@@ -114,12 +109,7 @@ impl ResNet18 {
 
     /// Spatial size (H, W) after the first `blocks` blocks.
     fn spatial(&self, blocks: usize) -> (usize, usize) {
-        let [_, mut h, mut w] = self.image_shape;
-        for b in &self.blocks[..blocks] {
-            h = (h - 1) / b.stride + 1;
-            w = (w - 1) / b.stride + 1;
-        }
-        (h, w)
+        spatial_after(self.image_shape, self.blocks[..blocks].iter().map(|b| b.stride))
     }
 }
 
