@@ -9,14 +9,12 @@ use kutta_trainer::config::Config;
 use kutta_trainer::train::{self, Progress};
 use std::path::Path;
 
-const FASHION: &str = "/usr/share/datasets/fashion-mnist";
+mod common;
+
+use common::{checkpoint_tensor, max_rel_diff, run};
 
 fn config(sets: &[&str]) -> Config {
-    assert!(
-        Path::new(FASHION).join("train-images-idx3-ubyte.gz").is_file(),
-        "Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist"
-    );
-    let mut all: Vec<String> = [
+    let base = [
         "model.kind=resnet18",
         "model.width=4",
         "model.bn_group=4",
@@ -28,43 +26,13 @@ fn config(sets: &[&str]) -> Config {
         "train.checkpoint_every=2",
         "train.log_every=1",
         "optimizer.lr=0.05",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    all.extend(sets.iter().map(|s| s.to_string()));
-    Config::from_toml_str("", &all).unwrap()
+    ];
+    common::config(&base, sets)
 }
 
 /// θ and the model state of the newest checkpoint in `dir`.
 fn weights(dir: &Path) -> (Vec<f32>, Vec<f32>) {
-    let newest = kutta_trainer::checkpoint::list(dir).unwrap().remove(0);
-    let bytes = std::fs::read(newest).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let read = |name: &str| -> Vec<f32> {
-        st.tensor(name).unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-    };
-    (read("theta"), read("model_state"))
-}
-
-fn run(cfg: &Config, out: &Path, ranks: usize) -> train::Summary {
-    if ranks == 0 {
-        return train::train(cfg, out, Progress::Off, &SingleProcess).unwrap();
-    }
-    std::thread::scope(|s| {
-        let hs: Vec<_> = LocalGroup::new(ranks)
-            .into_iter()
-            .map(|c| s.spawn(move || train::train(cfg, out, Progress::Off, &c as &dyn Communicator)))
-            .collect();
-        let mut sums: Vec<train::Summary> = hs.into_iter().map(|h| h.join().unwrap().unwrap()).collect();
-        sums.remove(0)
-    })
-}
-
-fn max_rel_diff(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let scale = a.iter().map(|x| x.abs() as f64).fold(0.0, f64::max).max(1e-30);
-    a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max) / scale
+    (checkpoint_tensor(dir, "theta"), checkpoint_tensor(dir, "model_state"))
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {

@@ -7,53 +7,24 @@ use kutta_trainer::config::Config;
 use kutta_trainer::train::{self, Progress};
 use std::path::Path;
 
-const FASHION: &str = "/usr/share/datasets/fashion-mnist";
+mod common;
+
+use common::{max_rel_diff, run};
 
 fn config(sets: &[&str]) -> Config {
-    assert!(
-        Path::new(FASHION).join("train-images-idx3-ubyte.gz").is_file(),
-        "Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist"
-    );
-    let mut all: Vec<String> = [
+    let base = [
         "data.train_subset=600",
         "model.hidden=[48, 24]",
         "train.steps=12",
         "train.eval_every=6",
         "train.checkpoint_every=6",
         "train.log_every=1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    all.extend(sets.iter().map(|s| s.to_string()));
-    Config::from_toml_str("", &all).unwrap()
+    ];
+    common::config(&base, sets)
 }
 
 fn weights(dir: &Path) -> Vec<f32> {
-    let newest = kutta_trainer::checkpoint::list(dir).unwrap().remove(0);
-    let bytes = std::fs::read(newest).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensor("theta").unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-}
-
-/// Run on `ranks` thread-ranks (or one plain process when 0) into `out`.
-fn run(cfg: &Config, out: &Path, ranks: usize) -> train::Summary {
-    if ranks == 0 {
-        return train::train(cfg, out, Progress::Off, &SingleProcess).unwrap();
-    }
-    std::thread::scope(|s| {
-        let hs: Vec<_> = LocalGroup::new(ranks)
-            .into_iter()
-            .map(|c| s.spawn(move || train::train(cfg, out, Progress::Off, &c as &dyn Communicator)))
-            .collect();
-        let mut sums: Vec<train::Summary> = hs.into_iter().map(|h| h.join().unwrap().unwrap()).collect();
-        sums.remove(0)
-    })
-}
-
-fn max_rel_diff(a: &[f32], b: &[f32]) -> f64 {
-    let scale = a.iter().map(|x| x.abs() as f64).fold(0.0, f64::max).max(1e-30);
-    a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max) / scale
+    common::checkpoint_tensor(dir, "theta")
 }
 
 fn equivalent(sets: &[&str], ranks: usize) -> f64 {

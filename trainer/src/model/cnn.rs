@@ -10,7 +10,7 @@
 use candle_core::Tensor;
 
 use super::activation::{conv, dense, LayerActivation};
-use super::layers::conv2d;
+use super::layers::{conv2d, images};
 use super::registry::Kind;
 use super::{Model, Pass};
 use crate::error::{Error, Result};
@@ -86,15 +86,7 @@ impl Model for Cnn {
         let bias = |b: &Tensor, f: usize| b.reshape((1, f, 1, 1));
         match k {
             0 => {
-                let [c, hh, ww] = self.image_shape;
-                let (batch, features) = h.dims2()?;
-                if features != c * hh * ww {
-                    return Err(Error::Other(format!(
-                        "model: the cnn takes images of {c}×{hh}×{ww} = {} values, got {features}",
-                        c * hh * ww
-                    )));
-                }
-                let x = h.reshape((batch, c, hh, ww))?; // (B, C, H, W), a view
+                let x = images(h, self.image_shape, "cnn")?; // (B, C, H, W), a view
                 // model::conv2d: x is data, so the first conv computes no input gradient.
                 Ok(conv2d(&x, w0, PADDING, 1)?.broadcast_add(&bias(b0, self.filters[0])?)?.relu()?) // (B, F0, H, W)
             }

@@ -298,6 +298,20 @@ pub(crate) fn avg_pool2d(x: &Tensor, k: usize) -> Result<Tensor> {
     Ok(x.contiguous()?.reshape((b, c, oh, k, ow, k))?.mean_keepdim(5)?.mean_keepdim(3)?.reshape((b, c, oh, ow))?)
 }
 
+/// The input batch x [B, C·H·W] (flat images, as gathered) as [B, C, H, W], a view; an error
+/// naming `model` when the sample size is not C·H·W.
+pub(crate) fn images(x: &Tensor, image_shape: [usize; 3], model: &str) -> Result<Tensor> {
+    let [c, h, w] = image_shape;
+    let (batch, features) = x.dims2()?;
+    if features != c * h * w {
+        return Err(Error::Other(format!(
+            "model: the {model} takes images of {c}×{h}×{w} = {} values, got {features}",
+            c * h * w
+        )));
+    }
+    Ok(x.reshape((batch, c, h, w))?)
+}
+
 /// y = x·wᵀ + b for a hidden or head layer: x [B, in], w [out, in], b [out].
 pub(crate) fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(x.matmul(&w.t()?)?.broadcast_add(b)?)

@@ -16,8 +16,8 @@
 
 use candle_core::Tensor;
 
-use super::activation::{conv_bn, dense, LayerActivation};
-use super::layers::{conv2d, global_avg_pool, linear};
+use super::activation::{conv_bn, dense, residual_block, LayerActivation};
+use super::layers::{conv2d, global_avg_pool, images, linear};
 use super::registry::{bn_defaults, bn_keys, Kind};
 use super::{conv_weight, spatial_after, Bn, Model, Pass};
 use crate::error::{Error, Result};
@@ -133,16 +133,7 @@ impl Model for ResNet18 {
     fn forward_segment(&self, params: &[Tensor], k: usize, h: &Tensor, pass: &mut Pass) -> Result<Tensor> {
         let g = self.bn_group;
         if k == 0 {
-            let [c, hh, ww] = self.image_shape;
-            let (batch, features) = h.dims2()?;
-            if features != c * hh * ww {
-                return Err(Error::Other(format!(
-                    "model: the resnet18 takes images of {c}×{hh}×{ww} = {} values, got {features}",
-                    c * hh * ww
-                )));
-            }
-            let x = h.reshape((batch, c, hh, ww))?;
-            let y = conv2d(&x, &params[self.conv1], 1, 1)?;
+            let y = conv2d(&images(h, self.image_shape, "resnet18")?, &params[self.conv1], 1, 1)?;
             return Ok(self.bn1.forward(params, &y, g, pass)?.relu()?);
         }
         if let Some(b) = self.blocks.get(k - 1) {
@@ -180,15 +171,7 @@ impl Model for ResNet18 {
         for (i, b) in self.blocks.iter().enumerate() {
             let (hi, wi) = self.spatial(i);
             let (ho, wo) = self.spatial(i + 1);
-            let (hw_in, hw_out) = (hi * wi, ho * wo);
-            let mut parts = vec![
-                conv_bn(b.c_in, b.c_out, 3, hw_in, hw_out, threads),
-                conv_bn(b.c_out, b.c_out, 3, hw_out, hw_out, threads),
-            ];
-            if b.downsample.is_some() {
-                parts.push(conv_bn(b.c_in, b.c_out, 1, hw_in, hw_out, threads));
-            }
-            out.push(LayerActivation::chain(format!("block {} {}→{}", i + 1, b.c_in, b.c_out), &parts));
+            out.push(residual_block(i + 1, b.c_in, b.c_out, hi * wi, ho * wo, b.downsample.is_some(), threads));
         }
         let last = self.blocks.last().map_or(self.width, |b| b.c_out);
         let (ho, wo) = self.spatial(self.blocks.len());

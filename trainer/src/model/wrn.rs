@@ -15,8 +15,8 @@
 
 use candle_core::Tensor;
 
-use super::activation::{conv_bn, dense, LayerActivation};
-use super::layers::{conv2d, global_avg_pool, linear};
+use super::activation::{conv_bn, dense, residual_block, LayerActivation};
+use super::layers::{conv2d, global_avg_pool, images, linear};
 use super::registry::{bn_defaults, bn_keys, Kind};
 use super::{conv_weight, spatial_after, Bn, Model, Pass};
 use crate::error::{Error, Result};
@@ -136,15 +136,7 @@ impl Model for WideResNet {
     fn forward_segment(&self, params: &[Tensor], k: usize, h: &Tensor, pass: &mut Pass) -> Result<Tensor> {
         let g = self.bn_group;
         if k == 0 {
-            let [c, hh, ww] = self.image_shape;
-            let (batch, features) = h.dims2()?;
-            if features != c * hh * ww {
-                return Err(Error::Other(format!(
-                    "model: the wrn takes images of {c}×{hh}×{ww} = {} values, got {features}",
-                    c * hh * ww
-                )));
-            }
-            return conv2d(&h.reshape((batch, c, hh, ww))?, &params[self.conv1], 1, 1);
+            return conv2d(&images(h, self.image_shape, "wrn")?, &params[self.conv1], 1, 1);
         }
         if let Some(b) = self.blocks.get(k - 1) {
             let o = b.bn1.forward(params, h, g, pass)?.relu()?;
@@ -182,14 +174,7 @@ impl Model for WideResNet {
         for (i, b) in self.blocks.iter().enumerate() {
             let (hi, wi) = self.spatial(i);
             let (ho, wo) = self.spatial(i + 1);
-            let mut parts = vec![
-                conv_bn(b.c_in, b.c_out, 3, hi * wi, ho * wo, threads),
-                conv_bn(b.c_out, b.c_out, 3, ho * wo, ho * wo, threads),
-            ];
-            if b.shortcut.is_some() {
-                parts.push(conv_bn(b.c_in, b.c_out, 1, hi * wi, ho * wo, threads));
-            }
-            out.push(LayerActivation::chain(format!("block {} {}→{}", i + 1, b.c_in, b.c_out), &parts));
+            out.push(residual_block(i + 1, b.c_in, b.c_out, hi * wi, ho * wo, b.shortcut.is_some(), threads));
         }
         let last = self.blocks.last().map_or(16, |b| b.c_out);
         let (ho, wo) = self.spatial(self.blocks.len());
