@@ -410,7 +410,11 @@ fn run(command: Command) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 println!("{}", bench::format_table(&report));
-                println!("reproduce: kutta bench --batch-sizes {} --min-seconds {min_seconds} --min-reps {min_reps}", opts.batch_sizes.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(","));
+                let config_args: String = config.iter().map(|p| format!(" --config {}", p.display())).chain(sets.iter().map(|s| format!(" --set {s}"))).collect();
+                println!(
+                    "reproduce: kutta bench{config_args} --batch-sizes {} --min-seconds {min_seconds} --min-reps {min_reps}",
+                    opts.batch_sizes.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",")
+                );
             }
         }
     }

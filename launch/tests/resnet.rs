@@ -84,3 +84,29 @@ fn resnet18_trains_on_real_images_and_matches_torchvision() {
     eprintln!("torchvision: {report}");
     assert!(check.status.success(), "torchvision disagrees: {report}{}", String::from_utf8_lossy(&check.stderr));
 }
+
+/// `kutta bench --config` times the ResNet's steps too: on CIFAR-shaped random images when the
+/// CIFAR files are absent (as here), and a batch that is not whole batch-norm groups is an error.
+#[test]
+fn bench_times_the_resnet_config() {
+    let bench = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_kutta"))
+            .args(["bench", "--config", &repo_path("configs/cifar10_resnet18.toml"), "--set", "model.width=2"])
+            .args(["--set", "data.dir=/nonexistent", "--min-seconds", "0", "--min-reps", "1", "--json"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = bench(&["--batch-sizes", "32"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(r["model"].as_str().unwrap().starts_with("resnet18 3x32x32 width 2"), "{r}");
+    assert!(r["data"].as_str().unwrap().contains("random 3×32×32"), "{r}");
+    let rows = r["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 4);
+    assert!(rows.iter().all(|x| x["median_step_ms"].as_f64().unwrap() > 0.0));
+    let o = bench(&["--batch-sizes", "16"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("--batch-sizes") && e.contains("model.bn_group") && !e.contains("panicked"), "{e}");
+}

@@ -79,14 +79,15 @@ pub fn median(xs: &mut [f64]) -> f64 {
     if n % 2 == 1 { xs[n / 2] } else { 0.5 * (xs[n / 2 - 1] + xs[n / 2]) }
 }
 
-/// Real training images when the data directory is readable, random ones otherwise (step time
-/// does not depend on pixel values).
+/// Real training images when the data directory is readable, random ones of the format's shape
+/// otherwise (step time does not depend on pixel values; CIFAR cannot be downloaded everywhere).
 pub(crate) fn bench_data(base: &Config) -> (Dataset, String) {
     match load_data(base) {
-        Ok((train, _)) => (train, format!("Fashion-MNIST from {}", base.data.dir.display())),
+        Ok((train, _)) => (train, format!("{:?} from {}", base.data.format, base.data.dir.display())),
         Err(e) => {
+            let (shape, classes) = base.data.image_shape_and_classes();
             let n = 10_000;
-            let d = 784;
+            let d: usize = shape.iter().product();
             let mut state = 0x9E37_79B9_7F4A_7C15u64;
             let mut next = || {
                 state ^= state << 13;
@@ -95,8 +96,8 @@ pub(crate) fn bench_data(base: &Config) -> (Dataset, String) {
                 state
             };
             let images = (0..n * d).map(|_| (next() >> 40) as f32 / (1u64 << 24) as f32).collect();
-            let labels = (0..n).map(|_| (next() % 10) as u32).collect();
-            (Dataset::from_f32(images, labels, [1, 28, 28], 10), format!("random images ({e})"))
+            let labels = (0..n).map(|_| (next() % classes as u64) as u32).collect();
+            (Dataset::from_f32(images, labels, shape, classes), format!("random {}×{}×{} images ({e})", shape[0], shape[1], shape[2]))
         }
     }
 }
@@ -112,6 +113,13 @@ pub fn run(opts: &BenchOptions, mut on_row: impl FnMut(&BenchRow)) -> Result<Ben
     // On a GPU the RK variants run the GPU solver (as training does); the baselines stay on the host.
     let (kernels, _) = solver_kernels(&opts.base, &device, false)?;
     let theta0 = model::init_params(model.as_ref(), 0);
+    let group = model.batch_multiple();
+    if let Some(bs) = opts.batch_sizes.iter().find(|&&bs| bs % group != 0) {
+        return Err(crate::error::Error::config(
+            "--batch-sizes",
+            format!("{bs} is not a multiple of model.bn_group = {group} (batch norm's ghost batch); pass batch sizes that are, or --set model.bn_group=N"),
+        ));
+    }
     let variants = variants();
     let mut rows = Vec::new();
     for &bs in &opts.batch_sizes {

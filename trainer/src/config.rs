@@ -102,6 +102,18 @@ pub struct DataConfig {
     pub coarse_labels: bool,
 }
 
+impl DataConfig {
+    /// (C, H, W) and the number of classes of the format's images (the IDX files' own size is
+    /// read from their headers; this is MNIST's 28×28).
+    pub fn image_shape_and_classes(&self) -> ([usize; 3], usize) {
+        match self.format {
+            DataFormat::Idx => ([1, 28, 28], 10),
+            DataFormat::Cifar10 => (crate::data::cifar::IMAGE_SHAPE, 10),
+            DataFormat::Cifar100 => (crate::data::cifar::IMAGE_SHAPE, if self.coarse_labels { 20 } else { 100 }),
+        }
+    }
+}
+
 impl Default for DataConfig {
     fn default() -> Self {
         Self {
