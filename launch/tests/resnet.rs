@@ -101,7 +101,7 @@ fn bench_times_the_resnet_config() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(r["model"].as_str().unwrap().starts_with("resnet18 3x32x32 width 2"), "{r}");
-    assert!(r["data"].as_str().unwrap().contains("random 3×32×32"), "{r}");
+    assert!(r["data"].as_str().unwrap().contains("random images of 3×32×32"), "{r}");
     let rows = r["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 4);
     assert!(rows.iter().all(|x| x["median_step_ms"].as_f64().unwrap() > 0.0));

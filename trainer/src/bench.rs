@@ -49,6 +49,20 @@ pub fn variants() -> Vec<(&'static str, Vec<&'static str>)> {
     ]
 }
 
+/// The config of optimizer variant `label` (`variants`) at `batch_size`: the model, data and
+/// training keys of `base`, and a fresh `[optimizer]` table with the variant's overrides (so that
+/// a base config's own optimizer keys, e.g. `momentum` for `kind = "momentum"`, do not clash).
+pub fn variant_config(base: &Config, label: &str, batch_size: usize) -> Result<Config> {
+    let (_, sets) = variants()
+        .into_iter()
+        .find(|(l, _)| *l == label)
+        .ok_or_else(|| crate::error::Error::Other(format!("bench: no optimizer variant {label:?}")))?;
+    let mut fresh = base.clone();
+    fresh.optimizer = Default::default();
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).chain([format!("train.batch_size={batch_size}")]).collect();
+    Config::from_toml_str(&fresh.to_toml(), &sets)
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchRow {
     pub optimizer: String,
@@ -97,7 +111,7 @@ pub(crate) fn bench_data(base: &Config) -> (Dataset, String) {
             };
             let images = (0..n * d).map(|_| (next() >> 40) as f32 / (1u64 << 24) as f32).collect();
             let labels = (0..n).map(|_| (next() % classes as u64) as u32).collect();
-            (Dataset::from_f32(images, labels, shape, classes), format!("random {}×{}×{} images ({e})", shape[0], shape[1], shape[2]))
+            (Dataset::from_f32(images, labels, shape, classes), format!("random images of {}×{}×{} ({e})", shape[0], shape[1], shape[2]))
         }
     }
 }
@@ -124,9 +138,8 @@ pub fn run(opts: &BenchOptions, mut on_row: impl FnMut(&BenchRow)) -> Result<Ben
     let mut rows = Vec::new();
     for &bs in &opts.batch_sizes {
         let mut opts_for_size = Vec::new();
-        for (_, sets) in &variants {
-            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).chain([format!("train.batch_size={bs}")]).collect();
-            opts_for_size.push(build_optimizer_on(&Config::from_toml_str(&opts.base.to_toml(), &sets)?, &kernels)?);
+        for (label, _) in &variants {
+            opts_for_size.push(build_optimizer_on(&variant_config(&opts.base, label, bs)?, &kernels)?);
         }
         let mut field = ModelField::new(model.as_ref(), &data);
         field.set_device(device.clone());

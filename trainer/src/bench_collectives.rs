@@ -27,7 +27,7 @@
 //! `OMP_NUM_THREADS`, for any BLAS) to 1 in the children, and each rank reports what candle
 //! actually uses.
 
-use crate::bench::{bench_data, machine_description, median, variants};
+use crate::bench::{bench_data, machine_description, median};
 use crate::config::Config;
 use crate::data::sampler::BatchSampler;
 use crate::distributed::{comm_err, ShardedField};
@@ -394,9 +394,7 @@ fn time_all_reduce(comm: &TimedComm, opts: &WorkerOptions) -> Result<Vec<AllRedu
 
 /// The rk4 variant of the step bench, with the global batch of this job.
 fn rk4_config(base: &Config, global_batch: usize) -> Result<Config> {
-    let (_, sets) = variants().into_iter().find(|(label, _)| *label == "rk4").expect("bench::variants has rk4");
-    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).chain([format!("train.batch_size={global_batch}")]).collect();
-    Config::from_toml_str(&base.to_toml(), &sets)
+    crate::bench::variant_config(base, "rk4", global_batch)
 }
 
 fn load_base(config: &Option<PathBuf>) -> Result<Config> {

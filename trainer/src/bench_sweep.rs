@@ -113,15 +113,6 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 20) as f64
 }
 
-/// The config of one optimizer at one batch size: the `bench::variants` overrides on `base`.
-fn optimizer_config(base: &Config, label: &str, batch_size: usize) -> Result<Config> {
-    let (_, sets) = crate::bench::variants()
-        .into_iter()
-        .find(|(l, _)| *l == label)
-        .ok_or_else(|| Error::Other(format!("bench: no optimizer variant {label:?}")))?;
-    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).chain([format!("train.batch_size={batch_size}")]).collect();
-    Config::from_toml_str(&base.to_toml(), &sets)
-}
 
 /// The planner's plan for `cfg` on one process. Where the config's data directory is unreadable
 /// (the bench then times random images), the plan is made for the data set actually in memory.
@@ -150,7 +141,7 @@ fn plan_size(base: &Config, budget: u64, bs: usize, data: &Dataset) -> Result<Si
     let mut configs = Vec::new();
     let mut chosen = Vec::new();
     for label in OPTIMIZERS {
-        let cfg = optimizer_config(base, label, bs)?;
+        let cfg = crate::bench::variant_config(base, label, bs)?;
         let plan = plan_for(&cfg, budget, data).map_err(|e| Error::Other(format!("batch {bs}, {label}: {e}")))?;
         configs.push(Config::from_toml_str(&cfg.to_toml(), &plan.overrides)?);
         chosen.push(plan.chosen);
