@@ -13,13 +13,15 @@ pub mod local;
 pub mod mpi;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+#[cfg(not(feature = "cuda"))]
+#[path = "nccl_stub.rs"]
+pub mod nccl;
 pub mod rendezvous;
 pub mod single;
 
 pub use local::LocalGroup;
 #[cfg(feature = "mpi")]
 pub use crate::mpi::MpiComm;
-#[cfg(feature = "cuda")]
 pub use crate::nccl::NcclComm;
 pub use rendezvous::connect;
 pub use single::SingleProcess;

@@ -232,7 +232,7 @@ pub(crate) fn time_interleaved(
 /// The machine line of a benchmark report: the CPU, where the model runs and where each
 /// optimizer's buffer arithmetic runs. On a GPU only the RK solver has kernels; sgd and adam
 /// download each gradient and upload θ, which their step times include.
-pub fn placement(device: &candle_core::Device, kernels: &crate::train::SolverKernels) -> String {
+pub fn placement(device: &candle_core::Device, kernels: &crate::kernels::SolverKernels) -> String {
     let arith = match (device.is_cpu(), kernels.is_some()) {
         (true, _) => "",
         (false, true) => ", RK solver on the GPU, sgd/adam arithmetic on the host",

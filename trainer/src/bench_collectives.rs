@@ -30,7 +30,7 @@
 use crate::bench::{bench_data, machine_description, median};
 use crate::config::Config;
 use crate::data::sampler::BatchSampler;
-use crate::distributed::{comm_err, ShardedField};
+use crate::distributed::ShardedField;
 use crate::error::{Error, Result};
 use crate::field::VectorField;
 use crate::model::{self, ModelField};
@@ -331,7 +331,7 @@ pub struct WorkerReport {
 /// Rank 0's decision, shared: every rank leaves a loop after the same repetition.
 fn rank0_says(comm: &dyn Communicator, mine: bool) -> Result<bool> {
     let vote = if comm.rank() == 0 && mine { 1.0 } else { 0.0 };
-    Ok(comm.all_reduce_sum_f64(vote).map_err(comm_err)? > 0.0)
+    Ok(comm.all_reduce_sum_f64(vote)? > 0.0)
 }
 
 /// Per repetition, the mean over ranks of each rank's own time (every rank has the same number
@@ -339,7 +339,7 @@ fn rank0_says(comm: &dyn Communicator, mine: bool) -> Result<bool> {
 fn mean_over_ranks(comm: &dyn Communicator, secs: &[f64]) -> Result<Vec<f64>> {
     // f64 through an f32 all-reduce: seconds → µs keeps 7 significant digits, plenty here.
     let mut buf: Vec<f32> = secs.iter().map(|s| (s * 1e6) as f32).collect();
-    comm.all_reduce_sum(&mut buf).map_err(comm_err)?;
+    comm.all_reduce_sum(&mut buf)?;
     let n = comm.world_size() as f64;
     Ok(buf.iter().map(|&us| us as f64 / n * 1e-6).collect())
 }
@@ -370,14 +370,14 @@ fn time_all_reduce(comm: &TimedComm, opts: &WorkerOptions) -> Result<Vec<AllRedu
         let elements = (bytes / 4).max(1);
         // Zeros stay zeros under repeated summing (ones would overflow to inf after 128 reps).
         let mut buf = vec![0.0f32; elements];
-        comm.barrier().map_err(comm_err)?;
-        comm.all_reduce_sum(&mut buf).map_err(comm_err)?; // warm-up: first touch, connection setup
+        comm.barrier()?;
+        comm.all_reduce_sum(&mut buf)?; // warm-up: first touch, connection setup
         let mut secs = Vec::new();
         let start = Instant::now();
         loop {
-            comm.barrier().map_err(comm_err)?;
+            comm.barrier()?;
             let t = Instant::now();
-            comm.all_reduce_sum(&mut buf).map_err(comm_err)?;
+            comm.all_reduce_sum(&mut buf)?;
             secs.push(t.elapsed().as_secs_f64());
             if rank0_says(comm, enough(secs.len(), start.elapsed().as_secs_f64(), opts.min_reps, opts.min_seconds))? {
                 break;
@@ -411,7 +411,7 @@ fn time_steps(comm: &TimedComm, opts: &WorkerOptions) -> Result<StepSamples> {
     let (data, data_desc) = bench_data(&cfg);
     let model = build_model(&cfg, &data)?;
     let mut theta = model::init_params(model.as_ref(), 0);
-    comm.broadcast(&mut theta, 0).map_err(comm_err)?;
+    comm.broadcast(&mut theta, 0)?;
     let mut opt = build_optimizer(&cfg)?;
     let mut sampler = BatchSampler::new(data.len(), global, 0, true);
     let mut field = ShardedField::new(ModelField::new(model.as_ref(), &data), comm);
@@ -420,7 +420,7 @@ fn time_steps(comm: &TimedComm, opts: &WorkerOptions) -> Result<StepSamples> {
     let mut start = Instant::now();
     for step in 0u64.. {
         field.set_global_batch(step, &sampler.batch(step));
-        comm.barrier().map_err(comm_err)?;
+        comm.barrier()?;
         let ar0 = comm.all_reduce_time();
         let t = Instant::now();
         opt.step(step, &mut theta, &mut field)?;

@@ -13,12 +13,11 @@
 //! (seed, n, batch size, shuffle, training-set size), all recorded here and checked on resume.
 
 use crate::error::{Error, Result};
-use crate::integrity::{self, Verified};
+use crate::integrity::{self, bytes_to_f32, f32_to_bytes, write_atomic, Verified};
 use crate::optim::OptimizerState;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// The single checkpoint of run folders written before checkpoints were numbered; still read.
@@ -160,7 +159,7 @@ impl ResumePoint {
             None if all.len() > 1 => format!("; none of the {} older checkpoints in {} is intact either", all.len() - 1, dir.display()),
             None => format!("; it is the only checkpoint in {}", dir.display()),
         };
-        Err(Error::Other(format!("the newest checkpoint cannot be used: {damage}{advice}")))
+        Err(damage.context("the newest checkpoint cannot be used").advise(advice))
     }
 }
 
@@ -288,43 +287,7 @@ impl Checkpoint {
 }
 
 fn view(bytes: &[u8]) -> Result<TensorView<'_>> {
-    TensorView::new(Dtype::F32, vec![bytes.len() / 4], bytes).map_err(|e| Error::Other(format!("tensor view: {e}")))
-}
-
-pub fn f32_to_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-pub fn bytes_to_f32(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-}
-
-/// Write `bytes` to `path` atomically: a temporary file `<path>.tmp` in the same directory,
-/// fsync, rename, fsync of the directory. On failure (disk full, a file-size limit) the temporary
-/// file is removed and `path`, if it existed, is untouched; the error names `path` and the cause.
-/// A second stop signal during the write removes the temporary file too (`stop::PartialWrite`).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
-    let _partial = crate::stop::PartialWrite::new(&tmp);
-    let written = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    // The rename itself reaches the disk with the directory (best effort: not every file system
-    // lets a directory be opened for fsync).
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
+    TensorView::new(Dtype::F32, vec![bytes.len() / 4], bytes).map_err(|e| Error::internal(format!("tensor view: {e}")))
 }
 
 #[cfg(test)]

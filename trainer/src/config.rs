@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::optim::step_size::{DalrEstimator, ErrorControl};
 use crate::tableau::{CustomTableau, Tableau};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -24,108 +24,17 @@ pub struct Config {
     pub optimizer: OptimizerConfig,
 }
 
-/// `[model]`: the kind and its keys. Each kind reads only its own keys (`model::registry`
-/// lists them; a key another kind reads is an error naming it) and fills in its defaults when
-/// the config is loaded, so `config.toml` in a run folder shows every value used.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ModelConfig {
-    /// `mlp`, `cnn` (the paper's simple CNN), `resnet18` (CIFAR ResNet-18), `wrn` (Wide-ResNet);
-    /// `kutta models` lists them with their keys.
-    pub kind: String,
-    /// mlp: hidden widths (default [500, 500, 500]); cnn: the two filter counts ([20, 10]).
-    pub hidden: Option<Vec<usize>>,
-    /// resnet18: base width (64: torchvision's resnet18).
-    pub width: Option<usize>,
-    /// wrn: depth (28; 6n + 4).
-    pub depth: Option<usize>,
-    /// wrn: widening factor (10).
-    pub widen: Option<usize>,
-    /// Batch norm: samples per ghost batch whose statistics normalise it in training (32). The
-    /// per-rank micro-batch must be a multiple of it; then the trajectory does not depend on the
-    /// number of ranks or micro-batches.
-    pub bn_group: Option<usize>,
-    /// Batch norm: the running statistics' update weight (PyTorch's momentum, 0.1).
-    pub bn_momentum: Option<f64>,
-    /// Initial weights from a safetensors file instead of the seed.
-    pub init: Option<PathBuf>,
-}
+pub use crate::data::{DataConfig, DataFormat};
+pub use crate::model::registry::ModelConfig;
 
-impl Default for ModelConfig {
-    fn default() -> Self {
-        Self {
-            kind: "mlp".into(),
-            hidden: None,
-            width: None,
-            depth: None,
-            widen: None,
-            bn_group: None,
-            bn_momentum: None,
-            init: None,
-        }
-    }
-}
-
-/// `data.format`: which files `data.dir` holds.
+/// `train.device`: where each rank's model runs (`device::select`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum DataFormat {
-    /// MNIST-format IDX files (MNIST, Fashion-MNIST): train-images-idx3-ubyte[.gz], …
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
     #[default]
-    Idx,
-    /// CIFAR-10's binary files: data_batch_1.bin … data_batch_5.bin, test_batch.bin.
-    Cifar10,
-    /// CIFAR-100's binary files: train.bin, test.bin (fine labels; `data.coarse_labels` for the
-    /// 20 superclasses).
-    Cifar100,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DataConfig {
-    /// `idx` (default), `cifar10` or `cifar100`.
-    pub format: DataFormat,
-    /// The directory with the data set's files (for CIFAR also its parent, holding
-    /// `cifar-10-batches-bin/` or `cifar-100-binary/`).
-    pub dir: PathBuf,
-    /// Use only the first N training samples.
-    pub train_subset: Option<usize>,
-    /// Shuffle with a permutation drawn from (seed, epoch); false keeps file order.
-    pub shuffle: bool,
-    /// `unit`: pixels/255 in [0, 1]. `standardize`: then minus the training mean, over its std,
-    /// per channel. Default: unit for IDX, standardize for CIFAR.
-    pub normalize: Option<Normalize>,
-    /// Training augmentation: `none` or `crop-flip` (pad 4, random crop, horizontal flip: the
-    /// standard CIFAR recipe), drawn from (seed, step, sample index).
-    pub augment: Augment,
-    /// CIFAR-100: train on the 20 coarse labels instead of the 100 fine ones.
-    pub coarse_labels: bool,
-}
-
-impl DataConfig {
-    /// (C, H, W) and the number of classes of the format's images (the IDX files' own size is
-    /// read from their headers; this is MNIST's 28×28).
-    pub fn image_shape_and_classes(&self) -> ([usize; 3], usize) {
-        match self.format {
-            DataFormat::Idx => ([1, 28, 28], 10),
-            DataFormat::Cifar10 => (crate::data::cifar::IMAGE_SHAPE, 10),
-            DataFormat::Cifar100 => (crate::data::cifar::IMAGE_SHAPE, if self.coarse_labels { 20 } else { 100 }),
-        }
-    }
-}
-
-impl Default for DataConfig {
-    fn default() -> Self {
-        Self {
-            format: DataFormat::Idx,
-            dir: PathBuf::from("/usr/share/datasets/fashion-mnist"),
-            train_subset: None,
-            shuffle: true,
-            normalize: None,
-            augment: Augment::None,
-            coarse_labels: false,
-        }
-    }
+    Auto,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -160,7 +69,7 @@ pub struct TrainConfig {
     pub label_smoothing: f64,
     /// Where the model runs: "cpu", "cuda" (needs a build with `--features cuda` and a GPU), or
     /// "auto" (the GPU when there is one, else the CPU).
-    pub device: crate::device::DeviceKind,
+    pub device: DeviceKind,
     /// The GPU ordinal for this process (`kutta train --gpu N`); default: the launcher's local
     /// rank modulo the number of GPUs.
     pub gpu: Option<usize>,
@@ -290,11 +199,11 @@ impl Config {
     /// Parse a TOML file, apply `key=value` overrides, and validate.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Self::from_toml_str(&text, overrides).map_err(|e| Error::Other(format!("{}: {e}", path.display())))
+        Self::from_toml_str(&text, overrides).map_err(|e| e.context(path.display().to_string()))
     }
 
     pub fn from_toml_str(text: &str, overrides: &[String]) -> Result<Config> {
-        let mut tree: toml::Table = text.parse().map_err(|e: toml::de::Error| Error::Other(format!("invalid TOML: {e}")))?;
+        let mut tree: toml::Table = text.parse().map_err(|e: toml::de::Error| Error::ConfigFile(format!("invalid TOML: {e}")))?;
         for o in overrides {
             apply_override(&mut tree, o)?;
         }
@@ -303,7 +212,7 @@ impl Config {
             let path = e.path().to_string();
             let msg = e.inner().message().trim().to_string();
             if path.is_empty() || path == "." {
-                Error::Other(format!("invalid config: {msg}"))
+                Error::ConfigFile(format!("invalid config: {msg}"))
             } else {
                 Error::config(path, msg)
             }
@@ -470,10 +379,10 @@ impl Config {
 pub fn apply_override(tree: &mut toml::Table, spec: &str) -> Result<()> {
     let (key, raw) = spec
         .split_once('=')
-        .ok_or_else(|| Error::Other(format!("--set {spec:?}: expected key=value, e.g. --set optimizer.lr=0.01")))?;
+        .ok_or_else(|| Error::config("--set", format!("{spec:?}: expected key=value, e.g. --set optimizer.lr=0.01")))?;
     let key = key.trim();
     if key.is_empty() || key.split('.').any(|p| p.is_empty()) {
-        return Err(Error::Other(format!("--set {spec:?}: bad key {key:?}")));
+        return Err(Error::config("--set", format!("{spec:?}: bad key {key:?}")));
     }
     let value = parse_value(raw.trim());
     let parts: Vec<&str> = key.split('.').collect();
@@ -494,6 +403,66 @@ fn parse_value(raw: &str) -> toml::Value {
         Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.into())),
         Err(_) => toml::Value::String(raw.into()),
     }
+}
+
+/// The keys `--set` may change when a run is resumed: its length and bookkeeping, the memory
+/// knobs (they change only the summation order of the gradient; a checkpoint holds whole buffers
+/// whether or not the optimizer was sharded) and where it runs (the same arithmetic up to the
+/// device's rounding). Every other key would change the trajectory.
+pub const RESUMABLE_KEYS: &[&str] = &[
+    "train.steps",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.log_every",
+    "train.eval_chunk",
+    "train.micro_batch",
+    "train.recompute",
+    "train.shard_optimizer",
+    "train.device",
+    "train.gpu",
+    "train.gpu_solver",
+];
+
+impl Config {
+    /// The dotted keys whose values differ between `self` and `other` (a key set in one and left
+    /// out of the other counts), sorted.
+    pub fn changed_keys(&self, other: &Config) -> Vec<String> {
+        fn flatten(prefix: &str, v: &toml::Value, out: &mut std::collections::BTreeMap<String, toml::Value>) {
+            match v {
+                toml::Value::Table(t) => {
+                    for (k, v) in t {
+                        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                        flatten(&key, v, out);
+                    }
+                }
+                v => {
+                    out.insert(prefix.to_string(), v.clone());
+                }
+            }
+        }
+        let keys = |c: &Config| {
+            let mut out = std::collections::BTreeMap::new();
+            // A config always serializes (plain data); an error would leave the map empty.
+            if let Ok(v) = toml::Value::try_from(c) {
+                flatten("", &v, &mut out);
+            }
+            out
+        };
+        let (a, b) = (keys(self), keys(other));
+        let mut changed: Vec<String> = a.keys().chain(b.keys()).filter(|k| a.get(*k) != b.get(*k)).cloned().collect();
+        changed.sort();
+        changed.dedup();
+        changed
+    }
+}
+
+/// A model config for tests and benches: `kind` with `sets` applied as `--set model.…` would
+/// (defaults filled in, validated).
+pub fn model_config(kind: &str, sets: &[&str]) -> Result<ModelConfig> {
+    let mut all = vec![format!("model.kind={kind}")];
+    all.extend(sets.iter().map(|s| format!("model.{s}")));
+    Ok(Config::from_toml_str("", &all)?.model)
 }
 
 #[cfg(test)]

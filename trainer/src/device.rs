@@ -7,32 +7,17 @@
 //! which in the log.
 
 use candle_core::Device;
-use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DeviceKind {
-    Cpu,
-    Cuda,
-    #[default]
-    Auto,
-}
+pub use crate::config::DeviceKind;
 
 /// Whether this binary was built with the `cuda` feature.
 pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
 
 /// The GPUs this process can see (0 without the `cuda` feature or without a driver).
 pub fn cuda_device_count() -> usize {
-    #[cfg(feature = "cuda")]
-    {
-        candle_core::cuda::cudarc::driver::CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        0
-    }
+    crate::kernels::cuda::device_count()
 }
 
 /// The GPU ordinal for a rank: `explicit` (`--gpu N`) if given, else the local rank modulo the

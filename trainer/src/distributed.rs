@@ -67,7 +67,7 @@ impl ParamSharding {
     fn gather_padded(&self, comm: &dyn Communicator, mine: &[f32], send: &mut Vec<f32>, padded: &mut [f32]) -> Result<()> {
         let own = self.own();
         if mine.len() != own.len() || padded.len() != self.padded() {
-            return Err(Error::Other(format!(
+            return Err(Error::internal(format!(
                 "sharded optimizer: rank {} holds {} entries of its block {own:?} (padded whole {} of {})",
                 self.rank,
                 mine.len(),
@@ -78,7 +78,7 @@ impl ParamSharding {
         send.clear();
         send.extend_from_slice(mine);
         send.resize(self.block, 0.0);
-        comm.all_gather(send, padded).map_err(comm_err)
+        Ok(comm.all_gather(send, padded)?)
     }
 
     /// The optimizer's state with every sharded buffer made whole (for the checkpoint, which
@@ -99,7 +99,7 @@ impl ParamSharding {
         let mut out = OptimizerState { buffers: Vec::new(), scalars: st.scalars.clone() };
         for (name, full) in &st.buffers {
             if full.len() != self.params {
-                return Err(Error::Other(format!("optimizer state `{name}` has {} entries, the model {}", full.len(), self.params)));
+                return Err(Error::optimizer(format!("state `{name}` has {} entries, the model {}", full.len(), self.params)));
             }
             out.buffers.push((name.clone(), full[own.clone()].to_vec()));
         }
@@ -127,19 +127,16 @@ pub struct ShardedField<'a> {
     /// Set when the optimizer is sharded: `eval` then takes and returns this rank's block.
     full: Option<FullBuffers>,
     /// Set when the solver runs on the GPU: device evaluations and the NCCL all-reduce.
-    #[cfg(feature = "cuda")]
     gpu: Option<GpuParts>,
 }
 
 /// What the device evaluation needs: the kernels on the model's stream (θ in, gradient out) and,
 /// with more than one rank, the NCCL communicator on that stream.
-#[cfg(feature = "cuda")]
 pub struct GpuParts {
     pub kernels: std::sync::Arc<crate::kernels::cuda::RkKernels>,
-    pub nccl: Option<kutta_collectives::nccl::NcclComm>,
+    pub nccl: Option<kutta_collectives::NcclComm>,
 }
 
-#[cfg(feature = "cuda")]
 type DeviceBuf = crate::kernels::cuda::DeviceBuf;
 
 impl<'a> ShardedField<'a> {
@@ -149,7 +146,6 @@ impl<'a> ShardedField<'a> {
             comm,
             l2: None,
             full: None,
-            #[cfg(feature = "cuda")]
             gpu: None,
         }
     }
@@ -158,13 +154,12 @@ impl<'a> ShardedField<'a> {
     /// GPU back end): the model reads θ from and writes the gradient to flat device buffers, and
     /// the gradient is summed over ranks by `parts.nccl` with no host round trip. Not together
     /// with a sharded optimizer (whose blocks live on the host).
-    #[cfg(feature = "cuda")]
     pub fn use_gpu(&mut self, parts: GpuParts) -> Result<()> {
         if self.full.is_some() {
             return Err(Error::config("train.shard_optimizer", "the sharded optimizer keeps its blocks on the host; it cannot be combined with the GPU solver"));
         }
         if self.comm.world_size() > 1 && parts.nccl.is_none() {
-            return Err(Error::Other(format!("{} ranks on the GPU need an NCCL communicator for the gradient all-reduce", self.comm.world_size())));
+            return Err(Error::internal(format!("{} ranks on the GPU need an NCCL communicator for the gradient all-reduce", self.comm.world_size())));
         }
         if self.l2.is_some() {
             return Err(Error::config("optimizer.l2", "the L2 penalty is not on the GPU solver yet; set train.gpu_solver = false to use it on the GPU"));
@@ -192,7 +187,6 @@ impl<'a> ShardedField<'a> {
             self.l2 = None;
             return Ok(());
         }
-        #[cfg(feature = "cuda")]
         if self.gpu.is_some() {
             return Err(Error::config("optimizer.l2", "the L2 penalty is not on the GPU solver yet; set train.gpu_solver = false to use it on the GPU"));
         }
@@ -241,7 +235,7 @@ impl<'a> ShardedField<'a> {
         if self.comm.world_size() == 1 {
             return match stats {
                 Some(s) => state.update(&s, momentum),
-                None => Err(Error::Other("model state: no batch statistics were recorded in this step".into())),
+                None => Err(Error::internal("model state: no batch statistics were recorded in this step")),
             };
         }
         let n = state.values.len();
@@ -250,7 +244,7 @@ impl<'a> ShardedField<'a> {
             Some(s) => s.sums.iter().map(|&v| v as f32).chain([s.groups as f32]).collect(),
             None => vec![0.0; n + 1],
         };
-        self.comm.all_reduce_sum(&mut buf).map_err(comm_err)?;
+        self.comm.all_reduce_sum(&mut buf)?;
         let groups = buf[n].round() as u64;
         let sums = buf[..n].iter().map(|&v| v as f64).collect();
         state.update(&crate::model::BatchStats { sums, groups }, momentum)
@@ -292,18 +286,18 @@ impl VectorField<f32> for ShardedField<'_> {
         let (local, penalty) = match &mut self.full {
             None => {
                 let local = self.inner.eval(theta, grad)?;
-                self.comm.all_reduce_sum(grad).map_err(comm_err)?;
+                self.comm.all_reduce_sum(grad)?;
                 // The same on every rank: added after the sum, once.
                 (local, self.add_l2(theta, grad, 0))
             }
             Some(f) => {
                 let p = f.sharding.params;
                 if grad.len() != theta.len() {
-                    return Err(Error::Other(format!("sharded field: θ block of {} but gradient block of {}", theta.len(), grad.len())));
+                    return Err(Error::internal(format!("sharded field: θ block of {} but gradient block of {}", theta.len(), grad.len())));
                 }
                 f.sharding.gather_padded(self.comm, theta, &mut f.block, &mut f.theta)?;
                 let local = self.inner.eval(&f.theta[..p], &mut f.grad[..p])?;
-                self.comm.reduce_scatter_sum(&f.grad, &mut f.block).map_err(comm_err)?;
+                self.comm.reduce_scatter_sum(&f.grad, &mut f.block)?;
                 grad.copy_from_slice(&f.block[..grad.len()]);
                 let offset = f.sharding.own().start;
                 // This block's part of the penalty: summed over the ranks with the loss.
@@ -311,17 +305,16 @@ impl VectorField<f32> for ShardedField<'_> {
                 (local + block_penalty, 0.0)
             }
         };
-        Ok(self.comm.all_reduce_sum_f64(local).map_err(comm_err)? + penalty)
+        Ok(self.comm.all_reduce_sum_f64(local)? + penalty)
     }
 
     fn sum_shards(&mut self, x: f64) -> Result<f64> {
         match self.full {
             None => Ok(x),
-            Some(_) => self.comm.all_reduce_sum_f64(x).map_err(comm_err),
+            Some(_) => Ok(self.comm.all_reduce_sum_f64(x)?),
         }
     }
 
-    #[cfg(feature = "cuda")]
     fn on_device(&mut self) -> Option<&mut dyn VectorField<f32, DeviceBuf>> {
         if self.gpu.is_some() {
             Some(self)
@@ -334,24 +327,19 @@ impl VectorField<f32> for ShardedField<'_> {
 /// The same field on device buffers (see `use_gpu`): each stage gradient is computed on this
 /// rank's slice of the batch into a device buffer and all-reduced there by NCCL before the
 /// solver forms the next stage point (SPEC §5), exactly as the host path does with host buffers.
-#[cfg(feature = "cuda")]
 impl VectorField<f32, DeviceBuf> for ShardedField<'_> {
     fn dim(&self) -> usize {
         VectorField::<f32>::dim(&self.inner)
     }
 
     fn eval(&mut self, theta: &DeviceBuf, grad: &mut DeviceBuf) -> Result<f64> {
-        let gpu = self.gpu.as_ref().ok_or_else(|| Error::Other("ShardedField: a device evaluation before use_gpu".into()))?;
+        let gpu = self.gpu.as_ref().ok_or_else(|| Error::internal("ShardedField: a device evaluation before use_gpu"))?;
         let local = self.inner.eval_device(&gpu.kernels, theta, grad)?;
         if let Some(nccl) = &gpu.nccl {
-            nccl.all_reduce_sum_device(grad).map_err(comm_err)?;
+            nccl.all_reduce_sum_device(grad)?;
         }
-        self.comm.all_reduce_sum_f64(local).map_err(comm_err)
+        Ok(self.comm.all_reduce_sum_f64(local)?)
     }
-}
-
-pub fn comm_err(e: kutta_collectives::CommError) -> Error {
-    Error::Other(format!("collective failed: {e}"))
 }
 
 /// Every rank passes its own outcome; all ranks return Ok only if every rank succeeded. A rank
@@ -359,10 +347,10 @@ pub fn comm_err(e: kutta_collectives::CommError) -> Error {
 /// failure on one rank (a bad file, an existing run folder) from leaving the others waiting in
 /// the next collective.
 pub fn agree<T>(comm: &dyn Communicator, what: &str, outcome: Result<T>) -> Result<T> {
-    let failed = comm.all_reduce_sum_f64(if outcome.is_err() { 1.0 } else { 0.0 }).map_err(comm_err)?;
+    let failed = comm.all_reduce_sum_f64(if outcome.is_err() { 1.0 } else { 0.0 })?;
     match outcome {
         Err(e) => Err(e),
-        Ok(_) if failed > 0.0 => Err(Error::Other(format!("{what} failed on {failed} other rank(s); see their messages"))),
+        Ok(_) if failed > 0.0 => Err(Error::PeerFailed { what: what.to_string(), ranks: failed.round() as usize }),
         Ok(v) => Ok(v),
     }
 }

@@ -33,8 +33,60 @@ pub enum Error {
     #[error("model: {0}")]
     Candle(#[from] candle_core::Error),
 
+    /// A model handed inputs or tensors it cannot take (wrong count, shape or size).
+    #[error("model: {0}")]
+    Model(String),
+
+    /// An optimizer's settings or saved state that it cannot use.
+    #[error("optimizer: {0}")]
+    Optimizer(String),
+
+    /// No memory plan fits the budget; the message says what would fit.
+    #[error("memory plan: {0}")]
+    Plan(String),
+
+    /// A collective (all-reduce, broadcast, …) failed on this rank.
+    #[error("collective failed: {0}")]
+    Comm(#[from] kutta_collectives::CommError),
+
+    /// A step that failed on other ranks (each of them reports its own error): this rank stops
+    /// with them.
+    #[error("{what} failed on {ranks} other rank(s); see their messages")]
+    PeerFailed { what: String, ranks: usize },
+
+    /// The RK kernels or the CUDA driver under them (`kernels::cuda`); without the `cuda`
+    /// feature only "not compiled with CUDA".
+    #[error("GPU kernels: {0}")]
+    Kernel(#[from] crate::kernels::cuda::KernelError),
+
+    /// A signal handler that cannot be installed or a signal that cannot be forwarded.
+    #[error("signals: {0}")]
+    Signal(String),
+
+    /// A call out of order or a broken internal invariant: a bug in kutta, not a user's mistake.
+    #[error("internal error (a bug in kutta): {0}")]
+    Internal(String),
+
+    /// A config file that is not valid TOML or not a config at all (no single key at fault).
+    #[error("config: {0}")]
+    ConfigFile(String),
+
+    /// A run folder that cannot be used as asked (`--out` not empty, `--resume` of a finished run).
+    #[error("run folder {}: {msg}", path.display())]
+    RunFolder { path: PathBuf, msg: String },
+
+    /// Being replaced by the variants above (issue 13); not for new code.
     #[error("{0}")]
     Other(String),
+
+    /// An error with what was being done when it happened (`Error::context`).
+    #[error("{context}: {inner}")]
+    Context { context: String, inner: Box<Error> },
+
+    /// An error followed by what to do about it or what it caused (`Error::advise`), e.g.
+    /// "; the run stopped (the last checkpoint is …)".
+    #[error("{inner}{advice}")]
+    Advice { inner: Box<Error>, advice: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -51,5 +103,22 @@ impl Error {
     }
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), cause: source }
+    }
+    pub fn model(msg: impl Into<String>) -> Self {
+        Error::Model(msg.into())
+    }
+    pub fn optimizer(msg: impl Into<String>) -> Self {
+        Error::Optimizer(msg.into())
+    }
+    pub fn internal(msg: impl Into<String>) -> Self {
+        Error::Internal(msg.into())
+    }
+    /// This error followed by `advice` (which starts with its own separator, e.g. "; ").
+    pub fn advise(self, advice: impl Into<String>) -> Self {
+        Error::Advice { inner: Box::new(self), advice: advice.into() }
+    }
+    /// This error with what was being done when it happened, e.g. "evaluate".
+    pub fn context(self, context: impl Into<String>) -> Self {
+        Error::Context { context: context.into(), inner: Box::new(self) }
     }
 }

@@ -23,7 +23,6 @@ pub trait VectorField<F: Scalar = f32, B: ?Sized = [F]> {
     }
     /// The same field on flat GPU buffers, when it can evaluate there (the trainer's field once
     /// the solver runs on the GPU; `optim::gpu::GpuRk` asks for it). None by default.
-    #[cfg(feature = "cuda")]
     fn on_device(&mut self) -> Option<&mut dyn VectorField<f32, crate::kernels::cuda::DeviceBuf>> {
         None
     }

@@ -15,12 +15,18 @@
 //! as a `HashMap` and writes it in the map's random order, so the same weights would otherwise
 //! give different files from run to run.
 //!
+//! Every such file is written atomically (`write_atomic`: a temporary file, fsync, rename).
+//!
 //! Every byte of a file is covered: the header by the header checksum (the tensors' checksums
 //! are in it), the data by the tensors' checksums (safetensors requires the tensors to tile the
 //! data exactly). CRC32C detects every error within a 32-bit burst, so every single-byte change.
 
 use safetensors::tensor::{SafeTensors, TensorView};
 use std::collections::{BTreeMap, HashMap};
+use std::io::Write as _;
+use std::path::Path;
+
+use crate::error::{Error, Result as KResult};
 
 /// Metadata key of the header checksum.
 pub const HEADER_KEY: &str = "kutta.crc32c.header";
@@ -159,6 +165,42 @@ pub fn verify(bytes: &[u8]) -> Result<Verified, String> {
         return Err(format!("the header records a checksum for tensor `{extra}`, which the file does not hold"));
     }
     Ok(Verified::Intact)
+}
+
+pub fn f32_to_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+pub fn bytes_to_f32(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// Write `bytes` to `path` atomically: a temporary file `<path>.tmp` in the same directory,
+/// fsync, rename, fsync of the directory. On failure (disk full, a file-size limit) the temporary
+/// file is removed and `path`, if it existed, is untouched; the error names `path` and the cause.
+/// A second stop signal during the write removes the temporary file too (`stop::PartialWrite`).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> KResult<()> {
+    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
+    let _partial = crate::stop::PartialWrite::new(&tmp);
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    // The rename itself reaches the disk with the directory (best effort: not every file system
+    // lets a directory be opened for fsync).
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -27,13 +27,5 @@ fn status_kib(key: &str) -> Option<u64> {
 /// process on that GPU and the CUDA context included, and candle's freed-but-pooled blocks).
 /// None on the CPU or in a build without the `cuda` feature.
 pub fn device_used_bytes(device: &candle_core::Device) -> Option<u64> {
-    #[cfg(feature = "cuda")]
-    {
-        if let Ok(d) = device.as_cuda_device() {
-            let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
-            return Some(total.saturating_sub(free) as u64);
-        }
-    }
-    let _ = device;
-    None
+    crate::kernels::cuda::device_used_bytes(device)
 }

@@ -312,7 +312,7 @@ impl PlanInput {
             return Err(Error::config("--memory", "the budget must be positive"));
         }
         if params == 0 {
-            return Err(Error::Other("planner: the model has no parameters".into()));
+            return Err(Error::model("the planner got a model without parameters"));
         }
         let activations = activation_profile(model, image_shape, classes, compute_threads());
         let batch_multiple = model.batch_multiple();
@@ -701,18 +701,18 @@ fn overrides(input: &PlanInput, chosen: &Candidate) -> Vec<String> {
 }
 
 /// Plan the step: every candidate, the chosen one and why. A batch that fits under no plan is an
-/// `Error::Other` saying what would fit: the largest per-rank batch that fits the budget, and the
+/// `Error::Plan` saying what would fit: the largest per-rank batch that fits the budget, and the
 /// smallest budget for this batch.
 pub fn plan(input: &PlanInput) -> Result<Plan> {
     if input.per_rank_batch == 0 || input.world_size == 0 || input.params == 0 {
-        return Err(Error::Other(format!(
-            "planner: nothing to plan (per-rank batch {}, world size {}, {} params)",
+        return Err(Error::Plan(format!(
+            "nothing to plan (per-rank batch {}, world size {}, {} params)",
             input.per_rank_batch, input.world_size, input.params
         )));
     }
     let candidates = all_candidates(input);
     let Some(chosen) = choose(input, &candidates) else {
-        return Err(Error::Other(does_not_fit(input)));
+        return Err(Error::Plan(does_not_fit(input)));
     };
     let reason = explain(input, &chosen, &candidates);
     let overrides = overrides(input, &chosen);
@@ -1345,7 +1345,7 @@ mod tests {
     /// 323 → 596 MB; 16 → 4096: 38.4 KiB/sample).
     #[test]
     fn mlp_activations_match_the_measured_marginal_cost() {
-        let model = |kind: &str| crate::model::build(&crate::model::registry::config(kind, &[]).unwrap(), [1, 28, 28], 10).unwrap();
+        let model = |kind: &str| crate::model::build(&crate::config::model_config(kind, &[]).unwrap(), [1, 28, 28], 10).unwrap();
         let floats = activation_floats_per_sample(model("mlp").as_ref(), [1, 28, 28], 10);
         let bytes = floats as f64 * 4.0;
         let measured = (596.0 - 323.0) * 1024.0 * 1024.0 / (8192.0 - 1024.0);
@@ -1480,7 +1480,7 @@ mod tests {
         // 250 MiB: the data set and runtime (≈ 113 MiB) leave room for a smaller batch only.
         let i = input(&["train.batch_size=60000"], 1, 250 * MIB);
         let msg = match plan(&i) {
-            Err(Error::Other(m)) => m,
+            Err(Error::Plan(m)) => m,
             other => panic!(
                 "expected a does-not-fit error, got {:?}",
                 other.map(|p| p.chosen)

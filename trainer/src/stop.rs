@@ -12,7 +12,6 @@
 //!
 //! The handler does only async-signal-safe things: atomics, write(2), unlink(2), _exit(2).
 
-use crate::distributed::comm_err;
 use crate::error::{Error, Result};
 use kutta_collectives::Communicator;
 use std::ffi::CString;
@@ -37,7 +36,7 @@ pub fn install() -> Result<()> {
     for (sig, _) in SIGNALS {
         // SAFETY: the action only touches atomics and calls async-signal-safe functions.
         unsafe { signal_hook::low_level::register(sig, move || on_signal(sig)) }
-            .map_err(|e| Error::Other(format!("cannot install the {} handler: {e}", name(sig))))?;
+            .map_err(|e| Error::Signal(format!("cannot install the {} handler: {e}", name(sig))))?;
     }
     // SAFETY: setting a signal's disposition to SIG_IGN.
     unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
@@ -111,7 +110,7 @@ pub fn agree(comm: &dyn Communicator) -> Result<Option<i32>> {
     }
     // Count, per signal, the ranks that received it: digit k (base N+1) counts SIGNALS[k].
     let base = comm.world_size() as f64 + 1.0;
-    Ok(decode(comm.all_reduce_sum_f64(encode(mine, base)).map_err(comm_err)?, base))
+    Ok(decode(comm.all_reduce_sum_f64(encode(mine, base))?, base))
 }
 
 /// A rank's contribution: base^k for SIGNALS[k], 0 for none.
@@ -149,7 +148,7 @@ pub fn forward_to(pid: u32) -> Result<()> {
                 libc::kill(pid, libc::SIGUSR1);
             })
         }
-        .map_err(|e| Error::Other(format!("cannot install the {} handler: {e}", name(sig))))?;
+        .map_err(|e| Error::Signal(format!("cannot install the {} handler: {e}", name(sig))))?;
     }
     Ok(())
 }

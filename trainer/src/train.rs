@@ -19,7 +19,8 @@
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta, ResumePoint};
 use crate::config::{Config, OptimizerKind, PreconditionerKind, StepSizeKind};
 use crate::data::{sampler::BatchSampler, Dataset};
-use crate::distributed::{agree, comm_err, shard_dataset, ParamSharding, ShardedField};
+use crate::distributed::{agree, shard_dataset, ParamSharding, ShardedField};
+use crate::kernels::SolverKernels;
 use crate::memory;
 use crate::stop;
 use kutta_collectives::Communicator;
@@ -198,61 +199,49 @@ impl Optimizer<f32> for Scheduled {
         format!("{}+cosine", self.inner.name())
     }
     fn step(&mut self, step: u64, theta: &mut [f32], field: &mut dyn VectorField<f32>) -> Result<StepReport> {
-        self.inner.set_lr(crate::optim::step_size::cosine(self.lr, step, self.warmup, self.total, self.min_fraction));
+        self.inner.set_lr(crate::optim::step_size::cosine(self.lr, step, self.warmup, self.total, self.min_fraction))?;
         self.inner.step(step, theta, field)
     }
-    fn state(&self) -> OptimizerState<f32> {
+    fn state(&self) -> Result<OptimizerState<f32>> {
         self.inner.state()
     }
     fn load_state(&mut self, state: &OptimizerState<f32>) -> Result<()> {
         self.inner.load_state(state)
     }
-    fn set_lr(&mut self, lr: f64) {
+    fn set_lr(&mut self, lr: f64) -> Result<()> {
         self.lr = lr;
+        Ok(())
     }
 }
-
-/// The kernels a GPU solver runs on: `Some` when the model is on a CUDA device and
-/// `train.gpu_solver` is on (feature `cuda`); always None without the feature.
-#[cfg(feature = "cuda")]
-pub type SolverKernels = Option<std::sync::Arc<crate::kernels::cuda::RkKernels>>;
-/// The kernels a GPU solver runs on: always None without the `cuda` feature.
-#[cfg(not(feature = "cuda"))]
-pub type SolverKernels = Option<std::convert::Infallible>;
 
 /// The RK kernels on the model's stream when the solver should run on the GPU: the model is on a
 /// CUDA device, `train.gpu_solver` is on and the optimizer is not sharded (`why_not` says which
 /// did not hold otherwise, for the log). Fails when the kernels do not load.
 pub fn solver_kernels(cfg: &Config, device: &candle_core::Device, sharded: bool) -> Result<(SolverKernels, Option<&'static str>)> {
-    #[cfg(feature = "cuda")]
-    if let candle_core::Device::Cuda(cuda) = device {
-        if !cfg.train.gpu_solver {
-            return Ok((None, Some("train.gpu_solver = false")));
-        }
-        if sharded {
-            return Ok((None, Some("the sharded optimizer keeps its blocks on the host")));
-        }
-        let k = crate::kernels::cuda::RkKernels::new(cuda.cuda_stream())?;
-        return Ok((Some(std::sync::Arc::new(k)), None));
+    if !device.is_cuda() {
+        return Ok((None, None));
     }
-    let _ = (cfg, device, sharded);
-    Ok((None, None))
+    if !cfg.train.gpu_solver {
+        return Ok((None, Some("train.gpu_solver = false")));
+    }
+    if sharded {
+        return Ok((None, Some("the sharded optimizer keeps its blocks on the host")));
+    }
+    let k = crate::kernels::cuda::RkKernels::for_candle(device)?;
+    Ok((Some(std::sync::Arc::new(k)), None))
 }
 
 /// `build_optimizer`, with RK on the GPU (`optim::gpu::GpuRk`) when `kernels` holds some.
 pub fn build_optimizer_on(cfg: &Config, kernels: &SolverKernels) -> Result<Box<dyn Optimizer<f32>>> {
-    #[cfg(feature = "cuda")]
     if let (Some(k), OptimizerKind::Rk) = (kernels, cfg.optimizer.kind) {
         return Ok(Box::new(crate::optim::gpu::GpuRk::new(rk_options(cfg)?, k.clone())?));
     }
-    let _ = kernels;
     build_optimizer(cfg)
 }
 
 /// The GPU solver's parts for a training run (see `solver_kernels`; the baselines keep their
 /// arithmetic on the host): the kernels and, with more than one rank, an NCCL communicator
 /// joined over `comm` on the model's stream for the gradient all-reduce. Logs which way it went.
-#[cfg(feature = "cuda")]
 fn gpu_solver(cfg: &Config, device: &candle_core::Device, sharded: bool, comm: &dyn Communicator) -> Result<Option<crate::distributed::GpuParts>> {
     if !device.is_cuda() {
         return Ok(None);
@@ -273,7 +262,7 @@ fn gpu_solver(cfg: &Config, device: &candle_core::Device, sharded: bool, comm: &
     };
     let nccl = if comm.world_size() > 1 {
         let stream = kernels.stream().clone();
-        Some(kutta_collectives::nccl::NcclComm::joined(comm, stream, comm.collective_timeout()).map_err(comm_err)?)
+        Some(kutta_collectives::NcclComm::joined(comm, stream, comm.collective_timeout())?)
     } else {
         None
     };
@@ -319,11 +308,13 @@ pub fn train(cfg: &Config, out: &Path, progress: Progress, comm: &dyn Communicat
 
 fn prepare_run_folder(out: &Path) -> Result<()> {
     if out.exists() && std::fs::read_dir(out).map_err(|e| Error::io(out, e))?.next().is_some() {
-        return Err(Error::Other(format!(
-            "run folder {} already exists and is not empty; pick another --out, or continue it with --resume {}",
-            out.display(),
-            out.display()
-        )));
+        return Err(Error::RunFolder {
+            path: out.to_path_buf(),
+            msg: format!(
+                "already exists and is not empty; pick another --out, or continue it with --resume {}",
+                out.display()
+            ),
+        });
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))
 }
@@ -347,29 +338,18 @@ pub fn load_run_config(dir: &Path, overrides: &[String]) -> Result<Config> {
     }
     let old = Config::load(&path, &[])?;
     let new = Config::load(&path, overrides)?;
-    // Only the length of the run and its bookkeeping may change on resume.
-    let mut cmp = new.clone();
-    cmp.train.steps = old.train.steps;
-    cmp.train.eval_every = old.train.eval_every;
-    cmp.train.checkpoint_every = old.train.checkpoint_every;
-    cmp.train.keep_checkpoints = old.train.keep_checkpoints;
-    cmp.train.log_every = old.train.log_every;
-    cmp.train.eval_chunk = old.train.eval_chunk;
-    // Memory knobs: they change only the summation order of the gradient (the checkpoint holds
-    // whole buffers whether or not the optimizer was sharded).
-    cmp.train.micro_batch = old.train.micro_batch;
-    cmp.train.recompute = old.train.recompute;
-    cmp.train.shard_optimizer = old.train.shard_optimizer;
-    // Where it runs: the same arithmetic up to the device's rounding.
-    cmp.train.device = old.train.device;
-    cmp.train.gpu = old.train.gpu;
-    cmp.train.gpu_solver = old.train.gpu_solver;
-    if cmp != old {
-        return Err(Error::Other(format!(
-            "--set on resume may change only train.steps, eval_every, checkpoint_every, keep_checkpoints, log_every, eval_chunk, micro_batch, recompute, shard_optimizer, device, gpu and gpu_solver; \
-             other keys would change the trajectory (start a new run with --config {} instead)",
-            path.display()
-        )));
+    let fixed: Vec<String> =
+        new.changed_keys(&old).into_iter().filter(|k| !crate::config::RESUMABLE_KEYS.contains(&k.as_str())).collect();
+    if !fixed.is_empty() {
+        return Err(Error::config(
+            fixed.join("`, `"),
+            format!(
+                "cannot change when a run is resumed: it would change the trajectory (--set on resume may change only {}; \
+                 start a new run with --config {} instead)",
+                crate::config::RESUMABLE_KEYS.join(", "),
+                path.display()
+            ),
+        ));
     }
     Ok(new)
 }
@@ -396,14 +376,8 @@ impl Runner<'_> {
         // buffer. Nothing to split on one rank.
         let sharding = (cfg.train.shard_optimizer && comm.world_size() > 1)
             .then(|| ParamSharding::new(layout.len(), comm.rank(), comm.world_size()));
-        #[cfg(feature = "cuda")]
         let gpu = gpu_solver(cfg, &device, sharding.is_some(), comm)?;
-        #[cfg(not(feature = "cuda"))]
-        let gpu: Option<()> = None;
-        #[cfg(feature = "cuda")]
         let mut opt = build_optimizer_on(cfg, &gpu.as_ref().map(|g| g.kernels.clone()))?;
-        #[cfg(not(feature = "cuda"))]
-        let mut opt = build_optimizer(cfg)?;
         let tableau = (cfg.optimizer.kind == OptimizerKind::Rk).then(|| cfg.tableau().map(|t| t.name)).transpose()?;
 
         let mut summary = Summary {
@@ -445,12 +419,13 @@ impl Runner<'_> {
                     return Err(mismatch("optimizer", m.optimizer.clone(), opt.name()));
                 }
                 if m.step >= cfg.train.steps {
-                    return Err(Error::Other(format!(
-                        "the run in {} already has {} of train.steps = {} steps; raise it with --set train.steps=N",
-                        out.display(),
-                        m.step,
-                        cfg.train.steps
-                    )));
+                    return Err(Error::RunFolder {
+                        path: out.clone(),
+                        msg: format!(
+                            "the run already has {} of train.steps = {} steps; raise it with --set train.steps=N",
+                            m.step, cfg.train.steps
+                        ),
+                    });
                 }
                 let state = match &sharding {
                     Some(s) => s.slice_state(&ck.optimizer),
@@ -472,9 +447,9 @@ impl Runner<'_> {
             }
         };
         // Identical start: rank 0's θ and model state everywhere.
-        comm.broadcast(&mut theta, 0).map_err(comm_err)?;
+        comm.broadcast(&mut theta, 0)?;
         if !model_state.values.is_empty() {
-            comm.broadcast(&mut model_state.values, 0).map_err(comm_err)?;
+            comm.broadcast(&mut model_state.values, 0)?;
         }
         if let Some(point) = &self.resume_from {
             let tidied = if writer { tidy_for_resume(point) } else { Ok(()) };
@@ -514,7 +489,6 @@ impl Runner<'_> {
         inner.set_device(device.clone());
         let mut field = ShardedField::new(inner, comm);
         field.set_l2(cfg.optimizer.l2, &layout)?;
-        #[cfg(feature = "cuda")]
         if let Some(g) = gpu {
             field.use_gpu(g)?;
         }
@@ -557,7 +531,7 @@ impl Runner<'_> {
                     if writer {
                         write_json(&out.join(SUMMARY_FILE), &summary)?;
                     }
-                    return Err(Error::Other(format!("{e}; the run stopped ({})", last_checkpoint_note(out))));
+                    return Err(e.advise(format!("; the run stopped ({})", last_checkpoint_note(out))));
                 }
             };
             // The running statistics take the accepted step's batch statistics (recorded by its
@@ -626,7 +600,7 @@ impl Runner<'_> {
             }
             // A sharded optimizer's θ and state are gathered on every rank; rank 0 writes them.
             let gathered = match &sharding {
-                Some(s) if checkpoint_now => Some((field.full_params(&theta)?.to_vec(), s.gather_state(comm, opt.state())?)),
+                Some(s) if checkpoint_now => Some((field.full_params(&theta)?.to_vec(), s.gather_state(comm, opt.state()?)?)),
                 _ => None,
             };
             if let Some(sig) = stop_for {
@@ -660,15 +634,20 @@ impl Runner<'_> {
                     optimizer_scalars: Default::default(),
                     model_state_updates: 0,
                 };
-                let (full, state) = gathered.unwrap_or_else(|| (theta.clone(), opt.state()));
+                let (full, state) = match gathered {
+                    Some(g) => g,
+                    None => (theta.clone(), opt.state()?),
+                };
                 let path = out.join(checkpoint::file_name(done));
                 if let Err(e) = Checkpoint::new(meta, full, state).with_model_state(&model_state).save(&path) {
                     bar.finish();
-                    let msg = format!("checkpoint of step {done} not written: {e}; the run stopped ({})", last_checkpoint_note(out));
-                    summary.status = format!("failed: {msg}");
+                    let e = e
+                        .context(format!("checkpoint of step {done} not written"))
+                        .advise(format!("; the run stopped ({})", last_checkpoint_note(out)));
+                    summary.status = format!("failed: {e}");
                     // Best effort: the disk may be what failed.
                     let _ = write_json(&out.join(SUMMARY_FILE), &summary);
-                    return Err(Error::Other(msg));
+                    return Err(e);
                 }
                 for old in checkpoint::prune(out, tc.keep_checkpoints)? {
                     tracing::debug!("removed {} (train.keep_checkpoints = {})", old.display(), tc.keep_checkpoints);
@@ -693,7 +672,7 @@ impl Runner<'_> {
         if summary.status == "interrupted" {
             // No rank leaves before rank 0 has written the checkpoint: a launcher that sees one
             // rank exit with a non-zero status (128 + signal) ends the others at once.
-            comm.barrier().map_err(comm_err)?;
+            comm.barrier()?;
             return Ok(summary);
         }
         opt.sync_theta(&mut theta)?;
@@ -810,8 +789,8 @@ fn evaluate_sharded(
         let n = shard.len() as f64;
         (loss * n, (acc * n).round())
     };
-    let loss_sum = comm.all_reduce_sum_f64(loss_sum).map_err(comm_err)?;
-    let correct = comm.all_reduce_sum_f64(correct).map_err(comm_err)?;
+    let loss_sum = comm.all_reduce_sum_f64(loss_sum)?;
+    let correct = comm.all_reduce_sum_f64(correct)?;
     Ok((loss_sum / total as f64, correct / total as f64))
 }
 
@@ -826,7 +805,7 @@ fn pct(x: Option<f64>) -> String {
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let mut s = serde_json::to_string_pretty(value).expect("serializes");
     s.push('\n');
-    checkpoint::write_atomic(path, s.as_bytes())
+    crate::integrity::write_atomic(path, s.as_bytes())
 }
 
 /// Drop metrics lines past the checkpoint's step: a run that died after its last checkpoint
@@ -841,7 +820,7 @@ fn truncate_metrics(path: &Path, keep_through: u64) -> Result<()> {
             kept.push('\n');
         }
     }
-    checkpoint::write_atomic(path, kept.as_bytes())
+    crate::integrity::write_atomic(path, kept.as_bytes())
 }
 
 /// A progress bar on a terminal, plain log lines (about 20 per run, plus evaluations) otherwise.

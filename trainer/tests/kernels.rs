@@ -5,14 +5,14 @@
 //! - `gpu_kernels_match_references` needs `--features cuda` and a GPU. Without the feature it
 //!   prints `SKIPPED: kernel tests need --features cuda and a GPU` and passes; with the feature
 //!   but no usable device (the driver reports an error, or cudarc cannot load libcuda) it prints
-//!   `SKIPPED: …` with the reason and passes. Where it runs, it runs `kernels::check::run` (the
+//!   `SKIPPED: …` with the reason and passes. Where it runs, it runs `optim::gpu::check::run` (the
 //!   same checks as `kutta bench --kernels`): every kernel on random inputs of many lengths (0, 1,
 //!   odd, not a multiple of 4, large), on 16-byte aligned buffers (the float4 path) and on views
 //!   at an odd offset (the scalar path), with and without D, momentum and the error accumulator:
 //!   elementwise results to a max-norm relative error of 1e-6 (they are in fact expected to be
 //!   bit-identical: same operations, no FMA contraction), f64 reductions to 1e-9 relative,
 //!   counts exactly, bad arguments refused; then whole RK trajectories of the solver on the GPU
-//!   back end against the host solver (`kernels::check::SOLVER_TOL`).
+//!   back end against the host solver (`optim::gpu::check::SOLVER_TOL`).
 //!
 //! Bandwidth is measured, not tested: `kutta bench --kernels` prints each kernel's achieved
 //! bandwidth next to the device's copy bandwidth.
@@ -101,7 +101,7 @@ fn gpu_kernels_match_references() {
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use kutta_trainer::kernels::check;
+    use kutta_trainer::optim::gpu::check;
     use kutta_trainer::kernels::cuda::RkKernels;
 
     /// The kernels on device 0, or None after printing why they cannot run here.
@@ -115,7 +115,7 @@ mod gpu {
         }
     }
 
-    /// `kernels::check::run` (the checks `kutta bench --kernels` runs too): every check passes.
+    /// `optim::gpu::check::run` (the checks `kutta bench --kernels` runs too): every check passes.
     #[test]
     fn gpu_kernels_match_references() {
         let Some(k) = kernels_or_skip() else { return };

@@ -8,16 +8,78 @@ pub mod idx;
 pub mod mnist;
 pub mod sampler;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use augment::Augment;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// `data.format`: which files `data.dir` holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataFormat {
+    /// MNIST-format IDX files (MNIST, Fashion-MNIST): train-images-idx3-ubyte[.gz], …
+    #[default]
+    Idx,
+    /// CIFAR-10's binary files: data_batch_1.bin … data_batch_5.bin, test_batch.bin.
+    Cifar10,
+    /// CIFAR-100's binary files: train.bin, test.bin (fine labels; `data.coarse_labels` for the
+    /// 20 superclasses).
+    Cifar100,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// `idx` (default), `cifar10` or `cifar100`.
+    pub format: DataFormat,
+    /// The directory with the data set's files (for CIFAR also its parent, holding
+    /// `cifar-10-batches-bin/` or `cifar-100-binary/`).
+    pub dir: PathBuf,
+    /// Use only the first N training samples.
+    pub train_subset: Option<usize>,
+    /// Shuffle with a permutation drawn from (seed, epoch); false keeps file order.
+    pub shuffle: bool,
+    /// `unit`: pixels/255 in [0, 1]. `standardize`: then minus the training mean, over its std,
+    /// per channel. Default: unit for IDX, standardize for CIFAR.
+    pub normalize: Option<Normalize>,
+    /// Training augmentation: `none` or `crop-flip` (pad 4, random crop, horizontal flip: the
+    /// standard CIFAR recipe), drawn from (seed, step, sample index).
+    pub augment: Augment,
+    /// CIFAR-100: train on the 20 coarse labels instead of the 100 fine ones.
+    pub coarse_labels: bool,
+}
+
+impl DataConfig {
+    /// (C, H, W) and the number of classes of the format's images (the IDX files' own size is
+    /// read from their headers; this is MNIST's 28×28).
+    pub fn image_shape_and_classes(&self) -> ([usize; 3], usize) {
+        match self.format {
+            DataFormat::Idx => ([1, 28, 28], 10),
+            DataFormat::Cifar10 => (cifar::IMAGE_SHAPE, 10),
+            DataFormat::Cifar100 => (cifar::IMAGE_SHAPE, if self.coarse_labels { 20 } else { 100 }),
+        }
+    }
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            format: DataFormat::Idx,
+            dir: PathBuf::from("/usr/share/datasets/fashion-mnist"),
+            train_subset: None,
+            shuffle: true,
+            normalize: None,
+            augment: Augment::None,
+            coarse_labels: false,
+        }
+    }
+}
+
 /// The training and test sets `data` names (`data.format`, `data.dir`, `data.normalize`), images
 /// kept as bytes. `data.train_subset` is the caller's (`train::load_data`).
-pub fn load(data: &crate::config::DataConfig) -> Result<(Dataset, Dataset)> {
-    use crate::config::DataFormat;
+pub fn load(data: &DataConfig) -> Result<(Dataset, Dataset)> {
     let normalize = data.normalize.unwrap_or_default();
     let kind = match data.format {
         DataFormat::Idx => return mnist::load_dir(&data.dir, normalize),

@@ -50,10 +50,18 @@ pub enum KernelError {
 
 pub type KResult<T> = std::result::Result<T, KernelError>;
 
-impl From<KernelError> for crate::Error {
-    fn from(e: KernelError) -> Self {
-        crate::Error::Other(e.to_string())
-    }
+/// CUDA devices the driver sees (0 when it cannot be asked).
+pub fn device_count() -> usize {
+    CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+}
+
+/// GPU memory in use on `device`'s GPU, in bytes: total − free as the driver reports it (every
+/// process on that GPU and the CUDA context included, and candle's freed-but-pooled blocks).
+/// None on the CPU.
+pub fn device_used_bytes(device: &candle_core::Device) -> Option<u64> {
+    let d = device.as_cuda_device().ok()?;
+    let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
+    Some(total.saturating_sub(free) as u64)
 }
 
 fn args_err<T>(msg: impl Into<String>) -> KResult<T> {
@@ -166,6 +174,15 @@ impl RkKernels {
     pub fn on_device(ordinal: usize) -> KResult<Self> {
         let ctx = CudaContext::new(ordinal)?;
         Self::new(ctx.default_stream())
+    }
+
+    /// The kernels on candle's stream of `device` (a CUDA device; anything else is an error), so
+    /// that they run in order with the model's work there.
+    pub fn for_candle(device: &candle_core::Device) -> KResult<Self> {
+        match device {
+            candle_core::Device::Cuda(cuda) => Self::new(cuda.cuda_stream()),
+            other => args_err(format!("the RK kernels need a CUDA device, not {:?}", other.location())),
+        }
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {

@@ -9,8 +9,10 @@
 //!   context and exposes one safe, length-checked method per kernel on `CudaSlice<f32>` / views,
 //!   plus `cuda::RkKernels::bandwidth`, which times each kernel against the device's copy
 //!   bandwidth.
-//! - `check` (feature `cuda`): `check::run` runs every kernel against its reference on the GPU
-//!   and returns one row per check; `trainer/tests/kernels.rs` and `kutta bench --kernels` call it.
+//!   Without the feature, `cuda_stub.rs` takes its place: the same names, no values, constructors
+//!   that fail with "not compiled with CUDA".
+//! - `optim::gpu::check` (feature `cuda`) runs every kernel against its reference on the GPU and
+//!   returns one row per check; `trainer/tests/kernels.rs` and `kutta bench kernels` call it.
 //!
 //! The kernels are compiled at BUILD time: with the `cuda` feature, `build.rs` runs `nvcc --ptx`
 //! on `rk.cu` (virtual architecture `compute_$CUDA_COMPUTE_CAP`, default 90; the driver JIT-
@@ -35,15 +37,16 @@
 
 pub mod reference;
 
+// The one place the `cuda` feature switches the kernels: without it, a stub with the same names
+// whose constructors say "not compiled with CUDA" (see `cuda_stub.rs`).
 #[cfg(feature = "cuda")]
 pub mod cuda;
-
-/// `optim::arith::Arith` on the kernels: the RK solver's GPU back end.
-#[cfg(feature = "cuda")]
-pub mod backend;
-
-/// The kernels against the references on a GPU (`kutta bench --kernels`, the kernel tests).
-#[cfg(feature = "cuda")]
-pub mod check;
+#[cfg(not(feature = "cuda"))]
+#[path = "cuda_stub.rs"]
+pub mod cuda;
 
 pub use reference::MAX_STAGES;
+
+/// The kernels a GPU solver runs on: `Some` when the model is on a CUDA device and
+/// `train.gpu_solver` is on (`train::solver_kernels`); always None without the `cuda` feature.
+pub type SolverKernels = Option<std::sync::Arc<cuda::RkKernels>>;

@@ -81,7 +81,7 @@ impl Model for Cnn {
 
     fn forward_segment(&self, params: &[Tensor], k: usize, h: &Tensor, _: &mut Pass) -> Result<Tensor> {
         let [w0, b0, w1, b1, wh, bh] = params else {
-            return Err(Error::Other(format!("model: the cnn takes 6 tensors, got {}", params.len())));
+            return Err(Error::model(format!("the cnn takes 6 tensors, got {}", params.len())));
         };
         let bias = |b: &Tensor, f: usize| b.reshape((1, f, 1, 1));
         match k {
@@ -92,7 +92,7 @@ impl Model for Cnn {
             }
             1 => Ok(conv2d(h, w1, PADDING, 1)?.broadcast_add(&bias(b1, self.filters[1])?)?.relu()?), // (B, F1, H, W)
             2 => Ok(h.flatten_from(1)?.matmul(&wh.t()?)?.broadcast_add(bh)?), // (B, classes)
-            _ => Err(Error::Other(format!("model: the cnn has 3 segments, not {}", k + 1))),
+            _ => Err(Error::model(format!("the cnn has 3 segments, not {}", k + 1))),
         }
     }
 

@@ -38,8 +38,8 @@ pub(crate) fn input_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 pub(crate) fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     let (_, _, kh, kw) = w.dims4()?;
     if kh != kw || padding >= kh || stride == 0 {
-        return Err(Error::Other(format!(
-            "model: conv2d needs a square kernel, padding < kernel size and stride ≥ 1, \
+        return Err(Error::model(format!(
+            "conv2d needs a square kernel, padding < kernel size and stride ≥ 1, \
              got {kh}×{kw} with padding {padding}, stride {stride}"
         )));
     }
@@ -245,8 +245,8 @@ pub(crate) fn batch_norm_train(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, c, h, w) = x.dims4()?;
     if group == 0 || b % group != 0 {
-        return Err(Error::Other(format!(
-            "model: batch norm over groups of {group} samples got a batch of {b}, not a multiple"
+        return Err(Error::model(format!(
+            "batch norm over groups of {group} samples got a batch of {b}, not a multiple"
         )));
     }
     let groups = b / group;
@@ -291,7 +291,7 @@ pub(crate) fn avg_pool2d(x: &Tensor, k: usize) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let (oh, ow) = (h / k, w / k);
     if k == 0 || oh == 0 || ow == 0 {
-        return Err(Error::Other(format!("model: avg_pool2d({k}) of a {h}×{w} map")));
+        return Err(Error::model(format!("avg_pool2d({k}) of a {h}×{w} map")));
     }
     let x = if oh * k != h || ow * k != w { x.narrow(2, 0, oh * k)?.narrow(3, 0, ow * k)? } else { x.clone() };
     // (B, C, oh, k, ow, k): mean over the window axes; plain reductions, so plain gradients.
@@ -304,8 +304,8 @@ pub(crate) fn images(x: &Tensor, image_shape: [usize; 3], model: &str) -> Result
     let [c, h, w] = image_shape;
     let (batch, features) = x.dims2()?;
     if features != c * h * w {
-        return Err(Error::Other(format!(
-            "model: the {model} takes images of {c}×{h}×{w} = {} values, got {features}",
+        return Err(Error::model(format!(
+            "the {model} takes images of {c}×{h}×{w} = {} values, got {features}",
             c * h * w
         )));
     }

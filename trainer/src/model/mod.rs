@@ -107,7 +107,7 @@ impl ModelState {
             return Ok(());
         }
         if stats.sums.len() != self.values.len() || stats.groups == 0 {
-            return Err(Error::Other(format!(
+            return Err(Error::model(format!(
                 "model state: batch statistics of {} values over {} groups for a state of {}",
                 stats.sums.len(),
                 stats.groups,
@@ -206,8 +206,8 @@ impl Bn {
         match pass.mode {
             Mode::Eval => {
                 let (Some(mean), Some(var)) = (pass.state.get(self.state), pass.state.get(self.state + 1)) else {
-                    return Err(Error::Other(format!(
-                        "model: evaluation-mode batch norm without its running statistics ({} state tensors)",
+                    return Err(Error::model(format!(
+                        "evaluation-mode batch norm without its running statistics ({} state tensors)",
                         pass.state.len()
                     )));
                 };
@@ -224,7 +224,7 @@ impl Bn {
                     let f64s = |t: Tensor| t.sum(0)?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>();
                     let (means, vars) = (f64s(mean)?, f64s(var)?);
                     if stats.sums.len() < self.state_offset + 2 * c {
-                        return Err(Error::Other("model: batch statistics buffer shorter than the state".into()));
+                        return Err(Error::model("batch statistics buffer shorter than the state"));
                     }
                     let (m_out, v_out) = stats.sums[self.state_offset..self.state_offset + 2 * c].split_at_mut(c);
                     for (o, &v) in m_out.iter_mut().zip(&means) {
@@ -444,8 +444,8 @@ pub fn save_safetensors(model: &dyn Model, theta: &[f32], state: &ModelState, pa
             ),
         ));
     }
-    let bytes = crate::checkpoint::f32_to_bytes(theta);
-    let state_bytes = crate::checkpoint::f32_to_bytes(&state.values);
+    let bytes = crate::integrity::f32_to_bytes(theta);
+    let state_bytes = crate::integrity::f32_to_bytes(&state.values);
     let counter = (state.updates as i64).to_le_bytes();
     let mut views = Vec::new();
     for (specs, bytes) in [(layout, &bytes), (state_layout, &state_bytes)] {
@@ -463,7 +463,7 @@ pub fn save_safetensors(model: &dyn Model, theta: &[f32], state: &ModelState, pa
     }
     let buffer = crate::integrity::serialize(views, Default::default())
         .map_err(|e| Error::checkpoint(path, format!("cannot serialize: {e}")))?;
-    crate::checkpoint::write_atomic(path, &buffer)
+    crate::integrity::write_atomic(path, &buffer)
 }
 
 fn quoted(names: &[&str]) -> String {
@@ -512,16 +512,16 @@ fn decode_f32(dtype: Dtype, data: &[u8], out: &mut [f32]) -> std::result::Result
 /// Check that `params` match the layout: one tensor per entry, same shapes.
 pub(crate) fn check_params(layout: &ParamLayout, params: &[Tensor]) -> Result<()> {
     if params.len() != layout.params.len() {
-        return Err(Error::Other(format!(
-            "model: got {} parameter tensors, the layout has {}",
+        return Err(Error::model(format!(
+            "got {} parameter tensors, the layout has {}",
             params.len(),
             layout.params.len()
         )));
     }
     for (spec, t) in layout.params.iter().zip(params) {
         if t.dims() != spec.shape.as_slice() {
-            return Err(Error::Other(format!(
-                "model: tensor `{}` has shape {:?}, the layout says {:?}",
+            return Err(Error::model(format!(
+                "tensor `{}` has shape {:?}, the layout says {:?}",
                 spec.name,
                 t.dims(),
                 spec.shape
@@ -535,8 +535,8 @@ pub(crate) fn check_params(layout: &ParamLayout, params: &[Tensor]) -> Result<()
 /// A contiguous CPU tensor is read in place, with no intermediate Vec.
 pub(crate) fn tensor_into_slice(t: &Tensor, out: &mut [f32], accumulate: bool) -> Result<()> {
     if t.elem_count() != out.len() {
-        return Err(Error::Other(format!(
-            "model: tensor of shape {:?} copied into a buffer of {} values",
+        return Err(Error::model(format!(
+            "tensor of shape {:?} copied into a buffer of {} values",
             t.dims(),
             out.len()
         )));
@@ -572,7 +572,7 @@ mod tests {
 
     #[test]
     fn build_default_models() {
-        let cfg = |kind: &str, sets: &[&str]| registry::config(kind, sets);
+        let cfg = |kind: &str, sets: &[&str]| crate::config::model_config(kind, sets);
         let mlp = build(&cfg("mlp", &[]).unwrap(), [1, 28, 28], 10).unwrap();
         assert_eq!(mlp.layout().len(), 898_510);
         assert_eq!(mlp.describe(), "mlp 784-500-500-500-10 (ReLU), 898510 params");

@@ -4,8 +4,53 @@
 //! the kind's name.
 
 use super::{cnn, mlp, resnet, wrn, Model};
-use crate::config::ModelConfig;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
 use crate::error::{Error, Result};
+
+/// `[model]`: the kind and its keys. Each kind reads only its own keys (`model::registry`
+/// lists them; a key another kind reads is an error naming it) and fills in its defaults when
+/// the config is loaded, so `config.toml` in a run folder shows every value used.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// `mlp`, `cnn` (the paper's simple CNN), `resnet18` (CIFAR ResNet-18), `wrn` (Wide-ResNet);
+    /// `kutta models` lists them with their keys.
+    pub kind: String,
+    /// mlp: hidden widths (default [500, 500, 500]); cnn: the two filter counts ([20, 10]).
+    pub hidden: Option<Vec<usize>>,
+    /// resnet18: base width (64: torchvision's resnet18).
+    pub width: Option<usize>,
+    /// wrn: depth (28; 6n + 4).
+    pub depth: Option<usize>,
+    /// wrn: widening factor (10).
+    pub widen: Option<usize>,
+    /// Batch norm: samples per ghost batch whose statistics normalise it in training (32). The
+    /// per-rank micro-batch must be a multiple of it; then the trajectory does not depend on the
+    /// number of ranks or micro-batches.
+    pub bn_group: Option<usize>,
+    /// Batch norm: the running statistics' update weight (PyTorch's momentum, 0.1).
+    pub bn_momentum: Option<f64>,
+    /// Initial weights from a safetensors file instead of the seed.
+    pub init: Option<PathBuf>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            kind: "mlp".into(),
+            hidden: None,
+            width: None,
+            depth: None,
+            widen: None,
+            bn_group: None,
+            bn_momentum: None,
+            init: None,
+        }
+    }
+}
 
 /// One model kind.
 pub struct Kind {
@@ -79,8 +124,8 @@ pub fn validate(cfg: &ModelConfig) -> Result<()> {
 /// Build the model a validated config names for images of shape (C, H, W) and `classes` classes.
 pub fn build(cfg: &ModelConfig, image_shape: [usize; 3], classes: usize) -> Result<Box<dyn Model>> {
     if image_shape.contains(&0) || classes == 0 {
-        return Err(Error::Other(format!(
-            "model: cannot build a model for images of shape {image_shape:?} and {classes} classes"
+        return Err(Error::model(format!(
+            "cannot build a model for images of shape {image_shape:?} and {classes} classes"
         )));
     }
     let k = kind(&cfg.kind)?;
@@ -89,13 +134,6 @@ pub fn build(cfg: &ModelConfig, image_shape: [usize; 3], classes: usize) -> Resu
     (k.defaults)(&mut cfg);
     (k.validate)(&cfg)?;
     (k.build)(&cfg, image_shape, classes)
-}
-
-/// A model config for tests and benches: `kind` with `sets` applied as `--set model.…` would.
-pub fn config(kind: &str, sets: &[&str]) -> Result<ModelConfig> {
-    let mut all = vec![format!("model.kind={kind}")];
-    all.extend(sets.iter().map(|s| format!("model.{s}")));
-    Ok(crate::config::Config::from_toml_str("", &all)?.model)
 }
 
 /// Batch norm's keys, shared by the kinds that have it: (`model.bn_group`, `model.bn_momentum`),
@@ -126,6 +164,7 @@ pub(crate) fn bn_defaults(cfg: &mut ModelConfig) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::model_config as config;
 
     #[test]
     fn every_kind_builds_with_its_defaults() {

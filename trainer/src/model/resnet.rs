@@ -150,7 +150,7 @@ impl Model for ResNet18 {
         if k == self.blocks.len() + 1 {
             return linear(&global_avg_pool(h)?, &params[self.fc], &params[self.fc + 1]);
         }
-        Err(Error::Other(format!("model: the resnet18 has {} segments, not {}", self.segments(), k + 1)))
+        Err(Error::model(format!("the resnet18 has {} segments, not {}", self.segments(), k + 1)))
     }
 
     fn describe(&self) -> String {

@@ -153,7 +153,7 @@ impl Model for WideResNet {
             let o = self.bn.forward(params, h, g, pass)?.relu()?;
             return linear(&global_avg_pool(&o)?, &params[self.fc], &params[self.fc + 1]);
         }
-        Err(Error::Other(format!("model: the wrn has {} segments, not {}", self.segments(), k + 1)))
+        Err(Error::model(format!("the wrn has {} segments, not {}", self.segments(), k + 1)))
     }
 
     fn describe(&self) -> String {

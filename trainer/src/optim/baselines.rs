@@ -30,7 +30,7 @@
 //! `"adam.v"` for every [`Adam`] variant — or no buffers at all before the first step (and
 //! always for [`Sgd`]), plus the scalar `"optimizer"` holding `name()`. `load_state`
 //! rejects unknown, duplicated, missing, mismatched-length or non-finite buffers and a different
-//! `"optimizer"` name with an [`Error::Other`]; other scalars are ignored. A state with no
+//! `"optimizer"` name with an [`Error::Optimizer`]; other scalars are ignored. A state with no
 //! buffers resets the optimizer to "before the first step". Buffer lengths are checked against
 //! `field.dim()` at the next step.
 
@@ -61,7 +61,7 @@ fn check_lr(name: &str, lr: f64) -> Result<()> {
     if lr.is_finite() && lr >= 0.0 {
         Ok(())
     } else {
-        Err(Error::Other(format!("{name}: learning rate must be finite and >= 0, got {lr}")))
+        Err(Error::optimizer(format!("{name}: learning rate must be finite and >= 0, got {lr}")))
     }
 }
 
@@ -76,7 +76,7 @@ fn eval_gradient<F: Scalar>(
 ) -> Result<f64> {
     let dim = field.dim();
     if theta.len() != dim {
-        return Err(Error::Other(format!(
+        return Err(Error::optimizer(format!(
             "{name}: θ has {} entries but the vector field has dimension {dim}",
             theta.len()
         )));
@@ -107,7 +107,7 @@ fn prepare_buffer<F: Scalar>(
         buf.clear();
         buf.resize(dim, F::zero());
     } else if buf.len() != dim {
-        return Err(Error::Other(format!(
+        return Err(Error::optimizer(format!(
             "{name}: state buffer `{buf_name}` has {} entries but the vector field has dimension {dim}",
             buf.len()
         )));
@@ -189,7 +189,7 @@ fn validate_state<'a, F: Scalar>(
     state: &'a OptimizerState<F>,
     expected: &[&str],
 ) -> Result<Option<Vec<&'a Vec<F>>>> {
-    let err = |msg: String| Error::Other(format!("optimizer state for `{name}`: {msg}"));
+    let err = |msg: String| Error::optimizer(format!("optimizer state for `{name}`: {msg}"));
     if let Some(v) = state.scalars.get(OPTIMIZER_KEY) {
         match v.as_str() {
             Some(s) if s == name => {}
@@ -282,8 +282,9 @@ impl<F: Scalar> Sgd<F> {
 }
 
 impl<F: Scalar> Optimizer<F> for Sgd<F> {
-    fn set_lr(&mut self, lr: f64) {
+    fn set_lr(&mut self, lr: f64) -> Result<()> {
         self.lr = lr;
+        Ok(())
     }
     fn name(&self) -> String {
         "sgd".to_string()
@@ -305,8 +306,8 @@ impl<F: Scalar> Optimizer<F> for Sgd<F> {
         Ok(StepReport { loss, h, grad_evals: 1, nonfinite_retries: k, ..Default::default() })
     }
 
-    fn state(&self) -> OptimizerState<F> {
-        snapshot("sgd", false, &[])
+    fn state(&self) -> Result<OptimizerState<F>> {
+        Ok(snapshot("sgd", false, &[]))
     }
 
     fn load_state(&mut self, state: &OptimizerState<F>) -> Result<()> {
@@ -365,8 +366,9 @@ impl<F: Scalar> Momentum<F> {
 }
 
 impl<F: Scalar> Optimizer<F> for Momentum<F> {
-    fn set_lr(&mut self, lr: f64) {
+    fn set_lr(&mut self, lr: f64) -> Result<()> {
         self.lr = lr;
+        Ok(())
     }
     fn name(&self) -> String {
         self.name_str().to_string()
@@ -411,8 +413,8 @@ impl<F: Scalar> Optimizer<F> for Momentum<F> {
         Ok(StepReport { loss, h, grad_evals: 1, nonfinite_retries: k, ..Default::default() })
     }
 
-    fn state(&self) -> OptimizerState<F> {
-        snapshot(self.name_str(), self.started, &[(MOMENTUM_BUF, &self.buf)])
+    fn state(&self) -> Result<OptimizerState<F>> {
+        Ok(snapshot(self.name_str(), self.started, &[(MOMENTUM_BUF, &self.buf)]))
     }
 
     fn load_state(&mut self, state: &OptimizerState<F>) -> Result<()> {
@@ -523,8 +525,9 @@ impl<F: Scalar> Adam<F> {
 }
 
 impl<F: Scalar> Optimizer<F> for Adam<F> {
-    fn set_lr(&mut self, lr: f64) {
+    fn set_lr(&mut self, lr: f64) -> Result<()> {
         self.lr = lr;
+        Ok(())
     }
     fn name(&self) -> String {
         self.variant.name().to_string()
@@ -602,8 +605,8 @@ impl<F: Scalar> Optimizer<F> for Adam<F> {
         Ok(StepReport { loss, h, grad_evals: 1, nonfinite_retries: k, ..Default::default() })
     }
 
-    fn state(&self) -> OptimizerState<F> {
-        snapshot(self.variant.name(), self.started, &[(ADAM_M, &self.m), (ADAM_V, &self.v)])
+    fn state(&self) -> Result<OptimizerState<F>> {
+        Ok(snapshot(self.variant.name(), self.started, &[(ADAM_M, &self.m), (ADAM_V, &self.v)]))
     }
 
     fn load_state(&mut self, state: &OptimizerState<F>) -> Result<()> {
@@ -690,7 +693,7 @@ mod tests {
             assert_eq!(step, &th);
         }
         assert_close(&got[0], &[0.9, -0.8, 0.3], 1e-15);
-        assert!(opt.state().buffers.is_empty());
+        assert!(opt.state().unwrap().buffers.is_empty());
     }
 
     #[test]
@@ -701,7 +704,7 @@ mod tests {
         let r = opt.step(0, &mut th, &mut f).unwrap();
         assert_eq!(r.h, 0.1);
         assert_eq!(r.loss, 0.5 * (1.0 + 2.0 + 4.0 * 0.25));
-        opt.set_lr(0.05);
+        opt.set_lr(0.05).unwrap();
         assert_eq!(opt.lr(), 0.05);
         let r = opt.step(1, &mut th, &mut f).unwrap();
         assert_eq!(r.h, 0.05);
@@ -711,13 +714,13 @@ mod tests {
     fn momentum_heavy_ball_literal_values() {
         let mut opt = Momentum::<f64>::new(0.1, 0.9, false);
         assert_eq!(opt.name(), "momentum");
-        assert!(opt.state().buffers.is_empty());
+        assert!(opt.state().unwrap().buffers.is_empty());
         let got = run(&mut opt, 2);
         // Step 1: buf = g = [1, -2, 2]; θ = [0.9, -0.8, 0.3].
         assert_close(&got[0], &[0.9, -0.8, 0.3], 1e-14);
         // Step 2: g = [0.9, -1.6, 1.2]; buf = [1.8, -3.4, 3.0]; θ = [0.72, -0.46, 0.0].
         assert_close(&got[1], &[0.72, -0.46, 0.0], 1e-14);
-        assert_close(opt.state().buffer("momentum").unwrap(), &[1.8, -3.4, 3.0], 1e-14);
+        assert_close(opt.state().unwrap().buffer("momentum").unwrap(), &[1.8, -3.4, 3.0], 1e-14);
     }
 
     #[test]
@@ -730,7 +733,7 @@ mod tests {
         // Step 2: g = [0.81, -1.24, 0.48]; buf = [1.71, -3.04, 2.28];
         // d = [2.349, -3.976, 2.532]; θ = [0.5751, -0.2224, -0.1332].
         assert_close(&got[1], &[0.5751, -0.2224, -0.1332], 1e-14);
-        assert_close(opt.state().buffer("momentum").unwrap(), &[1.71, -3.04, 2.28], 1e-14);
+        assert_close(opt.state().unwrap().buffer("momentum").unwrap(), &[1.71, -3.04, 2.28], 1e-14);
     }
 
     #[test]
@@ -745,7 +748,7 @@ mod tests {
         for (g, w) in got.iter().zip(&want) {
             assert_close(g, w, 1e-14);
         }
-        let st = opt.state();
+        let st = opt.state().unwrap();
         assert_eq!(st.buffers.len(), 2);
         assert_eq!(st.buffers[0].0, "adam.m");
         assert_eq!(st.buffers[1].0, "adam.v");
@@ -811,10 +814,10 @@ mod tests {
             let mut th = THETA0.to_vec();
             a.step(0, &mut th, &mut f).unwrap();
             a.step(1, &mut th, &mut f).unwrap();
-            let saved = a.state();
+            let saved = a.state().unwrap();
             let mut b = make();
             b.load_state(&saved).unwrap();
-            assert_eq!(b.state(), saved, "{}", a.name());
+            assert_eq!(b.state().unwrap(), saved, "{}", a.name());
             let mut th_b = th.clone();
             a.step(2, &mut th, &mut f).unwrap();
             b.step(2, &mut th_b, &mut f).unwrap();
@@ -824,18 +827,18 @@ mod tests {
                 "{}",
                 a.name()
             );
-            assert_eq!(a.state(), b.state(), "{}", a.name());
+            assert_eq!(a.state().unwrap(), b.state().unwrap(), "{}", a.name());
         }
     }
 
     #[test]
     fn loading_an_empty_state_resets() {
         let mut a = Adam::<f64>::with_defaults(0.01);
-        let fresh = a.state();
+        let fresh = a.state().unwrap();
         assert!(fresh.buffers.is_empty());
         let first = run(&mut a, 1);
         a.load_state(&fresh).unwrap();
-        assert!(a.state().buffers.is_empty());
+        assert!(a.state().unwrap().buffers.is_empty());
         assert_eq!(run(&mut a, 1), first);
     }
 
@@ -843,7 +846,7 @@ mod tests {
     fn load_state_rejects_mismatches() {
         let mut a = Adam::<f64>::with_defaults(0.01);
         run(&mut a, 1);
-        let good = a.state();
+        let good = a.state().unwrap();
         let mut fresh = Adam::<f64>::with_defaults(0.01);
 
         let mut s = good.clone();
@@ -878,12 +881,12 @@ mod tests {
         let mut nest = Momentum::<f64>::new(0.1, 0.9, true);
         let mut hb = Momentum::<f64>::new(0.1, 0.9, false);
         run(&mut hb, 1);
-        assert!(nest.load_state(&hb.state()).is_err());
+        assert!(nest.load_state(&hb.state().unwrap()).is_err());
 
         // The failed loads left `fresh` fresh; a good load still works.
-        assert!(fresh.state().buffers.is_empty());
+        assert!(fresh.state().unwrap().buffers.is_empty());
         fresh.load_state(&good).unwrap();
-        assert_eq!(fresh.state(), good);
+        assert_eq!(fresh.state().unwrap(), good);
 
         // A state whose length does not match the field is caught at the next step.
         let mut s = good.clone();
@@ -893,7 +896,7 @@ mod tests {
         let mut c = Adam::<f64>::with_defaults(0.01);
         c.load_state(&s).unwrap();
         let mut th = THETA0.to_vec();
-        assert!(matches!(c.step(1, &mut th, &mut quad()), Err(Error::Other(_))));
+        assert!(matches!(c.step(1, &mut th, &mut quad()), Err(Error::Optimizer(_))));
         assert_eq!(th, THETA0.to_vec());
     }
 
@@ -901,7 +904,7 @@ mod tests {
     fn dimension_mismatch_is_an_error() {
         let mut opt = Sgd::<f64>::new(0.1);
         let mut th = vec![1.0, 2.0];
-        assert!(matches!(opt.step(0, &mut th, &mut quad()), Err(Error::Other(_))));
+        assert!(matches!(opt.step(0, &mut th, &mut quad()), Err(Error::Optimizer(_))));
     }
 
     /// Behaves like the quadratic for `good` evaluations, then returns a NaN gradient (or loss).
@@ -936,11 +939,11 @@ mod tests {
                 let mut th = THETA0.to_vec();
                 opt.step(0, &mut th, &mut f).unwrap();
                 opt.step(1, &mut th, &mut f).unwrap();
-                let (th_before, st_before) = (th.clone(), opt.state());
+                let (th_before, st_before) = (th.clone(), opt.state().unwrap());
                 let r = opt.step(2, &mut th, &mut f);
                 assert!(matches!(r, Err(Error::NonFinite(_))), "{}: {r:?}", opt.name());
                 assert_eq!(th, th_before, "{}", opt.name());
-                assert_eq!(opt.state(), st_before, "{}", opt.name());
+                assert_eq!(opt.state().unwrap(), st_before, "{}", opt.name());
                 // Only one evaluation: no retries for a bad gradient.
                 assert_eq!(f.inner.evals, 3);
             }
@@ -950,7 +953,7 @@ mod tests {
         let mut f = Poisoned { inner: quad(), good: 0, nan_loss: false };
         let mut th = THETA0.to_vec();
         assert!(matches!(opt.step(0, &mut th, &mut f), Err(Error::NonFinite(_))));
-        assert!(opt.state().buffers.is_empty());
+        assert!(opt.state().unwrap().buffers.is_empty());
         assert_eq!(th, THETA0.to_vec());
     }
 
@@ -994,12 +997,12 @@ mod tests {
         let mut opt = Adam::<f32>::with_defaults(0.1);
         let mut th = vec![1.0f32, -1.0];
         opt.step(0, &mut th, &mut f).unwrap();
-        let (th_before, st_before) = (th.clone(), opt.state());
-        opt.set_lr(1e60);
+        let (th_before, st_before) = (th.clone(), opt.state().unwrap());
+        opt.set_lr(1e60).unwrap();
         let r = opt.step(1, &mut th, &mut f);
         assert!(matches!(r, Err(Error::NonFinite(_))), "{r:?}");
         assert_eq!(th, th_before);
-        assert_eq!(opt.state(), st_before);
+        assert_eq!(opt.state().unwrap(), st_before);
 
         // Momentum: same story.
         let mut opt = Momentum::<f32>::new(1e30, 0.9, true);
@@ -1009,7 +1012,7 @@ mod tests {
         // d = 1.9 g: lr·d = 1.9e39, 9.5e38, 4.75e38 overflow; 2.375e38 does not.
         assert_eq!(r.nonfinite_retries, 3);
         assert!(all_finite(&th));
-        assert_eq!(opt.state().buffer("momentum").unwrap(), &vec![1e9f32, 1.0]);
+        assert_eq!(opt.state().unwrap().buffer("momentum").unwrap(), &vec![1e9f32, 1.0]);
     }
 
     #[test]
@@ -1021,7 +1024,7 @@ mod tests {
         let r = opt.step(0, &mut th, &mut f);
         assert!(matches!(r, Err(Error::NonFinite(_))), "{r:?}");
         assert_eq!(th, vec![1.0f32]);
-        assert!(opt.state().buffers.is_empty());
+        assert!(opt.state().unwrap().buffers.is_empty());
         assert_eq!(f.evals, 1);
     }
 
@@ -1029,7 +1032,7 @@ mod tests {
     fn invalid_lr_is_rejected() {
         let mut opt = Sgd::<f64>::new(f64::NAN);
         let mut th = THETA0.to_vec();
-        assert!(matches!(opt.step(0, &mut th, &mut quad()), Err(Error::Other(_))));
+        assert!(matches!(opt.step(0, &mut th, &mut quad()), Err(Error::Optimizer(_))));
         opt.lr = -1.0;
         assert!(opt.step(0, &mut th, &mut quad()).is_err());
         assert_eq!(th, THETA0.to_vec());

@@ -11,8 +11,12 @@
 
 pub mod arith;
 pub mod baselines;
-/// The RK solver on the GPU (feature `cuda`).
+/// The RK solver on the GPU (feature `cuda`); without the feature a stub whose `GpuRk` cannot
+/// be built (it needs kernels, which do not exist then).
 #[cfg(feature = "cuda")]
+pub mod gpu;
+#[cfg(not(feature = "cuda"))]
+#[path = "gpu_stub.rs"]
 pub mod gpu;
 pub mod rk;
 pub mod step_size;
@@ -58,7 +62,9 @@ pub trait Optimizer<F: Scalar = f32> {
     fn name(&self) -> String;
     /// Take optimizer step `step` (0-based n; schedules and bias corrections use it) in place.
     fn step(&mut self, step: u64, theta: &mut [F], field: &mut dyn VectorField<F>) -> Result<StepReport>;
-    fn state(&self) -> OptimizerState<F>;
+    /// Everything a step reads, for a checkpoint. Fails only where the state must first be
+    /// copied from a device (the GPU solver).
+    fn state(&self) -> Result<OptimizerState<F>>;
     fn load_state(&mut self, state: &OptimizerState<F>) -> Result<()>;
     /// Bring θ to the host. An optimizer that keeps θ and its state on a GPU between steps
     /// (the RK solver on the `cuda` back end) leaves the host θ stale after `step` and writes it
@@ -69,9 +75,12 @@ pub trait Optimizer<F: Scalar = f32> {
         Ok(())
     }
     /// Set the learning rate of the next step. The baselines use it for schedules applied from
-    /// outside; the RK solver schedules h itself (SPEC §3-4) and does not implement it.
-    fn set_lr(&mut self, lr: f64) {
+    /// outside; the RK solver schedules h itself (SPEC §3-4): for it this is an error.
+    fn set_lr(&mut self, lr: f64) -> Result<()> {
         let _ = lr;
-        unimplemented!("{} schedules its own step size", self.name())
+        Err(crate::error::Error::optimizer(format!(
+            "{} schedules its own step size; its learning rate cannot be set from outside",
+            self.name()
+        )))
     }
 }

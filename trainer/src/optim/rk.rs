@@ -546,8 +546,8 @@ impl<F: Scalar> Optimizer<F> for RkSolver<F, Host> {
         self.step_on(step, theta, field)
     }
 
-    fn state(&self) -> OptimizerState<F> {
-        self.state_on_host().expect("host buffers download without error")
+    fn state(&self) -> Result<OptimizerState<F>> {
+        self.state_on_host()
     }
 
     fn load_state(&mut self, st: &OptimizerState<F>) -> Result<()> {

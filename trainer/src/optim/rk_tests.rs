@@ -161,7 +161,7 @@ fn modified_adagrad_step_by_hand() {
         let expect = th1[i] - 0.5 * g1 / (1.0 + g0[i] * g0[i] + g1 * g1).sqrt();
         assert!((th[i] - expect).abs() < 1e-15);
     }
-    let st = s.state();
+    let st = s.state().unwrap();
     assert_eq!(st.buffer("rk.G").unwrap().len(), 3);
 }
 
@@ -300,7 +300,7 @@ fn nonfinite_failure_leaves_state_untouched() {
     let mut f = quad();
     let mut th = vec![1.0f32, -1.0, 0.5];
     s.step(0, &mut th, &mut f).unwrap();
-    let (th_before, st_before) = (th.clone(), s.state());
+    let (th_before, st_before) = (th.clone(), s.state().unwrap());
     // Gradient NaN at θ_n itself: nothing to retry.
     let mut bad = Cliff(DiagonalQuadratic::new(vec![1.0; 3]));
     let mut far = vec![20.0f32, 0.0, 0.0];
@@ -308,7 +308,7 @@ fn nonfinite_failure_leaves_state_untouched() {
     let e = s.step(1, &mut far, &mut bad).unwrap_err();
     assert!(matches!(e, Error::NonFinite(_)), "{e}");
     assert_eq!(far, far_before);
-    assert_eq!(s.state(), st_before);
+    assert_eq!(s.state().unwrap(), st_before);
     // Every retry fails: the error comes after `nonfinite_retries` attempts, state intact.
     s.opts.step_size = StepSize::Constant { lr: 1e6 };
     s.opts.preconditioner = Preconditioner::ModifiedAdagrad;
@@ -317,7 +317,7 @@ fn nonfinite_failure_leaves_state_untouched() {
     let e = s.step(1, &mut th2, &mut bad).unwrap_err();
     assert!(e.to_string().contains("retries"), "{e}");
     assert_eq!(th2, th2_before);
-    assert_eq!(s.state(), st_before);
+    assert_eq!(s.state().unwrap(), st_before);
     assert_eq!(th, th_before);
 }
 
@@ -332,7 +332,7 @@ fn state_round_trip_continues_bit_identically() {
         a.step(n, &mut th, &mut f).unwrap();
     }
     let mut b = RkSolver::<f32>::new(o).unwrap();
-    b.load_state(&a.state()).unwrap();
+    b.load_state(&a.state().unwrap()).unwrap();
     let mut th_b = th.clone();
     for n in 3..6 {
         let ra = a.step(n, &mut th, &mut f).unwrap();
@@ -342,5 +342,5 @@ fn state_round_trip_continues_bit_identically() {
     assert_eq!(th, th_b);
     // A state with buffers the configuration does not use is refused.
     let mut plain = RkSolver::<f32>::new(RkOptions::plain(Tableau::builtin("rk4").unwrap(), 0.1)).unwrap();
-    assert!(plain.load_state(&a.state()).is_err());
+    assert!(plain.load_state(&a.state().unwrap()).is_err());
 }

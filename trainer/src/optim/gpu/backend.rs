@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 
-use super::cuda::{In, KernelError, RkKernels};
+use crate::kernels::cuda::{In, KernelError, RkKernels};
 use crate::error::Result;
 use crate::optim::arith::Arith;
 

@@ -8,6 +8,9 @@
 //! downloads it (with G and m for `state`), which the trainer does before every evaluation,
 //! checkpoint and at the end. Nothing but the loss and a few scalars crosses to the host per step.
 
+pub mod backend;
+pub mod check;
+
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -47,21 +50,21 @@ impl Optimizer<f32> for GpuRk {
 
     fn step(&mut self, step: u64, theta: &mut [f32], field: &mut dyn VectorField<f32>) -> Result<StepReport> {
         let dev = field.on_device().ok_or_else(|| {
-            Error::Other("the RK solver runs on the GPU, but the gradient field evaluates on the host (ShardedField::use_gpu was not called)".into())
+            Error::internal("the RK solver runs on the GPU, but the gradient field evaluates on the host (ShardedField::use_gpu was not called)")
         })?;
-        if self.theta.is_none() {
-            self.theta = Some(self.solver.backend().upload(theta)?);
-        }
+        let theta_dev = match &mut self.theta {
+            Some(t) => t,
+            none => none.insert(self.solver.backend().upload(theta)?),
+        };
         self.synced = None;
-        let theta_dev = self.theta.as_mut().expect("uploaded above");
         self.solver.step_on(step, theta_dev, dev)
     }
 
-    fn state(&self) -> OptimizerState<f32> {
+    fn state(&self) -> Result<OptimizerState<f32>> {
         match &self.synced {
-            Some(st) => st.clone(),
+            Some(st) => Ok(st.clone()),
             // The trainer syncs first; this is the fallback for other callers.
-            None => self.solver.state_on_host().unwrap_or_else(|e| panic!("cannot read the RK state from the GPU: {e}")),
+            None => self.solver.state_on_host(),
         }
     }
 
@@ -76,9 +79,9 @@ impl Optimizer<f32> for GpuRk {
     fn sync_theta(&mut self, theta: &mut [f32]) -> Result<()> {
         if let Some(t) = &self.theta {
             if t.len() != theta.len() {
-                return Err(Error::Other(format!("θ on the GPU has {} entries, the host buffer {}", t.len(), theta.len())));
+                return Err(Error::internal(format!("θ on the GPU has {} entries, the host buffer {}", t.len(), theta.len())));
             }
-            self.solver.backend().stream().memcpy_dtoh(t, theta).map_err(|e| Error::Other(format!("copying θ from the GPU: {e}")))?;
+            self.solver.backend().stream().memcpy_dtoh(t, theta).map_err(|e| Error::from(crate::kernels::cuda::KernelError::from(e)).context("copying θ from the GPU"))?;
         }
         self.synced = Some(self.solver.state_on_host()?);
         Ok(())

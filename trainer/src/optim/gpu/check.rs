@@ -1,7 +1,7 @@
-//! The RK kernels of `rk.cu` checked against their CPU references ([`super::reference`]) on a
+//! The RK kernels of `rk.cu` checked against their CPU references ([`crate::kernels::reference`]) on a
 //! GPU (feature `cuda`). One library function, [`run`], so that the same checks run from the
 //! test suite (`trainer/tests/kernels.rs`, `gpu_kernels_match_references`) and from the `kutta`
-//! binary (`kutta bench --kernels`, which `scripts/gpu-check run` calls on the GPU machine: one
+//! binary (`kutta bench kernels`, which `scripts/gpu-check run` calls on the GPU machine: one
 //! binary to carry there instead of a test binary per crate).
 //!
 //! Every kernel is run on random inputs of many lengths ([`SIZES`]: 0, 1, odd, not a multiple of
@@ -26,8 +26,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use super::cuda::{In, KResult, KernelError, RkKernels, Segment};
-use super::reference as r;
+use crate::kernels::cuda::{In, KResult, KernelError, RkKernels, Segment};
+use crate::kernels::reference as r;
 
 /// Elementwise results: max-norm relative error at most this.
 pub const ELEM_TOL: f64 = 1e-6;
@@ -549,7 +549,7 @@ fn solver_steps(s: &Arc<CudaStream>, rows: &mut Rows) -> KResult<usize> {
         let got = s.clone_dtoh(&th_gpu)?;
         let mut err = rel_err(&got, &th_host);
         let mut note = if same_h { "same h (1e-6), evaluations and rejections every step".to_string() } else { "h or the attempt count differed".to_string() };
-        let st_host = host.state();
+        let st_host = host.state_on_host().map_err(args)?;
         let st_gpu = gpu.state_on_host().map_err(args)?;
         for ((name_h, a), (name_g, b)) in st_host.buffers.iter().zip(&st_gpu.buffers) {
             if name_h != name_g {
