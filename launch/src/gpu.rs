@@ -51,7 +51,7 @@ pub fn bench_nccl(json: bool) -> i32 {
 mod cuda {
     use super::*;
     use kutta_collectives::{nccl, rendezvous, Communicator};
-    use kutta_trainer::kernels::check;
+    use kutta_trainer::optim::gpu::check;
 
     /// Each kernel should reach this fraction of the device's copy bandwidth.
     pub const BANDWIDTH_GOAL: f64 = 0.8;

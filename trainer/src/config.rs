@@ -475,6 +475,28 @@ mod tests {
     }
 
     #[test]
+    fn changed_keys_names_every_differing_key_and_only_those() {
+        let a = Config::from_toml_str("", &[]).unwrap();
+        assert!(a.changed_keys(&a.clone()).is_empty());
+        let b = Config::from_toml_str("", &["optimizer.lr=0.5".into(), "train.steps=7".into(), "model.init=w.safetensors".into()])
+            .unwrap();
+        assert_eq!(a.changed_keys(&b), ["model.init", "optimizer.lr", "train.steps"]);
+        assert_eq!(b.changed_keys(&a), a.changed_keys(&b));
+        // Every resumable key is a real key: changing it shows up under that name.
+        for key in RESUMABLE_KEYS {
+            let value = match *key {
+                "train.recompute" | "train.shard_optimizer" => "true".to_string(),
+                "train.gpu_solver" => "false".to_string(),
+                "train.device" => "\"cpu\"".to_string(),
+                _ => "3".to_string(),
+            };
+            let c = Config::from_toml_str("", &[format!("{key}={value}")]).unwrap();
+            let changed = a.changed_keys(&c);
+            assert_eq!(changed, [key.to_string()], "{key}");
+        }
+    }
+
+    #[test]
     fn defaults_are_the_papers_mlp_with_rk4() {
         let c = Config::from_toml_str("", &[]).unwrap();
         assert_eq!(c.model.kind, "mlp");

@@ -87,6 +87,23 @@
 //! 1512 / 1402 MiB; CNN batch 64 with eval chunk 64 324 / 312 MiB, with eval chunk 1000
 //! 484 / 491 MiB (the evaluation pass is the peak there).
 //!
+//! The ResNets (conv + batch norm units, `activation::conv_bn`; ResNet-18 on Fashion-MNIST with
+//! `configs/fashion_mnist_resnet18.toml`, momentum, 2 steps, eval chunk 16; predicted / measured
+//! peak RSS in MiB):
+//!
+//! ```text
+//! batch                 32           64           128          256        marginal per sample
+//! width  8       193 / 150    268 / 222    419 / 367    721 / 657    2.36 / 2.27 MiB (+4 %)
+//! width 16       280 / 238    429 / 380    727 / 665   1323 / 1239   4.66 / 4.48 MiB (+4 %)
+//! ```
+//!
+//! The per-sample cost is 4 % high; the whole-process prediction is 7-29 % high, most of it the
+//! fixed part (≈ 40 MiB: the runtime baseline was calibrated with the f32 data set of the MLP
+//! runs; the images are u8 now). High is the safe side for a planner, so the factors stay.
+//! (`kutta train --config configs/fashion_mnist_resnet18.toml --set model.width=W --set
+//! train.batch_size=B --set train.steps=2 --set train.eval_chunk=16`, `peak_rss_mib` of
+//! summary.json; predictions: `kutta plan` with the same `--set`s.)
+//!
 //! Recomputation (`train.recompute = true`, rk4, one step; predicted / measured peak RSS, MiB):
 //!
 //! ```text

@@ -75,8 +75,8 @@ pub fn conv(c_in: usize, c_out: usize, k: usize, hw_in: usize, hw_out: usize, th
     }
 }
 
-/// conv k×k (no bias) + training-mode batch norm (+ ReLU): the ResNets' unit. Not calibrated
-/// against measured RSS yet: the conv's factors plus batch norm's kept values.
+/// conv k×k (no bias) + training-mode batch norm (+ ReLU): the ResNets' unit: the conv's factors
+/// plus batch norm's kept values (checked against measured RSS in `planner`'s module doc).
 pub fn conv_bn(c_in: usize, c_out: usize, k: usize, hw_in: usize, hw_out: usize, threads: usize) -> LayerActivation {
     let mut l = conv(c_in, c_out, k, hw_in, hw_out, threads);
     l.name = format!("conv{k}x{k} {c_in}→{c_out} +BN+ReLU");
