@@ -135,7 +135,6 @@
 //! peak), so sharding is chosen only when it buys something: when no unsharded plan fits, or
 //! when the unsharded ones need two or more extra micro-batches or recomputation.
 
-use std::io::Read;
 use std::path::Path;
 
 use serde::Serialize;
@@ -1194,49 +1193,6 @@ impl DataSizes {
     }
 }
 
-/// The dimensions in an IDX image file's header (magic 0x803, [count, rows, cols]), decoding
-/// only the first 16 bytes of a gzip stream.
-fn idx_image_dims(path: &Path) -> Result<[usize; 3]> {
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut magic = [0u8; 2];
-    let n = file.read(&mut magic).map_err(|e| Error::io(path, e))?;
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut reader: Box<dyn Read> = if n == 2 && magic == [0x1f, 0x8b] {
-        Box::new(flate2::read::MultiGzDecoder::new(std::io::BufReader::new(
-            file,
-        )))
-    } else {
-        Box::new(file)
-    };
-    let mut header = [0u8; 16];
-    reader.read_exact(&mut header).map_err(|e| {
-        Error::data(
-            path,
-            format!("cannot read the 16-byte IDX image header: {e}"),
-        )
-    })?;
-    let word =
-        |i: usize| u32::from_be_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
-    if word(0) != idx::IMAGES_MAGIC {
-        return Err(Error::data(
-            path,
-            format!(
-                "not an IDX image file: magic 0x{:08x}, expected 0x{:08x}",
-                word(0),
-                idx::IMAGES_MAGIC
-            ),
-        ));
-    }
-    let dims = [word(4) as usize, word(8) as usize, word(12) as usize];
-    if dims.contains(&0) {
-        return Err(Error::data(
-            path,
-            format!("zero dimension in the header: {dims:?}"),
-        ));
-    }
-    Ok(dims)
-}
-
 /// Train/test sizes, image shape and classes of the data set a config names, through its format
 /// (`data.format`), without loading it.
 pub fn read_data_sizes(data: &DataConfig) -> Result<DataSizes> {
@@ -1254,8 +1210,8 @@ fn read_idx_sizes(dir: &Path) -> Result<DataSizes> {
     if !dir.is_dir() {
         return Err(Error::data(dir, "data directory not found (data.dir)"));
     }
-    let [train, rows, cols] = idx_image_dims(&mnist::find(dir, mnist::TRAIN_IMAGES)?)?;
-    let [test, ..] = idx_image_dims(&mnist::find(dir, mnist::TEST_IMAGES)?)?;
+    let [train, rows, cols] = idx::read_image_dims(&mnist::find(dir, mnist::TRAIN_IMAGES)?)?;
+    let [test, ..] = idx::read_image_dims(&mnist::find(dir, mnist::TEST_IMAGES)?)?;
     Ok(DataSizes {
         train,
         test,

@@ -99,8 +99,30 @@ fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>> {
     }
 }
 
-/// Checks the header of `bytes` against `kind` and returns the dimensions and the payload.
-fn parse(path: &Path, mut bytes: Vec<u8>, kind: Kind) -> Result<(Vec<usize>, Vec<u8>)> {
+/// The dimensions of an IDX image file, (count, rows, cols), from its header alone (the file is
+/// read only that far, through the gzip stream if it is compressed): what the memory planner
+/// needs without loading the data.
+pub fn read_image_dims(path: &Path) -> Result<[usize; 3]> {
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::data(path, "not found")),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let mut reader = std::io::BufReader::new(file);
+    let gzip = std::io::BufRead::fill_buf(&mut reader).map_err(|e| Error::io(path, e))?.starts_with(&GZIP_MAGIC);
+    let reader: Box<dyn Read> =
+        if gzip { Box::new(flate2::read::MultiGzDecoder::new(reader)) } else { Box::new(reader) };
+    let mut header = Vec::with_capacity(16);
+    reader
+        .take(16)
+        .read_to_end(&mut header)
+        .map_err(|e| Error::data(path, format!("cannot read the IDX header: {e}")))?;
+    let dims = parse_header(path, &header, Kind::Images)?;
+    Ok([dims[0], dims[1], dims[2]])
+}
+
+/// Checks the header at the start of `bytes` against `kind` and returns the dimensions.
+fn parse_header(path: &Path, bytes: &[u8], kind: Kind) -> Result<Vec<usize>> {
     let ndims = kind.ndims();
     let header_len = 4 + 4 * ndims;
     if bytes.len() < 4 {
@@ -142,6 +164,13 @@ fn parse(path: &Path, mut bytes: Vec<u8>, kind: Kind) -> Result<(Vec<usize>, Vec
             Error::data(path, format!("IDX header dimension {name} = {d} does not fit in memory"))
         })?);
     }
+    Ok(dims)
+}
+
+/// Checks the header of `bytes` against `kind` and returns the dimensions and the payload.
+fn parse(path: &Path, mut bytes: Vec<u8>, kind: Kind) -> Result<(Vec<usize>, Vec<u8>)> {
+    let dims = parse_header(path, &bytes, kind)?;
+    let header_len = 4 + 4 * kind.ndims();
     let expected = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| {
         Error::data(
             path,
@@ -261,6 +290,21 @@ pub(crate) mod tests {
             assert_eq!((im.count, im.rows, im.cols), (2, 3, 4));
             assert_eq!(im.pixels, pixels);
         }
+    }
+
+    #[test]
+    fn image_dims_from_the_header_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (bytes, _) = sample_images();
+        for (name, b) in [("raw-images", bytes.clone()), ("gz-images.gz", gzip(&bytes))] {
+            assert_eq!(read_image_dims(&write(dir.path(), name, &b)).unwrap(), [2, 3, 4]);
+        }
+        // The payload is not read: a header promising more data still gives its dims.
+        assert_eq!(read_image_dims(&write(dir.path(), "short", &bytes[..16])).unwrap(), [2, 3, 4]);
+        assert_msg(&err_of(read_image_dims(&write(dir.path(), "cut", &bytes[..10]))), "cut", "shorter");
+        let labels = idx_bytes(LABELS_MAGIC, &[2], &[1, 2]);
+        assert_msg(&err_of(read_image_dims(&write(dir.path(), "labels", &labels))), "labels", "magic");
+        assert_msg(&err_of(read_image_dims(&dir.path().join("absent"))), "absent", "not found");
     }
 
     #[test]
