@@ -167,7 +167,7 @@ fn stage_gradient<'a, B>(k1: &'a B, stages: &'a [Option<B>], j: usize) -> Result
 
 /// A broken invariant of the solver, as an error rather than a panic.
 fn internal(msg: String) -> Error {
-    Error::Other(format!("internal: {msg}"))
+    Error::internal(msg)
 }
 
 /// The borrowed view of an owned buffer (`Vec<F>` → `[F]`).
@@ -484,7 +484,7 @@ impl<F: Scalar, A: Arith<F>> RkSolver<F, A> {
     ) -> Result<StepReport> {
         let p = self.arith.len(theta);
         if p != field.dim() {
-            return Err(Error::Other(format!("θ has {p} entries but the model has {}", field.dim())));
+            return Err(Error::optimizer(format!("θ has {p} entries but the model has {}", field.dim())));
         }
         let mut w = self.ensure(p)?;
         let report = self.step_with(&mut w, step, theta, field);
@@ -561,7 +561,7 @@ impl<F: Scalar, A: Arith<F>> RkSolver<F, A> {
                 if err > 1.0 {
                     report.rejected += 1;
                     if report.rejected > control.max_rejects {
-                        return Err(Error::Other(format!(
+                        return Err(Error::optimizer(format!(
                             "step {step}: error control rejected {} attempts in a row (h fell to {h:.3e}, \
                              scaled error {err:.3e}); loosen optimizer.error_control.atol/rtol",
                             report.rejected
@@ -624,7 +624,7 @@ impl<F: Scalar, A: Arith<F>> RkSolver<F, A> {
                 }
                 ("rk.m", _) if self.opts.momentum != 0.0 => self.m = Some(self.arith.upload(buf)?),
                 (other, _) => {
-                    return Err(Error::Other(format!(
+                    return Err(Error::optimizer(format!(
                         "optimizer state holds `{other}`, which this RK configuration does not use \
                          (was the preconditioner or momentum changed?)"
                     )))
