@@ -135,7 +135,7 @@ pub fn normalization_tables(
                     }
                 }
                 let (mean, std) = histogram_stats(&hist);
-                if !(std > 1e-12) {
+                if std.is_nan() || std <= 1e-12 {
                     return Err(Error::data(
                         what,
                         format!(

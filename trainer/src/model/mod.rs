@@ -582,8 +582,7 @@ mod tests {
 
     #[test]
     fn build_rejects_nonsense() {
-        let mut c = ModelConfigForTest::default();
-        c.kind = "resnet".into();
+        let c = ModelConfigForTest { kind: "resnet".into(), ..Default::default() };
         match build(&c, [1, 28, 28], 10) {
             Err(Error::Config { key, msg }) => {
                 assert_eq!(key, "model.kind");

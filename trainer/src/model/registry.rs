@@ -52,6 +52,9 @@ impl Default for ModelConfig {
     }
 }
 
+/// A kind's builder: the model for images of shape (C, H, W) and a number of classes.
+pub type Builder = fn(&ModelConfig, [usize; 3], usize) -> Result<Box<dyn Model>>;
+
 /// One model kind.
 pub struct Kind {
     /// The value of `model.kind`.
@@ -65,7 +68,7 @@ pub struct Kind {
     /// Check the kind's keys (errors name the key); called after `defaults`.
     pub validate: fn(&ModelConfig) -> Result<()>,
     /// Build the model for images of shape (C, H, W) and `classes` classes (a validated config).
-    pub build: fn(&ModelConfig, [usize; 3], usize) -> Result<Box<dyn Model>>,
+    pub build: Builder,
 }
 
 /// Every kind, in the order `kutta models` lists them.
@@ -171,7 +174,7 @@ mod tests {
         for k in KINDS {
             let cfg = config(k.name, &[]).unwrap();
             let m = build(&cfg, [3, 32, 32], 10).unwrap();
-            assert!(m.layout().len() > 0, "{}", k.name);
+            assert!(!m.layout().is_empty(), "{}", k.name);
             assert_eq!(m.activations(2).len(), m.segments(), "{}: one activation entry per segment", k.name);
         }
     }
