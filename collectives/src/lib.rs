@@ -1,18 +1,21 @@
 //! Collective communication for data-parallel training: one `Communicator` trait and one file
 //! per back end: `single` (one process; every collective is the identity), `local` (ranks as
 //! threads of one process, for tests), `mpi` (one rank per process, behind the `mpi` feature).
-//! NCCL arrives behind the `cuda` feature. Rendezvous (how a process learns its world from its
-//! launcher, and later how an NCCL id travels) lives in `rendezvous`, apart from the collectives;
-//! `rendezvous::connect` is the one entry point a binary needs.
+//! NCCL behind the `cuda` feature (`nccl`). `rendezvous` (how a process joins its world) sits on
+//! top of the back ends; what they need of it themselves lives below them: `launcher` (where
+//! mpirun/srun put this process) and `nccl_id` (how an NCCL id travels over a bootstrap
+//! communicator). `rendezvous::connect` is the one entry point a binary needs.
 //!
 //! Invariant every back end keeps: after `all_reduce_sum`, every rank holds bit-identical
 //! buffers, so every rank forms the same RK stage points (SPEC §5).
 
+mod launcher;
 pub mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+mod nccl_id;
 pub mod rendezvous;
 pub mod single;
 

@@ -1,6 +1,7 @@
 //! `MpiComm`: the MPI back end (feature `mpi`), one rank per process on `MPI_COMM_WORLD`, through
-//! rsmpi. How a process learns that it was started by `mpirun`/`srun` lives in `rendezvous`; this
-//! file only talks MPI.
+//! rsmpi. How a process learns that it was started by `mpirun`/`srun` lives in `launcher` (its
+//! public functions are `rendezvous::launched_world` etc.), which `rendezvous::connect` reads to
+//! decide whether to create an `MpiComm` at all; this file only talks MPI.
 //!
 //! Lifetime. `MpiComm::init` calls `MPI_Init_thread` and the value owns the MPI universe;
 //! dropping it stops the watchdog and calls `MPI_Finalize`, so keep one `MpiComm` for the whole
@@ -154,7 +155,7 @@ impl MpiComm {
     /// `timeout`, a watchdog ends the job when one collective call takes longer than that.
     /// Call once per process, from the main thread; a second call is an error.
     pub fn init(timeout: Option<Duration>) -> Result<MpiComm> {
-        let env_rank = crate::rendezvous::launched_world().map_or(0, |(r, _)| r);
+        let env_rank = crate::launcher::launched_world().map_or(0, |(r, _)| r);
         if let Some(t) = timeout {
             if t.is_zero() {
                 return Err(CommError::Failed { rank: env_rank, msg: "collective timeout must be positive".into() });

@@ -7,7 +7,7 @@
 //! on it (`with_stream` takes the caller's stream instead), then, over the bootstrap: every rank
 //! reports whether its GPU setup worked (one f64 sum), so a rank whose GPU failed makes every
 //! rank return an error instead of leaving its peers in NCCL's init; rank 0 creates the NCCL
-//! unique id and `rendezvous::broadcast_nccl_id` sends its 128 bytes to every rank as the bits of
+//! unique id and `broadcast_nccl_id` (`nccl_id.rs`) sends its 128 bytes to every rank as the bits of
 //! 32 f32 (the bootstrap's `broadcast` moves f32 slices verbatim); then every rank calls
 //! `ncclCommInitRank`. Rank and world size are the bootstrap's. `rendezvous::connect_nccl` does
 //! all of this for a binary, picking GPU `local_rank % device_count`.
@@ -266,7 +266,7 @@ impl NcclComm {
         } else {
             (None, None)
         };
-        let shared = crate::rendezvous::broadcast_nccl_id(bootstrap, mine.as_ref());
+        let shared = crate::nccl_id::broadcast_nccl_id(bootstrap, mine.as_ref());
         if let Some(e) = id_error {
             return Err(e);
         }
