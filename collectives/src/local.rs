@@ -52,11 +52,9 @@ impl Communicator for LocalGroup {
         self.shared.barrier.wait();
         {
             let slots = self.slots();
-            if let Some(bad) = slots.iter().position(|s| s.len() != buf.len()) {
-                return Err(CommError::Failed {
-                    rank: self.rank,
-                    msg: format!("all-reduce of {} values, but rank {bad} sent {}", buf.len(), slots[bad].len()),
-                });
+            if slots.iter().any(|s| s.len() != buf.len()) {
+                let (lo, hi) = slots.iter().fold((usize::MAX, 0), |(lo, hi), s| (lo.min(s.len()), hi.max(s.len())));
+                return Err(CommError::LengthMismatch { rank: self.rank, op: "all-reduce", len: buf.len(), lo, hi });
             }
             buf.copy_from_slice(&slots[0]);
             for s in &slots[1..] {
@@ -75,7 +73,7 @@ impl Communicator for LocalGroup {
     }
     fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
         if root >= self.size {
-            return Err(CommError::Failed { rank: self.rank, msg: format!("broadcast from rank {root} in a world of {}", self.size) });
+            return Err(CommError::RootOutsideWorld { rank: self.rank, op: "broadcast", root, world: self.size });
         }
         if self.rank == root {
             self.slots()[root] = buf.to_vec();
@@ -83,8 +81,10 @@ impl Communicator for LocalGroup {
         self.shared.barrier.wait();
         if self.rank != root {
             let slots = self.slots();
-            if slots[root].len() != buf.len() {
-                return Err(CommError::Failed { rank: self.rank, msg: format!("broadcast of {} values, root sent {}", buf.len(), slots[root].len()) });
+            let (len, sent) = (buf.len(), slots[root].len());
+            if sent != len {
+                let (lo, hi) = (len.min(sent), len.max(sent));
+                return Err(CommError::LengthMismatch { rank: self.rank, op: "broadcast", len, lo, hi });
             }
             buf.copy_from_slice(&slots[root]);
         }

@@ -32,10 +32,7 @@ pub fn broadcast_nccl_id<C: Communicator + ?Sized>(
     }
     bootstrap.broadcast(&mut wire, 0)?;
     if wire[NCCL_ID_WORDS - 1] != 1.0 {
-        return Err(CommError::Failed {
-            rank: bootstrap.rank(),
-            msg: "rank 0 could not create the NCCL unique id, so no rank can join NCCL".into(),
-        });
+        return Err(CommError::NoNcclId { rank: bootstrap.rank() });
     }
     let mut out = [0u8; NCCL_ID_BYTES];
     for (b, w) in out.chunks_exact_mut(4).zip(&wire) {

@@ -37,17 +37,7 @@ fn connect_launched(launch: Launch, _timeout: Option<Duration>) -> Result<Box<dy
         // A bare PMIx rank 0 of unknown size is taken for a single process; its peers, if any,
         // have rank > 0 and fail here, and the launcher ends the job.
         None if launch.rank == 0 => Ok(Box::new(SingleProcess)),
-        size => {
-            let n = size.map_or_else(|| "an unknown number".to_string(), |n| n.to_string());
-            Err(CommError::Failed {
-                rank: launch.rank,
-                msg: format!(
-                    "launched as rank {} of {n}, but this kutta was built without the `mpi` feature: \
-                     cargo build --release --features mpi",
-                    launch.rank
-                ),
-            })
-        }
+        size => Err(CommError::MpiNotBuilt { rank: launch.rank, size }),
     }
 }
 
@@ -56,14 +46,12 @@ fn connect_launched(launch: Launch, timeout: Option<Duration>) -> Result<Box<dyn
     let comm = crate::MpiComm::init(timeout)?;
     let (rank, size) = (comm.rank(), comm.world_size());
     if rank != launch.rank || launch.size.is_some_and(|n| n != size) {
-        let said = launch.size.map_or_else(|| format!("rank {}", launch.rank), |n| format!("rank {} of {n}", launch.rank));
-        return Err(CommError::Failed {
+        return Err(CommError::LauncherMismatch {
             rank,
-            msg: format!(
-                "{} launched this process as {said}, but MPI sees rank {rank} of {size}: is this kutta \
-                 linked against the MPI that launched it?",
-                launch.launcher
-            ),
+            size,
+            launcher: launch.launcher,
+            launched_rank: launch.rank,
+            launched_size: launch.size,
         });
     }
     Ok(Box::new(comm))
