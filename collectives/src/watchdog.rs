@@ -1,15 +1,15 @@
 //! What keeps a multi-rank collective from hanging, written once for every back end and
 //! independent of features: the *agreement* the ranks reach before data moves, and the *time
 //! limit* on one call. `mpi` uses both, `nccl` both (its collectives check the limit in their own
-//! poll loop; the thread here guards its init).
+//! poll loop; the thread here guards its init), `local` the agreement.
 //!
 //! Agreement. Ranks that pass different shapes to one collective (buffer lengths, broadcast
 //! roots, chunk lengths) would sit in mismatched calls forever. So before any data moves, each
 //! rank describes its call in a few words (`Shape::words`) and the back end reduces them with
-//! `MAX` across ranks: one `MPI_MAX` all-reduce (`mpi`), one `ncclMax` all-reduce (`nccl`). Each
-//! value v goes in as the pair (v, −v), so the one reduction yields every value's maximum and
-//! minimum at once; a rank that cannot take part (its own buffers do not fit, its GPU scratch
-//! could not be allocated) puts in its rank + 1. `Shape::verdict` reads the
+//! `MAX` across ranks: one `MPI_MAX` all-reduce (`mpi`), one `ncclMax` all-reduce (`nccl`), a slot
+//! table (`local`). Each value v goes in as the pair (v, −v), so the one reduction yields every
+//! value's maximum and minimum at once; a rank that cannot take part (its own buffers do not fit,
+//! its GPU scratch could not be allocated) puts in its rank + 1. `Shape::verdict` reads the
 //! maxima, which are the same on every rank, so either every rank runs the collective or every
 //! rank returns the same error (a rank with a problem of its own returns that problem).
 //!
@@ -19,7 +19,7 @@
 //! it hands the call to the back end's `on_expiry`, which prints what waited and ends the whole
 //! job (`MPI_Abort`, or SIGABRT for the launcher to see) with `WATCHDOG_EXIT_CODE`.
 
-// Built and tested in every build; without the `mpi` and `cuda` features only its tests use it.
+// Built and tested in every build; without the `mpi` and `cuda` features only `local` uses it.
 #![cfg_attr(not(any(feature = "mpi", feature = "cuda")), allow(dead_code))]
 
 use crate::{CommError, Result};
