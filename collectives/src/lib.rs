@@ -1,13 +1,40 @@
 //! Collective communication for data-parallel training: one `Communicator` trait and one file
 //! per back end: `single` (one process; every collective is the identity), `local` (ranks as
-//! threads of one process, for tests), `mpi` (one rank per process, behind the `mpi` feature).
-//! NCCL behind the `cuda` feature (`nccl`). `rendezvous` (how a process joins its world) sits on
-//! top of the back ends; what they need of it themselves lives below them: `launcher` (where
-//! mpirun/srun put this process) and `nccl_id` (how an NCCL id travels over a bootstrap
-//! communicator). `rendezvous::connect` is the one entry point a binary needs.
+//! threads of one process, for tests), `mpi` (one rank per process, feature `mpi`) and `nccl`
+//! (one rank per process and GPU, feature `cuda`: NCCL moves device buffers, and a *bootstrap*
+//! communicator, MPI or single-process, carries its unique id and the host-side scalars).
+//! `rendezvous::connect` is the one entry point a binary needs (`rendezvous::connect_nccl` for
+//! NCCL).
 //!
 //! Invariant every back end keeps: after `all_reduce_sum`, every rank holds bit-identical
 //! buffers, so every rank forms the same RK stage points (SPEC §5).
+//!
+//! Layers. A module uses only modules of lower layers (and every module uses `lib.rs`); nothing
+//! calls upward, so each layer can be read, and tested, without the ones above it:
+//!
+//! ```text
+//! layer  module      uses                                  what it is
+//! 3      rendezvous  launcher nccl_id single mpi nccl      connect, connect_nccl: pick the back end, join it
+//! 2      mpi         launcher watchdog                     MpiComm (feature `mpi`)
+//! 2      nccl        watchdog nccl_id                      NcclComm (feature `cuda`), its self-check
+//! 2      local       watchdog                              LocalGroup: ranks as threads, for tests
+//! 1      watchdog    -                                     agreement before data moves; time limit per call
+//! 1      launcher    -                                     where mpirun/PMI/PMIx/srun put this process
+//! 1      nccl_id     -                                     the NCCL unique id over a bootstrap communicator
+//! 1      single      -                                     SingleProcess
+//! 0      lib.rs      -                                     Communicator, CommError, Result, check_blocks
+//! ```
+//!
+//! `launcher`, `nccl_id` and `watchdog` are private: `rendezvous` re-exports the public items of
+//! the first two (`launched_world`, `local_rank`, `broadcast_nccl_id`, ...), and `mpi` and `nccl`
+//! re-export `WATCHDOG_EXIT_CODE`. Besides its own definitions, `lib.rs` only declares modules
+//! and re-exports their types; it calls into none of them.
+//!
+//! Errors. Every failure a communicator or its constructor reports is a `CommError` variant
+//! (only the NCCL diagnostics for a binary, `nccl::device_count` and `nccl::self_check`, report
+//! a `String`). A failure after the ranks agreed to run a collective (an MPI or NCCL error in
+//! flight, a call past its time limit) is not returned: it ends the whole job, since the peers
+//! would otherwise wait forever (`watchdog`).
 
 mod launcher;
 pub mod local;
@@ -183,8 +210,8 @@ pub trait Communicator: Send {
     fn collective_timeout(&self) -> Option<std::time::Duration> {
         None
     }
-    /// The back end, for logs: "mpi" for `MpiComm`. The default is the implementing type's short
-    /// name (`SingleProcess`, `LocalGroup`) until a back end overrides it.
+    /// The back end, for logs: "single", "local", "mpi", "nccl" for this crate's back ends. The
+    /// default, for communicators defined elsewhere, is the implementing type's short name.
     fn name(&self) -> &'static str {
         let full = std::any::type_name::<Self>();
         full.rsplit("::").next().unwrap_or(full)
