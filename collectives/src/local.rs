@@ -1,16 +1,21 @@
 //! `LocalGroup`: N ranks as N threads of one process, for tests of the multi-rank logic without
 //! MPI (as burn tests collectives with CPU threads standing in for devices). Every collective is
 //! a rendezvous of all N threads on a shared slot table; sums are formed in rank order on every
-//! rank, so all ranks get bit-identical results, as the trait requires.
+//! rank, so all ranks get bit-identical results, as the trait requires. All-reduce and broadcast
+//! run the same agreement as the MPI and NCCL back ends (`watchdog::Shape`), so ranks that pass
+//! different lengths or roots all return the same error, as they would under MPI.
 
-use crate::{CommError, Communicator, Result};
-use std::sync::{Arc, Barrier, Mutex};
+use crate::watchdog::{Op, Shape, Words, AGREE_WORDS};
+use crate::{Communicator, Result};
+use std::sync::{Arc, Barrier, Mutex, MutexGuard};
 
 struct Shared {
     barrier: Barrier,
     /// One deposit per rank for the collective in progress.
     slots: Mutex<Vec<Vec<f32>>>,
     scalars: Mutex<Vec<f64>>,
+    /// Each rank's agreement words for the collective in progress.
+    words: Mutex<Vec<Words>>,
 }
 
 /// One rank's handle. Create a whole group with `LocalGroup::new(n)` and move each handle to
@@ -22,18 +27,44 @@ pub struct LocalGroup {
 }
 
 impl LocalGroup {
+    /// The handles of a group of `size` ranks, rank order. Panics when `size` is 0.
     pub fn new(size: usize) -> Vec<LocalGroup> {
         assert!(size > 0, "a group needs at least one rank");
         let shared = Arc::new(Shared {
             barrier: Barrier::new(size),
             slots: Mutex::new(vec![Vec::new(); size]),
             scalars: Mutex::new(vec![0.0; size]),
+            words: Mutex::new(vec![[0; AGREE_WORDS]; size]),
         });
         (0..size).map(|rank| LocalGroup { rank, size, shared: shared.clone() }).collect()
     }
 
-    fn slots(&self) -> std::sync::MutexGuard<'_, Vec<Vec<f32>>> {
+    fn slots(&self) -> MutexGuard<'_, Vec<Vec<f32>>> {
         self.shared.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn words(&self) -> MutexGuard<'_, Vec<Words>> {
+        self.shared.words.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One collective: deposits this rank's agreement words (and, through `deposit`, its data),
+    /// waits for every rank, then runs `take` only if the ranks agree, and waits again before
+    /// anyone may deposit for the next collective. Every rank passes both barriers, agreeing or
+    /// not, so an error never leaves a peer behind.
+    fn collective(&self, shape: Shape, deposit: impl FnOnce(), take: impl FnOnce()) -> Result<()> {
+        self.words()[self.rank] = shape.words(self.rank, false);
+        deposit();
+        self.shared.barrier.wait();
+        let max = self.words().iter().fold([i64::MIN; AGREE_WORDS], |mut m, w| {
+            m.iter_mut().zip(w).for_each(|(m, x)| *m = (*m).max(*x));
+            m
+        });
+        let verdict = shape.verdict(self.rank, self.size, &max);
+        if verdict.is_ok() {
+            take();
+        }
+        self.shared.barrier.wait();
+        verdict
     }
 }
 
@@ -48,23 +79,18 @@ impl Communicator for LocalGroup {
         self.size
     }
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
-        self.slots()[self.rank] = buf.to_vec();
-        self.shared.barrier.wait();
-        {
-            let slots = self.slots();
-            if let Some(bad) = slots.iter().position(|s| s.len() != buf.len()) {
-                return Err(CommError::Failed {
-                    rank: self.rank,
-                    msg: format!("all-reduce of {} values, but rank {bad} sent {}", buf.len(), slots[bad].len()),
-                });
-            }
-            buf.copy_from_slice(&slots[0]);
-            for s in &slots[1..] {
-                buf.iter_mut().zip(s).for_each(|(b, x)| *b += *x);
-            }
-        }
-        self.shared.barrier.wait();
-        Ok(())
+        let data = buf.to_vec();
+        self.collective(
+            Shape::new(Op::AllReduceSum, buf.len()),
+            || self.slots()[self.rank] = data,
+            || {
+                let slots = self.slots();
+                buf.copy_from_slice(&slots[0]);
+                for s in &slots[1..] {
+                    buf.iter_mut().zip(s).for_each(|(b, x)| *b += *x);
+                }
+            },
+        )
     }
     fn all_reduce_sum_f64(&self, x: f64) -> Result<f64> {
         self.shared.scalars.lock().unwrap_or_else(|p| p.into_inner())[self.rank] = x;
@@ -74,22 +100,20 @@ impl Communicator for LocalGroup {
         Ok(s)
     }
     fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
-        if root >= self.size {
-            return Err(CommError::Failed { rank: self.rank, msg: format!("broadcast from rank {root} in a world of {}", self.size) });
-        }
-        if self.rank == root {
-            self.slots()[root] = buf.to_vec();
-        }
-        self.shared.barrier.wait();
-        if self.rank != root {
-            let slots = self.slots();
-            if slots[root].len() != buf.len() {
-                return Err(CommError::Failed { rank: self.rank, msg: format!("broadcast of {} values, root sent {}", buf.len(), slots[root].len()) });
-            }
-            buf.copy_from_slice(&slots[root]);
-        }
-        self.shared.barrier.wait();
-        Ok(())
+        let data = (self.rank == root).then(|| buf.to_vec());
+        self.collective(
+            Shape::new(Op::Broadcast, buf.len()).rooted(root),
+            || {
+                if let Some(data) = data {
+                    self.slots()[root] = data;
+                }
+            },
+            || {
+                if self.rank != root {
+                    buf.copy_from_slice(&self.slots()[root]);
+                }
+            },
+        )
     }
     fn barrier(&self) -> Result<()> {
         self.shared.barrier.wait();
@@ -156,6 +180,40 @@ mod tests {
             assert_eq!(mine, &want);
             assert_eq!(all, &vec![0.0, -0.0, 1.0, -1.0, 2.0, -2.0]);
             assert!(mismatch, "a block of 1 into 6 values on 3 ranks must be an error");
+        }
+    }
+
+    /// Ranks that pass different lengths or roots all get an error (none is left waiting in a
+    /// barrier), and the group works afterwards.
+    #[test]
+    fn disagreements_are_errors_on_every_rank() {
+        let results: Vec<(String, String, String, Vec<f32>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = LocalGroup::new(3)
+                .into_iter()
+                .map(|c| {
+                    s.spawn(move || {
+                        let text = |r: Result<()>| r.err().map(|e| e.to_string()).unwrap_or_default();
+                        let mut uneven = vec![1.0f32; if c.rank() == 0 { 3 } else { 4 }];
+                        let reduce = text(c.all_reduce_sum(&mut uneven));
+                        let bcast = text(c.broadcast(&mut uneven, 1));
+                        let root = text(c.broadcast(&mut [0.0; 2], c.rank()));
+                        let mut ok = vec![c.rank() as f32; 2];
+                        c.broadcast(&mut ok, 2).unwrap();
+                        c.all_reduce_sum(&mut ok).unwrap();
+                        (reduce, bcast, root, ok)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (rank, (reduce, bcast, root, ok)) in results.iter().enumerate() {
+            let len = if rank == 0 { 3 } else { 4 };
+            let want =
+                format!("rank {rank}: all-reduce of {len} values on this rank, but the ranks passed between 3 and 4");
+            assert_eq!(reduce, &want);
+            assert!(bcast.contains("the ranks passed between 3 and 4"), "{bcast}");
+            assert_eq!(root, &format!("rank {rank}: broadcast: ranks name different roots (0 to 2)"));
+            assert_eq!(ok, &vec![6.0, 6.0]);
         }
     }
 }

@@ -1,6 +1,7 @@
 //! `MpiComm`: the MPI back end (feature `mpi`), one rank per process on `MPI_COMM_WORLD`, through
-//! rsmpi. How a process learns that it was started by `mpirun`/`srun` lives in `rendezvous`; this
-//! file only talks MPI.
+//! rsmpi. How a process learns that it was started by `mpirun`/`srun` lives in `launcher` (its
+//! public functions are `rendezvous::launched_world` etc.), which `rendezvous::connect` reads to
+//! decide whether to create an `MpiComm` at all; this file only talks MPI.
 //!
 //! Lifetime. `MpiComm::init` calls `MPI_Init_thread` and the value owns the MPI universe;
 //! dropping it stops the watchdog and calls `MPI_Finalize`, so keep one `MpiComm` for the whole
@@ -13,9 +14,11 @@
 //! Errors. `MPI_COMM_WORLD` keeps MPI's default error handler, `MPI_ERRORS_ARE_FATAL`: a failed
 //! MPI call ends the whole job rather than returning to a rank whose peers would then wait
 //! forever. What we check ourselves, before any data moves, is that every rank agrees on the
-//! shape of a collective (buffer length, chunk length, broadcast root) with one 6-value
-//! `MPI_MAX` all-reduce; a disagreement returns a `CommError` on every rank alike, so all ranks
-//! leave the collective together instead of deadlocking in mismatched chunk loops.
+//! shape of a collective (buffer length, chunk length, broadcast root, and that no rank's own
+//! reduce-scatter/all-gather buffers are inconsistent) with one `MPI_MAX` all-reduce of the
+//! crate's agreement words (`watchdog::Shape`); a disagreement returns a `CommError` on every
+//! rank alike, so all ranks leave the collective together instead of deadlocking in mismatched
+//! chunk loops.
 //!
 //! In-place all-reduce. mpi-sys exports no `MPI_IN_PLACE` (it is a macro whose value differs
 //! between implementations: `(void *) 1` in Open MPI, `(void *) -1` in MPICH), so each chunk is
@@ -29,105 +32,34 @@
 //! element on one rank and distribute it (ring, reduce-scatter + allgather) or combine the same
 //! operands on every rank; `examples/mpi_smoke.rs` checks the invariant on random data.
 //!
-//! Watchdog. With `init(Some(t))` a background thread looks every 100 ms at an atomic word that
-//! holds "collective started at" and the op's name; when one trait call has been in flight for
-//! more than `t` it prints `rank R: collective <op> waited more than T s; aborting the job` to
-//! stderr and ends the job. `t` bounds a whole call, including time spent waiting for a slower
-//! peer (rank 0 writing a checkpoint while others wait at a barrier), so pick it well above the
-//! longest legitimate wait. The thread makes no MPI call except `MPI_Abort`. We request
-//! `MPI_THREAD_MULTIPLE`, the only level at which another thread may call `MPI_Abort` while the
-//! main thread sits inside a collective; Open MPI 4 and MPICH grant it. If the library grants
-//! less, the watchdog prints and then calls `std::process::abort()`: the launcher sees a rank
-//! killed by SIGABRT and tears down the rest of the job itself.
+//! Watchdog. With `init(Some(t))` a background thread (`watchdog::Watchdog`) looks every 100 ms
+//! at an atomic word that holds "collective started at" and the op's name; when one trait call
+//! has been in flight for more than `t` it prints
+//! `rank R: collective <op> waited more than T s; aborting the job` to stderr and ends the job.
+//! `t` bounds a whole call, including time spent waiting for a slower peer (rank 0 writing a
+//! checkpoint while others wait at a barrier), so pick it well above the longest legitimate
+//! wait. The thread makes no MPI call except `MPI_Abort`. We request `MPI_THREAD_MULTIPLE`, the
+//! only level at which another thread may call `MPI_Abort` while the main thread sits inside a
+//! collective; Open MPI 4 and MPICH grant it. If the library grants less, the watchdog prints and
+//! then calls `std::process::abort()`: the launcher sees a rank killed by SIGABRT and tears down
+//! the rest of the job itself.
 
+use crate::watchdog::{self, InFlight, Op, Shape, Watchdog, AGREE_WORDS};
 use crate::{CommError, Communicator, Result};
 use ::mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
 use ::mpi::environment::Universe;
 use ::mpi::topology::{Communicator as _, SimpleCommunicator};
 use ::mpi::Threading;
 use std::io::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::{JoinHandle, ThreadId};
-use std::time::{Duration, Instant};
+use std::sync::Mutex;
+use std::thread::ThreadId;
+use std::time::Duration;
+
+pub use crate::watchdog::WATCHDOG_EXIT_CODE;
 
 /// Elements per MPI call when a buffer is cut into chunks: 8 Mi f32 = 32 MiB, far below MPI's
 /// `int` count limit and large enough that per-call latency is noise next to bandwidth.
 pub const DEFAULT_CHUNK_LEN: usize = 8 << 20;
-/// The exit code the watchdog passes to `MPI_Abort` (the code of coreutils `timeout`).
-pub const WATCHDOG_EXIT_CODE: i32 = 124;
-/// How often the watchdog looks at the collective in flight.
-const WATCHDOG_POLL: Duration = Duration::from_millis(100);
-
-/// The collective a rank is in, as the watchdog reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Op {
-    AllReduceSum = 1,
-    AllReduceSumF64 = 2,
-    Broadcast = 3,
-    Barrier = 4,
-    ReduceScatter = 5,
-    AllGather = 6,
-}
-
-impl Op {
-    const BITS: u32 = 3;
-
-    fn from_code(code: u64) -> Option<Op> {
-        match code {
-            1 => Some(Op::AllReduceSum),
-            2 => Some(Op::AllReduceSumF64),
-            3 => Some(Op::Broadcast),
-            4 => Some(Op::Barrier),
-            5 => Some(Op::ReduceScatter),
-            6 => Some(Op::AllGather),
-            _ => None,
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Op::AllReduceSum => "all_reduce_sum",
-            Op::AllReduceSumF64 => "all_reduce_sum_f64",
-            Op::Broadcast => "broadcast",
-            Op::Barrier => "barrier",
-            Op::ReduceScatter => "reduce_scatter_sum",
-            Op::AllGather => "all_gather",
-        }
-    }
-}
-
-/// What the watchdog thread shares with the rank: one word, written at the start and end of
-/// every collective, so the op name and its start time can never be read torn apart.
-struct InFlightClock {
-    /// 0 when no collective is in flight; otherwise `((ms since epoch) + 1) << Op::BITS | op`.
-    word: AtomicU64,
-    epoch: Instant,
-    stop: AtomicBool,
-}
-
-impl InFlightClock {
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-
-    /// The op in flight and how long it has been running, if any.
-    fn in_flight(&self) -> Option<(Op, Duration)> {
-        let w = self.word.load(Ordering::Acquire);
-        let op = Op::from_code(w & ((1 << Op::BITS) - 1))?;
-        let started = (w >> Op::BITS) - 1;
-        Some((op, Duration::from_millis(self.now_ms().saturating_sub(started))))
-    }
-}
-
-/// Marks a collective as in flight for as long as it lives.
-struct InFlight<'a>(&'a InFlightClock);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.word.store(0, Ordering::Release);
-    }
-}
 
 /// One rank of an MPI job on `MPI_COMM_WORLD`. See the module doc for its lifetime, errors and
 /// watchdog.
@@ -138,8 +70,8 @@ pub struct MpiComm {
     chunk_len: usize,
     /// Reused send buffer for all-reduce, at most `chunk_len` long.
     scratch: Mutex<Vec<f32>>,
-    clock: Arc<InFlightClock>,
-    watchdog: Option<JoinHandle<()>>,
+    /// The thread that ends the job when a call outlives `timeout` (None without a timeout).
+    watchdog: Option<Watchdog>,
     /// The watchdog's limit per collective call.
     timeout: Option<Duration>,
     /// MPI granted `MPI_THREAD_MULTIPLE`: any thread may call `MPI_Abort`.
@@ -154,37 +86,22 @@ impl MpiComm {
     /// `timeout`, a watchdog ends the job when one collective call takes longer than that.
     /// Call once per process, from the main thread; a second call is an error.
     pub fn init(timeout: Option<Duration>) -> Result<MpiComm> {
-        let env_rank = crate::rendezvous::launched_world().map_or(0, |(r, _)| r);
-        if let Some(t) = timeout {
-            if t.is_zero() {
-                return Err(CommError::Failed { rank: env_rank, msg: "collective timeout must be positive".into() });
-            }
-        }
-        let (universe, provided) = ::mpi::initialize_with_threading(Threading::Multiple).ok_or_else(|| CommError::Failed {
-            rank: env_rank,
-            msg: "MPI is already initialized in this process (create one MpiComm per process)".into(),
-        })?;
+        let env_rank = crate::launcher::launched_world().map_or(0, |(r, _)| r);
+        watchdog::check_timeout(env_rank, timeout)?;
+        let (universe, provided) = ::mpi::initialize_with_threading(Threading::Multiple)
+            .ok_or(CommError::MpiAlreadyInitialized { rank: env_rank })?;
         let world = SimpleCommunicator::world();
         let (rank, size) = (world.rank() as usize, world.size() as usize);
-        let clock = Arc::new(InFlightClock { word: AtomicU64::new(0), epoch: Instant::now(), stop: AtomicBool::new(false) });
         let multiple = provided == Threading::Multiple;
         let watchdog = match timeout {
             None => None,
-            Some(t) => {
-                let clock = clock.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("mpi-watchdog".into())
-                    .spawn(move || watch(&clock, rank, t, multiple))
-                    .map_err(|e| CommError::Failed { rank, msg: format!("cannot start the collective watchdog thread: {e}") })?;
-                Some(spawned)
-            }
+            Some(t) => Some(Watchdog::spawn("mpi-watchdog", rank, t, move |op, _| expire(op, rank, t, multiple))?),
         };
         Ok(MpiComm {
             rank,
             size,
             chunk_len: DEFAULT_CHUNK_LEN,
             scratch: Mutex::new(Vec::new()),
-            clock,
             watchdog,
             timeout,
             multiple,
@@ -213,71 +130,47 @@ impl MpiComm {
         self.multiple
     }
 
-    fn enter(&self, op: Op) -> InFlight<'_> {
-        let word = ((self.clock.now_ms() + 1) << Op::BITS) | op as u64;
-        self.clock.word.store(word, Ordering::Release);
-        InFlight(&self.clock)
+    /// Starts the watchdog's clock on `op` for as long as the guard lives.
+    fn enter(&self, op: Op) -> Option<InFlight<'_>> {
+        self.watchdog.as_ref().map(|w| w.enter(op))
     }
 
-    /// Checks that every rank passed the same `len` and `root` and uses the same chunk length,
-    /// with one all-reduce of `[x, -x]` pairs under `MPI_MAX` (max and min at once). Every rank
-    /// gets the same answer, so either all proceed or all return the same error.
-    fn agree(&self, what: &str, len: usize, root: usize) -> Result<()> {
-        let mine = [len as i64, -(len as i64), self.chunk_len as i64, -(self.chunk_len as i64), root as i64, -(root as i64)];
-        let mut max = [0i64; 6];
-        SimpleCommunicator::world().all_reduce_into(&mine[..], &mut max[..], SystemOperation::max());
-        let range = |i: usize| (-max[i + 1], max[i]);
-        let fail = |msg: String| Err(CommError::Failed { rank: self.rank, msg });
-        let (lo, hi) = range(0);
-        if lo != hi {
-            return fail(format!("{what} of {len} values on this rank, but the ranks passed between {lo} and {hi}"));
-        }
-        let (lo, hi) = range(2);
-        if lo != hi {
-            return fail(format!("{what}: chunk lengths differ across ranks ({lo} to {hi}); call set_chunk_len alike on every rank"));
-        }
-        let (lo, hi) = range(4);
-        if lo != hi {
-            return fail(format!("{what}: ranks name different roots ({lo} to {hi})"));
-        }
-        Ok(())
+    /// The agreement before data moves (`watchdog::Shape`): every rank passed the same length
+    /// and root, uses the same chunk length, and no rank has a `problem` with its own buffers;
+    /// one `MPI_MAX` all-reduce. Either every rank proceeds or every rank returns an error.
+    fn agree(&self, op: Op, len: usize, root: usize, problem: Option<CommError>) -> Result<()> {
+        let shape = Shape { chunk_len: self.chunk_len, ..Shape::new(op, len).rooted(root) };
+        shape.agree(self.rank, self.size, problem, |mine| {
+            let mut max = [0i64; AGREE_WORDS];
+            SimpleCommunicator::world().all_reduce_into(&mine[..], &mut max[..], SystemOperation::max());
+            max
+        })
     }
 }
 
-/// The watchdog thread's loop: see the module doc.
-fn watch(clock: &InFlightClock, rank: usize, timeout: Duration, multiple: bool) {
-    while !clock.stop.load(Ordering::Acquire) {
-        std::thread::park_timeout(WATCHDOG_POLL);
-        let Some((op, waited)) = clock.in_flight() else { continue };
-        if waited <= timeout {
-            continue;
-        }
-        let _ = writeln!(
-            std::io::stderr(),
-            "rank {rank}: collective {} waited more than {} s; aborting the job",
-            op.name(),
-            timeout.as_secs_f64()
-        );
-        if multiple {
-            // Allowed from any thread under MPI_THREAD_MULTIPLE; never returns.
-            SimpleCommunicator::world().abort(WATCHDOG_EXIT_CODE);
-        }
-        let _ = writeln!(
-            std::io::stderr(),
-            "rank {rank}: MPI lacks MPI_THREAD_MULTIPLE, so ending this rank with SIGABRT instead of MPI_Abort"
-        );
-        std::process::abort();
+/// The watchdog's `on_expiry`: see the module doc.
+fn expire(op: Op, rank: usize, timeout: Duration, multiple: bool) {
+    let _ = writeln!(
+        std::io::stderr(),
+        "rank {rank}: collective {} waited more than {} s; aborting the job",
+        op.name(),
+        timeout.as_secs_f64()
+    );
+    if multiple {
+        // Allowed from any thread under MPI_THREAD_MULTIPLE; never returns.
+        SimpleCommunicator::world().abort(WATCHDOG_EXIT_CODE);
     }
+    let _ = writeln!(
+        std::io::stderr(),
+        "rank {rank}: MPI lacks MPI_THREAD_MULTIPLE, so ending this rank with SIGABRT instead of MPI_Abort"
+    );
+    std::process::abort();
 }
 
 impl Drop for MpiComm {
     fn drop(&mut self) {
         // Stop and join the watchdog before `_universe` drops and finalizes MPI.
-        if let Some(handle) = self.watchdog.take() {
-            self.clock.stop.store(true, Ordering::Release);
-            handle.thread().unpark();
-            let _ = handle.join();
-        }
+        drop(self.watchdog.take());
     }
 }
 
@@ -290,7 +183,7 @@ impl Communicator for MpiComm {
     }
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
         let _in_flight = self.enter(Op::AllReduceSum);
-        self.agree("all-reduce", buf.len(), 0)?;
+        self.agree(Op::AllReduceSum, buf.len(), 0, None)?;
         let world = SimpleCommunicator::world();
         let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
         for chunk in buf.chunks_mut(self.chunk_len) {
@@ -308,11 +201,8 @@ impl Communicator for MpiComm {
     }
     fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
         let _in_flight = self.enter(Op::Broadcast);
-        // Agree first: then every rank sees the same root and takes the same branch below.
-        self.agree("broadcast", buf.len(), root)?;
-        if root >= self.size {
-            return Err(CommError::Failed { rank: self.rank, msg: format!("broadcast from rank {root} in a world of {}", self.size) });
-        }
+        // Agree first (this also checks that the root is in the world).
+        self.agree(Op::Broadcast, buf.len(), root, None)?;
         let world = SimpleCommunicator::world();
         let root = world.process_at_rank(root as i32);
         for chunk in buf.chunks_mut(self.chunk_len) {
@@ -324,12 +214,11 @@ impl Communicator for MpiComm {
     /// rank's block is packed contiguously into the scratch buffer (world·c ≤ chunk length) and
     /// reduced into `recv[o..o+c]`. When the whole send buffer fits one chunk it goes as is.
     fn reduce_scatter_sum(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
-        let _in_flight = self.enter(Op::ReduceScatter);
-        // A rank whose pair of lengths is inconsistent agrees on an impossible length, so every
-        // rank errors together instead of some entering the collective.
-        let ok = send.len() == recv.len() * self.size;
-        self.agree("reduce-scatter", if ok { recv.len() } else { usize::MAX >> 2 }, 0)?;
-        crate::check_blocks(self, send.len(), recv.len())?;
+        let _in_flight = self.enter(Op::ReduceScatterSum);
+        // A rank whose pair of lengths is inconsistent tells its peers in the agreement, so
+        // every rank errors together instead of some entering the collective.
+        let problem = crate::check_blocks(self, send.len(), recv.len()).err();
+        self.agree(Op::ReduceScatterSum, recv.len(), 0, problem)?;
         let world = SimpleCommunicator::world();
         let b = recv.len();
         if send.len() <= self.chunk_len {
@@ -351,9 +240,8 @@ impl Communicator for MpiComm {
     /// `MPI_Allgather`, sliced like `reduce_scatter_sum` for large blocks.
     fn all_gather(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
         let _in_flight = self.enter(Op::AllGather);
-        let ok = recv.len() == send.len() * self.size;
-        self.agree("all-gather", if ok { send.len() } else { usize::MAX >> 2 }, 0)?;
-        crate::check_blocks(self, recv.len(), send.len())?;
+        let problem = crate::check_blocks(self, recv.len(), send.len()).err();
+        self.agree(Op::AllGather, send.len(), 0, problem)?;
         let world = SimpleCommunicator::world();
         let b = send.len();
         if recv.len() <= self.chunk_len {

@@ -7,7 +7,7 @@
 //! on it (`with_stream` takes the caller's stream instead), then, over the bootstrap: every rank
 //! reports whether its GPU setup worked (one f64 sum), so a rank whose GPU failed makes every
 //! rank return an error instead of leaving its peers in NCCL's init; rank 0 creates the NCCL
-//! unique id and `rendezvous::broadcast_nccl_id` sends its 128 bytes to every rank as the bits of
+//! unique id and `broadcast_nccl_id` (`nccl_id.rs`) sends its 128 bytes to every rank as the bits of
 //! 32 f32 (the bootstrap's `broadcast` moves f32 slices verbatim); then every rank calls
 //! `ncclCommInitRank`. Rank and world size are the bootstrap's. `rendezvous::connect_nccl` does
 //! all of this for a binary, picking GPU `local_rank % device_count`.
@@ -26,7 +26,8 @@
 //! agree on its shape (length of the buffer or block, broadcast root) and that no rank has a
 //! local problem (a buffer on another GPU, reduce-scatter/all-gather buffers that are not
 //! world_size blocks against one, a scratch buffer that could not be allocated), with one tiny
-//! NCCL `ncclMax` all-reduce of 6 i64 through pinned host memory. A disagreement returns a
+//! NCCL `ncclMax` all-reduce of the crate's 8 agreement words (`watchdog::Shape`, shared with
+//! `mpi.rs`) through pinned host memory. A disagreement returns a
 //! `CommError` on every rank alike, so all ranks leave together instead of hanging in a
 //! mismatched NCCL call. It costs one small extra NCCL call (tens of µs) per collective.
 //! Failures *after* the agreement (an NCCL enqueue error, a CUDA error on the stream, an
@@ -45,9 +46,9 @@
 //! (`ncclCommAbort`, which also stops its kernels) and calls `bootstrap.abort(124)`, which under
 //! MPI is `MPI_Abort` on the world: every rank ends. The watchdog runs in the calling thread
 //! (the poll loop), so it needs no extra thread and no cross-thread MPI call. `ncclCommInitRank`
-//! blocks inside NCCL instead; during it a guard thread ends this process with SIGABRT after `t`
-//! (it cannot call the bootstrap, which is not shared across threads), and the launcher ends the
-//! rest of the job.
+//! blocks inside NCCL instead; during it a watchdog thread (`watchdog::Watchdog`, as `MpiComm`'s)
+//! ends this process with SIGABRT after `t` (it cannot call the bootstrap, which is not shared
+//! across threads), and the launcher ends the rest of the job.
 //!
 //! Consequence: the device methods are synchronous with the host: they return once the data is
 //! in place on this GPU, ready for the host or any stream. Work the trainer enqueued on
@@ -67,17 +68,17 @@
 //! `ncclCommAbort` nor `ncclCommGetAsyncError` could be called on it; this file drives NCCL through
 //! cudarc's `result`/`sys` layer instead, with cudarc's driver API for memory, streams, events.
 
+use crate::watchdog::{self, Op, Shape, Watchdog, Words, AGREE_WORDS};
 use crate::{CommError, Communicator, Result};
 use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError, PinnedHostSlice};
 use cudarc::nccl::{result as nccl, sys};
 use std::ffi::{c_void, CStr};
 use std::io::Write as _;
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// The exit code the watchdog passes to the bootstrap's `abort` (the code of coreutils `timeout`,
-/// as in `mpi.rs`).
-pub const WATCHDOG_EXIT_CODE: i32 = 124;
+/// The exit code the watchdog passes to the bootstrap's `abort` (as in `mpi.rs`).
+pub use crate::watchdog::WATCHDOG_EXIT_CODE;
 /// The exit code when NCCL or CUDA fails after the ranks agreed to run a collective.
 pub const FAILURE_EXIT_CODE: i32 = 1;
 /// Polls that only yield the thread before the poll loop starts sleeping.
@@ -85,15 +86,15 @@ const SPIN_POLLS: u32 = 64;
 /// Bounds of the poll loop's sleep (it sleeps 1/16 of the time waited so far).
 const MIN_POLL_SLEEP: Duration = Duration::from_micros(20);
 const MAX_POLL_SLEEP: Duration = Duration::from_millis(1);
-/// Words of the agreement all-reduce: [len, -len, root, -root, bad rank + 1, 0].
-const AGREE_LEN: usize = 6;
 
 /// The GPU for a rank: `local_rank % device_count` (or `rank % device_count` when the launcher
 /// did not say the local rank). Errors when there is no driver or no GPU.
 pub fn pick_device(rank: usize, local_rank: Option<usize>) -> Result<usize> {
-    let count = device_count().map_err(|msg| CommError::Failed { rank, msg })?;
+    let count = CudaContext::device_count()
+        .map_err(|e| CommError::Cuda { rank, what: "cannot query CUDA devices".into(), detail: e.to_string() })?;
+    let count = usize::try_from(count).unwrap_or(0);
     if count == 0 {
-        return Err(CommError::Failed { rank, msg: "no CUDA device is visible (check CUDA_VISIBLE_DEVICES)".into() });
+        return Err(CommError::NoGpu { rank });
     }
     Ok(local_rank.unwrap_or(rank) % count)
 }
@@ -108,36 +109,6 @@ pub fn nccl_version() -> Option<(u32, u32, u32)> {
     let code = u32::try_from(nccl::get_nccl_version().ok()?).ok()?;
     // NCCL ≥ 2.9 encodes major·10000 + minor·100 + patch; older ones major·1000 + minor·100 + patch.
     Some(if code >= 10000 { (code / 10000, code / 100 % 100, code % 100) } else { (code / 1000, code / 100 % 10, code % 100) })
-}
-
-/// A collective, as messages name it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Op {
-    AllReduceSum,
-    ReduceScatterSum,
-    AllGather,
-    Broadcast,
-}
-
-impl Op {
-    /// The method's name, for watchdog messages.
-    fn name(self) -> &'static str {
-        match self {
-            Op::AllReduceSum => "all_reduce_sum",
-            Op::ReduceScatterSum => "reduce_scatter_sum",
-            Op::AllGather => "all_gather",
-            Op::Broadcast => "broadcast",
-        }
-    }
-    /// The collective in words, for length-check messages (as in `mpi.rs`).
-    fn what(self) -> &'static str {
-        match self {
-            Op::AllReduceSum => "all-reduce",
-            Op::ReduceScatterSum => "reduce-scatter",
-            Op::AllGather => "all-gather",
-            Op::Broadcast => "broadcast",
-        }
-    }
 }
 
 /// The raw NCCL communicator. NCCL allows a communicator to be used from any thread as long as
@@ -175,8 +146,9 @@ pub struct NcclComm {
     bootstrap: Option<Box<dyn Communicator>>,
 }
 
-fn failed(rank: usize, msg: impl Into<String>) -> CommError {
-    CommError::Failed { rank, msg: msg.into() }
+/// A CUDA driver failure while `what` was being done.
+fn cuda_error(rank: usize, what: String, e: DriverError) -> CommError {
+    CommError::Cuda { rank, what, detail: e.to_string() }
 }
 
 /// `ncclGetErrorString` plus, when there is one, `ncclGetLastError`'s detail.
@@ -200,7 +172,7 @@ impl NcclComm {
         let rank = bootstrap.rank();
         let stream = CudaContext::new(device_ordinal)
             .and_then(|ctx| ctx.new_stream())
-            .map_err(|e| failed(rank, format!("cannot open GPU {device_ordinal}: {e}")));
+            .map_err(|e| cuda_error(rank, format!("cannot open GPU {device_ordinal}"), e));
         Self::init(bootstrap, stream, timeout)
     }
 
@@ -227,11 +199,9 @@ impl NcclComm {
 
     fn init_over(bootstrap: &dyn Communicator, stream: Result<Arc<CudaStream>>, timeout: Option<Duration>) -> Result<NcclComm> {
         let (rank, size) = (bootstrap.rank(), bootstrap.world_size());
-        if timeout.is_some_and(|t| t.is_zero()) {
-            return Err(failed(rank, "collective timeout must be positive"));
-        }
+        watchdog::check_timeout(rank, timeout)?;
         if i32::try_from(size).is_err() {
-            return Err(failed(rank, format!("NCCL cannot hold a world of {size} ranks")));
+            return Err(CommError::WorldTooLarge { rank, world: size });
         }
         // Everything that can fail locally happens before the first collective, and every rank
         // learns whether every rank got this far.
@@ -241,74 +211,68 @@ impl NcclComm {
                 ctx.bind_to_thread()?;
                 Ok(State {
                     done: ctx.new_event(None)?,
-                    agree_dev: stream.alloc_zeros::<i64>(AGREE_LEN)?,
+                    agree_dev: stream.alloc_zeros::<i64>(AGREE_WORDS)?,
                     // SAFETY: written before every read (`agree`); flags 0: cached, not write-combined.
-                    agree_host: unsafe { ctx.alloc_pinned_with_flags::<i64>(AGREE_LEN, 0) }?,
+                    agree_host: unsafe { ctx.alloc_pinned_with_flags::<i64>(AGREE_WORDS, 0) }?,
                     input: None,
                     output: None,
                 })
             };
-            let state = local().map_err(|e| failed(rank, format!("cannot set up GPU {}: {e}", ctx.ordinal())))?;
+            let state = local().map_err(|e| cuda_error(rank, format!("cannot set up GPU {}", ctx.ordinal()), e))?;
             Ok((stream, ctx, state))
         });
         let failures = bootstrap.all_reduce_sum_f64(if setup.is_err() { 1.0 } else { 0.0 })?;
         let (stream, ctx, state) = setup?;
         if failures > 0.0 {
-            return Err(failed(rank, format!("{failures} rank(s) could not set up their GPU; no rank joins NCCL")));
+            return Err(CommError::PeerGpuSetup { rank, failures: failures as usize });
         }
 
         // The unique id: created on rank 0, broadcast over the bootstrap.
         let (mine, id_error) = if rank == 0 {
             match nccl::get_uniqueid() {
                 Ok(id) => (Some(id.internal.map(|c| c as u8)), None),
-                Err(e) => (None, Some(failed(rank, format!("ncclGetUniqueId failed: {}", nccl_error_text(std::ptr::null_mut(), e.0))))),
+                Err(e) => {
+                    let detail = nccl_error_text(std::ptr::null_mut(), e.0);
+                    (None, Some(CommError::Nccl { rank, call: "ncclGetUniqueId", detail }))
+                }
             }
         } else {
             (None, None)
         };
-        let shared = crate::rendezvous::broadcast_nccl_id(bootstrap, mine.as_ref());
+        let shared = crate::nccl_id::broadcast_nccl_id(bootstrap, mine.as_ref());
         if let Some(e) = id_error {
             return Err(e);
         }
         let id = sys::ncclUniqueId { internal: shared?.map(|b| b as std::ffi::c_char) };
 
-        // ncclCommInitRank blocks until every rank has joined; a guard thread bounds it.
-        ctx.bind_to_thread().map_err(|e| failed(rank, format!("cannot bind GPU {}: {e}", ctx.ordinal())))?;
-        let (finished, finished_rx) = mpsc::channel::<()>();
+        // ncclCommInitRank blocks until every rank has joined; a watchdog thread bounds it.
+        ctx.bind_to_thread().map_err(|e| cuda_error(rank, format!("cannot bind GPU {}", ctx.ordinal()), e))?;
         let guard = match timeout {
             None => None,
-            Some(t) => Some(
-                std::thread::Builder::new()
-                    .name("nccl-init-watchdog".into())
-                    .spawn(move || {
-                        if let Err(mpsc::RecvTimeoutError::Timeout) = finished_rx.recv_timeout(t) {
-                            let _ = writeln!(
-                                std::io::stderr(),
-                                "rank {rank}: NCCL init did not finish within {} s; aborting the job",
-                                t.as_secs_f64()
-                            );
-                            std::process::abort();
-                        }
-                    })
-                    .map_err(|e| failed(rank, format!("cannot start the NCCL init watchdog thread: {e}")))?,
-            ),
+            Some(t) => Some(Watchdog::spawn("nccl-init-watchdog", rank, t, move |_, _| {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "rank {rank}: NCCL init did not finish within {} s; aborting the job",
+                    t.as_secs_f64()
+                );
+                std::process::abort();
+            })?),
         };
+        let in_flight = guard.as_ref().map(|g| g.enter(Op::Init));
         let mut comm: sys::ncclComm_t = std::ptr::null_mut();
         // SAFETY: `comm` is a valid out pointer; size and rank fit i32 (checked above, rank < size).
         let init = unsafe { nccl::comm_init_rank(&mut comm, size as i32, id, rank as i32) };
-        drop(finished);
-        if let Some(guard) = guard {
-            let _ = guard.join();
-        }
+        drop(in_flight);
+        drop(guard);
         if let Err(e) = init {
-            let msg = format!("ncclCommInitRank failed: {}", nccl_error_text(std::ptr::null_mut(), e.0));
+            let detail = nccl_error_text(std::ptr::null_mut(), e.0);
             if size == 1 {
-                return Err(failed(rank, msg));
+                return Err(CommError::Nccl { rank, call: "ncclCommInitRank", detail });
             }
             // Peers may still sit in their init, or have joined a communicator that will never
             // be complete: end the job rather than return (dropping the bootstrap would call
             // `MPI_Finalize`, which waits for them).
-            let _ = writeln!(std::io::stderr(), "rank {rank}: {msg}; aborting the job");
+            let _ = writeln!(std::io::stderr(), "rank {rank}: ncclCommInitRank failed: {detail}; aborting the job");
             bootstrap.abort(FAILURE_EXIT_CODE);
         }
         Ok(NcclComm { rank, size, timeout, comm: RawComm(comm), state: Mutex::new(state), stream, ctx, bootstrap: None })
@@ -342,10 +306,8 @@ impl NcclComm {
     }
 
     /// The bootstrap, or the error a `joined` communicator gives for host-side scalar work.
-    fn owned_bootstrap(&self, what: &str) -> Result<&dyn Communicator> {
-        self.bootstrap().ok_or_else(|| {
-            failed(self.rank, format!("{what}: this NCCL communicator was joined over a communicator it does not own; call that one"))
-        })
+    fn owned_bootstrap(&self, op: Op) -> Result<&dyn Communicator> {
+        self.bootstrap().ok_or(CommError::NotOwned { rank: self.rank, op: op.name() })
     }
 
     /// End the job: `abort` on the owned bootstrap, else the end of this process.
@@ -434,8 +396,10 @@ impl NcclComm {
     /// A local problem if `stream` (a buffer's) belongs to another GPU context than ours.
     fn foreign(&self, stream: &Arc<CudaStream>) -> Option<CommError> {
         let theirs = stream.context();
-        (**theirs != *self.ctx).then(|| {
-            failed(self.rank, format!("a buffer on GPU {} passed to the NCCL communicator of GPU {}", theirs.ordinal(), self.ctx.ordinal()))
+        (**theirs != *self.ctx).then(|| CommError::ForeignBuffer {
+            rank: self.rank,
+            buffer_gpu: theirs.ordinal(),
+            comm_gpu: self.ctx.ordinal(),
         })
     }
 
@@ -450,13 +414,17 @@ impl NcclComm {
         Instant::now()
     }
 
-    /// Checks that every rank passed the same `len` and `root` and that no rank has a local
-    /// `problem`, with one `ncclMax` all-reduce of `[len, -len, root, -root, bad, 0]` (max and
-    /// min at once; `bad` is the rank + 1 of a rank with a problem). Every rank gets the same
-    /// answer, so either all proceed or all return an error.
+    /// The agreement before data moves (`watchdog::Shape`): every rank passed the same `len`
+    /// and `root` and no rank has a local `problem`, with one `ncclMax` all-reduce of the
+    /// agreement words. Every rank gets the same answer, so either all proceed or all return an
+    /// error. A CUDA or NCCL failure in the reduction itself ends the job.
     fn agree(&self, st: &mut State, op: Op, len: usize, root: usize, problem: Option<CommError>, started: Instant) -> Result<()> {
-        let bad = if problem.is_some() { self.rank as i64 + 1 } else { 0 };
-        let mine = [len as i64, -(len as i64), root as i64, -(root as i64), bad, 0];
+        let shape = Shape::new(op, len).rooted(root);
+        shape.agree(self.rank, self.size, problem, |mine| self.max_over_ranks(st, op, mine, started))
+    }
+
+    /// The element-wise maximum of every rank's `mine`, through NCCL and pinned host memory.
+    fn max_over_ranks(&self, st: &mut State, op: Op, mine: Words, started: Instant) -> Words {
         if let Err(e) = self.ctx.bind_to_thread() {
             self.end_job(format!("{}: cannot bind GPU {}: {e}", op.name(), self.ctx.ordinal()), FAILURE_EXIT_CODE);
         }
@@ -468,12 +436,12 @@ impl NcclComm {
         }
         {
             let (ptr, _record) = agree_dev.device_ptr_mut(&self.stream);
-            // SAFETY: `ptr` holds AGREE_LEN i64 on our context; in place is allowed.
+            // SAFETY: `ptr` holds AGREE_WORDS i64 on our context; in place is allowed.
             let r = unsafe {
                 nccl::all_reduce(
                     ptr as *const c_void,
                     ptr as *mut c_void,
-                    AGREE_LEN,
+                    AGREE_WORDS,
                     sys::ncclDataType_t::ncclInt64,
                     sys::ncclRedOp_t::ncclMax,
                     self.comm.0,
@@ -491,30 +459,11 @@ impl NcclComm {
             self.end_job(format!("{}: copying the length check back failed: {e}", op.name()), FAILURE_EXIT_CODE);
         }
         self.wait_for(done, op, started);
-        let max: [i64; AGREE_LEN] = match agree_host.as_slice() {
-            Ok(h) => h.try_into().expect("AGREE_LEN words"),
+        match agree_host.as_slice().map(Words::try_from) {
+            Ok(Ok(max)) => max,
+            Ok(Err(_)) => self.end_job(format!("{}: the length check came back short", op.name()), FAILURE_EXIT_CODE),
             Err(e) => self.end_job(format!("{}: reading the length check failed: {e}", op.name()), FAILURE_EXIT_CODE),
-        };
-        if let Some(e) = problem {
-            return Err(e);
         }
-        let fail = |msg: String| Err(failed(self.rank, msg));
-        let what = op.what();
-        if max[4] > 0 {
-            return fail(format!("{what}: rank {} passed buffers it cannot use, so no rank runs it", max[4] - 1));
-        }
-        let (lo, hi) = (-max[1], max[0]);
-        if lo != hi {
-            return fail(format!("{what} of {len} values on this rank, but the ranks passed between {lo} and {hi}"));
-        }
-        let (lo, hi) = (-max[3], max[2]);
-        if lo != hi {
-            return fail(format!("{what}: ranks name different roots ({lo} to {hi})"));
-        }
-        if root >= self.size {
-            return fail(format!("{what} from rank {root} in a world of {}", self.size));
-        }
-        Ok(())
     }
 
     /// Enqueues one NCCL collective of f32 on our stream (in place when `send == recv`); `count`
@@ -536,6 +485,10 @@ impl NcclComm {
                 Op::ReduceScatterSum => nccl::reduce_scatter(src, dst, count, f32_, sum, comm, stream),
                 Op::AllGather => nccl::all_gather(src, dst, count, f32_, comm, stream),
                 Op::Broadcast => nccl::broadcast(src, dst, count, f32_, root as i32, comm, stream),
+                // Not data collectives: no caller passes them.
+                Op::AllReduceSumF64 | Op::Barrier | Op::Init => {
+                    self.end_job(format!("{} is not an NCCL data collective", op.name()), FAILURE_EXIT_CODE)
+                }
             }
         };
         if let Err(e) = r {
@@ -610,8 +563,16 @@ impl NcclComm {
                 *slot = Some(s);
                 None
             }
-            Err(e) => Some(failed(self.rank, format!("cannot allocate {len} f32 of GPU scratch: {e}"))),
+            Err(e) => Some(cuda_error(self.rank, format!("cannot allocate {len} f32 of GPU scratch"), e)),
         }
+    }
+
+    /// Host-path helper: a scratch buffer is missing after the agreement, which cannot happen
+    /// (`scratch` allocates it or reports a problem, and the agreement fails on a problem). Ends
+    /// the job rather than panic: the peers are already in the collective.
+    fn no_scratch(&self, op: Op) -> ! {
+        let msg = format!("{}: the GPU scratch buffer is missing after the length check", op.name());
+        self.end_job(msg, FAILURE_EXIT_CODE)
     }
 
     /// Host-path helper: `host` into the first `host.len()` elements of `dev`.
@@ -638,7 +599,7 @@ impl NcclComm {
         if buf.is_empty() {
             return Ok(());
         }
-        let dev = st.input.as_mut().expect("scratch allocated");
+        let Some(dev) = st.input.as_mut() else { self.no_scratch(op) };
         self.upload(op, buf, dev);
         {
             let mut view = dev.slice_mut(..buf.len());
@@ -661,7 +622,7 @@ impl NcclComm {
         if block == 0 {
             return Ok(());
         }
-        let (input, output) = (st.input.as_mut().expect("scratch allocated"), st.output.as_mut().expect("scratch allocated"));
+        let (Some(input), Some(output)) = (st.input.as_mut(), st.output.as_mut()) else { self.no_scratch(op) };
         self.upload(op, send, input);
         {
             let src_view = input.slice(..send.len());
@@ -702,7 +663,7 @@ impl Communicator for NcclComm {
     }
     /// Through the bootstrap (a scalar is not worth a device round trip).
     fn all_reduce_sum_f64(&self, x: f64) -> Result<f64> {
-        self.owned_bootstrap("all_reduce_sum_f64")?.all_reduce_sum_f64(x)
+        self.owned_bootstrap(Op::AllReduceSumF64)?.all_reduce_sum_f64(x)
     }
     /// Compatibility path through device scratch, like `all_reduce_sum`.
     fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
@@ -710,7 +671,7 @@ impl Communicator for NcclComm {
     }
     /// Through the bootstrap.
     fn barrier(&self) -> Result<()> {
-        self.owned_bootstrap("barrier")?.barrier()
+        self.owned_bootstrap(Op::Barrier)?.barrier()
     }
     /// Compatibility path through device scratch; the GPU path is `reduce_scatter_sum_device`.
     fn reduce_scatter_sum(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {

@@ -14,10 +14,7 @@ impl NcclComm {
     /// takes.
     pub fn joined<S>(bootstrap: &dyn Communicator, stream: S, timeout: Option<Duration>) -> Result<NcclComm> {
         let _ = (stream, timeout);
-        Err(CommError::Failed {
-            rank: bootstrap.rank(),
-            msg: "NCCL needs a kutta built with the `cuda` feature".into(),
-        })
+        Err(CommError::NcclNotBuilt { rank: bootstrap.rank() })
     }
 
     /// Unreachable: no `NcclComm` exists without CUDA.

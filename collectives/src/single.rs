@@ -25,7 +25,7 @@ impl Communicator for SingleProcess {
     }
     fn broadcast(&self, _buf: &mut [f32], root: usize) -> Result<()> {
         if root != 0 {
-            return Err(CommError::Failed { rank: 0, msg: format!("broadcast from rank {root} in a world of one") });
+            return Err(CommError::RootOutsideWorld { rank: 0, op: "broadcast", root, world: 1 });
         }
         Ok(())
     }
