@@ -158,6 +158,11 @@ fn trainer_modules_form_layers() {
 }
 
 #[test]
+fn collectives_modules_form_layers() {
+    check("collectives");
+}
+
+#[test]
 fn the_checker_finds_a_cycle() {
     let code = "use crate::{b::X, c};\nfn f() { crate::d::g(); }\n// crate::e\n#[cfg(test)]\nmod tests { use crate::f; }\n";
     let uses = referenced(&library_code(code));
