@@ -21,6 +21,7 @@ use crate::config::{Config, OptimizerKind, PreconditionerKind, StepSizeKind};
 use crate::data::{sampler::BatchSampler, Dataset};
 use crate::distributed::{agree, shard_dataset, ParamSharding, ShardedField};
 use crate::kernels::SolverKernels;
+use crate::memory::mib;
 use crate::memory;
 use crate::stop;
 use kutta_collectives::Communicator;
@@ -792,10 +793,6 @@ fn evaluate_sharded(
     let loss_sum = comm.all_reduce_sum_f64(loss_sum)?;
     let correct = comm.all_reduce_sum_f64(correct)?;
     Ok((loss_sum / total as f64, correct / total as f64))
-}
-
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1u64 << 20) as f64
 }
 
 fn pct(x: Option<f64>) -> String {
