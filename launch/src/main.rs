@@ -9,9 +9,10 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use kutta_trainer::bench::{self, BenchOptions};
-use kutta_trainer::bench_collectives::{self, CollectivesOptions, Part, TimedComm, WorkerOptions};
-use kutta_trainer::bench_sweep::{self, SweepOptions};
+use bench::collectives::{self as bench_collectives, CollectivesOptions, Part, TimedComm, WorkerOptions};
+use bench::gpu;
+use bench::steps::{self as bench_steps, BenchOptions};
+use bench::sweep::{self as bench_sweep, SweepOptions};
 use kutta_trainer::config::Config;
 use kutta_trainer::planner;
 use kutta_trainer::stop;
@@ -19,7 +20,7 @@ use kutta_trainer::tableau::Tableau;
 use kutta_trainer::train::{self, Progress};
 use std::path::PathBuf;
 
-mod gpu;
+mod bench;
 
 #[derive(Parser)]
 #[command(name = "kutta", version, about = "Data-parallel neural-network training with Runge-Kutta solvers of the gradient flow")]
@@ -401,7 +402,7 @@ fn run(command: Command) -> Result<()> {
                 anyhow::bail!("--batch-sizes: batch sizes must be positive");
             }
             let opts = BenchOptions { batch_sizes, min_seconds, min_reps, base, ..Default::default() };
-            let report = bench::run(&opts, |r| {
+            let report = bench_steps::run(&opts, |r| {
                 if !json {
                     eprintln!("  {:<18} batch {:>6}: {:>10.3} ms/step ({} steps)", r.optimizer, r.batch_size, r.median_step_ms, r.reps);
                 }
@@ -409,7 +410,7 @@ fn run(command: Command) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                println!("{}", bench::format_table(&report));
+                println!("{}", bench_steps::format_table(&report));
                 let config_args: String = config.iter().map(|p| format!(" --config {}", p.display())).chain(sets.iter().map(|s| format!(" --set {s}"))).collect();
                 println!(
                     "reproduce: kutta bench{config_args} --batch-sizes {} --min-seconds {min_seconds} --min-reps {min_reps}",
@@ -495,11 +496,11 @@ fn bench_collectives_driver(opts: &CollectivesOptions, json: bool) -> Result<()>
         opts,
         &mpi,
         |nproc, args| {
-            let mut cmd = mpirun_command(nproc, mpirun, args).map_err(|e| kutta_trainer::Error::Other(format!("{e:#}")))?;
+            let mut cmd = mpirun_command(nproc, mpirun, args)?;
             cmd.envs(bench_collectives::CHILD_ENV).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::inherit());
-            let out = cmd.output().map_err(|e| kutta_trainer::Error::Other(format!("{}: {e}", cannot_start(mpirun))))?;
+            let out = cmd.output().with_context(|| cannot_start(mpirun))?;
             if !out.status.success() {
-                return Err(kutta_trainer::Error::Other(format!("the {nproc}-rank job failed ({}); its ranks' messages are above", out.status)));
+                anyhow::bail!("the {nproc}-rank job failed ({}); its ranks' messages are above", out.status);
             }
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         },

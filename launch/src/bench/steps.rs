@@ -1,12 +1,13 @@
-//! `kutta bench`: median wall-clock time of one optimizer step and of one gradient evaluation
+//! `kutta bench steps`: median wall-clock time of one optimizer step and of one gradient evaluation
 //! for sgd, adam, rk4 and rk4 with all three of the paper's modifications, on the MLP, at several
 //! batch sizes — all measured in one run, so the ratios compare like with like.
 
-use crate::config::Config;
-use crate::data::{sampler::BatchSampler, Dataset};
-use crate::error::Result;
-use crate::model::{self, ModelField};
-use crate::train::{build_model, build_optimizer_on, load_data, solver_kernels};
+use anyhow::{anyhow, Result};
+use kutta_trainer::config::Config;
+use kutta_trainer::data::{sampler::BatchSampler, Dataset};
+use kutta_trainer::model::{self, ModelField};
+use kutta_trainer::train::{build_model, build_optimizer_on, load_data, solver_kernels, SolverKernels};
+use kutta_trainer::Error;
 use serde::Serialize;
 use std::time::Instant;
 
@@ -56,11 +57,11 @@ pub fn variant_config(base: &Config, label: &str, batch_size: usize) -> Result<C
     let (_, sets) = variants()
         .into_iter()
         .find(|(l, _)| *l == label)
-        .ok_or_else(|| crate::error::Error::Other(format!("bench: no optimizer variant {label:?}")))?;
+        .ok_or_else(|| anyhow!("bench: no optimizer variant {label:?}"))?;
     let mut fresh = base.clone();
     fresh.optimizer = Default::default();
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).chain([format!("train.batch_size={batch_size}")]).collect();
-    Config::from_toml_str(&fresh.to_toml(), &sets)
+    Ok(Config::from_toml_str(&fresh.to_toml(), &sets)?)
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -95,7 +96,7 @@ pub fn median(xs: &mut [f64]) -> f64 {
 
 /// Real training images when the data directory is readable, random ones of the format's shape
 /// otherwise (step time does not depend on pixel values; CIFAR cannot be downloaded everywhere).
-pub(crate) fn bench_data(base: &Config) -> (Dataset, String) {
+pub fn bench_data(base: &Config) -> (Dataset, String) {
     match load_data(base) {
         Ok((train, _)) => (train, format!("{:?} from {}", base.data.format, base.data.dir.display())),
         Err(e) => {
@@ -123,16 +124,17 @@ pub fn run(opts: &BenchOptions, mut on_row: impl FnMut(&BenchRow)) -> Result<Ben
     let (data, data_desc) = bench_data(&opts.base);
     let model = build_model(&opts.base, &data)?;
     // train.device of the base config: the GPU when there is one (`auto`), as in training.
-    let device = crate::device::for_config(&opts.base)?;
+    let device = kutta_trainer::device::for_config(&opts.base)?;
     // On a GPU the RK variants run the GPU solver (as training does); the baselines stay on the host.
     let (kernels, _) = solver_kernels(&opts.base, &device, false)?;
     let theta0 = model::init_params(model.as_ref(), 0);
     let group = model.batch_multiple();
     if let Some(bs) = opts.batch_sizes.iter().find(|&&bs| bs % group != 0) {
-        return Err(crate::error::Error::config(
+        return Err(Error::config(
             "--batch-sizes",
             format!("{bs} is not a multiple of model.bn_group = {group} (batch norm's ghost batch); pass batch sizes that are, or --set model.bn_group=N"),
-        ));
+        )
+        .into());
     }
     let variants = variants();
     let mut rows = Vec::new();
@@ -179,7 +181,7 @@ pub fn run(opts: &BenchOptions, mut on_row: impl FnMut(&BenchRow)) -> Result<Ben
 }
 
 /// Step times of optimizers timed side by side.
-pub(crate) struct Timed {
+pub struct Timed {
     pub step_ms: Vec<f64>,
     pub eval_ms: Vec<f64>,
     pub evals: u64,
@@ -189,8 +191,8 @@ pub(crate) struct Timed {
 /// rotating order, so drift in the machine's speed falls on all alike. Round 0 is warm-up
 /// (allocation, caches, DALR's first-step probe) and is not timed; `stop(timed rounds, seconds
 /// since warm-up)` ends the loop. Gathering each batch is outside the timed steps, as in training.
-pub(crate) fn time_interleaved(
-    optimizers: Vec<Box<dyn crate::optim::Optimizer<f32>>>,
+pub fn time_interleaved(
+    optimizers: Vec<Box<dyn kutta_trainer::optim::Optimizer<f32>>>,
     theta0: &[f32],
     field: &mut ModelField<'_>,
     samples: usize,
@@ -232,13 +234,13 @@ pub(crate) fn time_interleaved(
 /// The machine line of a benchmark report: the CPU, where the model runs and where each
 /// optimizer's buffer arithmetic runs. On a GPU only the RK solver has kernels; sgd and adam
 /// download each gradient and upload θ, which their step times include.
-pub fn placement(device: &candle_core::Device, kernels: &crate::train::SolverKernels) -> String {
+pub fn placement(device: &candle_core::Device, kernels: &SolverKernels) -> String {
     let arith = match (device.is_cpu(), kernels.is_some()) {
         (true, _) => "",
         (false, true) => ", RK solver on the GPU, sgd/adam arithmetic on the host",
         (false, false) => ", optimizer arithmetic on the host",
     };
-    format!("{}, model on {}{arith}", machine_description(), crate::device::describe(device))
+    format!("{}, model on {}{arith}", machine_description(), kutta_trainer::device::describe(device))
 }
 
 /// CPU model name from /proc/cpuinfo (Linux), or the architecture.

@@ -27,14 +27,14 @@
 //! `OMP_NUM_THREADS`, for any BLAS) to 1 in the children, and each rank reports what candle
 //! actually uses.
 
-use crate::bench::{bench_data, machine_description, median};
-use crate::config::Config;
-use crate::data::sampler::BatchSampler;
-use crate::distributed::{comm_err, ShardedField};
-use crate::error::{Error, Result};
-use crate::field::VectorField;
-use crate::model::{self, ModelField};
-use crate::train::{build_model, build_optimizer};
+use super::steps::{bench_data, machine_description, median, variant_config};
+use anyhow::{anyhow, Result};
+use kutta_trainer::config::Config;
+use kutta_trainer::data::sampler::BatchSampler;
+use kutta_trainer::distributed::{comm_err, ShardedField};
+use kutta_trainer::field::VectorField;
+use kutta_trainer::model::{self, ModelField};
+use kutta_trainer::train::{build_model, build_optimizer};
 use kutta_collectives::Communicator;
 use serde::{Deserialize, Serialize};
 use std::cell::Cell;
@@ -167,7 +167,7 @@ impl CollectivesOptions {
     }
 
     fn validate(&self) -> Result<()> {
-        let bad = |msg: &str| Err(Error::Other(msg.to_string()));
+        let bad = |msg: &str| Err(anyhow!("{msg}"));
         if self.max_ranks == 0 {
             return bad("--max-ranks must be at least 1");
         }
@@ -394,12 +394,12 @@ fn time_all_reduce(comm: &TimedComm, opts: &WorkerOptions) -> Result<Vec<AllRedu
 
 /// The rk4 variant of the step bench, with the global batch of this job.
 fn rk4_config(base: &Config, global_batch: usize) -> Result<Config> {
-    crate::bench::variant_config(base, "rk4", global_batch)
+    variant_config(base, "rk4", global_batch)
 }
 
 fn load_base(config: &Option<PathBuf>) -> Result<Config> {
     match config {
-        Some(p) => Config::load(p, &[]),
+        Some(p) => Ok(Config::load(p, &[])?),
         None => Ok(Config::default()),
     }
 }
@@ -525,13 +525,14 @@ pub fn run(
         jobs.push(format!("mpirun -np {ranks} kutta {}", args.join(" ")));
         let stdout = job(ranks, &args)?;
         let r = parse_worker_output(&stdout).ok_or_else(|| {
-            Error::Other(format!("the {ranks}-rank job printed no result line on stdout (it printed {} bytes)", stdout.len()))
+            anyhow!("the {ranks}-rank job printed no result line on stdout (it printed {} bytes)", stdout.len())
         })?;
         if r.ranks != ranks {
-            return Err(Error::Other(format!(
+            anyhow::bail!(
                 "the job started with {ranks} ranks ran as {} rank(s): is this kutta linked against the MPI of `{}`?",
-                r.ranks, opts.mpirun
-            )));
+                r.ranks,
+                opts.mpirun
+            );
         }
         reports.push(r);
     }
@@ -539,7 +540,7 @@ pub fn run(
 }
 
 fn combine(opts: &CollectivesOptions, mpi: &str, cores: usize, reports: Vec<WorkerReport>, jobs: Vec<String>) -> Result<CollectivesReport> {
-    let first_steps = reports.iter().find_map(|r| r.steps.as_ref()).ok_or_else(|| Error::Other("no job timed any steps".into()))?;
+    let first_steps = reports.iter().find_map(|r| r.steps.as_ref()).ok_or_else(|| anyhow!("no job timed any steps"))?;
     let mut notes = Vec::new();
     let mut weak: Vec<WeakScalingRow> = Vec::new();
     for ranks in opts.rank_counts() {
