@@ -1,7 +1,9 @@
 //! `kutta bench steps`: median wall-clock time of one optimizer step and of one gradient evaluation
 //! for sgd, adam, rk4 and rk4 with all three of the paper's modifications, on the MLP, at several
-//! batch sizes — all measured in one run, so the ratios compare like with like.
+//! batch sizes — all measured in one run, so the ratios compare like with like. `kutta bench` with
+//! no subcommand runs this bench too.
 
+use super::StepsArgs;
 use anyhow::{anyhow, Result};
 use kutta_trainer::config::Config;
 use kutta_trainer::data::{sampler::BatchSampler, Dataset};
@@ -10,6 +12,11 @@ use kutta_trainer::train::{build_model, build_optimizer_on, load_data, solver_ke
 use kutta_trainer::Error;
 use serde::Serialize;
 use std::time::Instant;
+
+/// The default `--batch-sizes` (`BenchOptions::default`'s).
+pub const BATCH_SIZES: &str = "16,128,1024,8192";
+/// The default `--min-reps`.
+pub const MIN_REPS: usize = 5;
 
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
@@ -26,7 +33,13 @@ pub struct BenchOptions {
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        Self { batch_sizes: vec![16, 128, 1024, 8192], min_seconds: 1.0, min_reps: 5, max_reps: 200, base: Config::default() }
+        Self {
+            batch_sizes: vec![16, 128, 1024, 8192],
+            min_seconds: super::MIN_SECONDS,
+            min_reps: MIN_REPS,
+            max_reps: 200,
+            base: Config::default(),
+        }
     }
 }
 
@@ -267,6 +280,34 @@ pub fn format_table(report: &BenchReport) -> String {
         s += &format!("  batch {bs:>6}: {ratio:.2}\n");
     }
     s
+}
+
+/// `kutta bench steps`: time, then print the table and the line that reproduces the run (or JSON).
+pub fn main(args: &StepsArgs) -> Result<()> {
+    let StepsArgs { batch_sizes, min_seconds, min_reps, model, json } = args;
+    let base = model.base()?;
+    if batch_sizes.contains(&0) {
+        anyhow::bail!("--batch-sizes: batch sizes must be positive");
+    }
+    let (min_seconds, min_reps) = (*min_seconds, *min_reps);
+    let opts = BenchOptions { batch_sizes: batch_sizes.clone(), min_seconds, min_reps, base, ..Default::default() };
+    let report = run(&opts, |r| {
+        if !json {
+            let (opt, bs, ms) = (&r.optimizer, r.batch_size, r.median_step_ms);
+            eprintln!("  {opt:<18} batch {bs:>6}: {ms:>10.3} ms/step ({} steps)", r.reps);
+        }
+    })?;
+    if *json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{}", format_table(&report));
+        println!(
+            "reproduce: kutta bench steps{} --batch-sizes {} --min-seconds {min_seconds} --min-reps {min_reps}",
+            model.reproduce_args(),
+            opts.batch_sizes.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",")
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

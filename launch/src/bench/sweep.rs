@@ -13,6 +13,7 @@
 //! so drift in the machine's speed falls on all three alike. Outputs: a table, `sweep.csv` and
 //! `sweep.svg` (step time against batch size, both axes logarithmic).
 
+use super::SweepArgs;
 use super::steps::{bench_data, median, placement, time_interleaved, variant_config};
 use anyhow::{anyhow, Context, Result};
 use kutta_trainer::config::Config;
@@ -25,6 +26,13 @@ use kutta_trainer::Error;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
+
+/// The default `--batch-sizes` (`SweepOptions::default`'s).
+pub const BATCH_SIZES: &str = "16,128,1024,8192,60000";
+/// The default `--memory` (`SweepOptions::default`'s budget).
+pub const MEMORY: &str = "2GiB";
+/// The default `--min-reps`.
+pub const MIN_REPS: usize = 3;
 
 /// The goal for rk4 / (4 × sgd) at every batch size.
 pub const GOAL: f64 = 1.10;
@@ -52,8 +60,8 @@ impl Default for SweepOptions {
         Self {
             batch_sizes: vec![16, 128, 1024, 8192, 60000],
             budget: 2 << 30,
-            min_seconds: 2.0,
-            min_reps: 3,
+            min_seconds: super::MIN_SECONDS,
+            min_reps: MIN_REPS,
             max_reps: 1000,
             base: Config::default(),
         }
@@ -410,6 +418,43 @@ pub fn default_out_dir() -> PathBuf {
     PathBuf::from("runs").join(format!("bench-sweep-{t}"))
 }
 
+/// `kutta bench sweep`: plan, time, print the table (or JSON), write sweep.csv and sweep.svg.
+pub fn main(args: &SweepArgs) -> Result<()> {
+    let SweepArgs { batch_sizes, memory, out, min_seconds, min_reps, model, json } = args;
+    let ok = !batch_sizes.is_empty() && !batch_sizes.contains(&0);
+    anyhow::ensure!(ok, "--batch-sizes: batch sizes must be positive");
+    let opts = SweepOptions {
+        batch_sizes: batch_sizes.clone(),
+        budget: planner::parse_bytes(memory)?,
+        min_seconds: *min_seconds,
+        min_reps: *min_reps,
+        base: model.base()?,
+        ..Default::default()
+    };
+    let out = out.clone().unwrap_or_else(default_out_dir);
+    let mut report = run(&opts, |line| {
+        if !json {
+            eprintln!("  {line}");
+        }
+    })?;
+    let sizes: Vec<String> = opts.batch_sizes.iter().map(|b| b.to_string()).collect();
+    report.command = format!(
+        "kutta bench sweep --memory {memory} --batch-sizes {} --min-seconds {} --min-reps {}{}",
+        sizes.join(","),
+        opts.min_seconds,
+        opts.min_reps,
+        model.reproduce_args()
+    );
+    write_outputs(&mut report, &out)?;
+    if *json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", format_table(&report));
+        println!("wrote {} and {}", out.join("sweep.csv").display(), out.join("sweep.svg").display());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,7 +488,7 @@ mod tests {
             budget_bytes: 2 << 30,
             goal: GOAL,
             rows,
-            command: "kutta bench --sweep batch".into(),
+            command: "kutta bench sweep".into(),
             csv: None,
             svg: None,
         }
@@ -467,7 +512,7 @@ mod tests {
         assert!(table.contains("1.050") && table.contains("1.250"), "{table}");
         assert!(table.contains("≤1.10") && table.contains(" yes ") && table.contains(" NO "), "{table}");
         assert!(table.contains("1 of 2 rows meet it"), "{table}");
-        assert!(table.contains("reproduce: kutta bench --sweep batch"), "{table}");
+        assert!(table.contains("reproduce: kutta bench sweep"), "{table}");
     }
 
     #[test]
