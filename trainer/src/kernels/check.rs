@@ -1,7 +1,7 @@
 //! The RK kernels of `rk.cu` checked against their CPU references ([`super::reference`]) on a
 //! GPU (feature `cuda`). One library function, [`run`], so that the same checks run from the
 //! test suite (`trainer/tests/kernels.rs`, `gpu_kernels_match_references`) and from the `kutta`
-//! binary (`kutta bench --kernels`, which `scripts/gpu-check run` calls on the GPU machine: one
+//! binary (`kutta bench kernels`, which `scripts/gpu-check run` calls on the GPU machine: one
 //! binary to carry there instead of a test binary per crate).
 //!
 //! Every kernel is run on random inputs of many lengths ([`SIZES`]: 0, 1, odd, not a multiple of

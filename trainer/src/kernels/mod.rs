@@ -10,7 +10,7 @@
 //!   plus `cuda::RkKernels::bandwidth`, which times each kernel against the device's copy
 //!   bandwidth.
 //! - `check` (feature `cuda`): `check::run` runs every kernel against its reference on the GPU
-//!   and returns one row per check; `trainer/tests/kernels.rs` and `kutta bench --kernels` call it.
+//!   and returns one row per check; `trainer/tests/kernels.rs` and `kutta bench kernels` call it.
 //!
 //! The kernels are compiled at BUILD time: with the `cuda` feature, `build.rs` runs `nvcc --ptx`
 //! on `rk.cu` (virtual architecture `compute_$CUDA_COMPUTE_CAP`, default 90; the driver JIT-
@@ -42,7 +42,7 @@ pub mod cuda;
 #[cfg(feature = "cuda")]
 pub mod backend;
 
-/// The kernels against the references on a GPU (`kutta bench --kernels`, the kernel tests).
+/// The kernels against the references on a GPU (`kutta bench kernels`, the kernel tests).
 #[cfg(feature = "cuda")]
 pub mod check;
 
