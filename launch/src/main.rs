@@ -95,9 +95,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Benchmarks: optimizer step times (`steps`, also plain `kutta bench`), step time against
-    /// the batch size under a memory plan (`sweep`), all-reduce and data-parallel scaling
-    /// (`collectives`), the GPU self-checks (`kernels`, `nccl`).
+    /// Benchmarks: optimizer steps, a batch-size sweep, collectives, the GPU self-checks.
+    ///
+    /// `kutta bench` alone is `kutta bench steps`.
     Bench(Box<bench::BenchArgs>),
 }
 

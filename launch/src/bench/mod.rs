@@ -41,20 +41,30 @@ pub struct BenchArgs {
 
 #[derive(Subcommand, Debug, Clone, PartialEq)]
 pub enum BenchCommand {
-    /// Time optimizer steps (sgd, adam, rk4, rk4 with all modifications) at several batch sizes,
-    /// interleaved; the default of `kutta bench`.
+    /// Time optimizer steps of sgd, adam, rk4 and rk4 with all modifications (plain `kutta bench`).
+    ///
+    /// The four are interleaved step by step at each batch size; the table gives median step
+    /// times, the time per gradient evaluation and rk4 / sgd.
     Steps(StepsArgs),
-    /// Time sgd, adam and rk4 against the batch size, each size laid out by the memory planner
-    /// under --memory; writes sweep.csv and sweep.svg.
+    /// Time sgd, adam and rk4 against the batch size under a memory plan; sweep.csv, sweep.svg.
+    ///
+    /// Each batch size is laid out by the memory planner under --memory (micro-batches,
+    /// recomputation, rk4's stage buffers); the table gives rk4 / (4 × sgd) and the predicted and
+    /// measured peak memory.
     Sweep(SweepArgs),
-    /// All-reduce latency and bandwidth and the weak scaling of rk4 steps on 1..=--max-ranks
-    /// ranks, through child `mpirun` jobs (needs a kutta built with --features mpi, and Open MPI).
+    /// All-reduce bandwidth and rk4 weak scaling over MPI ranks (a --features mpi build).
+    ///
+    /// Runs child `mpirun` jobs on 1, 2, 4, … ranks up to --max-ranks (needs Open MPI).
     Collectives(CollectivesArgs),
-    /// GPU: check the RK kernels against their CPU references, then time each against the copy
-    /// bandwidth (goal ≥ 80 %); exit status 1 when a check fails (a --features cuda build).
+    /// GPU: check the RK kernels against their CPU references and time them (--features cuda).
+    ///
+    /// Each kernel is timed against the device-to-device copy bandwidth (goal ≥ 80 %); exit
+    /// status 1 when a check fails.
     Kernels(GpuArgs),
-    /// GPU: check the NCCL communicator (one GPU per rank; a world of one without mpirun) and time
-    /// its all-reduce bus bandwidth; exit status 1 when a check fails (a --features cuda build).
+    /// GPU: check the NCCL communicator and time its all-reduce (--features cuda).
+    ///
+    /// One GPU per rank (a world of one without mpirun); the bus bandwidth of 256 MiB
+    /// all-reduces; exit status 1 when a check fails.
     Nccl(GpuArgs),
 }
 
