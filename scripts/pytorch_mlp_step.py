@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""Time the same training step in PyTorch that `kutta bench` times: the MLP 784-500-500-500-10
+"""Time the same training step in PyTorch that `kutta bench steps` times: the MLP 784-500-500-500-10
 (ReLU, cross-entropy, mean over the batch), one forward + backward + SGD update, on CPU, with the
 same number of threads. Prints median milliseconds per step for each batch size.
 
     python3 -m venv /tmp/torchenv && /tmp/torchenv/bin/pip install torch
     /tmp/torchenv/bin/python scripts/pytorch_mlp_step.py --batch-sizes 16,128,1024,8192
-Compare with: kutta bench --batch-sizes 16,128,1024,8192   (the `sgd` rows)
+Compare with: kutta bench steps --batch-sizes 16,128,1024,8192   (the `sgd` rows)
 """
 import argparse
 import json

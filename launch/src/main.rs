@@ -9,9 +9,6 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use kutta_trainer::bench::{self, BenchOptions};
-use kutta_trainer::bench_collectives::{self, CollectivesOptions, Part, TimedComm, WorkerOptions};
-use kutta_trainer::bench_sweep::{self, SweepOptions};
 use kutta_trainer::config::Config;
 use kutta_trainer::planner;
 use kutta_trainer::stop;
@@ -19,7 +16,7 @@ use kutta_trainer::tableau::Tableau;
 use kutta_trainer::train::{self, Progress};
 use std::path::PathBuf;
 
-mod gpu;
+mod bench;
 
 #[derive(Parser)]
 #[command(name = "kutta", version, about = "Data-parallel neural-network training with Runge-Kutta solvers of the gradient flow")]
@@ -98,65 +95,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Time optimizer steps (sgd, adam, rk4, rk4 with all modifications) on the MLP; with
-    /// --collectives, all-reduce bandwidth and the weak scaling of rk4 steps over MPI ranks; with
-    /// --sweep batch, sgd/adam/rk4 against the batch size under a memory plan, with CSV and SVG;
-    /// with --kernels / --nccl, the GPU self-checks (a --features cuda build).
-    Bench {
-        /// Batch sizes, comma-separated [default: 16,128,1024,8192; with --sweep 16,128,1024,8192,60000].
-        #[arg(long, value_delimiter = ',', conflicts_with = "collectives")]
-        batch_sizes: Option<Vec<usize>>,
-        /// Minimum seconds spent timing each cell [default: 2; with --sweep 2 per batch size;
-        /// with --collectives 0.5 per all-reduce size, 4 × this for each job's steps].
-        #[arg(long)]
-        min_seconds: Option<f64>,
-        /// Minimum timed steps per cell (after one warm-up step) [default: 5; with --sweep 3].
-        #[arg(long)]
-        min_reps: Option<usize>,
-        /// Config providing the model and data (default: the paper's MLP on Fashion-MNIST).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Override a key of that config, e.g. --set data.dir=DIR --set train.device=cuda (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE", conflicts_with = "collectives")]
-        sets: Vec<String>,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// Check the RK kernels against their CPU references on the GPU, then time each against
-        /// the copy bandwidth (goal ≥ 80 %); exit status 1 when a check fails (--features cuda).
-        #[arg(long, conflicts_with_all = ["collectives", "sweep", "nccl"])]
-        kernels: bool,
-        /// Check the NCCL communicator (one GPU per rank; a world of one without mpirun) and time
-        /// its all-reduce bus bandwidth; exit status 1 when a check fails (--features cuda).
-        #[arg(long, conflicts_with_all = ["collectives", "sweep"])]
-        nccl: bool,
-        /// Benchmark all-reduce and data-parallel rk4 steps on 1..=--max-ranks ranks, through
-        /// child `mpirun` jobs (needs a kutta built with --features mpi, and Open MPI).
-        #[arg(long)]
-        collectives: bool,
-        /// --collectives: the largest number of ranks.
-        #[arg(long, default_value_t = 2, requires = "collectives")]
-        max_ranks: usize,
-        /// --collectives: samples per rank in the weak-scaling steps (global batch = this × ranks).
-        #[arg(long, default_value_t = 128, requires = "collectives")]
-        per_rank_batch: usize,
-        /// --collectives: the mpirun that starts the jobs.
-        #[arg(long, default_value = "mpirun", requires = "collectives")]
-        mpirun: String,
-        /// Sweep a parameter: `batch` times sgd, adam and rk4 at each --batch-sizes entry, laid out
-        /// by the memory planner under --memory, and writes sweep.csv and sweep.svg to --out.
-        #[arg(long, value_parser = ["batch"], conflicts_with = "collectives")]
-        sweep: Option<String>,
-        /// --sweep: memory budget the planner lays each batch size out under, e.g. 2GiB, 512MiB [default: 2GiB].
-        #[arg(long, requires = "sweep")]
-        memory: Option<String>,
-        /// --sweep: folder for sweep.csv and sweep.svg [default: runs/bench-sweep-<unix time>].
-        #[arg(long, requires = "sweep")]
-        out: Option<PathBuf>,
-        /// Internal: one rank of a --collectives child job, timing these parts.
-        #[arg(long, hide = true, value_delimiter = ',', value_parser = Part::NAMES, conflicts_with = "collectives")]
-        collectives_worker: Option<Vec<String>>,
-    },
+    /// Benchmarks: optimizer steps, a batch-size sweep, collectives, the GPU self-checks.
+    ///
+    /// `kutta bench` alone is `kutta bench steps`.
+    Bench(Box<bench::BenchArgs>),
 }
 
 fn main() {
@@ -170,18 +112,7 @@ fn main() {
             sets.extend(gpu.map(|g| format!("train.gpu={g}")));
             std::process::exit(train_on_every_rank(config, sets, out, resume, &progress, collective_timeout, memory))
         }
-        Command::Bench { nccl: true, json, .. } => std::process::exit(gpu::bench_nccl(json)),
-        Command::Bench { collectives_worker: Some(parts), per_rank_batch, min_seconds, min_reps, config, .. } => {
-            let opts = WorkerOptions {
-                parts: parts.iter().filter_map(|p| Part::parse(p)).collect(),
-                per_rank_batch,
-                min_seconds: min_seconds.unwrap_or(0.5),
-                min_reps: min_reps.unwrap_or(5),
-                config,
-                ..Default::default()
-            };
-            std::process::exit(collectives_worker(&opts))
-        }
+        Command::Bench(args) => std::process::exit(bench::main(*args)),
         Command::Launch { nproc, mpirun, args } => match launch(nproc, &mpirun, &args) {
             Ok(code) => std::process::exit(code),
             Err(e) => {
@@ -273,13 +204,6 @@ fn apply_memory_plan(cfg: Config, budget: &str, world_size: usize) -> Result<(Co
     Ok((cfg, plan))
 }
 
-/// One rank of a `kutta bench --collectives` child job: join the job's world, time, and print
-/// rank 0's `WorkerReport` as one JSON line on stdout. Failure ends the whole job, as in training.
-fn collectives_worker(opts: &WorkerOptions) -> i32 {
-    let timeout = std::time::Duration::from_secs_f64(bench_collectives::WORKER_COLLECTIVE_TIMEOUT_S);
-    on_every_rank(Some(timeout), TimedComm::new, |comm| Ok(bench_collectives::worker(comm, opts)?), serde_json::to_string, |_| 0)
-}
-
 /// Run `body` on this rank of the job's world (one process when not launched by mpirun/srun),
 /// print rank 0's result on stdout and return `status` of it (every rank has the same result).
 /// A panic aborts this process at once (never unwinding into MPI_Finalize while peers wait;
@@ -324,7 +248,7 @@ fn on_every_rank<C: kutta_collectives::Communicator, T>(
 }
 
 /// `mpirun -np N [--oversubscribe] <this kutta> ARGS`, as `kutta launch` and `kutta bench
-/// --collectives` run it.
+/// collectives` run it.
 fn mpirun_command(nproc: usize, mpirun: &str, args: &[String]) -> Result<std::process::Command> {
     anyhow::ensure!(nproc > 0, "--nproc must be at least 1");
     let exe = std::env::current_exe().context("cannot find the kutta executable")?;
@@ -368,7 +292,7 @@ fn launch(nproc: usize, mpirun: &str, args: &[String]) -> Result<i32> {
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Train { .. } | Command::Launch { .. } => unreachable!("handled in main"),
+        Command::Train { .. } | Command::Launch { .. } | Command::Bench(_) => unreachable!("handled in main"),
         Command::Tableaux { json } => print_tableaux(json)?,
         Command::Plan { config, sets, memory, world_size, json } => {
             let cfg = Config::load(&config, &sets)?;
@@ -384,136 +308,6 @@ fn run(command: Command) -> Result<()> {
                 print!("{}", planner::format_plan(&plan));
             }
         }
-        Command::Bench { kernels: true, json, .. } => gpu::bench_kernels(json)?,
-        Command::Bench { collectives: true, max_ranks, per_rank_batch, mpirun, min_seconds, min_reps, config, json, .. } => {
-            let opts = CollectivesOptions { max_ranks, per_rank_batch, min_seconds: min_seconds.unwrap_or(0.5), min_reps: min_reps.unwrap_or(5), config, mpirun };
-            bench_collectives_driver(&opts, json)?
-        }
-        Command::Bench { sweep: Some(_), batch_sizes, min_seconds, min_reps, config, sets, json, memory, out, .. } => {
-            bench_sweep_driver(batch_sizes, min_seconds, min_reps, config, sets, memory, out, json)?
-        }
-        Command::Bench { batch_sizes, min_seconds, min_reps, config, sets, json, .. } => {
-            let batch_sizes = batch_sizes.unwrap_or_else(|| vec![16, 128, 1024, 8192]);
-            let min_seconds = min_seconds.unwrap_or(2.0);
-            let min_reps = min_reps.unwrap_or(5);
-            let base = bench_base(config.as_ref(), &sets)?;
-            if batch_sizes.contains(&0) {
-                anyhow::bail!("--batch-sizes: batch sizes must be positive");
-            }
-            let opts = BenchOptions { batch_sizes, min_seconds, min_reps, base, ..Default::default() };
-            let report = bench::run(&opts, |r| {
-                if !json {
-                    eprintln!("  {:<18} batch {:>6}: {:>10.3} ms/step ({} steps)", r.optimizer, r.batch_size, r.median_step_ms, r.reps);
-                }
-            })?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                println!("{}", bench::format_table(&report));
-                let config_args: String = config.iter().map(|p| format!(" --config {}", p.display())).chain(sets.iter().map(|s| format!(" --set {s}"))).collect();
-                println!(
-                    "reproduce: kutta bench{config_args} --batch-sizes {} --min-seconds {min_seconds} --min-reps {min_reps}",
-                    opts.batch_sizes.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",")
-                );
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The config `kutta bench` times: `--config` (default: the built-in defaults, the paper's MLP on
-/// Fashion-MNIST) with its `--set` overrides.
-fn bench_base(config: Option<&PathBuf>, sets: &[String]) -> Result<Config> {
-    Ok(match config {
-        Some(p) => Config::load(p, sets)?,
-        None if sets.is_empty() => Config::default(),
-        None => Config::from_toml_str("", sets)?,
-    })
-}
-
-/// `kutta bench --sweep batch`: plan, time, print the table, write sweep.csv and sweep.svg.
-#[allow(clippy::too_many_arguments)]
-fn bench_sweep_driver(
-    batch_sizes: Option<Vec<usize>>,
-    min_seconds: Option<f64>,
-    min_reps: Option<usize>,
-    config: Option<PathBuf>,
-    sets: Vec<String>,
-    memory: Option<String>,
-    out: Option<PathBuf>,
-    json: bool,
-) -> Result<()> {
-    let defaults = SweepOptions::default();
-    let memory = memory.unwrap_or_else(|| "2GiB".into());
-    let batch_sizes = batch_sizes.unwrap_or(defaults.batch_sizes.clone());
-    anyhow::ensure!(!batch_sizes.is_empty() && !batch_sizes.contains(&0), "--batch-sizes: batch sizes must be positive");
-    let opts = SweepOptions {
-        batch_sizes,
-        budget: planner::parse_bytes(&memory)?,
-        min_seconds: min_seconds.unwrap_or(defaults.min_seconds),
-        min_reps: min_reps.unwrap_or(defaults.min_reps),
-        base: bench_base(config.as_ref(), &sets)?,
-        ..defaults
-    };
-    let out = out.unwrap_or_else(bench_sweep::default_out_dir);
-    let mut report = bench_sweep::run(&opts, |line| {
-        if !json {
-            eprintln!("  {line}");
-        }
-    })?;
-    let sizes: Vec<String> = opts.batch_sizes.iter().map(|b| b.to_string()).collect();
-    report.command = format!(
-        "kutta bench --sweep batch --memory {memory} --batch-sizes {} --min-seconds {} --min-reps {}{}{}",
-        sizes.join(","),
-        opts.min_seconds,
-        opts.min_reps,
-        config.map_or(String::new(), |p| format!(" --config {}", p.display())),
-        sets.iter().map(|s| format!(" --set {s}")).collect::<String>()
-    );
-    bench_sweep::write_outputs(&mut report, &out)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", bench_sweep::format_table(&report));
-        println!("wrote {} and {}", out.join("sweep.csv").display(), out.join("sweep.svg").display());
-    }
-    Ok(())
-}
-
-/// `kutta bench --collectives`: run the child jobs through `mpirun_command` and print the table.
-fn bench_collectives_driver(opts: &CollectivesOptions, json: bool) -> Result<()> {
-    if !cfg!(feature = "mpi") {
-        anyhow::bail!(
-            "kutta bench --collectives runs MPI jobs, but this kutta was built without the `mpi` feature: \
-             cargo build --release --features mpi (needs libopenmpi-dev and libclang-dev)"
-        );
-    }
-    let mpirun = opts.mpirun.as_str();
-    let version = std::process::Command::new(mpirun).arg("--version").stdin(std::process::Stdio::null()).output().with_context(|| cannot_start(mpirun))?;
-    let mpi = String::from_utf8_lossy(&version.stdout).lines().next().unwrap_or(mpirun).trim().to_string();
-    let report = bench_collectives::run(
-        opts,
-        &mpi,
-        |nproc, args| {
-            let mut cmd = mpirun_command(nproc, mpirun, args).map_err(|e| kutta_trainer::Error::Other(format!("{e:#}")))?;
-            cmd.envs(bench_collectives::CHILD_ENV).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::inherit());
-            let out = cmd.output().map_err(|e| kutta_trainer::Error::Other(format!("{}: {e}", cannot_start(mpirun))))?;
-            if !out.status.success() {
-                return Err(kutta_trainer::Error::Other(format!("the {nproc}-rank job failed ({}); its ranks' messages are above", out.status)));
-            }
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        },
-        |nproc, parts| {
-            if !json {
-                let parts: Vec<&str> = parts.iter().map(|p| p.name()).collect();
-                eprintln!("  job: {nproc} rank(s), timing {}", parts.join(" + "));
-            }
-        },
-    )?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", bench_collectives::format_table(&report));
     }
     Ok(())
 }
@@ -553,75 +347,4 @@ fn print_tableaux(json: bool) -> Result<()> {
     println!("resident/streaming: stage-gradient buffers (of P floats each) live at once when all k_i are kept,");
     println!("or when each b_i·k_i is accumulated at once and k_i freed after its last use (SPEC §6).");
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The arguments `kutta bench --collectives` gives its child jobs parse as a worker.
-    #[test]
-    fn collectives_worker_args_parse() {
-        let opts = CollectivesOptions { config: Some("configs/x.toml".into()), ..Default::default() };
-        let argv = std::iter::once("kutta".to_string()).chain(opts.worker_args(&[Part::Steps, Part::AllReduce]));
-        match Cli::try_parse_from(argv).unwrap().command {
-            Command::Bench { collectives_worker: Some(parts), per_rank_batch, min_seconds, min_reps, config, collectives, .. } => {
-                assert_eq!(parts, ["steps", "allreduce"]);
-                assert_eq!((per_rank_batch, min_seconds, min_reps, collectives), (128, Some(0.5), Some(5), false));
-                assert_eq!(config, Some(PathBuf::from("configs/x.toml")));
-            }
-            _ => panic!("not a worker"),
-        }
-        assert!(Cli::try_parse_from(["kutta", "bench", "--collectives", "--batch-sizes", "4"]).is_err());
-        assert!(Cli::try_parse_from(["kutta", "bench", "--max-ranks", "4"]).is_err());
-    }
-
-    /// `--sweep batch` takes --memory and --out; those need --sweep, and it excludes --collectives.
-    #[test]
-    fn sweep_args_parse() {
-        match Cli::try_parse_from(["kutta", "bench", "--sweep", "batch", "--memory", "1GiB", "--batch-sizes", "8,16", "--out", "x"]).unwrap().command {
-            Command::Bench { sweep, memory, batch_sizes, out, min_reps, .. } => {
-                assert_eq!(sweep.as_deref(), Some("batch"));
-                assert_eq!(memory.as_deref(), Some("1GiB"));
-                assert_eq!(batch_sizes, Some(vec![8, 16]));
-                assert_eq!(out, Some(PathBuf::from("x")));
-                assert_eq!(min_reps, None);
-            }
-            _ => panic!("not a bench"),
-        }
-        assert!(Cli::try_parse_from(["kutta", "bench", "--memory", "1GiB"]).is_err());
-        assert!(Cli::try_parse_from(["kutta", "bench", "--out", "x"]).is_err());
-        assert!(Cli::try_parse_from(["kutta", "bench", "--sweep", "lr"]).is_err());
-        assert!(Cli::try_parse_from(["kutta", "bench", "--sweep", "batch", "--collectives"]).is_err());
-    }
-
-    /// `--kernels` and `--nccl` stand alone; `--set` goes with the bench and the sweep.
-    #[test]
-    fn gpu_check_args_parse() {
-        match Cli::try_parse_from(["kutta", "bench", "--kernels", "--json"]).unwrap().command {
-            Command::Bench { kernels, nccl, json, .. } => assert_eq!((kernels, nccl, json), (true, false, true)),
-            _ => panic!("not a bench"),
-        }
-        assert!(matches!(Cli::try_parse_from(["kutta", "bench", "--nccl"]).unwrap().command, Command::Bench { nccl: true, kernels: false, .. }));
-        assert!(Cli::try_parse_from(["kutta", "bench", "--kernels", "--nccl"]).is_err());
-        assert!(Cli::try_parse_from(["kutta", "bench", "--kernels", "--sweep", "batch"]).is_err());
-        assert!(Cli::try_parse_from(["kutta", "bench", "--nccl", "--collectives"]).is_err());
-        match Cli::try_parse_from(["kutta", "bench", "--sweep", "batch", "--set", "data.dir=d", "--set", "train.device=cuda"]).unwrap().command {
-            Command::Bench { sets, .. } => assert_eq!(sets, ["data.dir=d", "train.device=cuda"]),
-            _ => panic!("not a bench"),
-        }
-        assert!(Cli::try_parse_from(["kutta", "bench", "--collectives", "--set", "x=1"]).is_err());
-        let cfg = bench_base(None, &["data.dir=d".into(), "train.device=cpu".into()]).unwrap();
-        assert_eq!(cfg.data.dir, PathBuf::from("d"));
-        assert!(bench_base(None, &["no.such_key=1".into()]).is_err());
-    }
-
-    /// Without the `cuda` feature both GPU checks are errors that say what is missing.
-    #[cfg(not(feature = "cuda"))]
-    #[test]
-    fn gpu_checks_need_the_cuda_feature() {
-        let e = gpu::bench_kernels(false).unwrap_err().to_string();
-        assert!(e.contains("--kernels") && e.contains("--features cuda"), "{e}");
-        assert_eq!(gpu::bench_nccl(false), 1);
-    }
 }

@@ -247,7 +247,7 @@ fn tableaux_lists_verified_orders() {
 
 #[test]
 fn bench_reports_every_optimizer_and_the_ratio() {
-    let o = kutta(&["bench", "--batch-sizes", "8", "--min-seconds", "0", "--min-reps", "2", "--json"]);
+    let o = kutta(&["bench", "steps", "--batch-sizes", "8", "--min-seconds", "0", "--min-reps", "2", "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let rows = r["rows"].as_array().unwrap();
@@ -258,6 +258,46 @@ fn bench_reports_every_optimizer_and_the_ratio() {
     let rk4 = rows.iter().find(|x| x["optimizer"] == "rk4").unwrap();
     assert_eq!(rk4["grad_evals_per_step"], 4.0);
     assert!(r["rk4_over_sgd"][0][1].as_f64().unwrap() > 0.0);
+}
+
+/// A small model on random images (no data directory): fast benches.
+const TINY: [&str; 4] = ["--set", "model.hidden=[16]", "--set", "data.dir=/nonexistent"];
+
+/// The flags `kutta bench` took before its subcommands still run the step bench, with one note
+/// naming `kutta bench steps`; the reproduce line names the subcommand.
+#[test]
+fn bench_old_flags_still_work_with_a_note() {
+    let o = kutta(&[&["bench", "--batch-sizes", "8", "--min-seconds", "0", "--min-reps", "1"][..], &TINY].concat());
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("note: `kutta bench <flags>` is now `kutta bench steps <flags>`"), "{e}");
+    assert_eq!(e.matches("note:").count(), 1, "{e}");
+    let out = String::from_utf8_lossy(&o.stdout);
+    let reproduce = "reproduce: kutta bench steps --set model.hidden=[16] --set data.dir=/nonexistent --batch-sizes 8 \
+                     --min-seconds 0 --min-reps 1";
+    assert!(out.contains(reproduce), "{out}");
+    assert_eq!(out.matches("rk4+pre+dalr+mom ").count(), 1, "{out}");
+}
+
+/// `kutta bench sweep` writes sweep.csv and sweep.svg and names itself in the reproduce line;
+/// the old `kutta bench --sweep batch` does the same, with a note.
+#[test]
+fn bench_sweep_new_and_old() {
+    let dir = tempfile::tempdir().unwrap();
+    for (form, dir) in [(&["sweep"][..], dir.path().join("new")), (&["--sweep", "batch"][..], dir.path().join("old"))] {
+        let args = ["--memory", "1GiB", "--batch-sizes", "8,16", "--min-seconds", "0", "--min-reps", "1"];
+        let o = kutta(&[&["bench"][..], form, &args, &["--out", dir.to_str().unwrap()], &TINY].concat());
+        let e = stderr(&o);
+        assert!(o.status.success(), "{e}");
+        assert_eq!(e.contains("note: `kutta bench --sweep batch` is now `kutta bench sweep`"), form.len() == 2, "{e}");
+        let out = String::from_utf8_lossy(&o.stdout);
+        let reproduce = "reproduce: kutta bench sweep --memory 1GiB --batch-sizes 8,16 --min-seconds 0 --min-reps 1 \
+                         --set model.hidden=[16] --set data.dir=/nonexistent";
+        assert!(out.contains(reproduce), "{out}");
+        let csv = std::fs::read_to_string(dir.join("sweep.csv")).unwrap();
+        assert_eq!(csv.lines().count(), 3, "{csv}");
+        assert!(std::fs::read_to_string(dir.join("sweep.svg")).unwrap().starts_with("<svg"));
+    }
 }
 
 fn theta(dir: &Path) -> Vec<f32> {

@@ -85,13 +85,13 @@ fn resnet18_trains_on_real_images_and_matches_torchvision() {
     assert!(check.status.success(), "torchvision disagrees: {report}{}", String::from_utf8_lossy(&check.stderr));
 }
 
-/// `kutta bench --config` times the ResNet's steps too: on CIFAR-shaped random images when the
+/// `kutta bench steps --config` times the ResNet's steps too: on CIFAR-shaped random images when the
 /// CIFAR files are absent (as here), and a batch that is not whole batch-norm groups is an error.
 #[test]
 fn bench_times_the_resnet_config() {
     let bench = |extra: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_kutta"))
-            .args(["bench", "--config", &repo_path("configs/cifar10_resnet18.toml"), "--set", "model.width=2"])
+            .args(["bench", "steps", "--config", &repo_path("configs/cifar10_resnet18.toml"), "--set", "model.width=2"])
             .args(["--set", "data.dir=/nonexistent", "--min-seconds", "0", "--min-reps", "1", "--json"])
             .args(extra)
             .output()

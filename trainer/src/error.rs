@@ -75,10 +75,6 @@ pub enum Error {
     #[error("run folder {}: {msg}", path.display())]
     RunFolder { path: PathBuf, msg: String },
 
-    /// Being replaced by the variants above (issue 13); not for new code.
-    #[error("{0}")]
-    Other(String),
-
     /// An error with what was being done when it happened (`Error::context`).
     #[error("{context}: {inner}")]
     Context { context: String, inner: Box<Error> },

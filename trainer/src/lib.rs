@@ -32,7 +32,4 @@ pub mod distributed;
 pub mod memory;
 pub mod planner;
 pub mod train;
-pub mod bench;
-pub mod bench_collectives;
-pub mod bench_sweep;
 pub mod kernels;

@@ -6,7 +6,7 @@
 //!   prints `SKIPPED: kernel tests need --features cuda and a GPU` and passes; with the feature
 //!   but no usable device (the driver reports an error, or cudarc cannot load libcuda) it prints
 //!   `SKIPPED: …` with the reason and passes. Where it runs, it runs `optim::gpu::check::run` (the
-//!   same checks as `kutta bench --kernels`): every kernel on random inputs of many lengths (0, 1,
+//!   same checks as `kutta bench kernels`): every kernel on random inputs of many lengths (0, 1,
 //!   odd, not a multiple of 4, large), on 16-byte aligned buffers (the float4 path) and on views
 //!   at an odd offset (the scalar path), with and without D, momentum and the error accumulator:
 //!   elementwise results to a max-norm relative error of 1e-6 (they are in fact expected to be
@@ -14,7 +14,7 @@
 //!   counts exactly, bad arguments refused; then whole RK trajectories of the solver on the GPU
 //!   back end against the host solver (`optim::gpu::check::SOLVER_TOL`).
 //!
-//! Bandwidth is measured, not tested: `kutta bench --kernels` prints each kernel's achieved
+//! Bandwidth is measured, not tested: `kutta bench kernels` prints each kernel's achieved
 //! bandwidth next to the device's copy bandwidth.
 
 use kutta_trainer::kernels::reference as r;
@@ -115,7 +115,7 @@ mod gpu {
         }
     }
 
-    /// `optim::gpu::check::run` (the checks `kutta bench --kernels` runs too): every check passes.
+    /// `optim::gpu::check::run` (the checks `kutta bench kernels` runs too): every check passes.
     #[test]
     fn gpu_kernels_match_references() {
         let Some(k) = kernels_or_skip() else { return };

@@ -1,4 +1,4 @@
-//! `kutta bench --collectives`: what data parallelism costs on this machine, measured through the
+//! `kutta bench collectives`: what data parallelism costs on this machine, measured through the
 //! same `mpirun` path and the same `Communicator` the trainer uses.
 //!
 //! 1. All-reduce latency and bandwidth against buffer size (f32 sums of 4 B … 64 MiB) on every
@@ -15,9 +15,9 @@
 //!    step spent there — waiting for the slower rank included.
 //!
 //! The user's process is the driver (`run`): it never joins an MPI world itself; it starts child
-//! jobs (`mpirun -np N kutta bench --collectives-worker …`, built by the binary, which owns
-//! `mpirun`), in the order 1, 2, …, max and back again (steps only on the way back), so a slow
-//! drift of the machine's speed falls on every rank count alike. Each job's rank 0 prints one
+//! jobs (`mpirun -np N kutta bench collectives --worker …`, through the binary's
+//! `mpirun_command`), in the order 1, 2, …, max and back again (steps only on the way back), so a
+//! slow drift of the machine's speed falls on every rank count alike. Each job's rank 0 prints one
 //! JSON line (`WorkerReport`) on stdout; `run` pools the step times of both jobs of a rank count
 //! and builds a `CollectivesReport`.
 //!
@@ -27,18 +27,20 @@
 //! `OMP_NUM_THREADS`, for any BLAS) to 1 in the children, and each rank reports what candle
 //! actually uses.
 
-use crate::bench::{bench_data, machine_description, median};
-use crate::config::Config;
-use crate::data::sampler::BatchSampler;
-use crate::distributed::ShardedField;
-use crate::error::{Error, Result};
-use crate::field::VectorField;
-use crate::model::{self, ModelField};
-use crate::train::{build_model, build_optimizer};
+use super::steps::{bench_data, machine_description, median, variant_config};
+use super::CollectivesArgs;
+use anyhow::{anyhow, Context, Result};
+use kutta_trainer::config::Config;
+use kutta_trainer::data::sampler::BatchSampler;
+use kutta_trainer::distributed::ShardedField;
+use kutta_trainer::field::VectorField;
+use kutta_trainer::model::{self, ModelField};
+use kutta_trainer::train::{build_model, build_optimizer};
 use kutta_collectives::Communicator;
 use serde::{Deserialize, Serialize};
 use std::cell::Cell;
 use std::path::PathBuf;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 /// All-reduce buffer sizes in bytes (f32 buffers of a quarter as many elements).
@@ -61,7 +63,17 @@ pub const STEP_SECONDS_FACTOR: f64 = 4.0;
 /// The seconds a collective may wait in a child job before its watchdog ends the job.
 pub const WORKER_COLLECTIVE_TIMEOUT_S: f64 = 300.0;
 
-/// What the user asked for (`kutta bench --collectives …`).
+/// The default `--max-ranks`.
+pub const MAX_RANKS: usize = 2;
+/// The default `--per-rank-batch`.
+pub const PER_RANK_BATCH: usize = 128;
+/// The default `--min-seconds` here: seconds per all-reduce size (each job's steps get
+/// `STEP_SECONDS_FACTOR` times this), not per optimizer and batch size as in `steps` and `sweep`.
+pub const MIN_SECONDS_PER_SIZE: f64 = 0.5;
+/// The default `--min-reps`.
+pub const MIN_REPS: usize = 5;
+
+/// What the user asked for (`kutta bench collectives …`).
 #[derive(Clone, Debug)]
 pub struct CollectivesOptions {
     /// Rank counts 1, 2, 4, … up to this (and this itself).
@@ -79,7 +91,14 @@ pub struct CollectivesOptions {
 
 impl Default for CollectivesOptions {
     fn default() -> Self {
-        Self { max_ranks: 2, per_rank_batch: 128, min_seconds: 0.5, min_reps: 5, config: None, mpirun: "mpirun".into() }
+        Self {
+            max_ranks: MAX_RANKS,
+            per_rank_batch: PER_RANK_BATCH,
+            min_seconds: MIN_SECONDS_PER_SIZE,
+            min_reps: MIN_REPS,
+            config: None,
+            mpirun: "mpirun".into(),
+        }
     }
 }
 
@@ -135,7 +154,8 @@ impl CollectivesOptions {
     pub fn worker_args(&self, parts: &[Part]) -> Vec<String> {
         let mut a = vec![
             "bench".to_string(),
-            "--collectives-worker".into(),
+            "collectives".into(),
+            "--worker".into(),
             parts.iter().map(|p| p.name()).collect::<Vec<_>>().join(","),
             "--per-rank-batch".into(),
             self.per_rank_batch.to_string(),
@@ -154,7 +174,7 @@ impl CollectivesOptions {
     /// The command that reproduces this run.
     pub fn command_line(&self) -> String {
         let mut s = format!(
-            "kutta bench --collectives --max-ranks {} --per-rank-batch {} --min-seconds {} --min-reps {}",
+            "kutta bench collectives --max-ranks {} --per-rank-batch {} --min-seconds {} --min-reps {}",
             self.max_ranks, self.per_rank_batch, self.min_seconds, self.min_reps
         );
         if let Some(c) = &self.config {
@@ -167,7 +187,7 @@ impl CollectivesOptions {
     }
 
     fn validate(&self) -> Result<()> {
-        let bad = |msg: &str| Err(Error::Other(msg.to_string()));
+        let bad = |msg: &str| Err(anyhow!("{msg}"));
         if self.max_ranks == 0 {
             return bad("--max-ranks must be at least 1");
         }
@@ -278,9 +298,9 @@ impl Default for WorkerOptions {
     fn default() -> Self {
         Self {
             parts: vec![Part::Steps, Part::AllReduce],
-            per_rank_batch: 128,
-            min_seconds: 0.5,
-            min_reps: 5,
+            per_rank_batch: PER_RANK_BATCH,
+            min_seconds: MIN_SECONDS_PER_SIZE,
+            min_reps: MIN_REPS,
             config: None,
             sizes: ALLREDUCE_BYTES.to_vec(),
         }
@@ -394,12 +414,12 @@ fn time_all_reduce(comm: &TimedComm, opts: &WorkerOptions) -> Result<Vec<AllRedu
 
 /// The rk4 variant of the step bench, with the global batch of this job.
 fn rk4_config(base: &Config, global_batch: usize) -> Result<Config> {
-    crate::bench::variant_config(base, "rk4", global_batch)
+    variant_config(base, "rk4", global_batch)
 }
 
 fn load_base(config: &Option<PathBuf>) -> Result<Config> {
     match config {
-        Some(p) => Config::load(p, &[]),
+        Some(p) => Ok(Config::load(p, &[])?),
         None => Ok(Config::default()),
     }
 }
@@ -525,13 +545,14 @@ pub fn run(
         jobs.push(format!("mpirun -np {ranks} kutta {}", args.join(" ")));
         let stdout = job(ranks, &args)?;
         let r = parse_worker_output(&stdout).ok_or_else(|| {
-            Error::Other(format!("the {ranks}-rank job printed no result line on stdout (it printed {} bytes)", stdout.len()))
+            anyhow!("the {ranks}-rank job printed no result line on stdout (it printed {} bytes)", stdout.len())
         })?;
         if r.ranks != ranks {
-            return Err(Error::Other(format!(
+            anyhow::bail!(
                 "the job started with {ranks} ranks ran as {} rank(s): is this kutta linked against the MPI of `{}`?",
-                r.ranks, opts.mpirun
-            )));
+                r.ranks,
+                opts.mpirun
+            );
         }
         reports.push(r);
     }
@@ -539,7 +560,7 @@ pub fn run(
 }
 
 fn combine(opts: &CollectivesOptions, mpi: &str, cores: usize, reports: Vec<WorkerReport>, jobs: Vec<String>) -> Result<CollectivesReport> {
-    let first_steps = reports.iter().find_map(|r| r.steps.as_ref()).ok_or_else(|| Error::Other("no job timed any steps".into()))?;
+    let first_steps = reports.iter().find_map(|r| r.steps.as_ref()).ok_or_else(|| anyhow!("no job timed any steps"))?;
     let mut notes = Vec::new();
     let mut weak: Vec<WeakScalingRow> = Vec::new();
     for ranks in opts.rank_counts() {
@@ -666,6 +687,74 @@ pub fn format_table(r: &CollectivesReport) -> String {
     s
 }
 
+/// `kutta bench collectives`: run the child jobs through the binary's `mpirun_command` and print
+/// the table (or JSON).
+pub fn main(args: &CollectivesArgs) -> Result<()> {
+    if !cfg!(feature = "mpi") {
+        anyhow::bail!(
+            "kutta bench collectives runs MPI jobs, but this kutta was built without the `mpi` feature: \
+             cargo build --release --features mpi (needs libopenmpi-dev and libclang-dev)"
+        );
+    }
+    let opts = CollectivesOptions {
+        max_ranks: args.max_ranks,
+        per_rank_batch: args.per_rank_batch,
+        min_seconds: args.min_seconds,
+        min_reps: args.min_reps,
+        config: args.config.clone(),
+        mpirun: args.mpirun.clone(),
+    };
+    let json = args.json;
+    let mpirun = opts.mpirun.as_str();
+    let version = std::process::Command::new(mpirun)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| crate::cannot_start(mpirun))?;
+    let mpi = String::from_utf8_lossy(&version.stdout).lines().next().unwrap_or(mpirun).trim().to_string();
+    let report = run(
+        &opts,
+        &mpi,
+        |nproc, args| {
+            let mut cmd = crate::mpirun_command(nproc, mpirun, args)?;
+            cmd.envs(CHILD_ENV).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+            let out = cmd.output().with_context(|| crate::cannot_start(mpirun))?;
+            if !out.status.success() {
+                anyhow::bail!("the {nproc}-rank job failed ({}); its ranks' messages are above", out.status);
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        },
+        |nproc, parts| {
+            if !json {
+                let parts: Vec<&str> = parts.iter().map(|p| p.name()).collect();
+                eprintln!("  job: {nproc} rank(s), timing {}", parts.join(" + "));
+            }
+        },
+    )?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", format_table(&report));
+    }
+    Ok(())
+}
+
+/// One rank of a `kutta bench collectives --worker PARTS` child job: join the job's world, time,
+/// and print rank 0's `WorkerReport` as one JSON line on stdout; returns the exit status. Failure
+/// ends the whole job, as in training.
+pub fn worker_main(args: &CollectivesArgs) -> i32 {
+    let opts = WorkerOptions {
+        parts: args.worker.iter().flatten().filter_map(|p| Part::parse(p)).collect(),
+        per_rank_batch: args.per_rank_batch,
+        min_seconds: args.min_seconds,
+        min_reps: args.min_reps,
+        config: args.config.clone(),
+        ..Default::default()
+    };
+    let timeout = Duration::from_secs_f64(WORKER_COLLECTIVE_TIMEOUT_S);
+    crate::on_every_rank(Some(timeout), TimedComm::new, |comm| worker(comm, &opts), serde_json::to_string, |_| 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -702,7 +791,8 @@ mod tests {
         assert_eq!(o(2).schedule()[1].1, vec![Part::Steps, Part::AllReduce]);
         assert_eq!(o(1).schedule(), vec![(1, vec![Part::Steps])]);
         let args = o(2).worker_args(&[Part::Steps, Part::AllReduce]);
-        assert_eq!(args[..3], ["bench", "--collectives-worker", "steps,allreduce"]);
+        assert_eq!(args[..4], ["bench", "collectives", "--worker", "steps,allreduce"]);
+        assert!(o(2).command_line().starts_with("kutta bench collectives --max-ranks 2 "));
         for p in Part::NAMES {
             assert_eq!(Part::parse(p).map(Part::name), Some(p));
         }

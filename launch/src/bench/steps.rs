@@ -1,14 +1,23 @@
-//! `kutta bench`: median wall-clock time of one optimizer step and of one gradient evaluation
+//! `kutta bench steps`: median wall-clock time of one optimizer step and of one gradient evaluation
 //! for sgd, adam, rk4 and rk4 with all three of the paper's modifications, on the MLP, at several
-//! batch sizes — all measured in one run, so the ratios compare like with like.
+//! batch sizes — all measured in one run, so the ratios compare like with like. `kutta bench` with
+//! no subcommand runs this bench too.
 
-use crate::config::Config;
-use crate::data::{sampler::BatchSampler, Dataset};
-use crate::error::Result;
-use crate::model::{self, ModelField};
-use crate::train::{build_model, build_optimizer_on, load_data, solver_kernels};
+use super::StepsArgs;
+use anyhow::{anyhow, Result};
+use kutta_trainer::config::Config;
+use kutta_trainer::data::{sampler::BatchSampler, Dataset};
+use kutta_trainer::model::{self, ModelField};
+use kutta_trainer::kernels::SolverKernels;
+use kutta_trainer::train::{build_model, build_optimizer_on, load_data, solver_kernels};
+use kutta_trainer::Error;
 use serde::Serialize;
 use std::time::Instant;
+
+/// The default `--batch-sizes` (`BenchOptions::default`'s).
+pub const BATCH_SIZES: &str = "16,128,1024,8192";
+/// The default `--min-reps`.
+pub const MIN_REPS: usize = 5;
 
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
@@ -25,7 +34,13 @@ pub struct BenchOptions {
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        Self { batch_sizes: vec![16, 128, 1024, 8192], min_seconds: 1.0, min_reps: 5, max_reps: 200, base: Config::default() }
+        Self {
+            batch_sizes: vec![16, 128, 1024, 8192],
+            min_seconds: super::MIN_SECONDS,
+            min_reps: MIN_REPS,
+            max_reps: 200,
+            base: Config::default(),
+        }
     }
 }
 
@@ -56,11 +71,11 @@ pub fn variant_config(base: &Config, label: &str, batch_size: usize) -> Result<C
     let (_, sets) = variants()
         .into_iter()
         .find(|(l, _)| *l == label)
-        .ok_or_else(|| crate::error::Error::Other(format!("bench: no optimizer variant {label:?}")))?;
+        .ok_or_else(|| anyhow!("bench: no optimizer variant {label:?}"))?;
     let mut fresh = base.clone();
     fresh.optimizer = Default::default();
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).chain([format!("train.batch_size={batch_size}")]).collect();
-    Config::from_toml_str(&fresh.to_toml(), &sets)
+    Ok(Config::from_toml_str(&fresh.to_toml(), &sets)?)
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -95,7 +110,7 @@ pub fn median(xs: &mut [f64]) -> f64 {
 
 /// Real training images when the data directory is readable, random ones of the format's shape
 /// otherwise (step time does not depend on pixel values; CIFAR cannot be downloaded everywhere).
-pub(crate) fn bench_data(base: &Config) -> (Dataset, String) {
+pub fn bench_data(base: &Config) -> (Dataset, String) {
     match load_data(base) {
         Ok((train, _)) => (train, format!("{:?} from {}", base.data.format, base.data.dir.display())),
         Err(e) => {
@@ -123,16 +138,17 @@ pub fn run(opts: &BenchOptions, mut on_row: impl FnMut(&BenchRow)) -> Result<Ben
     let (data, data_desc) = bench_data(&opts.base);
     let model = build_model(&opts.base, &data)?;
     // train.device of the base config: the GPU when there is one (`auto`), as in training.
-    let device = crate::device::for_config(&opts.base)?;
+    let device = kutta_trainer::device::for_config(&opts.base)?;
     // On a GPU the RK variants run the GPU solver (as training does); the baselines stay on the host.
     let (kernels, _) = solver_kernels(&opts.base, &device, false)?;
     let theta0 = model::init_params(model.as_ref(), 0);
     let group = model.batch_multiple();
     if let Some(bs) = opts.batch_sizes.iter().find(|&&bs| bs % group != 0) {
-        return Err(crate::error::Error::config(
+        return Err(Error::config(
             "--batch-sizes",
             format!("{bs} is not a multiple of model.bn_group = {group} (batch norm's ghost batch); pass batch sizes that are, or --set model.bn_group=N"),
-        ));
+        )
+        .into());
     }
     let variants = variants();
     let mut rows = Vec::new();
@@ -179,7 +195,7 @@ pub fn run(opts: &BenchOptions, mut on_row: impl FnMut(&BenchRow)) -> Result<Ben
 }
 
 /// Step times of optimizers timed side by side.
-pub(crate) struct Timed {
+pub struct Timed {
     pub step_ms: Vec<f64>,
     pub eval_ms: Vec<f64>,
     pub evals: u64,
@@ -189,8 +205,8 @@ pub(crate) struct Timed {
 /// rotating order, so drift in the machine's speed falls on all alike. Round 0 is warm-up
 /// (allocation, caches, DALR's first-step probe) and is not timed; `stop(timed rounds, seconds
 /// since warm-up)` ends the loop. Gathering each batch is outside the timed steps, as in training.
-pub(crate) fn time_interleaved(
-    optimizers: Vec<Box<dyn crate::optim::Optimizer<f32>>>,
+pub fn time_interleaved(
+    optimizers: Vec<Box<dyn kutta_trainer::optim::Optimizer<f32>>>,
     theta0: &[f32],
     field: &mut ModelField<'_>,
     samples: usize,
@@ -232,13 +248,13 @@ pub(crate) fn time_interleaved(
 /// The machine line of a benchmark report: the CPU, where the model runs and where each
 /// optimizer's buffer arithmetic runs. On a GPU only the RK solver has kernels; sgd and adam
 /// download each gradient and upload θ, which their step times include.
-pub fn placement(device: &candle_core::Device, kernels: &crate::kernels::SolverKernels) -> String {
+pub fn placement(device: &candle_core::Device, kernels: &SolverKernels) -> String {
     let arith = match (device.is_cpu(), kernels.is_some()) {
         (true, _) => "",
         (false, true) => ", RK solver on the GPU, sgd/adam arithmetic on the host",
         (false, false) => ", optimizer arithmetic on the host",
     };
-    format!("{}, model on {}{arith}", machine_description(), crate::device::describe(device))
+    format!("{}, model on {}{arith}", machine_description(), kutta_trainer::device::describe(device))
 }
 
 /// CPU model name from /proc/cpuinfo (Linux), or the architecture.
@@ -265,6 +281,34 @@ pub fn format_table(report: &BenchReport) -> String {
         s += &format!("  batch {bs:>6}: {ratio:.2}\n");
     }
     s
+}
+
+/// `kutta bench steps`: time, then print the table and the line that reproduces the run (or JSON).
+pub fn main(args: &StepsArgs) -> Result<()> {
+    let StepsArgs { batch_sizes, min_seconds, min_reps, model, json } = args;
+    let base = model.base()?;
+    if batch_sizes.contains(&0) {
+        anyhow::bail!("--batch-sizes: batch sizes must be positive");
+    }
+    let (min_seconds, min_reps) = (*min_seconds, *min_reps);
+    let opts = BenchOptions { batch_sizes: batch_sizes.clone(), min_seconds, min_reps, base, ..Default::default() };
+    let report = run(&opts, |r| {
+        if !json {
+            let (opt, bs, ms) = (&r.optimizer, r.batch_size, r.median_step_ms);
+            eprintln!("  {opt:<18} batch {bs:>6}: {ms:>10.3} ms/step ({} steps)", r.reps);
+        }
+    })?;
+    if *json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{}", format_table(&report));
+        println!(
+            "reproduce: kutta bench steps{} --batch-sizes {} --min-seconds {min_seconds} --min-reps {min_reps}",
+            model.reproduce_args(),
+            opts.batch_sizes.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",")
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! `kutta bench --sweep batch`: sgd, adam and rk4 step times against the batch size, each batch
+//! `kutta bench sweep`: sgd, adam and rk4 step times against the batch size, each batch
 //! size run the way the memory planner lays it out under a budget (micro-batches, stage-buffer
 //! policy, activation recomputation), with the planner's predicted peak next to the measured one.
 //! The sweep is one process, so it plans for a world of one rank: sharding the optimizer has
@@ -13,17 +13,27 @@
 //! so drift in the machine's speed falls on all three alike. Outputs: a table, `sweep.csv` and
 //! `sweep.svg` (step time against batch size, both axes logarithmic).
 
-use crate::bench::{bench_data, median, placement, time_interleaved};
-use crate::config::Config;
-use crate::data::Dataset;
-use crate::error::{Error, Result};
-use crate::memory;
-use crate::model::{self, ModelField};
-use crate::planner::{self, Plan};
-use crate::train::{build_model, build_optimizer_on, solver_kernels};
+use kutta_trainer::memory::mib;
+use super::SweepArgs;
+use super::steps::{bench_data, median, placement, time_interleaved, variant_config};
+use anyhow::{anyhow, Context, Result};
+use kutta_trainer::config::Config;
+use kutta_trainer::data::Dataset;
+use kutta_trainer::memory;
+use kutta_trainer::model::{self, ModelField};
+use kutta_trainer::planner::{self, Plan};
+use kutta_trainer::train::{build_model, build_optimizer_on, solver_kernels};
+use kutta_trainer::Error;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
+
+/// The default `--batch-sizes` (`SweepOptions::default`'s).
+pub const BATCH_SIZES: &str = "16,128,1024,8192,60000";
+/// The default `--memory` (`SweepOptions::default`'s budget).
+pub const MEMORY: &str = "2GiB";
+/// The default `--min-reps`.
+pub const MIN_REPS: usize = 3;
 
 /// The goal for rk4 / (4 × sgd) at every batch size.
 pub const GOAL: f64 = 1.10;
@@ -51,8 +61,8 @@ impl Default for SweepOptions {
         Self {
             batch_sizes: vec![16, 128, 1024, 8192, 60000],
             budget: 2 << 30,
-            min_seconds: 2.0,
-            min_reps: 3,
+            min_seconds: super::MIN_SECONDS,
+            min_reps: MIN_REPS,
             max_reps: 1000,
             base: Config::default(),
         }
@@ -109,21 +119,17 @@ pub fn rk4_over_4sgd(rk4_ms: f64, sgd_ms: f64) -> f64 {
     rk4_ms / (4.0 * sgd_ms)
 }
 
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1u64 << 20) as f64
-}
-
 
 /// The planner's plan for `cfg` on one process. Where the config's data directory is unreadable
 /// (the bench then times random images), the plan is made for the data set actually in memory.
 fn plan_for(cfg: &Config, budget: u64, data: &Dataset) -> Result<Plan> {
     if planner::read_data_sizes(&cfg.data).is_ok() {
-        return planner::plan_config(cfg, 1, budget);
+        return Ok(planner::plan_config(cfg, 1, budget)?);
     }
     let model = build_model(cfg, data)?;
     let fixed = data.resident_bytes() + planner::RUNTIME_BASELINE_BYTES;
     let input = planner::PlanInput::from_config(cfg, 1, budget, fixed, model.as_ref(), data.image_shape, data.num_classes)?;
-    planner::plan(&input)
+    Ok(planner::plan(&input)?)
 }
 
 /// What the sweep runs at one batch size: each optimizer's config with its plan applied, and the
@@ -141,8 +147,8 @@ fn plan_size(base: &Config, budget: u64, bs: usize, data: &Dataset) -> Result<Si
     let mut configs = Vec::new();
     let mut chosen = Vec::new();
     for label in OPTIMIZERS {
-        let cfg = crate::bench::variant_config(base, label, bs)?;
-        let plan = plan_for(&cfg, budget, data).map_err(|e| Error::Other(format!("batch {bs}, {label}: {e}")))?;
+        let cfg = variant_config(base, label, bs)?;
+        let plan = plan_for(&cfg, budget, data).with_context(|| format!("batch {bs}, {label}"))?;
         configs.push(Config::from_toml_str(&cfg.to_toml(), &plan.overrides)?);
         chosen.push(plan.chosen);
     }
@@ -166,12 +172,12 @@ fn plan_size(base: &Config, budget: u64, bs: usize, data: &Dataset) -> Result<Si
 /// sgd, adam and rk4 at each. `on_progress` gets one line per event (planned, timed).
 pub fn run(opts: &SweepOptions, mut on_progress: impl FnMut(&str)) -> Result<SweepReport> {
     if opts.batch_sizes.is_empty() || opts.batch_sizes.contains(&0) {
-        return Err(Error::config("--batch-sizes", "give one or more positive batch sizes"));
+        return Err(Error::config("--batch-sizes", "give one or more positive batch sizes").into());
     }
     let (data, data_desc) = bench_data(&opts.base);
     let model = build_model(&opts.base, &data)?;
     // train.device of the base config: the GPU when there is one (`auto`), as in training.
-    let device = crate::device::for_config(&opts.base)?;
+    let device = kutta_trainer::device::for_config(&opts.base)?;
     // On a GPU rk4 runs the GPU solver (as training does); sgd and adam stay on the host.
     let (kernels, _) = solver_kernels(&opts.base, &device, false)?;
     let theta0 = model::init_params(model.as_ref(), 0);
@@ -194,7 +200,7 @@ pub fn run(opts: &SweepOptions, mut on_progress: impl FnMut(&str)) -> Result<Swe
     for (&bs, plan) in opts.batch_sizes.iter().zip(&plans) {
         // The previous size's optimizers and batch are dropped: its peak must not count here.
         let peak_reset = memory::reset_peak();
-        let optimizers = plan.configs.iter().map(|c| build_optimizer_on(c, &kernels)).collect::<Result<Vec<_>>>()?;
+        let optimizers = plan.configs.iter().map(|c| build_optimizer_on(c, &kernels)).collect::<Result<Vec<_>, _>>()?;
         let mut field = ModelField::new(model.as_ref(), &data);
         field.set_device(device.clone());
         field.use_solver_kernels(&kernels);
@@ -323,9 +329,9 @@ pub fn to_csv(report: &SweepReport) -> String {
 /// and rk4, with 4 × sgd dashed as rk4's floor.
 pub fn render_svg(report: &SweepReport, path: &Path) -> Result<()> {
     use plotters::prelude::*;
-    let err = |e: &dyn std::fmt::Display| Error::Other(format!("plot {}: {e}", path.display()));
+    let err = |e: &dyn std::fmt::Display| anyhow!("plot {}: {e}", path.display());
     if report.rows.is_empty() {
-        return Err(Error::Other("plot: no rows".into()));
+        anyhow::bail!("plot: no rows");
     }
     // Log axes need positive values; a 0 ms median would only come from a broken clock.
     let pos = |v: f64| if v > 0.0 && v.is_finite() { v } else { 1e-6 };
@@ -409,6 +415,43 @@ pub fn default_out_dir() -> PathBuf {
     PathBuf::from("runs").join(format!("bench-sweep-{t}"))
 }
 
+/// `kutta bench sweep`: plan, time, print the table (or JSON), write sweep.csv and sweep.svg.
+pub fn main(args: &SweepArgs) -> Result<()> {
+    let SweepArgs { batch_sizes, memory, out, min_seconds, min_reps, model, json } = args;
+    let ok = !batch_sizes.is_empty() && !batch_sizes.contains(&0);
+    anyhow::ensure!(ok, "--batch-sizes: batch sizes must be positive");
+    let opts = SweepOptions {
+        batch_sizes: batch_sizes.clone(),
+        budget: planner::parse_bytes(memory)?,
+        min_seconds: *min_seconds,
+        min_reps: *min_reps,
+        base: model.base()?,
+        ..Default::default()
+    };
+    let out = out.clone().unwrap_or_else(default_out_dir);
+    let mut report = run(&opts, |line| {
+        if !json {
+            eprintln!("  {line}");
+        }
+    })?;
+    let sizes: Vec<String> = opts.batch_sizes.iter().map(|b| b.to_string()).collect();
+    report.command = format!(
+        "kutta bench sweep --memory {memory} --batch-sizes {} --min-seconds {} --min-reps {}{}",
+        sizes.join(","),
+        opts.min_seconds,
+        opts.min_reps,
+        model.reproduce_args()
+    );
+    write_outputs(&mut report, &out)?;
+    if *json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", format_table(&report));
+        println!("wrote {} and {}", out.join("sweep.csv").display(), out.join("sweep.svg").display());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -442,7 +485,7 @@ mod tests {
             budget_bytes: 2 << 30,
             goal: GOAL,
             rows,
-            command: "kutta bench --sweep batch".into(),
+            command: "kutta bench sweep".into(),
             csv: None,
             svg: None,
         }
@@ -466,7 +509,7 @@ mod tests {
         assert!(table.contains("1.050") && table.contains("1.250"), "{table}");
         assert!(table.contains("≤1.10") && table.contains(" yes ") && table.contains(" NO "), "{table}");
         assert!(table.contains("1 of 2 rows meet it"), "{table}");
-        assert!(table.contains("reproduce: kutta bench --sweep batch"), "{table}");
+        assert!(table.contains("reproduce: kutta bench sweep"), "{table}");
     }
 
     #[test]

@@ -1,12 +1,12 @@
-//! `kutta bench --kernels` and `kutta bench --nccl`: the GPU self-checks, in the `kutta` binary
+//! `kutta bench kernels` and `kutta bench nccl`: the GPU self-checks, in the `kutta` binary
 //! itself so that one binary is all a GPU machine needs (`scripts/gpu-check run` carries only it
 //! and the data set; the test binaries each link candle and are far larger).
 //!
-//! - `--kernels`: the RK kernels against their CPU references (`kernels::check::run`, the same
+//! - `kernels`: the RK kernels against their CPU references (`optim::gpu::check::run`, the same
 //!   function `trainer/tests/kernels.rs` calls), then each kernel's bandwidth against a
 //!   device-to-device copy (`RkKernels::bandwidth`, goal ≥ 80 % of the copy's).
 //!   Exit status 1 when a check fails; kernels below the bandwidth goal are listed, not an error.
-//! - `--nccl`: an `NcclComm` over the launched world (one process: a world of one over
+//! - `nccl`: an `NcclComm` over the launched world (one process: a world of one over
 //!   `SingleProcess`; under mpirun every rank, one GPU each) running `nccl::self_check` (the same
 //!   function `collectives/examples/nccl_smoke.rs` calls): every collective checked, then the bus
 //!   bandwidth of 256 MiB all-reduces.
@@ -20,12 +20,12 @@ use anyhow::Result;
 #[cfg(not(feature = "cuda"))]
 const NEEDS_CUDA: &str = "needs a kutta built with --features cuda (and a GPU): source the env file of scripts/cuda-toolchain, then cargo build --release --features cuda,mpi (README, GPU)";
 
-/// `kutta bench --kernels [--json]`.
+/// `kutta bench kernels [--json]`.
 pub fn bench_kernels(json: bool) -> Result<()> {
     #[cfg(not(feature = "cuda"))]
     {
         let _ = json;
-        anyhow::bail!("kutta bench --kernels {NEEDS_CUDA}")
+        anyhow::bail!("kutta bench kernels {NEEDS_CUDA}")
     }
     #[cfg(feature = "cuda")]
     {
@@ -33,12 +33,12 @@ pub fn bench_kernels(json: bool) -> Result<()> {
     }
 }
 
-/// `kutta bench --nccl [--json]` on this rank; returns the exit status.
+/// `kutta bench nccl [--json]` on this rank; returns the exit status.
 pub fn bench_nccl(json: bool) -> i32 {
     #[cfg(not(feature = "cuda"))]
     {
         let _ = json;
-        eprintln!("error: kutta bench --nccl {NEEDS_CUDA}");
+        eprintln!("error: kutta bench nccl {NEEDS_CUDA}");
         1
     }
     #[cfg(feature = "cuda")]
@@ -60,17 +60,17 @@ mod cuda {
     pub const BANDWIDTH_FLOATS: usize = 64 << 20;
     /// Timed runs per kernel (median).
     pub const BANDWIDTH_REPS: usize = 20;
-    /// The timed all-reduce of `--nccl`: MiB and calls.
+    /// The timed all-reduce of `nccl`: MiB and calls.
     pub const NCCL_MIB: usize = 256;
     pub const NCCL_ITERS: usize = 20;
-    /// `--nccl`: a collective waiting longer than this aborts the job.
+    /// `nccl`: a collective waiting longer than this aborts the job.
     pub const NCCL_TIMEOUT_S: u64 = 60;
 
     pub fn bench_kernels(json: bool) -> Result<()> {
         let count = kutta_trainer::device::cuda_device_count();
-        anyhow::ensure!(count > 0, "kutta bench --kernels: no CUDA device answers (is the NVIDIA driver loaded? CUDA_VISIBLE_DEVICES?)");
+        anyhow::ensure!(count > 0, "kutta bench kernels: no CUDA device answers (is the NVIDIA driver loaded? CUDA_VISIBLE_DEVICES?)");
         let ordinal = kutta_trainer::device::gpu_ordinal(None, rendezvous::local_rank().unwrap_or(0), count);
-        let k = check::open(ordinal).map_err(|e| anyhow::anyhow!("kutta bench --kernels: cannot open GPU {ordinal}: {e}"))?;
+        let k = check::open(ordinal).map_err(|e| anyhow::anyhow!("kutta bench kernels: cannot open GPU {ordinal}: {e}"))?;
         if !json {
             eprintln!("checking the RK kernels against their CPU references on GPU {ordinal} ...");
         }
@@ -141,7 +141,7 @@ mod cuda {
         let comm = match rendezvous::connect_nccl(timeout) {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("error: kutta bench --nccl: {e}");
+                eprintln!("error: kutta bench nccl: {e}");
                 return 1;
             }
         };

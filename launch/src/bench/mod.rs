@@ -1,0 +1,476 @@
+//! `kutta bench`: the benchmarks, one subcommand each.
+//!
+//! - `steps` (`steps.rs`, also plain `kutta bench`): sgd, adam, rk4 and rk4 with all three
+//!   modifications timed side by side at several batch sizes.
+//! - `sweep` (`sweep.rs`): sgd, adam and rk4 against the batch size under a memory plan, with
+//!   sweep.csv and sweep.svg.
+//! - `collectives` (`collectives.rs`): all-reduce bandwidth and the weak scaling of rk4 steps over
+//!   MPI ranks, through child `mpirun` jobs (which run `kutta bench collectives --worker …`).
+//! - `kernels`, `nccl` (`gpu.rs`): the GPU self-checks of a `--features cuda` build.
+//!
+//! Before the subcommands, `kutta bench` took all of their flags at once and chose the bench by
+//! which were given (`--sweep batch`, `--collectives`, `--kernels`, `--nccl`, none: steps). Those
+//! flags (`LegacyArgs`, hidden from the help) still work for one release: `LegacyArgs::resolve`
+//! turns them into the subcommand they meant, and a note on stderr names it.
+
+pub mod collectives;
+pub mod gpu;
+pub mod steps;
+pub mod sweep;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use collectives::Part;
+use kutta_trainer::config::Config;
+use std::path::PathBuf;
+
+/// The default of `--min-seconds` for the benches that time optimizer steps (`steps`, `sweep`).
+/// `collectives` has its own (`collectives::MIN_SECONDS_PER_SIZE`): there the flag is the time
+/// per all-reduce size, a different knob.
+pub const MIN_SECONDS: f64 = 2.0;
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub command: Option<BenchCommand>,
+    /// The flags of `kutta bench` before the subcommands (hidden; for one release).
+    #[command(flatten)]
+    pub legacy: LegacyArgs,
+}
+
+#[derive(Subcommand, Debug, Clone, PartialEq)]
+pub enum BenchCommand {
+    /// Time optimizer steps of sgd, adam, rk4 and rk4 with all modifications (plain `kutta bench`).
+    ///
+    /// The four are interleaved step by step at each batch size; the table gives median step
+    /// times, the time per gradient evaluation and rk4 / sgd.
+    Steps(StepsArgs),
+    /// Time sgd, adam and rk4 against the batch size under a memory plan; sweep.csv, sweep.svg.
+    ///
+    /// Each batch size is laid out by the memory planner under --memory (micro-batches,
+    /// recomputation, rk4's stage buffers); the table gives rk4 / (4 × sgd) and the predicted and
+    /// measured peak memory.
+    Sweep(SweepArgs),
+    /// All-reduce bandwidth and rk4 weak scaling over MPI ranks (a --features mpi build).
+    ///
+    /// Runs child `mpirun` jobs on 1, 2, 4, … ranks up to --max-ranks (needs Open MPI).
+    Collectives(CollectivesArgs),
+    /// GPU: check the RK kernels against their CPU references and time them (--features cuda).
+    ///
+    /// Each kernel is timed against the device-to-device copy bandwidth (goal ≥ 80 %); exit
+    /// status 1 when a check fails.
+    Kernels(GpuArgs),
+    /// GPU: check the NCCL communicator and time its all-reduce (--features cuda).
+    ///
+    /// One GPU per rank (a world of one without mpirun); the bus bandwidth of 256 MiB
+    /// all-reduces; exit status 1 when a check fails.
+    Nccl(GpuArgs),
+}
+
+/// The model and data a bench times.
+#[derive(Args, Debug, Clone, PartialEq, Default)]
+pub struct ModelArgs {
+    /// Config providing the model and data [default: the paper's MLP on Fashion-MNIST].
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override a key of that config, e.g. --set data.dir=DIR --set train.device=cuda (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+}
+
+impl ModelArgs {
+    /// The config: `--config` (default: the built-in defaults, the paper's MLP on Fashion-MNIST)
+    /// with its `--set` overrides.
+    pub fn base(&self) -> Result<Config> {
+        Ok(match &self.config {
+            Some(p) => Config::load(p, &self.sets)?,
+            None if self.sets.is_empty() => Config::default(),
+            None => Config::from_toml_str("", &self.sets)?,
+        })
+    }
+
+    /// ` --config FILE --set K=V …` for a reproduce line.
+    pub fn reproduce_args(&self) -> String {
+        let config = self.config.iter().map(|p| format!(" --config {}", p.display()));
+        config.chain(self.sets.iter().map(|s| format!(" --set {s}"))).collect()
+    }
+}
+
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct StepsArgs {
+    /// Batch sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = steps::BATCH_SIZES)]
+    pub batch_sizes: Vec<usize>,
+    /// Minimum seconds spent timing each optimizer at each batch size.
+    #[arg(long, default_value_t = MIN_SECONDS)]
+    pub min_seconds: f64,
+    /// Minimum timed steps of each optimizer at each batch size (after one warm-up step).
+    #[arg(long, default_value_t = steps::MIN_REPS)]
+    pub min_reps: usize,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct SweepArgs {
+    /// Batch sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = sweep::BATCH_SIZES)]
+    pub batch_sizes: Vec<usize>,
+    /// Memory budget the planner lays each batch size out under, e.g. 2GiB, 512MiB.
+    #[arg(long, default_value = sweep::MEMORY)]
+    pub memory: String,
+    /// Folder for sweep.csv and sweep.svg [default: runs/bench-sweep-<unix time>].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Minimum seconds spent timing each batch size (the three optimizers interleaved).
+    #[arg(long, default_value_t = MIN_SECONDS)]
+    pub min_seconds: f64,
+    /// Minimum timed steps of each optimizer at each batch size (after one warm-up step).
+    #[arg(long, default_value_t = sweep::MIN_REPS)]
+    pub min_reps: usize,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct CollectivesArgs {
+    /// The largest number of ranks (jobs on 1, 2, 4, … ranks and this many).
+    #[arg(long, default_value_t = collectives::MAX_RANKS)]
+    pub max_ranks: usize,
+    /// Samples per rank in the weak-scaling steps (global batch = this × ranks).
+    #[arg(long, default_value_t = collectives::PER_RANK_BATCH)]
+    pub per_rank_batch: usize,
+    /// Minimum seconds spent timing each all-reduce size; each job times its steps for
+    /// 4 × this.
+    #[arg(long, default_value_t = collectives::MIN_SECONDS_PER_SIZE)]
+    pub min_seconds: f64,
+    /// Minimum repetitions of each all-reduce size and of each job's steps.
+    #[arg(long, default_value_t = collectives::MIN_REPS)]
+    pub min_reps: usize,
+    /// Config providing the model and data [default: the paper's MLP on Fashion-MNIST].
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The mpirun that starts the jobs.
+    #[arg(long, default_value = "mpirun")]
+    pub mpirun: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Internal: one rank of a child job, timing these parts.
+    #[arg(long, hide = true, value_delimiter = ',', value_parser = Part::NAMES)]
+    pub worker: Option<Vec<String>>,
+}
+
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct GpuArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The flags `kutta bench` took before the subcommands, with their old rules (which go
+/// together, which need which), all hidden from the help.
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct LegacyArgs {
+    /// Old form: batch sizes of `steps` or `sweep`.
+    #[arg(long, hide = true, value_delimiter = ',', conflicts_with = "collectives")]
+    batch_sizes: Option<Vec<usize>>,
+    /// Old form: --min-seconds of any bench.
+    #[arg(long, hide = true)]
+    min_seconds: Option<f64>,
+    /// Old form: --min-reps of any bench.
+    #[arg(long, hide = true)]
+    min_reps: Option<usize>,
+    /// Old form: --config of any bench.
+    #[arg(long, hide = true)]
+    config: Option<PathBuf>,
+    /// Old form: --set of `steps` or `sweep`.
+    #[arg(long = "set", hide = true, value_name = "KEY=VALUE", conflicts_with = "collectives")]
+    sets: Vec<String>,
+    /// Old form: --json of any bench.
+    #[arg(long, hide = true)]
+    json: bool,
+    /// Old form of `kutta bench kernels`.
+    #[arg(long, hide = true, conflicts_with_all = ["collectives", "sweep", "nccl"])]
+    kernels: bool,
+    /// Old form of `kutta bench nccl`.
+    #[arg(long, hide = true, conflicts_with_all = ["collectives", "sweep"])]
+    nccl: bool,
+    /// Old form of `kutta bench collectives`.
+    #[arg(long, hide = true)]
+    collectives: bool,
+    /// Old form: --max-ranks of `collectives`.
+    #[arg(long, hide = true, default_value_t = collectives::MAX_RANKS, requires = "collectives")]
+    max_ranks: usize,
+    /// Old form: --per-rank-batch of `collectives`.
+    #[arg(long, hide = true, default_value_t = collectives::PER_RANK_BATCH, requires = "collectives")]
+    per_rank_batch: usize,
+    /// Old form: --mpirun of `collectives`.
+    #[arg(long, hide = true, default_value = "mpirun", requires = "collectives")]
+    mpirun: String,
+    /// Old form of `kutta bench sweep` (`--sweep batch`).
+    #[arg(long, hide = true, value_parser = ["batch"], conflicts_with = "collectives")]
+    sweep: Option<String>,
+    /// Old form: --memory of `sweep`.
+    #[arg(long, hide = true, requires = "sweep")]
+    memory: Option<String>,
+    /// Old form: --out of `sweep`.
+    #[arg(long, hide = true, requires = "sweep")]
+    out: Option<PathBuf>,
+    /// Old form of `kutta bench collectives --worker` (one rank of a child job).
+    #[arg(long, hide = true, value_delimiter = ',', value_parser = Part::NAMES, conflicts_with = "collectives")]
+    collectives_worker: Option<Vec<String>>,
+}
+
+impl LegacyArgs {
+    /// The subcommand these flags meant, with the same settings (a flag not given takes that
+    /// subcommand's default), and the note that names it: none for plain `kutta bench` (which
+    /// stays `steps`) and for a child job's worker flags (no person typed them).
+    pub fn resolve(self) -> (BenchCommand, Option<String>) {
+        let note = |old: &str, new: &str| {
+            Some(format!("`kutta bench {old}` is now `kutta bench {new}`; the old flags go away in the next release"))
+        };
+        let model = ModelArgs { config: self.config, sets: self.sets };
+        if self.nccl {
+            (BenchCommand::Nccl(GpuArgs { json: self.json }), note("--nccl", "nccl"))
+        } else if self.kernels {
+            (BenchCommand::Kernels(GpuArgs { json: self.json }), note("--kernels", "kernels"))
+        } else if self.collectives || self.collectives_worker.is_some() {
+            let note = if self.collectives { note("--collectives", "collectives") } else { None };
+            let args = CollectivesArgs {
+                max_ranks: self.max_ranks,
+                per_rank_batch: self.per_rank_batch,
+                min_seconds: self.min_seconds.unwrap_or(collectives::MIN_SECONDS_PER_SIZE),
+                min_reps: self.min_reps.unwrap_or(collectives::MIN_REPS),
+                config: model.config,
+                mpirun: self.mpirun,
+                json: self.json,
+                worker: self.collectives_worker,
+            };
+            (BenchCommand::Collectives(args), note)
+        } else if self.sweep.is_some() {
+            let defaults = sweep::SweepOptions::default();
+            let args = SweepArgs {
+                batch_sizes: self.batch_sizes.unwrap_or(defaults.batch_sizes),
+                memory: self.memory.unwrap_or_else(|| sweep::MEMORY.into()),
+                out: self.out,
+                min_seconds: self.min_seconds.unwrap_or(defaults.min_seconds),
+                min_reps: self.min_reps.unwrap_or(defaults.min_reps),
+                model,
+                json: self.json,
+            };
+            (BenchCommand::Sweep(args), note("--sweep batch", "sweep"))
+        } else {
+            let plain = self.batch_sizes.is_none()
+                && self.min_seconds.is_none()
+                && self.min_reps.is_none()
+                && model == ModelArgs::default()
+                && !self.json;
+            let defaults = steps::BenchOptions::default();
+            let args = StepsArgs {
+                batch_sizes: self.batch_sizes.unwrap_or(defaults.batch_sizes),
+                min_seconds: self.min_seconds.unwrap_or(defaults.min_seconds),
+                min_reps: self.min_reps.unwrap_or(defaults.min_reps),
+                model,
+                json: self.json,
+            };
+            (BenchCommand::Steps(args), if plain { None } else { note("<flags>", "steps <flags>") })
+        }
+    }
+}
+
+/// `kutta bench …`: run the bench and return the process's exit status (1 after an error, which
+/// is printed as one `error:` line).
+pub fn main(args: BenchArgs) -> i32 {
+    let command = match args.command {
+        Some(command) => command,
+        None => {
+            let (command, note) = args.legacy.resolve();
+            // Under mpirun (`--nccl`) every rank would say it: rank 0 does.
+            let rank0 = kutta_collectives::rendezvous::launched_world().is_none_or(|(rank, _)| rank == 0);
+            if let (Some(note), true) = (note, rank0) {
+                eprintln!("note: {note}");
+            }
+            command
+        }
+    };
+    let result = match command {
+        BenchCommand::Nccl(GpuArgs { json }) => return gpu::bench_nccl(json),
+        BenchCommand::Collectives(args) if args.worker.is_some() => return collectives::worker_main(&args),
+        BenchCommand::Steps(args) => steps::main(&args),
+        BenchCommand::Sweep(args) => sweep::main(&args),
+        BenchCommand::Collectives(args) => collectives::main(&args),
+        BenchCommand::Kernels(GpuArgs { json }) => gpu::bench_kernels(json),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Cli, Command};
+    use clap::{CommandFactory, Parser};
+
+    /// `kutta ARGS…` as the bench subcommand it resolves to, and the note it prints.
+    fn bench(args: &[&str]) -> (BenchCommand, Option<String>) {
+        let argv = ["kutta", "bench"].iter().chain(args).copied();
+        let Command::Bench(b) = Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{args:?}: {e}")).command else {
+            panic!("not a bench")
+        };
+        match *b {
+            BenchArgs { command: Some(c), legacy } => {
+                assert_eq!(legacy.resolve(), bench(&[]), "no old flags beside a subcommand");
+                (c, None)
+            }
+            BenchArgs { command: None, legacy } => legacy.resolve(),
+        }
+    }
+
+    fn fails(args: &[&str]) -> bool {
+        Cli::try_parse_from(["kutta", "bench"].iter().chain(args)).is_err()
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// One default per knob: the subcommands' defaults are the options' defaults, and plain
+    /// `kutta bench` is `kutta bench steps` without a note.
+    #[test]
+    fn defaults_agree() {
+        let (plain, note) = bench(&[]);
+        assert_eq!(note, None);
+        assert_eq!(plain, bench(&["steps"]).0);
+        let BenchCommand::Steps(s) = plain else { panic!("not steps") };
+        let d = steps::BenchOptions::default();
+        assert_eq!((s.batch_sizes, s.min_seconds, s.min_reps), (d.batch_sizes, d.min_seconds, d.min_reps));
+        assert_eq!(s.min_seconds, MIN_SECONDS);
+        let BenchCommand::Sweep(s) = bench(&["sweep"]).0 else { panic!("not a sweep") };
+        let d = sweep::SweepOptions::default();
+        assert_eq!((s.batch_sizes, s.min_seconds, s.min_reps), (d.batch_sizes, d.min_seconds, d.min_reps));
+        assert_eq!(kutta_trainer::planner::parse_bytes(&s.memory).unwrap(), d.budget);
+        assert_eq!(s.min_seconds, MIN_SECONDS);
+        let BenchCommand::Collectives(c) = bench(&["collectives"]).0 else { panic!("not collectives") };
+        let d = collectives::CollectivesOptions::default();
+        assert_eq!((c.max_ranks, c.per_rank_batch, c.min_seconds), (d.max_ranks, d.per_rank_batch, d.min_seconds));
+        assert_eq!((c.min_reps, c.mpirun), (d.min_reps, d.mpirun));
+        let w = collectives::WorkerOptions::default();
+        assert_eq!((w.per_rank_batch, w.min_seconds, w.min_reps), (d.per_rank_batch, d.min_seconds, d.min_reps));
+    }
+
+    /// The old step-bench flags give what `steps` gives, with a note naming it.
+    #[test]
+    fn steps_new_and_old() {
+        let new = ["steps", "--batch-sizes", "16", "--min-reps", "1", "--min-seconds", "0"];
+        let new = [&new[..], &["--config", "c.toml", "--set", "a=1"][..]].concat();
+        let (c, _) = bench(&new);
+        let BenchCommand::Steps(s) = &c else { panic!("not steps") };
+        assert_eq!((s.batch_sizes.as_slice(), s.min_seconds, s.min_reps, s.json), ([16].as_slice(), 0.0, 1, false));
+        assert_eq!(s.model.reproduce_args(), " --config c.toml --set a=1");
+        let (old, note) = bench(&new[1..]);
+        assert_eq!(old, c);
+        assert!(note.unwrap().contains("`kutta bench steps <flags>`"));
+        let (c, note) = bench(&["--json"]);
+        assert!(matches!(c, BenchCommand::Steps(StepsArgs { json: true, .. })) && note.is_some());
+        assert!(fails(&["steps", "--memory", "1GiB"]));
+        assert!(fails(&["--json", "steps"]), "old flags before a subcommand");
+    }
+
+    /// `sweep` takes --memory and --out; the old `--sweep batch` means the same. The old rules
+    /// stay: --memory and --out need --sweep, which excludes --collectives.
+    #[test]
+    fn sweep_new_and_old() {
+        let new = ["sweep", "--memory", "1GiB", "--batch-sizes", "8,16", "--out", "x", "--set", "data.dir=d"];
+        let (c, _) = bench(&new);
+        let BenchCommand::Sweep(s) = &c else { panic!("not a sweep") };
+        assert_eq!((s.memory.as_str(), s.batch_sizes.as_slice()), ("1GiB", [8, 16].as_slice()));
+        assert_eq!((s.out.as_deref(), s.min_reps), (Some(std::path::Path::new("x")), sweep::MIN_REPS));
+        assert_eq!(s.model.sets, ["data.dir=d"]);
+        let (old, note) = bench(&[&["--sweep", "batch"][..], &new[1..]].concat());
+        assert_eq!(old, c);
+        assert!(note.unwrap().contains("`kutta bench --sweep batch` is now `kutta bench sweep`"));
+        assert_eq!(bench(&["--sweep", "batch"]).0, bench(&["sweep"]).0);
+        assert!(fails(&["--memory", "1GiB"]));
+        assert!(fails(&["--out", "x"]));
+        assert!(fails(&["--sweep", "lr"]));
+        assert!(fails(&["--sweep", "batch", "--collectives"]));
+        assert!(fails(&["sweep", "--max-ranks", "2"]));
+    }
+
+    /// The arguments `kutta bench collectives` gives its child jobs parse as a worker, and so do
+    /// the old worker flags; `--collectives` means `collectives`.
+    #[test]
+    fn collectives_new_old_and_worker() {
+        let opts = collectives::CollectivesOptions { config: Some("configs/x.toml".into()), ..Default::default() };
+        let args: Vec<String> = opts.worker_args(&[Part::Steps, Part::AllReduce]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (c, note) = bench(&args[1..]);
+        assert_eq!(note, None);
+        let BenchCommand::Collectives(w) = &c else { panic!("not collectives") };
+        assert_eq!(w.worker.as_deref(), Some(["steps".to_string(), "allreduce".into()].as_slice()));
+        assert_eq!((w.per_rank_batch, w.min_seconds, w.min_reps), (128, 0.5, 5));
+        assert_eq!(w.config, Some(PathBuf::from("configs/x.toml")));
+        let old = ["--collectives-worker", "steps,allreduce", "--per-rank-batch", "128", "--min-seconds", "0.5"];
+        let (old, note) = bench(&[&old[..], &["--min-reps", "5", "--config", "configs/x.toml"][..]].concat());
+        assert_eq!((old, note), (c, None));
+
+        let new = ["collectives", "--max-ranks", "4", "--per-rank-batch", "8", "--min-seconds", "1", "--mpirun", "m"];
+        let (c, _) = bench(&new);
+        let (old, note) = bench(&[&["--collectives"][..], &new[1..]].concat());
+        assert_eq!(old, c);
+        assert!(note.unwrap().contains("`kutta bench collectives`"));
+        assert!(fails(&["collectives", "--batch-sizes", "4"]));
+        assert!(fails(&["collectives", "--set", "x=1"]));
+        assert!(fails(&["--collectives", "--batch-sizes", "4"]));
+        assert!(fails(&["--collectives", "--set", "x=1"]));
+        assert!(fails(&["--max-ranks", "4"]));
+    }
+
+    /// `kernels` and `nccl` take --json only; the old --kernels and --nccl stand alone.
+    #[test]
+    fn gpu_checks_new_and_old() {
+        assert_eq!(bench(&["kernels", "--json"]).0, BenchCommand::Kernels(GpuArgs { json: true }));
+        assert_eq!(bench(&["nccl"]).0, BenchCommand::Nccl(GpuArgs { json: false }));
+        let (c, note) = bench(&["--kernels", "--json"]);
+        assert_eq!(c, BenchCommand::Kernels(GpuArgs { json: true }));
+        assert!(note.unwrap().contains("`kutta bench kernels`"));
+        let (c, note) = bench(&["--nccl"]);
+        assert_eq!(c, BenchCommand::Nccl(GpuArgs { json: false }));
+        assert!(note.unwrap().contains("`kutta bench nccl`"));
+        assert!(fails(&["kernels", "--batch-sizes", "8"]));
+        assert!(fails(&["--kernels", "--nccl"]));
+        assert!(fails(&["--kernels", "--sweep", "batch"]));
+        assert!(fails(&["--nccl", "--collectives"]));
+    }
+
+    #[test]
+    fn model_args_make_the_config() {
+        let m = ModelArgs { config: None, sets: vec!["data.dir=d".into(), "train.device=cpu".into()] };
+        assert_eq!(m.base().unwrap().data.dir, PathBuf::from("d"));
+        assert!(ModelArgs { config: None, sets: vec!["no.such_key=1".into()] }.base().is_err());
+        assert_eq!(ModelArgs::default().reproduce_args(), "");
+    }
+
+    /// Without the `cuda` feature both GPU checks are errors that say what is missing.
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn gpu_checks_need_the_cuda_feature() {
+        let e = gpu::bench_kernels(false).unwrap_err().to_string();
+        assert!(e.contains("kutta bench kernels") && e.contains("--features cuda"), "{e}");
+        assert_eq!(gpu::bench_nccl(false), 1);
+    }
+}
