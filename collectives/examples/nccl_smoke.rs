@@ -1,5 +1,5 @@
 //! NCCL smoke check and bandwidth probe for `NcclComm`, on any number of ranks (one GPU each),
-//! through `kutta_collectives::nccl::self_check` (which `kutta bench --nccl` runs as well).
+//! through `kutta_collectives::nccl::self_check` (which `kutta bench nccl` runs as well).
 //! Each rank takes GPU `local_rank % device_count`, checks every collective against closed-form
 //! or recomputed values (device buffers, the host-slice path, a length mismatch), checks that
 //! all ranks hold bit-identical sums of random data, then times in-place all-reduces of a large
@@ -109,7 +109,7 @@ fn main() {
         }
         return;
     }
-    // The checks and the timing are `nccl::self_check`, which `kutta bench --nccl` runs too.
+    // The checks and the timing are `nccl::self_check`, which `kutta bench nccl` runs too.
     let report = match nccl::self_check(&comm, args.mib, args.iters) {
         Ok(r) => r,
         Err(e) => {

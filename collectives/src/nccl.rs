@@ -700,7 +700,7 @@ impl Communicator for NcclComm {
 // ---- self-check -----------------------------------------------------------------------------
 //
 // The correctness checks and the bus-bandwidth timing of a communicator, as a library function so
-// that `examples/nccl_smoke.rs` (any number of ranks under mpirun) and `kutta bench --nccl` (the
+// that `examples/nccl_smoke.rs` (any number of ranks under mpirun) and `kutta bench nccl` (the
 // one binary `scripts/gpu-check` carries to the GPU machine) run the same code.
 
 /// What [`self_check`] measured. The time is the slowest rank's (the collective's time).

@@ -15,41 +15,32 @@
 //! `nccl checks: …`, `nccl all-reduce: …`, which `scripts/gpu-check` reads), or JSON with
 //! `--json`. Without the `cuda` feature both are errors that say so.
 
-use anyhow::Result;
+/// `kutta bench kernels [--json]`, and `kutta bench nccl [--json]` on this rank (which returns the
+/// exit status): the GPU code below, or without the `cuda` feature a stub that says so.
+pub use cuda::{bench_kernels, bench_nccl};
 
 #[cfg(not(feature = "cuda"))]
-const NEEDS_CUDA: &str = "needs a kutta built with --features cuda (and a GPU): source the env file of scripts/cuda-toolchain, then cargo build --release --features cuda,mpi (README, GPU)";
+mod cuda {
+    use anyhow::Result;
 
-/// `kutta bench kernels [--json]`.
-pub fn bench_kernels(json: bool) -> Result<()> {
-    #[cfg(not(feature = "cuda"))]
-    {
+    const NEEDS_CUDA: &str = "needs a kutta built with --features cuda (and a GPU): source the env file of \
+                              scripts/cuda-toolchain, then cargo build --release --features cuda,mpi (README, GPU)";
+
+    pub fn bench_kernels(json: bool) -> Result<()> {
         let _ = json;
         anyhow::bail!("kutta bench kernels {NEEDS_CUDA}")
     }
-    #[cfg(feature = "cuda")]
-    {
-        cuda::bench_kernels(json)
-    }
-}
 
-/// `kutta bench nccl [--json]` on this rank; returns the exit status.
-pub fn bench_nccl(json: bool) -> i32 {
-    #[cfg(not(feature = "cuda"))]
-    {
+    pub fn bench_nccl(json: bool) -> i32 {
         let _ = json;
         eprintln!("error: kutta bench nccl {NEEDS_CUDA}");
         1
-    }
-    #[cfg(feature = "cuda")]
-    {
-        cuda::bench_nccl(json)
     }
 }
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::*;
+    use anyhow::Result;
     use kutta_collectives::{nccl, rendezvous, Communicator};
     use kutta_trainer::optim::gpu::check;
 
