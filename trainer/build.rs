@@ -56,9 +56,7 @@ fn main() {
             cmd.args(extra.split_whitespace());
         }
         cmd.arg("-o").arg(&out).arg(src);
-        let status = cmd
-            .status()
-            .unwrap_or_else(|e| panic!("kutta-trainer: cannot run {} ({e})", nvcc.display()));
+        let status = cmd.status().unwrap_or_else(|e| panic!("kutta-trainer: cannot run {} ({e})", nvcc.display()));
         assert!(status.success(), "kutta-trainer: nvcc failed on {src} ({status}); the command was {cmd:?}");
     }
 }

@@ -34,14 +34,19 @@ pub fn run_checks(comm: &mut MpiComm) -> Result<(), String> {
         comm.all_reduce_sum(&mut buf).map_err(|e| e.to_string())?;
         let ranks_sum = (n * (n + 1) / 2) as f32;
         if let Some(i) = (0..len).find(|&i| buf[i] != ranks_sum * i as f32 * 0.5) {
-            return fail(&format!("all_reduce_sum (chunk {chunk}) element {i} is {}, want {}", buf[i], ranks_sum * i as f32 * 0.5));
+            return fail(&format!(
+                "all_reduce_sum (chunk {chunk}) element {i} is {}, want {}",
+                buf[i],
+                ranks_sum * i as f32 * 0.5
+            ));
         }
         let mut empty: Vec<f32> = Vec::new();
         comm.all_reduce_sum(&mut empty).map_err(|e| e.to_string())?;
 
         // Broadcast from the last rank.
         let root = n - 1;
-        let mut b: Vec<f32> = if rank == root { (0..len).map(|i| i as f32 - 3.25).collect() } else { vec![f32::NAN; len] };
+        let mut b: Vec<f32> =
+            if rank == root { (0..len).map(|i| i as f32 - 3.25).collect() } else { vec![f32::NAN; len] };
         comm.broadcast(&mut b, root).map_err(|e| e.to_string())?;
         if let Some(i) = (0..len).find(|&i| b[i] != i as f32 - 3.25) {
             return fail(&format!("broadcast (chunk {chunk}) element {i} is {}", b[i]));
@@ -67,7 +72,11 @@ pub fn run_checks(comm: &mut MpiComm) -> Result<(), String> {
         let mut mine = vec![0.0f32; block];
         comm.reduce_scatter_sum(&noisy_in[..block * n], &mut mine).map_err(|e| e.to_string())?;
         if let Some(i) = (0..block).find(|&i| (mine[i] - noisy[rank * block + i]).abs() > 1e-5) {
-            return fail(&format!("reduce_scatter_sum (chunk {chunk}) element {i} is {}, all-reduce gave {}", mine[i], noisy[rank * block + i]));
+            return fail(&format!(
+                "reduce_scatter_sum (chunk {chunk}) element {i} is {}, all-reduce gave {}",
+                mine[i],
+                noisy[rank * block + i]
+            ));
         }
         let own: Vec<f32> = (0..block).map(|i| (rank * block + i) as f32 * 0.25).collect();
         let mut gathered = vec![f32::NAN; block * n];

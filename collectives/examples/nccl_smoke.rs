@@ -19,7 +19,8 @@ use kutta_collectives::nccl::{self, pick_device, NcclComm};
 use kutta_collectives::{rendezvous, Communicator};
 use std::time::Duration;
 
-const USAGE: &str = "usage: nccl_smoke [--mib N (default 256)] [--iters K (default 20)] [--timeout SECONDS] [--check-watchdog]";
+const USAGE: &str =
+    "usage: nccl_smoke [--mib N (default 256)] [--iters K (default 20)] [--timeout SECONDS] [--check-watchdog]";
 
 struct Args {
     mib: usize,

@@ -41,7 +41,8 @@ pub(crate) fn detect(get: &dyn Fn(&str) -> Option<String>) -> Option<Launch> {
             }
         })
         .or_else(|| {
-            let step_size = num("SLURM_STEP_NUM_TASKS").or_else(|| get("SLURM_STEP_ID").and_then(|_| num("SLURM_NTASKS")));
+            let step_size =
+                num("SLURM_STEP_NUM_TASKS").or_else(|| get("SLURM_STEP_ID").and_then(|_| num("SLURM_NTASKS")));
             world("Slurm", num("SLURM_PROCID"), step_size)
         })
 }
@@ -64,7 +65,9 @@ pub fn local_rank() -> Option<usize> {
 
 /// `local_rank` over any variable lookup.
 pub fn local_rank_from(get: &dyn Fn(&str) -> Option<String>) -> Option<usize> {
-    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"].iter().find_map(|name| get(name).and_then(|v| v.trim().parse().ok()))
+    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"]
+        .iter()
+        .find_map(|name| get(name).and_then(|v| v.trim().parse().ok()))
 }
 
 /// Where a launcher put this process, from the process environment.
@@ -95,7 +98,8 @@ mod tests {
 
     #[test]
     fn open_mpi() {
-        let v = vars(&[("OMPI_COMM_WORLD_RANK", "3"), ("OMPI_COMM_WORLD_SIZE", "4"), ("OMPI_COMM_WORLD_LOCAL_RANK", "1")]);
+        let v =
+            vars(&[("OMPI_COMM_WORLD_RANK", "3"), ("OMPI_COMM_WORLD_SIZE", "4"), ("OMPI_COMM_WORLD_LOCAL_RANK", "1")]);
         assert_eq!(detect(&v), Some(Launch { launcher: "Open MPI", rank: 3, size: Some(4) }));
         assert_eq!(launched_world_from(&v), Some((3, 4)));
         assert_eq!(local_rank_from(&v), Some(1));
@@ -103,7 +107,10 @@ mod tests {
 
     #[test]
     fn pmi_and_pmix() {
-        assert_eq!(launched_world_from(&vars(&[("PMI_RANK", "1"), ("PMI_SIZE", "2"), ("MPI_LOCALRANKID", "1")])), Some((1, 2)));
+        assert_eq!(
+            launched_world_from(&vars(&[("PMI_RANK", "1"), ("PMI_SIZE", "2"), ("MPI_LOCALRANKID", "1")])),
+            Some((1, 2))
+        );
         assert_eq!(local_rank_from(&vars(&[("MPI_LOCALRANKID", "1")])), Some(1));
         // Bare PMIx names the rank only: detected, but the size is MPI's to tell.
         let bare = vars(&[("PMIX_RANK", "2")]);
@@ -116,7 +123,12 @@ mod tests {
 
     #[test]
     fn slurm_step_counts_but_a_batch_script_does_not() {
-        let step = vars(&[("SLURM_PROCID", "5"), ("SLURM_NTASKS", "8"), ("SLURM_STEP_NUM_TASKS", "6"), ("SLURM_LOCALID", "1")]);
+        let step = vars(&[
+            ("SLURM_PROCID", "5"),
+            ("SLURM_NTASKS", "8"),
+            ("SLURM_STEP_NUM_TASKS", "6"),
+            ("SLURM_LOCALID", "1"),
+        ]);
         assert_eq!(launched_world_from(&step), Some((5, 6)));
         assert_eq!(local_rank_from(&step), Some(1));
         let old_step = vars(&[("SLURM_PROCID", "5"), ("SLURM_NTASKS", "8"), ("SLURM_STEP_ID", "0")]);
@@ -127,10 +139,19 @@ mod tests {
 
     #[test]
     fn open_mpi_wins_over_slurm_and_malformed_values_fall_through() {
-        let both =
-            vars(&[("OMPI_COMM_WORLD_RANK", "1"), ("OMPI_COMM_WORLD_SIZE", "2"), ("SLURM_PROCID", "0"), ("SLURM_STEP_NUM_TASKS", "1")]);
+        let both = vars(&[
+            ("OMPI_COMM_WORLD_RANK", "1"),
+            ("OMPI_COMM_WORLD_SIZE", "2"),
+            ("SLURM_PROCID", "0"),
+            ("SLURM_STEP_NUM_TASKS", "1"),
+        ]);
         assert_eq!(detect(&both).map(|l| l.launcher), Some("Open MPI"));
-        let garbled = vars(&[("OMPI_COMM_WORLD_RANK", "x"), ("OMPI_COMM_WORLD_SIZE", "2"), ("PMI_RANK", " 0 "), ("PMI_SIZE", "2")]);
+        let garbled = vars(&[
+            ("OMPI_COMM_WORLD_RANK", "x"),
+            ("OMPI_COMM_WORLD_SIZE", "2"),
+            ("PMI_RANK", " 0 "),
+            ("PMI_SIZE", "2"),
+        ]);
         assert_eq!(detect(&garbled), Some(Launch { launcher: "PMI", rank: 0, size: Some(2) }));
         assert_eq!(launched_world_from(&vars(&[("PMI_RANK", "2"), ("PMI_SIZE", "2")])), None);
         assert_eq!(local_rank_from(&vars(&[("OMPI_COMM_WORLD_LOCAL_RANK", "-1"), ("SLURM_LOCALID", "0")])), Some(0));

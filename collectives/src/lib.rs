@@ -52,10 +52,10 @@ pub mod rendezvous;
 pub mod single;
 mod watchdog;
 
-pub use local::LocalGroup;
 #[cfg(feature = "mpi")]
 pub use crate::mpi::MpiComm;
 pub use crate::nccl::NcclComm;
+pub use local::LocalGroup;
 pub use rendezvous::connect;
 pub use single::SingleProcess;
 
@@ -155,9 +155,7 @@ pub enum CommError {
     NoNcclId { rank: usize },
     /// Host-side work (`all_reduce_sum_f64`, `barrier`) asked of an `NcclComm::joined`
     /// communicator, which does not own the communicator it was joined over.
-    #[error(
-        "rank {rank}: {op}: this NCCL communicator was joined over a communicator it does not own; call that one"
-    )]
+    #[error("rank {rank}: {op}: this NCCL communicator was joined over a communicator it does not own; call that one")]
     NotOwned { rank: usize, op: &'static str },
 }
 

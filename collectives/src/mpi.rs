@@ -273,7 +273,11 @@ impl Communicator for MpiComm {
         if self.multiple || std::thread::current().id() == self.init_thread {
             SimpleCommunicator::world().abort(code);
         }
-        let _ = writeln!(std::io::stderr(), "rank {}: abort({code}) off the MPI thread; ending this rank with SIGABRT", self.rank);
+        let _ = writeln!(
+            std::io::stderr(),
+            "rank {}: abort({code}) off the MPI thread; ending this rank with SIGABRT",
+            self.rank
+        );
         std::process::abort()
     }
     fn collective_timeout(&self) -> Option<Duration> {

@@ -70,7 +70,9 @@
 
 use crate::watchdog::{self, Op, Shape, Watchdog, Words, AGREE_WORDS};
 use crate::{CommError, Communicator, Result};
-use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError, PinnedHostSlice};
+use cudarc::driver::{
+    CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError, PinnedHostSlice,
+};
 use cudarc::nccl::{result as nccl, sys};
 use std::ffi::{c_void, CStr};
 use std::io::Write as _;
@@ -90,8 +92,11 @@ const MAX_POLL_SLEEP: Duration = Duration::from_millis(1);
 /// The GPU for a rank: `local_rank % device_count` (or `rank % device_count` when the launcher
 /// did not say the local rank). Errors when there is no driver or no GPU.
 pub fn pick_device(rank: usize, local_rank: Option<usize>) -> Result<usize> {
-    let count = CudaContext::device_count()
-        .map_err(|e| CommError::Cuda { rank, what: "cannot query CUDA devices".into(), detail: e.to_string() })?;
+    let count = CudaContext::device_count().map_err(|e| CommError::Cuda {
+        rank,
+        what: "cannot query CUDA devices".into(),
+        detail: e.to_string(),
+    })?;
     let count = usize::try_from(count).unwrap_or(0);
     if count == 0 {
         return Err(CommError::NoGpu { rank });
@@ -108,7 +113,11 @@ pub fn device_count() -> std::result::Result<usize, String> {
 pub fn nccl_version() -> Option<(u32, u32, u32)> {
     let code = u32::try_from(nccl::get_nccl_version().ok()?).ok()?;
     // NCCL ≥ 2.9 encodes major·10000 + minor·100 + patch; older ones major·1000 + minor·100 + patch.
-    Some(if code >= 10000 { (code / 10000, code / 100 % 100, code % 100) } else { (code / 1000, code / 100 % 10, code % 100) })
+    Some(if code >= 10000 {
+        (code / 10000, code / 100 % 100, code % 100)
+    } else {
+        (code / 1000, code / 100 % 10, code % 100)
+    })
 }
 
 /// The raw NCCL communicator. NCCL allows a communicator to be used from any thread as long as
@@ -154,7 +163,9 @@ fn cuda_error(rank: usize, what: String, e: DriverError) -> CommError {
 /// `ncclGetErrorString` plus, when there is one, `ncclGetLastError`'s detail.
 fn nccl_error_text(comm: sys::ncclComm_t, code: sys::ncclResult_t) -> String {
     // SAFETY: NCCL returns static or per-communicator NUL-terminated strings (or null).
-    let text = |p: *const std::ffi::c_char| (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned());
+    let text = |p: *const std::ffi::c_char| {
+        (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+    };
     let base = text(unsafe { sys::ncclGetErrorString(code) }).unwrap_or_default();
     let last = text(unsafe { sys::ncclGetLastError(comm) }).filter(|s| !s.is_empty());
     match last {
@@ -178,7 +189,11 @@ impl NcclComm {
 
     /// As `new`, but on the caller's stream (and its context), so that NCCL and the caller's
     /// kernels are ordered on one stream.
-    pub fn with_stream(bootstrap: Box<dyn Communicator>, stream: Arc<CudaStream>, timeout: Option<Duration>) -> Result<NcclComm> {
+    pub fn with_stream(
+        bootstrap: Box<dyn Communicator>,
+        stream: Arc<CudaStream>,
+        timeout: Option<Duration>,
+    ) -> Result<NcclComm> {
         Self::init(bootstrap, Ok(stream), timeout)
     }
 
@@ -187,17 +202,29 @@ impl NcclComm {
     /// the bootstrap, so its scalar collectives and `barrier` return an error (use the
     /// bootstrap), and the watchdog (and `abort`) end this process with the exit code instead of
     /// `MPI_Abort`; the launcher (mpirun, srun) then ends the rest of the job.
-    pub fn joined(bootstrap: &dyn Communicator, stream: Arc<CudaStream>, timeout: Option<Duration>) -> Result<NcclComm> {
+    pub fn joined(
+        bootstrap: &dyn Communicator,
+        stream: Arc<CudaStream>,
+        timeout: Option<Duration>,
+    ) -> Result<NcclComm> {
         Self::init_over(bootstrap, Ok(stream), timeout)
     }
 
-    fn init(bootstrap: Box<dyn Communicator>, stream: Result<Arc<CudaStream>>, timeout: Option<Duration>) -> Result<NcclComm> {
+    fn init(
+        bootstrap: Box<dyn Communicator>,
+        stream: Result<Arc<CudaStream>>,
+        timeout: Option<Duration>,
+    ) -> Result<NcclComm> {
         let mut comm = Self::init_over(&*bootstrap, stream, timeout)?;
         comm.bootstrap = Some(bootstrap);
         Ok(comm)
     }
 
-    fn init_over(bootstrap: &dyn Communicator, stream: Result<Arc<CudaStream>>, timeout: Option<Duration>) -> Result<NcclComm> {
+    fn init_over(
+        bootstrap: &dyn Communicator,
+        stream: Result<Arc<CudaStream>>,
+        timeout: Option<Duration>,
+    ) -> Result<NcclComm> {
         let (rank, size) = (bootstrap.rank(), bootstrap.world_size());
         watchdog::check_timeout(rank, timeout)?;
         if i32::try_from(size).is_err() {
@@ -275,7 +302,16 @@ impl NcclComm {
             let _ = writeln!(std::io::stderr(), "rank {rank}: ncclCommInitRank failed: {detail}; aborting the job");
             bootstrap.abort(FAILURE_EXIT_CODE);
         }
-        Ok(NcclComm { rank, size, timeout, comm: RawComm(comm), state: Mutex::new(state), stream, ctx, bootstrap: None })
+        Ok(NcclComm {
+            rank,
+            size,
+            timeout,
+            comm: RawComm(comm),
+            state: Mutex::new(state),
+            stream,
+            ctx,
+            bootstrap: None,
+        })
     }
 
     /// The stream every NCCL call of this communicator runs on; run the kernels that produce and
@@ -336,7 +372,11 @@ impl NcclComm {
 
     /// Reduce-scatter of device buffers: `send` holds world_size blocks of `recv.len()`; the sum
     /// over ranks of block `rank` lands in `recv`. Every rank must pass the same block length.
-    pub fn reduce_scatter_sum_device<S: DevicePtr<f32>, R: DevicePtrMut<f32>>(&self, send: &S, recv: &mut R) -> Result<()> {
+    pub fn reduce_scatter_sum_device<S: DevicePtr<f32>, R: DevicePtrMut<f32>>(
+        &self,
+        send: &S,
+        recv: &mut R,
+    ) -> Result<()> {
         let started = self.settle(Op::ReduceScatterSum);
         let mut st = self.lock();
         let problem = self
@@ -418,7 +458,15 @@ impl NcclComm {
     /// and `root` and no rank has a local `problem`, with one `ncclMax` all-reduce of the
     /// agreement words. Every rank gets the same answer, so either all proceed or all return an
     /// error. A CUDA or NCCL failure in the reduction itself ends the job.
-    fn agree(&self, st: &mut State, op: Op, len: usize, root: usize, problem: Option<CommError>, started: Instant) -> Result<()> {
+    fn agree(
+        &self,
+        st: &mut State,
+        op: Op,
+        len: usize,
+        root: usize,
+        problem: Option<CommError>,
+        started: Instant,
+    ) -> Result<()> {
         let shape = Shape::new(op, len).rooted(root);
         shape.agree(self.rank, self.size, problem, |mine| self.max_over_ranks(st, op, mine, started))
     }
@@ -429,8 +477,10 @@ impl NcclComm {
             self.end_job(format!("{}: cannot bind GPU {}: {e}", op.name(), self.ctx.ordinal()), FAILURE_EXIT_CODE);
         }
         let State { done, agree_dev, agree_host, .. } = st;
-        let copied_in =
-            agree_host.as_mut_slice().map(|h| h.copy_from_slice(&mine)).and_then(|()| self.stream.memcpy_htod(&*agree_host, agree_dev));
+        let copied_in = agree_host
+            .as_mut_slice()
+            .map(|h| h.copy_from_slice(&mine))
+            .and_then(|()| self.stream.memcpy_htod(&*agree_host, agree_dev));
         if let Err(e) = copied_in {
             self.end_job(format!("{}: copying the length check to the GPU failed: {e}", op.name()), FAILURE_EXIT_CODE);
         }
@@ -475,7 +525,8 @@ impl NcclComm {
 
     fn enqueue_rooted(&self, op: Op, root: usize, send: u64, recv: u64, count: usize) {
         let (src, dst) = (send as *const c_void, recv as *mut c_void);
-        let (f32_, comm, stream) = (sys::ncclDataType_t::ncclFloat32, self.comm.0, self.stream.cu_stream() as sys::cudaStream_t);
+        let (f32_, comm, stream) =
+            (sys::ncclDataType_t::ncclFloat32, self.comm.0, self.stream.cu_stream() as sys::cudaStream_t);
         let sum = sys::ncclRedOp_t::ncclSum;
         // SAFETY: the pointers come from cudarc buffers of our context whose lengths the caller
         // checked against `count` (and world_size·count where NCCL reads or writes that much).
@@ -511,14 +562,19 @@ impl NcclComm {
             match done.try_is_complete() {
                 Ok(true) => return,
                 Ok(false) => {}
-                Err(e) => self.end_job(format!("{}: CUDA error while waiting for NCCL: {e}", op.name()), FAILURE_EXIT_CODE),
+                Err(e) => {
+                    self.end_job(format!("{}: CUDA error while waiting for NCCL: {e}", op.name()), FAILURE_EXIT_CODE)
+                }
             }
             let mut async_error = sys::ncclResult_t::ncclSuccess;
             // SAFETY: a live communicator and a valid out pointer.
             let queried = unsafe { sys::ncclCommGetAsyncError(self.comm.0, &mut async_error) };
             for code in [queried, async_error] {
                 if code != sys::ncclResult_t::ncclSuccess && code != sys::ncclResult_t::ncclInProgress {
-                    self.end_job(format!("NCCL {} failed: {}", op.name(), nccl_error_text(self.comm.0, code)), FAILURE_EXIT_CODE);
+                    self.end_job(
+                        format!("NCCL {} failed: {}", op.name(), nccl_error_text(self.comm.0, code)),
+                        FAILURE_EXIT_CODE,
+                    );
                 }
             }
             let waited = started.elapsed();
@@ -613,11 +669,20 @@ impl NcclComm {
 
     /// The host path of reduce-scatter and all-gather: `send` via the `input` scratch, the
     /// result via `output`. `block` is the agreed length.
-    fn host_sharded(&self, op: Op, send: &[f32], recv: &mut [f32], block: usize, problem: Option<CommError>) -> Result<()> {
+    fn host_sharded(
+        &self,
+        op: Op,
+        send: &[f32],
+        recv: &mut [f32],
+        block: usize,
+        problem: Option<CommError>,
+    ) -> Result<()> {
         let started = Instant::now();
         let mut guard = self.lock();
         let st = &mut *guard;
-        let problem = problem.or_else(|| self.scratch(&mut st.input, send.len())).or_else(|| self.scratch(&mut st.output, recv.len()));
+        let problem = problem
+            .or_else(|| self.scratch(&mut st.input, send.len()))
+            .or_else(|| self.scratch(&mut st.output, recv.len()));
         self.agree(st, op, block, 0, problem, started)?;
         if block == 0 {
             return Ok(());
@@ -841,7 +906,9 @@ pub fn check_collectives(comm: &NcclComm) -> std::result::Result<(), String> {
     let send = check_upload(&s, &(0..n * b).map(|i| (rank + 1) as f32 * i as f32 * 0.5).collect::<Vec<_>>())?;
     let mut recv = s.alloc_zeros::<f32>(b).map_err(|e| e.to_string())?;
     comm.reduce_scatter_sum_device(&send, &mut recv).map_err(e)?;
-    check_mismatch("reduce_scatter_sum_device", &check_download(&s, &recv)?, |i| ranks_sum * (rank * b + i) as f32 * 0.5)?;
+    check_mismatch("reduce_scatter_sum_device", &check_download(&s, &recv)?, |i| {
+        ranks_sum * (rank * b + i) as f32 * 0.5
+    })?;
     let mine = check_upload(&s, &(0..b).map(|i| (rank * 10_000 + i) as f32).collect::<Vec<_>>())?;
     let mut all = s.alloc_zeros::<f32>(n * b).map_err(|e| e.to_string())?;
     comm.all_gather_device(&mine, &mut all).map_err(e)?;
@@ -890,7 +957,9 @@ pub fn check_collectives(comm: &NcclComm) -> std::result::Result<(), String> {
     }
     let mut again = check_upload(&s, &[1.0, 2.0])?;
     comm.all_reduce_sum_device(&mut again).map_err(e)?;
-    check_mismatch("all_reduce_sum_device after the error paths", &check_download(&s, &again)?, |i| (i + 1) as f32 * n as f32)?;
+    check_mismatch("all_reduce_sum_device after the error paths", &check_download(&s, &again)?, |i| {
+        (i + 1) as f32 * n as f32
+    })?;
     Ok(())
 }
 
@@ -916,6 +985,8 @@ pub fn all_reduce_seconds(comm: &NcclComm, mib: usize, iters: usize) -> std::res
     s.memcpy_htod(&pattern, &mut buf).map_err(|e| format!("copy to the GPU: {e}"))?;
     comm.all_reduce_sum_device(&mut buf).map_err(e)?;
     let ranks_sum = (n * (n + 1) / 2) as f32;
-    check_mismatch(&format!("all_reduce_sum_device of {mib} MiB"), &check_download(&s, &buf)?, |i| ranks_sum * (i % 1024) as f32)?;
+    check_mismatch(&format!("all_reduce_sum_device of {mib} MiB"), &check_download(&s, &buf)?, |i| {
+        ranks_sum * (i % 1024) as f32
+    })?;
     Ok(per_call)
 }

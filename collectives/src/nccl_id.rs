@@ -48,7 +48,8 @@ mod tests {
 
     /// Bytes whose f32 words include NaNs (quiet and signalling), infinities, subnormals, -0.
     fn awkward_id() -> [u8; NCCL_ID_BYTES] {
-        let words: [u32; 8] = [0x7FC0_0001, 0x7F80_0001, 0xFFFF_FFFF, 0x7F80_0000, 0x0000_0001, 0x8000_0000, 0, 0x1234_5678];
+        let words: [u32; 8] =
+            [0x7FC0_0001, 0x7F80_0001, 0xFFFF_FFFF, 0x7F80_0000, 0x0000_0001, 0x8000_0000, 0, 0x1234_5678];
         let mut id = [0u8; NCCL_ID_BYTES];
         for (i, b) in id.chunks_exact_mut(4).enumerate() {
             b.copy_from_slice(&(words[i % 8] ^ ((i as u32) << 24)).to_le_bytes());

@@ -92,4 +92,3 @@ mod tests {
         assert_eq!(one.world_size(), 1);
     }
 }
-

@@ -75,10 +75,14 @@ fn mpirun(name: &str, np: usize, limit: Duration) -> Job {
         std::thread::sleep(Duration::from_millis(20));
     };
     let elapsed = start.elapsed();
-    let job = Job { code: status.and_then(|s| s.code()), stdout: out.join().unwrap(), stderr: err.join().unwrap(), elapsed };
+    let job =
+        Job { code: status.and_then(|s| s.code()), stdout: out.join().unwrap(), stderr: err.join().unwrap(), elapsed };
     eprintln!("`mpirun -np {np} … {name}`: exit {:?} after {:.2} s", job.code, job.elapsed.as_secs_f64());
     if status.is_none() {
-        panic!("{name}: the MPI job still ran after {limit:?}; killed.\nstdout:\n{}\nstderr:\n{}", job.stdout, job.stderr);
+        panic!(
+            "{name}: the MPI job still ran after {limit:?}; killed.\nstdout:\n{}\nstderr:\n{}",
+            job.stdout, job.stderr
+        );
     }
     job
 }
@@ -132,6 +136,10 @@ fn watchdog_aborts_a_collective_that_a_rank_never_joins() {
     assert!(job.code.is_some_and(|c| c != 0), "exit {:?}; stderr:\n{}", job.code, job.stderr);
     assert!(job.elapsed < Duration::from_secs(30), "took {:?}", job.elapsed);
     assert!(job.elapsed >= Duration::from_secs(2), "aborted before the timeout: {:?}", job.elapsed);
-    assert!(job.stderr.contains("rank 0: collective all_reduce_sum waited more than 2 s; aborting the job"), "stderr:\n{}", job.stderr);
+    assert!(
+        job.stderr.contains("rank 0: collective all_reduce_sum waited more than 2 s; aborting the job"),
+        "stderr:\n{}",
+        job.stderr
+    );
     assert!(!job.stderr.contains("returned, which it must not"), "{}", job.stderr);
 }

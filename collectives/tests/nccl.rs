@@ -44,7 +44,10 @@ mod gpu {
             eprintln!("SKIPPED: NCCL tests need --features cuda and a GPU ({reason})");
             return None;
         }
-        Some(NcclComm::new(Box::new(SingleProcess), 0, Some(Duration::from_secs(60))).expect("NcclComm over SingleProcess"))
+        Some(
+            NcclComm::new(Box::new(SingleProcess), 0, Some(Duration::from_secs(60)))
+                .expect("NcclComm over SingleProcess"),
+        )
     }
 
     fn stream(c: &NcclComm) -> &Arc<CudaStream> {
@@ -144,7 +147,10 @@ mod gpu {
         let mut recv = s.alloc_zeros::<f32>(4).unwrap();
         let err = c.reduce_scatter_sum_device(&send, &mut recv).expect_err("5 against 4 must fail").to_string();
         assert!(err.contains("1 × 4 elements, got 5"), "{err}");
-        let err = c.all_gather_device(&recv, &mut s.alloc_zeros::<f32>(3).unwrap()).expect_err("4 into 3 must fail").to_string();
+        let err = c
+            .all_gather_device(&recv, &mut s.alloc_zeros::<f32>(3).unwrap())
+            .expect_err("4 into 3 must fail")
+            .to_string();
         assert!(err.contains("1 × 4 elements, got 3"), "{err}");
         // Host path alike.
         assert!(c.reduce_scatter_sum(&[1.0; 5], &mut [0.0; 4]).is_err());

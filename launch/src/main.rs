@@ -19,7 +19,11 @@ use std::path::PathBuf;
 mod bench;
 
 #[derive(Parser)]
-#[command(name = "kutta", version, about = "Data-parallel neural-network training with Runge-Kutta solvers of the gradient flow")]
+#[command(
+    name = "kutta",
+    version,
+    about = "Data-parallel neural-network training with Runge-Kutta solvers of the gradient flow"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -330,7 +334,10 @@ fn print_tableaux(json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!("{:<10} {:>6} {:>6} {:>9} {:>5} {:>9} {:>10}", "method", "stages", "order", "embedded", "fsal", "resident", "streaming");
+    println!(
+        "{:<10} {:>6} {:>6} {:>9} {:>5} {:>9} {:>10}",
+        "method", "stages", "order", "embedded", "fsal", "resident", "streaming"
+    );
     for r in &rows {
         println!(
             "{:<10} {:>6} {:>6} {:>9} {:>5} {:>9} {:>10}",

@@ -78,7 +78,8 @@ fn rk4_trains_the_mlp_on_real_fashion_mnist() {
     for key in ["step", "epoch", "train_loss", "h", "grad_evals", "wall_s"] {
         assert!(lines[0].get(key).is_some(), "metrics line lacks {key}");
     }
-    let evaluated: Vec<u64> = lines.iter().filter(|l| l.get("test_accuracy").is_some()).map(|l| l["step"].as_u64().unwrap()).collect();
+    let evaluated: Vec<u64> =
+        lines.iter().filter(|l| l.get("test_accuracy").is_some()).map(|l| l["step"].as_u64().unwrap()).collect();
     assert_eq!(evaluated, vec![200, 400]);
     // The resolved config round-trips through the binary's parser.
     let resolved = std::fs::read_to_string(out.join("config.toml")).unwrap();
@@ -140,7 +141,11 @@ fn resume_adam_is_bit_identical() {
 
 #[test]
 fn resume_error_controlled_dopri54_is_bit_identical() {
-    resume_is_bit_identical(&["optimizer.tableau=dopri54", "optimizer.step_size=error-controlled", "optimizer.lr=0.05"]);
+    resume_is_bit_identical(&[
+        "optimizer.tableau=dopri54",
+        "optimizer.step_size=error-controlled",
+        "optimizer.lr=0.05",
+    ]);
 }
 
 #[test]
@@ -205,7 +210,12 @@ fn corrupt_data_files_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
-    for f in ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"] {
+    for f in [
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ] {
         std::fs::copy(Path::new(FASHION).join(f), data.join(f)).unwrap();
     }
     // Truncate the raw (decompressed) label file: write it uncompressed and cut it short.

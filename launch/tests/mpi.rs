@@ -14,7 +14,10 @@ fn enabled() -> bool {
         eprintln!("SKIPPED: kutta was built without the `mpi` feature; run cargo test --workspace --features mpi");
         return false;
     }
-    assert!(Path::new(FASHION).join("train-images-idx3-ubyte.gz").is_file(), "Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist");
+    assert!(
+        Path::new(FASHION).join("train-images-idx3-ubyte.gz").is_file(),
+        "Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist"
+    );
     true
 }
 
@@ -25,7 +28,12 @@ fn kutta() -> Command {
 }
 
 fn config() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("configs/fashion_mnist_mlp.toml").to_string_lossy().into_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .join("configs/fashion_mnist_mlp.toml")
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn small(steps: u64, extra: &[&str]) -> Vec<String> {
@@ -94,7 +102,12 @@ fn two_ranks_under_mpirun_match_one_process() {
         ("adam", vec!["optimizer.kind=adam", "optimizer.lr=0.001"]),
         (
             "rk4+modified-adagrad+momentum+dalr",
-            vec!["optimizer.preconditioner=modified-adagrad", "optimizer.momentum=0.9", "optimizer.step_size=dalr", "optimizer.lr=0.5"],
+            vec![
+                "optimizer.preconditioner=modified-adagrad",
+                "optimizer.momentum=0.9",
+                "optimizer.step_size=dalr",
+                "optimizer.lr=0.5",
+            ],
         ),
     ] {
         let dir = tempfile::tempdir().unwrap();
@@ -104,7 +117,8 @@ fn two_ranks_under_mpirun_match_one_process() {
         let d = rel_diff(&theta(&one), &theta(&two));
         eprintln!("{name}: largest relative difference 1 vs 2 ranks after 8 steps: {d:e}");
         assert!(d <= 1e-5, "{name}: {d:e} > 1e-5");
-        let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(two.join("summary.json")).unwrap()).unwrap();
+        let s: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(two.join("summary.json")).unwrap()).unwrap();
         assert_eq!(s["status"], "completed");
     }
 }
@@ -120,20 +134,30 @@ fn sharded_optimizer_under_mpirun_matches_unsharded() {
     for (name, extra) in [
         (
             "rk4+modified-adagrad+momentum+dalr",
-            vec!["optimizer.preconditioner=modified-adagrad", "optimizer.momentum=0.9", "optimizer.step_size=dalr", "optimizer.lr=0.5"],
+            vec![
+                "optimizer.preconditioner=modified-adagrad",
+                "optimizer.momentum=0.9",
+                "optimizer.step_size=dalr",
+                "optimizer.lr=0.5",
+            ],
         ),
-        ("dopri54 error-controlled", vec!["optimizer.tableau=dopri54", "optimizer.step_size=error-controlled", "optimizer.lr=0.5"]),
+        (
+            "dopri54 error-controlled",
+            vec!["optimizer.tableau=dopri54", "optimizer.step_size=error-controlled", "optimizer.lr=0.5"],
+        ),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let one = dir.path().join("one");
         ok(&train(0, &one, 6, &extra));
         for ranks in [2, 3] {
-            let (plain, sharded) = (dir.path().join(format!("plain{ranks}")), dir.path().join(format!("sharded{ranks}")));
+            let (plain, sharded) =
+                (dir.path().join(format!("plain{ranks}")), dir.path().join(format!("sharded{ranks}")));
             ok(&train(ranks, &plain, 6, &extra));
             let mut with_shard = extra.clone();
             with_shard.push("train.shard_optimizer=true");
             ok(&train(ranks, &sharded, 6, &with_shard));
-            let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(sharded.join("summary.json")).unwrap()).unwrap();
+            let s: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(sharded.join("summary.json")).unwrap()).unwrap();
             assert_eq!(s["optimizer_shards"], ranks, "{name}: the run was not sharded");
             let d_plain = rel_diff(&theta(&plain), &theta(&sharded));
             let d_one = rel_diff(&theta(&one), &theta(&sharded));
@@ -164,7 +188,9 @@ fn checkpoints_resume_across_world_sizes_under_mpirun() {
 
 /// The environment of a process, from /proc.
 fn environ(pid: u32) -> String {
-    std::fs::read(format!("/proc/{pid}/environ")).map(|b| String::from_utf8_lossy(&b).replace('\0', "\n")).unwrap_or_default()
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', "\n"))
+        .unwrap_or_default()
 }
 
 /// The pid of rank `rank` of the job whose command line mentions `run` (its run folder's name).
@@ -173,8 +199,11 @@ fn rank_pid(run: &str, rank: usize) -> u32 {
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .find(|&pid| {
-            let cmd = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default()).into_owned();
-            cmd.contains(run) && !cmd.contains("launch") && environ(pid).contains(&format!("OMPI_COMM_WORLD_RANK={rank}\n"))
+            let cmd = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default())
+                .into_owned();
+            cmd.contains(run)
+                && !cmd.contains("launch")
+                && environ(pid).contains(&format!("OMPI_COMM_WORLD_RANK={rank}\n"))
         })
         .unwrap_or_else(|| panic!("rank {rank} process of {run}"))
 }
@@ -217,7 +246,10 @@ fn a_killed_rank_ends_the_job_within_30_seconds() {
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
     eprintln!("job ended {:.2} s after SIGKILL of rank 1 (exit {status:?})", took.as_secs_f64());
     assert!(!status.success());
-    assert!(err.contains("rank 1") || err.contains("signal 9") || err.contains("Killed"), "no message naming the rank and cause: {err}");
+    assert!(
+        err.contains("rank 1") || err.contains("signal 9") || err.contains("Killed"),
+        "no message naming the rank and cause: {err}"
+    );
 }
 
 #[test]
@@ -270,7 +302,8 @@ fn a_signal_to_one_rank_stops_every_rank_after_the_same_step() {
         let err = String::from_utf8_lossy(&o.stderr);
         let whom = if to_launcher { "kutta launch" } else { "rank 1" };
         assert_eq!(o.status.code(), Some(status), "SIG{sig} to {whom}: {err}");
-        let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+        let s: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
         // The ranks got the launcher's signal as SIGUSR1 through mpirun.
         let seen = if to_launcher { "SIGUSR1".to_string() } else { format!("SIG{sig}") };
         assert_eq!((s["status"].as_str(), s["signal"].as_str()), (Some("interrupted"), Some(seen.as_str())), "{s}");
@@ -280,7 +313,8 @@ fn a_signal_to_one_rank_stops_every_rank_after_the_same_step() {
         assert_eq!(kutta_trainer::checkpoint::step_of(&newest), Some(stopped));
         ok(&resume(2, &out, STEPS));
         assert!(
-            std::fs::read(out.join("model.safetensors")).unwrap() == std::fs::read(straight.join("model.safetensors")).unwrap(),
+            std::fs::read(out.join("model.safetensors")).unwrap()
+                == std::fs::read(straight.join("model.safetensors")).unwrap(),
             "SIG{sig} to {whom} after step {stopped}: the resumed run differs from the uninterrupted one"
         );
         eprintln!("SIG{sig} to {whom}: exit {status}, every rank stopped after step {stopped}, resume bit-identical");

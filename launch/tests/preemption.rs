@@ -51,7 +51,13 @@ fn ok(o: &Output) {
 }
 
 fn resume(path: &Path, steps: u64) -> Output {
-    kutta(&["train".into(), "--resume".into(), path.to_string_lossy().into_owned(), "--set".into(), format!("train.steps={steps}")])
+    kutta(&[
+        "train".into(),
+        "--resume".into(),
+        path.to_string_lossy().into_owned(),
+        "--set".into(),
+        format!("train.steps={steps}"),
+    ])
 }
 
 fn summary(dir: &Path) -> serde_json::Value {
@@ -68,7 +74,11 @@ fn checkpoint_steps(dir: &Path) -> Vec<u64> {
 }
 
 fn temp_files(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir).unwrap().filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.ends_with(".tmp")).collect()
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect()
 }
 
 /// Lines in metrics.jsonl so far (0 while the file does not exist).
@@ -151,15 +161,28 @@ fn signals_stop_cleanly_and_the_resumed_run_is_bit_identical() {
         assert_eq!(s["signal"], format!("SIG{sig}"));
         let stopped = s["steps"].as_u64().unwrap();
         assert!((10..STEPS).contains(&stopped), "SIG{sig}: stopped after step {stopped}");
-        assert_eq!(kutta_trainer::checkpoint::step_of(&checkpoints(&out)[0]), Some(stopped), "SIG{sig}: no checkpoint of the last step");
-        assert!(err.contains(&format!("interrupted by SIG{sig} after step {stopped}")) && err.contains("kutta train --resume"), "{err}");
+        assert_eq!(
+            kutta_trainer::checkpoint::step_of(&checkpoints(&out)[0]),
+            Some(stopped),
+            "SIG{sig}: no checkpoint of the last step"
+        );
+        assert!(
+            err.contains(&format!("interrupted by SIG{sig} after step {stopped}"))
+                && err.contains("kutta train --resume"),
+            "{err}"
+        );
         assert!(!out.join("model.safetensors").exists(), "an interrupted run has no final weights");
         // The metrics stop at the same step, and the run continues from there.
-        let last: serde_json::Value = serde_json::from_str(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().last().unwrap()).unwrap();
+        let last: serde_json::Value =
+            serde_json::from_str(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().last().unwrap())
+                .unwrap();
         assert_eq!(last["step"].as_u64(), Some(stopped));
         ok(&resume(&out, STEPS));
         assert_eq!(summary(&out)["status"], "completed");
-        assert!(std::fs::read(out.join("model.safetensors")).unwrap() == want, "SIG{sig}: resumed after step {stopped}, weights differ from the uninterrupted run");
+        assert!(
+            std::fs::read(out.join("model.safetensors")).unwrap() == want,
+            "SIG{sig}: resumed after step {stopped}, weights differ from the uninterrupted run"
+        );
         eprintln!("SIG{sig}: exit {status}, stopped after step {stopped}, resumed bit-identical");
     }
 }
@@ -189,7 +212,10 @@ fn a_second_signal_exits_at_once_and_leaves_the_checkpoints_intact() {
         during_write += usize::from(err.contains("removed the partial write"));
         assert!(temp_files(&out).is_empty(), "temporary files left: {:?}", temp_files(&out));
         ok(&resume(&out, STEPS));
-        assert!(std::fs::read(out.join("model.safetensors")).unwrap() == want, "after a second signal the resumed run differs");
+        assert!(
+            std::fs::read(out.join("model.safetensors")).unwrap() == want,
+            "after a second signal the resumed run differs"
+        );
     }
     eprintln!("second signal: 4 of 4 exited at once, {during_write} of them during a checkpoint write; every resume bit-identical");
     assert!(during_write >= 1, "no second signal landed during a checkpoint write");
@@ -316,7 +342,12 @@ fn a_hundred_byte_flips_in_a_checkpoint_are_all_detected() {
     let files = checkpoints(&run);
     assert_eq!(files.len(), 1, "keep_checkpoints = 1: {files:?}");
     let ck = files[0].clone();
-    let names: Vec<String> = safetensors::SafeTensors::deserialize(&std::fs::read(&ck).unwrap()).unwrap().names().into_iter().map(String::from).collect();
+    let names: Vec<String> = safetensors::SafeTensors::deserialize(&std::fs::read(&ck).unwrap())
+        .unwrap()
+        .names()
+        .into_iter()
+        .map(String::from)
+        .collect();
     assert!(names.len() >= 3, "θ and the optimizer's G and m: {names:?}");
     let mut rng = SplitMix(11);
     let detected = detect_flips(&ck, &mut rng, || resume(&run, 12));
@@ -364,13 +395,19 @@ fn a_newest_damaged_checkpoint_names_the_newest_intact_one() {
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     let advice = format!("kutta train --resume {}", files[1].display());
-    assert!(err.contains("checkpoint-00000009.safetensors") && err.contains("damaged") && err.contains(&advice), "{err}");
+    assert!(
+        err.contains("checkpoint-00000009.safetensors") && err.contains("damaged") && err.contains(&advice),
+        "{err}"
+    );
     // Following the advice continues from step 6 and sets the damaged file aside (not deleted).
     ok(&resume(&files[1], 12));
     assert!(run.join("checkpoint-00000009.safetensors.damaged").is_file());
     let straight = dir.path().join("straight");
     ok(&kutta(&train_args(&straight, 12, &["train.checkpoint_every=3"])));
-    assert!(std::fs::read(run.join("model.safetensors")).unwrap() == std::fs::read(straight.join("model.safetensors")).unwrap());
+    assert!(
+        std::fs::read(run.join("model.safetensors")).unwrap()
+            == std::fs::read(straight.join("model.safetensors")).unwrap()
+    );
     assert_eq!(checkpoint_steps(&run), [12, 9, 6], "keep_checkpoints = 3 after the resumed run");
 }
 
@@ -386,7 +423,8 @@ fn a_checkpoint_write_that_fails_part_way_leaves_the_previous_one_intact() {
     assert!(newest.len() > 400 << 10, "the checkpoint ({} bytes) must exceed the limit below", newest.len());
     // A file-size limit of 200 KiB: metrics.jsonl and config.toml stay under it, the next
     // checkpoint (step 9) does not. `ulimit -f` counts 1 KiB blocks; no root needed.
-    let args: Vec<String> = ["train", "--resume", run.to_str().unwrap(), "--set", "train.steps=12"].iter().map(|s| s.to_string()).collect();
+    let args: Vec<String> =
+        ["train", "--resume", run.to_str().unwrap(), "--set", "train.steps=12"].iter().map(|s| s.to_string()).collect();
     let o = Command::new("bash")
         .arg("-c")
         .arg("ulimit -f 200 && exec \"$0\" \"$@\"")
@@ -399,7 +437,10 @@ fn a_checkpoint_write_that_fails_part_way_leaves_the_previous_one_intact() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(!err.contains("panicked"), "{err}");
     let line = err.lines().find(|l| l.contains("error:")).unwrap_or_else(|| panic!("no error line: {err}"));
-    assert!(line.contains("checkpoint of step 9 not written") && line.contains("checkpoint-00000009.safetensors"), "{line}");
+    assert!(
+        line.contains("checkpoint of step 9 not written") && line.contains("checkpoint-00000009.safetensors"),
+        "{line}"
+    );
     assert_eq!(line.matches("File too large").count(), 1, "the cause once: {line}");
     assert!(line.contains(&format!("{} is intact", before[0].display())), "{line}");
     assert!(temp_files(&run).is_empty(), "temporary files left: {:?}", temp_files(&run));
@@ -411,5 +452,8 @@ fn a_checkpoint_write_that_fails_part_way_leaves_the_previous_one_intact() {
     ok(&resume(&run, 12));
     let straight = dir.path().join("straight");
     ok(&kutta(&train_args(&straight, 12, &extra)));
-    assert!(std::fs::read(run.join("model.safetensors")).unwrap() == std::fs::read(straight.join("model.safetensors")).unwrap());
+    assert!(
+        std::fs::read(run.join("model.safetensors")).unwrap()
+            == std::fs::read(straight.join("model.safetensors")).unwrap()
+    );
 }

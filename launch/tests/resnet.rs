@@ -17,9 +17,9 @@ use kutta_trainer::model::{self, Pass};
 const MIN_ACCURACY: f64 = 0.74;
 
 fn torch_python() -> Option<PathBuf> {
-    let p = std::env::var_os("KUTTA_TORCH_PYTHON").map(PathBuf::from).or_else(|| {
-        std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/kutta/torch-venv/bin/python"))
-    })?;
+    let p = std::env::var_os("KUTTA_TORCH_PYTHON")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/kutta/torch-venv/bin/python")))?;
     p.is_file().then_some(p)
 }
 
@@ -38,9 +38,13 @@ fn resnet18_trains_on_real_images_and_matches_torchvision() {
         .unwrap();
     let secs = t0.elapsed().as_secs_f64();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     let acc = summary["final_test_accuracy"].as_f64().unwrap();
-    eprintln!("resnet18 width 8, 300 steps of batch 64 on Fashion-MNIST: test accuracy {:.2} % in {secs:.0} s", acc * 100.0);
+    eprintln!(
+        "resnet18 width 8, 300 steps of batch 64 on Fashion-MNIST: test accuracy {:.2} % in {secs:.0} s",
+        acc * 100.0
+    );
     assert!(acc >= MIN_ACCURACY, "test accuracy {acc} < {MIN_ACCURACY}");
     assert!(summary["model"].as_str().unwrap().starts_with("resnet18"), "{summary}");
 
@@ -77,7 +81,15 @@ fn resnet18_trains_on_real_images_and_matches_torchvision() {
     std::fs::write(&io, safetensors::serialize(views, None).unwrap()).unwrap();
     let check = Command::new(python)
         .arg(repo_path("scripts/torchvision_resnet.py"))
-        .args(["check", "--weights", out.join("model.safetensors").to_str().unwrap(), "--inputs", io.to_str().unwrap(), "--tol", "1e-4"])
+        .args([
+            "check",
+            "--weights",
+            out.join("model.safetensors").to_str().unwrap(),
+            "--inputs",
+            io.to_str().unwrap(),
+            "--tol",
+            "1e-4",
+        ])
         .output()
         .unwrap();
     let report = String::from_utf8_lossy(&check.stdout);

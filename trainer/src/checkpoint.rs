@@ -134,7 +134,8 @@ impl ResumePoint {
             }
             let dir = run_folder(path);
             let checkpoint = Checkpoint::load(path)?;
-            let newer = list(&dir)?.into_iter().filter(|p| step_of(p).is_some_and(|s| s > checkpoint.meta.step)).collect();
+            let newer =
+                list(&dir)?.into_iter().filter(|p| step_of(p).is_some_and(|s| s > checkpoint.meta.step)).collect();
             return Ok(ResumePoint { dir, file: path.to_path_buf(), checkpoint, newer });
         }
         let dir = path.to_path_buf();
@@ -156,7 +157,9 @@ impl ResumePoint {
                 p.display(),
                 p.display()
             ),
-            None if all.len() > 1 => format!("; none of the {} older checkpoints in {} is intact either", all.len() - 1, dir.display()),
+            None if all.len() > 1 => {
+                format!("; none of the {} older checkpoints in {} is intact either", all.len() - 1, dir.display())
+            }
             None => format!("; it is the only checkpoint in {}", dir.display()),
         };
         Err(damage.context("the newest checkpoint cannot be used").advise(advice))
@@ -242,19 +245,26 @@ impl Checkpoint {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let bad = |msg: String| Error::checkpoint(path, msg);
         let verified = integrity::verify(&bytes).map_err(bad)?;
-        let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a valid safetensors file ({e}); corrupt or truncated")))?;
+        let (_, header) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| bad(format!("not a valid safetensors file ({e}); corrupt or truncated")))?;
         let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("corrupt: {e}")))?;
         let meta_json = header
             .metadata()
             .as_ref()
             .and_then(|m| m.get(META_KEY))
             .ok_or_else(|| bad("no kutta metadata: this is not a kutta checkpoint".into()))?;
-        let mut meta: CheckpointMeta = serde_json::from_str(meta_json).map_err(|e| bad(format!("bad metadata: {e}")))?;
+        let mut meta: CheckpointMeta =
+            serde_json::from_str(meta_json).map_err(|e| bad(format!("bad metadata: {e}")))?;
         match (meta.format_version, verified) {
-            (1, _) => tracing::warn!("{}: written by an earlier kutta without checksums; loaded unverified", path.display()),
+            (1, _) => {
+                tracing::warn!("{}: written by an earlier kutta without checksums; loaded unverified", path.display())
+            }
             (FORMAT_VERSION, Verified::Intact) => {}
             (FORMAT_VERSION, Verified::Unchecked) => {
-                return Err(bad("the header is damaged: its checksums are missing (every checkpoint of this format carries them)".into()))
+                return Err(bad(
+                    "the header is damaged: its checksums are missing (every checkpoint of this format carries them)"
+                        .into(),
+                ))
             }
             (v, _) => return Err(bad(format!("format version {v} (this kutta reads 1 and {FORMAT_VERSION})"))),
         }

@@ -82,7 +82,23 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        Self { steps: 10_000, batch_size: 16, seed: 0, eval_every: 500, checkpoint_every: 1000, keep_checkpoints: 2, log_every: 10, eval_chunk: 1000, micro_batch: 0, recompute: false, shard_optimizer: false, label_smoothing: 0.0, device: Default::default(), gpu: None, gpu_solver: true }
+        Self {
+            steps: 10_000,
+            batch_size: 16,
+            seed: 0,
+            eval_every: 500,
+            checkpoint_every: 1000,
+            keep_checkpoints: 2,
+            log_every: 10,
+            eval_chunk: 1000,
+            micro_batch: 0,
+            recompute: false,
+            shard_optimizer: false,
+            label_smoothing: 0.0,
+            device: Default::default(),
+            gpu: None,
+            gpu_solver: true,
+        }
     }
 }
 
@@ -203,7 +219,8 @@ impl Config {
     }
 
     pub fn from_toml_str(text: &str, overrides: &[String]) -> Result<Config> {
-        let mut tree: toml::Table = text.parse().map_err(|e: toml::de::Error| Error::ConfigFile(format!("invalid TOML: {e}")))?;
+        let mut tree: toml::Table =
+            text.parse().map_err(|e: toml::de::Error| Error::ConfigFile(format!("invalid TOML: {e}")))?;
         for o in overrides {
             apply_override(&mut tree, o)?;
         }
@@ -235,14 +252,20 @@ impl Config {
         let o = &self.optimizer;
         if o.tableau == "custom" {
             let spec = o.custom_tableau.as_ref().ok_or_else(|| {
-                Error::config("optimizer.custom_tableau", "optimizer.tableau = \"custom\" needs an [optimizer.custom_tableau] table with a and b")
+                Error::config(
+                    "optimizer.custom_tableau",
+                    "optimizer.tableau = \"custom\" needs an [optimizer.custom_tableau] table with a and b",
+                )
             })?;
             Tableau::custom(spec)
         } else {
             if o.custom_tableau.is_some() {
                 return Err(Error::config(
                     "optimizer.custom_tableau",
-                    format!("given, but optimizer.tableau = {:?}; set optimizer.tableau = \"custom\" to use it", o.tableau),
+                    format!(
+                        "given, but optimizer.tableau = {:?}; set optimizer.tableau = \"custom\" to use it",
+                        o.tableau
+                    ),
                 ));
             }
             Tableau::builtin(&o.tableau).map_err(|e| Error::config("optimizer.tableau", e.to_string()))
@@ -251,10 +274,18 @@ impl Config {
 
     pub fn validate(&self) -> Result<()> {
         let positive = |key: &str, v: f64| -> Result<()> {
-            if v.is_finite() && v > 0.0 { Ok(()) } else { Err(Error::config(key, format!("must be a positive number, got {v}"))) }
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(Error::config(key, format!("must be a positive number, got {v}")))
+            }
         };
         let unit = |key: &str, v: f64| -> Result<()> {
-            if (0.0..1.0).contains(&v) { Ok(()) } else { Err(Error::config(key, format!("must be in [0, 1), got {v}"))) }
+            if (0.0..1.0).contains(&v) {
+                Ok(())
+            } else {
+                Err(Error::config(key, format!("must be in [0, 1), got {v}")))
+            }
         };
         crate::model::registry::validate(&self.model)?;
         if let Some(p) = &self.model.init {
@@ -263,17 +294,26 @@ impl Config {
             }
         }
         if self.data.coarse_labels && self.data.format != DataFormat::Cifar100 {
-            return Err(Error::config("data.coarse_labels", "only CIFAR-100 has coarse labels (data.format = \"cifar100\")"));
+            return Err(Error::config(
+                "data.coarse_labels",
+                "only CIFAR-100 has coarse labels (data.format = \"cifar100\")",
+            ));
         }
         if self.data.augment != Augment::None && self.data.format == DataFormat::Idx {
             // Works (the crop is taken from the padded image as for CIFAR), but say what it does.
             tracing::debug!("data.augment on IDX images: pad 4, crop, flip as for CIFAR");
         }
         if !(0.0..1.0).contains(&self.train.label_smoothing) {
-            return Err(Error::config("train.label_smoothing", format!("must be in [0, 1), got {}", self.train.label_smoothing)));
+            return Err(Error::config(
+                "train.label_smoothing",
+                format!("must be in [0, 1), got {}", self.train.label_smoothing),
+            ));
         }
         if !(self.optimizer.l2 >= 0.0 && self.optimizer.l2.is_finite()) {
-            return Err(Error::config("optimizer.l2", format!("must be a finite number ≥ 0, got {}", self.optimizer.l2)));
+            return Err(Error::config(
+                "optimizer.l2",
+                format!("must be a finite number ≥ 0, got {}", self.optimizer.l2),
+            ));
         }
         if self.data.train_subset == Some(0) {
             return Err(Error::config("data.train_subset", "must be at least 1"));
@@ -288,11 +328,17 @@ impl Config {
         if let Some(n) = self.data.train_subset {
             if t.batch_size > n {
                 // Allowed by the sampler (batches straddle epochs), but almost always a mistake.
-                return Err(Error::config("train.batch_size", format!("{} is larger than data.train_subset = {n}", t.batch_size)));
+                return Err(Error::config(
+                    "train.batch_size",
+                    format!("{} is larger than data.train_subset = {n}", t.batch_size),
+                ));
             }
         }
         if t.keep_checkpoints == 0 {
-            return Err(Error::config("train.keep_checkpoints", "must be at least 1 (the checkpoint a run stops with is always kept)"));
+            return Err(Error::config(
+                "train.keep_checkpoints",
+                "must be at least 1 (the checkpoint a run stops with is always kept)",
+            ));
         }
         if t.log_every == 0 {
             return Err(Error::config("train.log_every", "must be at least 1"));
@@ -316,15 +362,24 @@ impl Config {
                 if o.step_size == StepSizeKind::ErrorControlled {
                     let ec = &o.error_control;
                     if !(ec.atol >= 0.0 && ec.rtol >= 0.0 && ec.atol + ec.rtol > 0.0) {
-                        return Err(Error::config("optimizer.error_control.atol", "atol and rtol must be ≥ 0 and not both 0"));
+                        return Err(Error::config(
+                            "optimizer.error_control.atol",
+                            "atol and rtol must be ≥ 0 and not both 0",
+                        ));
                     }
                     positive("optimizer.error_control.safety", ec.safety)?;
                     positive("optimizer.error_control.h_max", ec.h_max)?;
                     if !(ec.fmin > 0.0 && ec.fmin < 1.0) {
-                        return Err(Error::config("optimizer.error_control.fmin", format!("must be in (0, 1), got {}", ec.fmin)));
+                        return Err(Error::config(
+                            "optimizer.error_control.fmin",
+                            format!("must be in (0, 1), got {}", ec.fmin),
+                        ));
                     }
                     if ec.fmax <= 1.0 {
-                        return Err(Error::config("optimizer.error_control.fmax", format!("must be > 1, got {}", ec.fmax)));
+                        return Err(Error::config(
+                            "optimizer.error_control.fmax",
+                            format!("must be > 1, got {}", ec.fmax),
+                        ));
                     }
                     if !self.tableau()?.is_embedded() {
                         return Err(Error::config(
@@ -342,13 +397,19 @@ impl Config {
                 ];
                 for (set, key) in only_rk {
                     if set {
-                        return Err(Error::config(key, format!("applies to optimizer.kind = \"rk\" only, not {kind:?}")));
+                        return Err(Error::config(
+                            key,
+                            format!("applies to optimizer.kind = \"rk\" only, not {kind:?}"),
+                        ));
                     }
                 }
                 if kind == OptimizerKind::Momentum {
                     unit("optimizer.momentum", o.momentum)?;
                 } else if o.momentum != 0.0 {
-                    return Err(Error::config("optimizer.momentum", format!("is not used by {kind:?}; use beta1 for the Adam family or kind = \"momentum\"")));
+                    return Err(Error::config(
+                        "optimizer.momentum",
+                        format!("is not used by {kind:?}; use beta1 for the Adam family or kind = \"momentum\""),
+                    ));
                 }
                 if matches!(kind, OptimizerKind::Adam | OptimizerKind::Adamw | OptimizerKind::Nadamw) {
                     unit("optimizer.beta1", o.beta1)?;
@@ -356,7 +417,10 @@ impl Config {
                     positive("optimizer.eps", o.eps)?;
                 }
                 if o.weight_decay != 0.0 && !matches!(kind, OptimizerKind::Adamw | OptimizerKind::Nadamw) {
-                    return Err(Error::config("optimizer.weight_decay", format!("{kind:?} has no decoupled weight decay; use adamw or nadamw")));
+                    return Err(Error::config(
+                        "optimizer.weight_decay",
+                        format!("{kind:?} has no decoupled weight decay; use adamw or nadamw"),
+                    ));
                 }
             }
         }
@@ -364,7 +428,10 @@ impl Config {
             return Err(Error::config("optimizer.weight_decay", "must be ≥ 0"));
         }
         if o.step_size == StepSizeKind::Cosine && o.warmup_steps >= t.steps {
-            return Err(Error::config("optimizer.warmup_steps", format!("{} leaves no steps after warm-up (train.steps = {})", o.warmup_steps, t.steps)));
+            return Err(Error::config(
+                "optimizer.warmup_steps",
+                format!("{} leaves no steps after warm-up (train.steps = {})", o.warmup_steps, t.steps),
+            ));
         }
         if !(0.0..=1.0).contains(&o.min_lr_fraction) {
             return Err(Error::config("optimizer.min_lr_fraction", "must be in [0, 1]"));
@@ -478,8 +545,11 @@ mod tests {
     fn changed_keys_names_every_differing_key_and_only_those() {
         let a = Config::from_toml_str("", &[]).unwrap();
         assert!(a.changed_keys(&a.clone()).is_empty());
-        let b = Config::from_toml_str("", &["optimizer.lr=0.5".into(), "train.steps=7".into(), "data.shuffle=false".into()])
-            .unwrap();
+        let b = Config::from_toml_str(
+            "",
+            &["optimizer.lr=0.5".into(), "train.steps=7".into(), "data.shuffle=false".into()],
+        )
+        .unwrap();
         assert_eq!(a.changed_keys(&b), ["data.shuffle", "optimizer.lr", "train.steps"]);
         assert_eq!(b.changed_keys(&a), a.changed_keys(&b));
         // Every resumable key is a real key: changing it shows up under that name.
@@ -513,10 +583,17 @@ mod tests {
 
     #[test]
     fn overrides_apply_and_are_typed() {
-        let sets: Vec<String> = ["optimizer.kind=adam", "optimizer.lr=0.001", "train.steps=7", "data.shuffle=false", "model.hidden=[32, 16]", "optimizer.dalr.estimator=finite-difference"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let sets: Vec<String> = [
+            "optimizer.kind=adam",
+            "optimizer.lr=0.001",
+            "train.steps=7",
+            "data.shuffle=false",
+            "model.hidden=[32, 16]",
+            "optimizer.dalr.estimator=finite-difference",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let c = Config::from_toml_str("[train]\nsteps = 100\n", &sets).unwrap();
         assert_eq!(c.optimizer.kind, OptimizerKind::Adam);
         assert_eq!(c.optimizer.lr, 0.001);
@@ -541,7 +618,9 @@ mod tests {
         assert!(err("", &["optimizer.kind=lbfgs"]).contains("lbfgs"));
         assert!(err("", &["model.kind=resnet"]).contains("model.kind"));
         assert!(err("", &["optimizer.momentum=1.5"]).contains("optimizer.momentum"));
-        assert!(err("", &["optimizer.kind=adam", "optimizer.preconditioner=adagrad"]).contains("optimizer.preconditioner"));
+        assert!(
+            err("", &["optimizer.kind=adam", "optimizer.preconditioner=adagrad"]).contains("optimizer.preconditioner")
+        );
         assert!(err("", &["optimizer.step_size=error-controlled"]).contains("embedded"));
         assert!(err("", &["model.init=/nonexistent/w.safetensors"]).contains("model.init"));
         assert!(err("", &["optimizer.tableau=custom"]).contains("optimizer.custom_tableau"));
@@ -560,7 +639,8 @@ mod tests {
 
     #[test]
     fn resolved_config_round_trips() {
-        let c = Config::from_toml_str("", &["optimizer.kind=adamw".into(), "optimizer.weight_decay=0.01".into()]).unwrap();
+        let c =
+            Config::from_toml_str("", &["optimizer.kind=adamw".into(), "optimizer.weight_decay=0.01".into()]).unwrap();
         let again = Config::from_toml_str(&c.to_toml(), &[]).unwrap();
         assert_eq!(c, again);
     }

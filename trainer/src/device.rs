@@ -44,7 +44,11 @@ pub fn select(kind: DeviceKind, explicit_gpu: Option<usize>, local_rank: usize) 
             let count = cuda_device_count();
             let ordinal = gpu_ordinal(explicit_gpu, local_rank, count);
             if count == 0 || ordinal >= count {
-                let why = if count == 0 { "no CUDA device answers".to_string() } else { format!("GPU {ordinal} asked for, {count} present") };
+                let why = if count == 0 {
+                    "no CUDA device answers".to_string()
+                } else {
+                    format!("GPU {ordinal} asked for, {count} present")
+                };
                 if kind == DeviceKind::Auto && explicit_gpu.is_none() {
                     tracing::info!("train.device = auto: {why}; running on the CPU");
                     return Ok(Device::Cpu);

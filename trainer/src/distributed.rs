@@ -64,7 +64,13 @@ impl ParamSharding {
     }
 
     /// `gather` into a padded vector (length N·B); `send` is scratch for the padded block.
-    fn gather_padded(&self, comm: &dyn Communicator, mine: &[f32], send: &mut Vec<f32>, padded: &mut [f32]) -> Result<()> {
+    fn gather_padded(
+        &self,
+        comm: &dyn Communicator,
+        mine: &[f32],
+        send: &mut Vec<f32>,
+        padded: &mut [f32],
+    ) -> Result<()> {
         let own = self.own();
         if mine.len() != own.len() || padded.len() != self.padded() {
             return Err(Error::internal(format!(
@@ -99,7 +105,11 @@ impl ParamSharding {
         let mut out = OptimizerState { buffers: Vec::new(), scalars: st.scalars.clone() };
         for (name, full) in &st.buffers {
             if full.len() != self.params {
-                return Err(Error::optimizer(format!("state `{name}` has {} entries, the model {}", full.len(), self.params)));
+                return Err(Error::optimizer(format!(
+                    "state `{name}` has {} entries, the model {}",
+                    full.len(),
+                    self.params
+                )));
             }
             out.buffers.push((name.clone(), full[own.clone()].to_vec()));
         }
@@ -141,13 +151,7 @@ type DeviceBuf = crate::kernels::cuda::DeviceBuf;
 
 impl<'a> ShardedField<'a> {
     pub fn new(inner: ModelField<'a>, comm: &'a dyn Communicator) -> Self {
-        Self {
-            inner,
-            comm,
-            l2: None,
-            full: None,
-            gpu: None,
-        }
+        Self { inner, comm, l2: None, full: None, gpu: None }
     }
 
     /// Evaluate on device buffers from now on (`VectorField<f32, CudaSlice<f32>>`, the solver's
@@ -156,13 +160,22 @@ impl<'a> ShardedField<'a> {
     /// with a sharded optimizer (whose blocks live on the host).
     pub fn use_gpu(&mut self, parts: GpuParts) -> Result<()> {
         if self.full.is_some() {
-            return Err(Error::config("train.shard_optimizer", "the sharded optimizer keeps its blocks on the host; it cannot be combined with the GPU solver"));
+            return Err(Error::config(
+                "train.shard_optimizer",
+                "the sharded optimizer keeps its blocks on the host; it cannot be combined with the GPU solver",
+            ));
         }
         if self.comm.world_size() > 1 && parts.nccl.is_none() {
-            return Err(Error::internal(format!("{} ranks on the GPU need an NCCL communicator for the gradient all-reduce", self.comm.world_size())));
+            return Err(Error::internal(format!(
+                "{} ranks on the GPU need an NCCL communicator for the gradient all-reduce",
+                self.comm.world_size()
+            )));
         }
         if self.l2.is_some() {
-            return Err(Error::config("optimizer.l2", "the L2 penalty is not on the GPU solver yet; set train.gpu_solver = false to use it on the GPU"));
+            return Err(Error::config(
+                "optimizer.l2",
+                "the L2 penalty is not on the GPU solver yet; set train.gpu_solver = false to use it on the GPU",
+            ));
         }
         self.inner.use_solver_kernels(&Some(parts.kernels.clone()));
         self.gpu = Some(parts);
@@ -175,7 +188,8 @@ impl<'a> ShardedField<'a> {
     /// (its block is all of θ).
     pub fn shard_optimizer(&mut self, sharding: ParamSharding) {
         let n = sharding.padded();
-        self.full = Some(FullBuffers { theta: vec![0.0; n], grad: vec![0.0; n], block: vec![0.0; sharding.block], sharding });
+        self.full =
+            Some(FullBuffers { theta: vec![0.0; n], grad: vec![0.0; n], block: vec![0.0; sharding.block], sharding });
     }
 
     /// Add an L2 penalty ½·λ·Σ θ_i² over the tensors of rank ≥ 2 of `layout` to the loss, and λ·θ_i
@@ -188,7 +202,10 @@ impl<'a> ShardedField<'a> {
             return Ok(());
         }
         if self.gpu.is_some() {
-            return Err(Error::config("optimizer.l2", "the L2 penalty is not on the GPU solver yet; set train.gpu_solver = false to use it on the GPU"));
+            return Err(Error::config(
+                "optimizer.l2",
+                "the L2 penalty is not on the GPU solver yet; set train.gpu_solver = false to use it on the GPU",
+            ));
         }
         let ranges = layout.params.iter().filter(|p| p.shape.len() >= 2).map(|p| p.range()).collect();
         self.l2 = Some((lambda, ranges));
@@ -293,7 +310,11 @@ impl VectorField<f32> for ShardedField<'_> {
             Some(f) => {
                 let p = f.sharding.params;
                 if grad.len() != theta.len() {
-                    return Err(Error::internal(format!("sharded field: θ block of {} but gradient block of {}", theta.len(), grad.len())));
+                    return Err(Error::internal(format!(
+                        "sharded field: θ block of {} but gradient block of {}",
+                        theta.len(),
+                        grad.len()
+                    )));
                 }
                 f.sharding.gather_padded(self.comm, theta, &mut f.block, &mut f.theta)?;
                 let local = self.inner.eval(&f.theta[..p], &mut f.grad[..p])?;
@@ -333,7 +354,8 @@ impl VectorField<f32, DeviceBuf> for ShardedField<'_> {
     }
 
     fn eval(&mut self, theta: &DeviceBuf, grad: &mut DeviceBuf) -> Result<f64> {
-        let gpu = self.gpu.as_ref().ok_or_else(|| Error::internal("ShardedField: a device evaluation before use_gpu"))?;
+        let gpu =
+            self.gpu.as_ref().ok_or_else(|| Error::internal("ShardedField: a device evaluation before use_gpu"))?;
         let local = self.inner.eval_device(&gpu.kernels, theta, grad)?;
         if let Some(nccl) = &gpu.nccl {
             nccl.all_reduce_sum_device(grad)?;

@@ -56,7 +56,10 @@ fn pattern() -> Vec<u8> {
 }
 
 /// `safetensors::serialize` with the checksums added to `metadata`.
-pub fn serialize(views: Vec<(String, TensorView<'_>)>, mut metadata: HashMap<String, String>) -> Result<Vec<u8>, String> {
+pub fn serialize(
+    views: Vec<(String, TensorView<'_>)>,
+    mut metadata: HashMap<String, String>,
+) -> Result<Vec<u8>, String> {
     let sums: BTreeMap<&str, String> = views.iter().map(|(n, v)| (n.as_str(), hex(crc32c::crc32c(v.data())))).collect();
     metadata.insert(TENSORS_KEY.into(), serde_json::to_string(&sums).map_err(|e| e.to_string())?);
     metadata.insert(HEADER_KEY.into(), String::from_utf8_lossy(PLACEHOLDER).into_owned());
@@ -77,7 +80,8 @@ fn canonical(bytes: Vec<u8>) -> Result<Vec<u8>, String> {
     fn sorted(v: serde_json::Value) -> serde_json::Value {
         match v {
             serde_json::Value::Object(m) => {
-                let mut entries: Vec<(String, serde_json::Value)> = m.into_iter().map(|(k, v)| (k, sorted(v))).collect();
+                let mut entries: Vec<(String, serde_json::Value)> =
+                    m.into_iter().map(|(k, v)| (k, sorted(v))).collect();
                 entries.sort_by(|a, b| a.0.cmp(&b.0));
                 serde_json::Value::Object(entries.into_iter().collect())
             }
@@ -99,12 +103,19 @@ fn canonical(bytes: Vec<u8>) -> Result<Vec<u8>, String> {
 /// `None` when the header has no such entry. Errors describe a damaged length prefix or entry.
 fn locate(bytes: &[u8]) -> Result<Option<(usize, usize)>, String> {
     if bytes.len() < 8 {
-        return Err(format!("the header is damaged or the file truncated: {} bytes, not even the 8-byte header length", bytes.len()));
+        return Err(format!(
+            "the header is damaged or the file truncated: {} bytes, not even the 8-byte header length",
+            bytes.len()
+        ));
     }
     let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
-    let end = usize::try_from(n).ok().and_then(|n| n.checked_add(8)).filter(|&e| e <= bytes.len()).ok_or_else(|| {
-        format!("the header is damaged or the file truncated: the header length field says {n} bytes, the file has {}", bytes.len())
-    })?;
+    let end =
+        usize::try_from(n).ok().and_then(|n| n.checked_add(8)).filter(|&e| e <= bytes.len()).ok_or_else(|| {
+            format!(
+                "the header is damaged or the file truncated: the header length field says {n} bytes, the file has {}",
+                bytes.len()
+            )
+        })?;
     let header = &bytes[8..end];
     let pat = pattern();
     let mut hits = header.windows(pat.len()).enumerate().filter(|(_, w)| *w == pat.as_slice()).map(|(i, _)| i);
@@ -131,7 +142,9 @@ pub fn verify(bytes: &[u8]) -> Result<Verified, String> {
         // No checksums: fine for a file another tool wrote, if it is a readable file at all.
         return match SafeTensors::deserialize(bytes) {
             Ok(_) => Ok(Verified::Unchecked),
-            Err(e) => Err(format!("the header is damaged or the file truncated: not a readable safetensors file ({e})")),
+            Err(e) => {
+                Err(format!("the header is damaged or the file truncated: not a readable safetensors file ({e})"))
+            }
         };
     };
     let mut sum = crc32c::crc32c(&bytes[..at]);
@@ -140,17 +153,24 @@ pub fn verify(bytes: &[u8]) -> Result<Verified, String> {
     // Compared as written (lower-case digits), so that a changed letter case is caught too.
     let recorded = &bytes[at..at + 8];
     if hex(sum).as_bytes() != recorded {
-        return Err(format!("the header is damaged (CRC32C {}, recorded {})", hex(sum), String::from_utf8_lossy(recorded)));
+        return Err(format!(
+            "the header is damaged (CRC32C {}, recorded {})",
+            hex(sum),
+            String::from_utf8_lossy(recorded)
+        ));
     }
     // The header is as written; what can still be wrong is the data (or its length).
-    let st = SafeTensors::deserialize(bytes).map_err(|e| format!("the file is truncated or extended past its header: {e}"))?;
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| format!("the file is truncated or extended past its header: {e}"))?;
     let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| format!("the header is damaged: {e}"))?;
     let sums: HashMap<String, String> = meta
         .metadata()
         .as_ref()
         .and_then(|m| m.get(TENSORS_KEY))
         .ok_or_else(|| format!("the header has no `{TENSORS_KEY}` entry"))
-        .and_then(|s| serde_json::from_str(s).map_err(|e| format!("the header's `{TENSORS_KEY}` entry is not readable: {e}")))?;
+        .and_then(|s| {
+            serde_json::from_str(s).map_err(|e| format!("the header's `{TENSORS_KEY}` entry is not readable: {e}"))
+        })?;
     let mut names = st.names();
     names.sort_unstable();
     for name in &names {

@@ -13,23 +13,23 @@
 //! `field`, `stop`, `tableau` → `integrity`, `optim` → `model` → `checkpoint`, `config`,
 //! `distributed` → `device`, `planner` → `train`.
 
-pub mod error;
-pub mod scalar;
-pub mod layout;
-pub mod field;
-pub mod tableau;
-pub mod optim;
-pub mod model;
 pub mod data;
 pub mod device;
+pub mod error;
+pub mod field;
+pub mod layout;
+pub mod model;
+pub mod optim;
+pub mod scalar;
+pub mod tableau;
 
 pub use error::{Error, Result};
-pub mod config;
 pub mod checkpoint;
-pub mod integrity;
-pub mod stop;
+pub mod config;
 pub mod distributed;
+pub mod integrity;
+pub mod kernels;
 pub mod memory;
 pub mod planner;
+pub mod stop;
 pub mod train;
-pub mod kernels;

@@ -202,26 +202,16 @@ impl ActivationProfile {
         let mut saved = 0; // Σ_{j<k} output_j
         let mut recompute = 0;
         for (k, l) in layers.iter().enumerate() {
-            let upstream = if k < last {
-                RECOMPUTE_UPSTREAM * l.output
-            } else {
-                0
-            };
+            let upstream = if k < last { RECOMPUTE_UPSTREAM * l.output } else { 0 };
             // The backward of segment k, and the plain forward pass reaching it.
-            recompute = recompute
-                .max(saved + upstream + l.kept + l.transient)
-                .max(saved + l.eval);
+            recompute = recompute.max(saved + upstream + l.kept + l.transient).max(saved + l.eval);
             saved += l.output;
         }
         let eval = layers.iter().map(|l| l.eval).max().unwrap_or(0);
         Self {
             batch_floats: input + classes,
             train_floats: kept + transient,
-            recompute_floats: if layers.len() > 1 {
-                recompute
-            } else {
-                kept + transient
-            },
+            recompute_floats: if layers.len() > 1 { recompute } else { kept + transient },
             eval_floats: input + eval,
             layers,
         }
@@ -231,7 +221,12 @@ impl ActivationProfile {
 /// The activation memory of `model` (its `Model::activations`, one entry per segment) for
 /// inputs of `image_shape` and `classes` logits; `threads` = the threads candle's CPU kernels use
 /// (rayon's pool), which sets how many convolution weight-gradient tiles are live at once.
-pub fn activation_profile(model: &dyn Model, image_shape: [usize; 3], classes: usize, threads: usize) -> ActivationProfile {
+pub fn activation_profile(
+    model: &dyn Model,
+    image_shape: [usize; 3],
+    classes: usize,
+    threads: usize,
+) -> ActivationProfile {
     let input: usize = image_shape.iter().product();
     ActivationProfile::from_layers(model.activations(threads), input, classes)
 }
@@ -383,11 +378,7 @@ impl PlanInput {
                 input.scratch_buffers = 2; // grad, θ candidate
             }
             OptimizerKind::Momentum => {
-                input.optimizer = if o.nesterov {
-                    "nesterov".into()
-                } else {
-                    "momentum".into()
-                };
+                input.optimizer = if o.nesterov { "nesterov".into() } else { "momentum".into() };
                 input.state_buffers = 1;
                 input.scratch_buffers = 3 + usize::from(o.nesterov); // new buffer, grad, θ candidate, direction
             }
@@ -473,11 +464,7 @@ pub struct PeakBreakdown {
 
 impl PeakBreakdown {
     pub fn peak(&self) -> u64 {
-        self.fixed
-            + self.replicated
-            + self.optimizer
-            + self.batch_inputs
-            + self.activations.max(self.between_steps)
+        self.fixed + self.replicated + self.optimizer + self.batch_inputs + self.activations.max(self.between_steps)
     }
 }
 
@@ -532,21 +519,14 @@ pub fn predict(
     // Sharded, θ and the stage point become blocks too, the field holds the whole θ_i and local
     // gradient (`distributed::ShardedField`) and one block for the reduce-scatter's result.
     let (replicated, sharded) = if shard {
-        (
-            input.replicated_buffers - input.owned_buffers + 2,
-            optimizer + input.owned_buffers + 1,
-        )
+        (input.replicated_buffers - input.owned_buffers + 2, optimizer + input.owned_buffers + 1)
     } else {
         (input.replicated_buffers, optimizer)
     };
     let a = &input.activations;
     let batch = input.per_rank_batch as u64;
     let m = micro_batch.clamp(1, input.per_rank_batch.max(1)) as u64;
-    let per_sample = if recompute {
-        a.recompute_floats
-    } else {
-        a.train_floats
-    } as u64;
+    let per_sample = if recompute { a.recompute_floats } else { a.train_floats } as u64;
     let eval = input.eval_samples as u64 * a.eval_floats as u64 * F32_BYTES;
     // Checkpoint: θ and the state cloned, converted to bytes, and serialized.
     let checkpoint = 3 * (1 + input.state_buffers as u64) * pb;
@@ -572,13 +552,7 @@ pub fn relative_time(micro_batches: usize, recompute: bool, shard: bool) -> f64 
     t
 }
 
-fn candidate(
-    input: &PlanInput,
-    policy: StagePolicy,
-    micro_batch: usize,
-    recompute: bool,
-    shard: bool,
-) -> Candidate {
+fn candidate(input: &PlanInput, policy: StagePolicy, micro_batch: usize, recompute: bool, shard: bool) -> Candidate {
     let b = input.per_rank_batch.max(1);
     let micro_batch = micro_batch.clamp(1, b);
     let micro_batches = b.div_ceil(micro_batch);
@@ -600,12 +574,7 @@ fn candidate(
 
 /// The fastest candidate of one combination: one micro-batch if it fits, else the largest
 /// micro-batch that fits, split evenly; if not even micro-batches of 1 fit, that (unfit) one.
-fn best_of_combination(
-    input: &PlanInput,
-    policy: StagePolicy,
-    recompute: bool,
-    shard: bool,
-) -> Candidate {
+fn best_of_combination(input: &PlanInput, policy: StagePolicy, recompute: bool, shard: bool) -> Candidate {
     let b = input.per_rank_batch.max(1);
     let whole = candidate(input, policy, b, recompute, shard);
     if whole.fits {
@@ -645,11 +614,7 @@ fn policies(input: &PlanInput) -> Vec<StagePolicy> {
 }
 
 fn all_candidates(input: &PlanInput) -> Vec<Candidate> {
-    let shards: &[bool] = if input.world_size > 1 {
-        &[false, true]
-    } else {
-        &[false]
-    };
+    let shards: &[bool] = if input.world_size > 1 { &[false, true] } else { &[false] };
     let mut out = Vec::new();
     for &shard in shards {
         for recompute in [false, true] {
@@ -673,13 +638,7 @@ fn choose(input: &PlanInput, candidates: &[Candidate]) -> Option<Candidate> {
     candidates
         .iter()
         .filter(|c| c.fits)
-        .min_by_key(|c| {
-            (
-                time_key(c.relative_time),
-                c.stage_buffers != configured,
-                c.peak_bytes,
-            )
-        })
+        .min_by_key(|c| (time_key(c.relative_time), c.stage_buffers != configured, c.peak_bytes))
         .cloned()
 }
 
@@ -688,10 +647,7 @@ fn choose(input: &PlanInput, candidates: &[Candidate]) -> Option<Candidate> {
 fn overrides(input: &PlanInput, chosen: &Candidate) -> Vec<String> {
     let mut out = Vec::new();
     if input.has_stage_choice() && chosen.stage_buffers != input.configured_policy() {
-        out.push(format!(
-            "optimizer.streaming={}",
-            chosen.stage_buffers == StagePolicy::Streaming
-        ));
+        out.push(format!("optimizer.streaming={}", chosen.stage_buffers == StagePolicy::Streaming));
     }
     // The configured micro-batch size as the trainer applies it: 0 or ≥ the batch = one pass.
     let b = input.per_rank_batch.max(1);
@@ -700,11 +656,7 @@ fn overrides(input: &PlanInput, chosen: &Candidate) -> Vec<String> {
         m => m,
     };
     if configured != chosen.micro_batch {
-        let m = if chosen.micro_batches > 1 {
-            chosen.micro_batch
-        } else {
-            0
-        };
+        let m = if chosen.micro_batches > 1 { chosen.micro_batch } else { 0 };
         out.push(format!("train.micro_batch={m}"));
     }
     if chosen.recompute != input.recompute_configured {
@@ -732,24 +684,14 @@ pub fn plan(input: &PlanInput) -> Result<Plan> {
     };
     let reason = explain(input, &chosen, &candidates);
     let overrides = overrides(input, &chosen);
-    Ok(Plan {
-        chosen,
-        candidates,
-        reason,
-        overrides,
-        input: input.clone(),
-    })
+    Ok(Plan { chosen, candidates, reason, overrides, input: input.clone() })
 }
 
 /// The smallest peak any layout reaches for `per_rank_batch` (micro-batches of one sample).
 fn floor_for_batch(input: &PlanInput, per_rank_batch: usize) -> Candidate {
     let mut at = input.clone();
     at.per_rank_batch = per_rank_batch;
-    let shards: &[bool] = if input.world_size > 1 {
-        &[false, true]
-    } else {
-        &[false]
-    };
+    let shards: &[bool] = if input.world_size > 1 { &[false, true] } else { &[false] };
     let mut best: Option<Candidate> = None;
     for &shard in shards {
         for recompute in [false, true] {
@@ -808,11 +750,7 @@ fn does_not_fit(input: &PlanInput) -> String {
     let b = input.per_rank_batch;
     let n = input.world_size;
     let floor = floor_for_batch(input, b);
-    let ranks = if n > 1 {
-        format!(" (global batch {} on {n} ranks)", input.global_batch)
-    } else {
-        String::new()
-    };
+    let ranks = if n > 1 { format!(" (global batch {} on {n} ranks)", input.global_batch) } else { String::new() };
     let mut msg = format!(
         "no plan fits per-rank batch {b}{ranks} in {}: the smallest predicted peak is {} ({}); \
          give --memory {} or more",
@@ -845,11 +783,7 @@ fn does_not_fit(input: &PlanInput) -> String {
             }
         }
         let at = floor_for_batch(input, lo);
-        let global = if n > 1 {
-            format!(" (global batch {} on {n} ranks)", lo * n)
-        } else {
-            String::new()
-        };
+        let global = if n > 1 { format!(" (global batch {} on {n} ranks)", lo * n) } else { String::new() };
         msg.push_str(&format!(
             ". The largest per-rank batch that fits {} is {lo}{global}, with {}",
             fmt_bytes(input.budget),
@@ -887,25 +821,15 @@ fn explain(input: &PlanInput, chosen: &Candidate, candidates: &[Candidate]) -> S
             ),
         });
     } else if chosen.stage_buffer_count > 0 {
-        parts.push(format!(
-            "{}×{} stage buffers besides k_1",
-            chosen.stage_buffer_count,
-            fmt_bytes(pb)
-        ));
+        parts.push(format!("{}×{} stage buffers besides k_1", chosen.stage_buffer_count, fmt_bytes(pb)));
     }
     // Micro-batches.
-    let per_sample = if chosen.recompute {
-        input.activations.recompute_floats
-    } else {
-        input.activations.train_floats
-    } as u64
+    let per_sample = if chosen.recompute { input.activations.recompute_floats } else { input.activations.train_floats }
+        as u64
         * F32_BYTES;
     let whole = b as u64 * per_sample;
     if chosen.micro_batches == 1 {
-        parts.push(format!(
-            "per-rank batch {b} fits in one pass ({} of activations)",
-            fmt_bytes(whole)
-        ));
+        parts.push(format!("per-rank batch {b} fits in one pass ({} of activations)", fmt_bytes(whole)));
     } else {
         parts.push(format!(
             "per-rank batch {b} needs {} of activations, so {} micro-batches of {} ({} each)",
@@ -917,11 +841,7 @@ fn explain(input: &PlanInput, chosen: &Candidate, candidates: &[Candidate]) -> S
     }
     // Why recomputation or sharding: the best plan that fits without it.
     let without = |keep: &dyn Fn(&Candidate) -> bool, what: &str| -> String {
-        match candidates
-            .iter()
-            .filter(|c| c.fits && keep(c))
-            .min_by_key(|c| time_key(c.relative_time))
-        {
+        match candidates.iter().filter(|c| c.fits && keep(c)).min_by_key(|c| time_key(c.relative_time)) {
             None => format!("no plan without {what} fits"),
             Some(c) => format!(
                 "faster than the best plan without {what} ({}: time {:.2} instead of {:.2})",
@@ -940,11 +860,7 @@ fn explain(input: &PlanInput, chosen: &Candidate, candidates: &[Candidate]) -> S
     }
     if chosen.shard {
         let n = input.world_size;
-        let blocks = input.state_buffers
-            + input.scratch_buffers
-            + chosen.stage_buffer_count
-            + input.owned_buffers
-            + 1;
+        let blocks = input.state_buffers + input.scratch_buffers + chosen.stage_buffer_count + input.owned_buffers + 1;
         parts.push(format!(
             "optimizer sharded over {n} ranks (train.shard_optimizer: {blocks} parameter-sized buffers kept as blocks of {} per rank; each evaluation all-gathers θ_i and reduce-scatters the gradient instead of one all-reduce, ≈ +{:.0} % time) — {}",
             fmt_bytes(input.params.div_ceil(n) as u64 * F32_BYTES),
@@ -955,11 +871,7 @@ fn explain(input: &PlanInput, chosen: &Candidate, candidates: &[Candidate]) -> S
     if let Some(note) = between_steps_note(input, chosen) {
         parts.push(note);
     }
-    parts.push(format!(
-        "predicted peak {} of {} per rank",
-        fmt_bytes(chosen.peak_bytes),
-        fmt_bytes(input.budget)
-    ));
+    parts.push(format!("predicted peak {} of {} per rank", fmt_bytes(chosen.peak_bytes), fmt_bytes(input.budget)));
     let mut s = parts.join("; ");
     s.push('.');
     s
@@ -974,18 +886,9 @@ pub fn format_plan(plan: &Plan) -> String {
     use std::fmt::Write;
     let i = &plan.input;
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "model      {} — {} per parameter-sized buffer",
-        i.model,
-        fmt_bytes(i.param_bytes())
-    );
+    let _ = writeln!(s, "model      {} — {} per parameter-sized buffer", i.model, fmt_bytes(i.param_bytes()));
     if i.configured_policy() == StagePolicy::None {
-        let _ = writeln!(
-            s,
-            "optimizer  {} (one gradient per step, no stage buffers)",
-            i.optimizer
-        );
+        let _ = writeln!(s, "optimizer  {} (one gradient per step, no stage buffers)", i.optimizer);
     } else {
         let _ = writeln!(
             s,
@@ -1006,14 +909,18 @@ pub fn format_plan(plan: &Plan) -> String {
         i.scratch_buffers
     );
     let ranks = if i.world_size > 1 {
-        format!(
-            " over {} ranks → {} per rank",
-            i.world_size, i.per_rank_batch
-        )
+        format!(" over {} ranks → {} per rank", i.world_size, i.per_rank_batch)
     } else {
         String::new()
     };
-    let _ = writeln!(s, "batch      {}{ranks}; activations {} per sample in a micro-batch ({} recomputed), {} held for the whole batch", i.global_batch, fmt_bytes(i.activations.train_floats as u64 * F32_BYTES), fmt_bytes(i.activations.recompute_floats as u64 * F32_BYTES), fmt_bytes(i.activations.batch_floats as u64 * F32_BYTES));
+    let _ = writeln!(
+        s,
+        "batch      {}{ranks}; activations {} per sample in a micro-batch ({} recomputed), {} held for the whole batch",
+        i.global_batch,
+        fmt_bytes(i.activations.train_floats as u64 * F32_BYTES),
+        fmt_bytes(i.activations.recompute_floats as u64 * F32_BYTES),
+        fmt_bytes(i.activations.batch_floats as u64 * F32_BYTES)
+    );
     let _ = writeln!(
         s,
         "memory     budget {} per rank; fixed {} (data set in memory + runtime)",
@@ -1050,11 +957,7 @@ pub fn format_plan(plan: &Plan) -> String {
     let _ = writeln!(s);
     let _ = writeln!(s, "reason: {}", plan.reason);
     if !plan.overrides.is_empty() {
-        let sets: Vec<String> = plan
-            .overrides
-            .iter()
-            .map(|o| format!("--set {o}"))
-            .collect();
+        let sets: Vec<String> = plan.overrides.iter().map(|o| format!("--set {o}")).collect();
         let _ = writeln!(s, "run it with: {}", sets.join(" "));
     }
     s
@@ -1106,16 +1009,10 @@ fn fmt_bytes_ceil(b: u64) -> String {
 /// "512MiB", "2GiB", "1.5GB", "64 kb". Binary units KiB, MiB, GiB, TiB (and the single letters
 /// K, M, G, T); decimal units KB, MB, GB, TB; B. Anything else is a config error on `--memory`.
 pub fn parse_bytes(s: &str) -> Result<u64> {
-    let bad = |why: &str| {
-        Error::config(
-            "--memory",
-            format!("{s:?}: {why}; expected e.g. 2GiB, 512MiB, 1.5GB or 3000000"),
-        )
-    };
+    let bad =
+        |why: &str| Error::config("--memory", format!("{s:?}: {why}; expected e.g. 2GiB, 512MiB, 1.5GB or 3000000"));
     let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = (&t[..split], t[split..].trim());
     if num.is_empty() {
         return Err(bad("no number"));
@@ -1147,20 +1044,12 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
 /// Memory available for a new process on this machine (the trainer runs on the CPU):
 /// `MemAvailable` from /proc/meminfo, or 8 GiB where that cannot be read.
 pub fn default_budget() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| mem_available(&s))
-        .unwrap_or(FALLBACK_BUDGET)
+    std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| mem_available(&s)).unwrap_or(FALLBACK_BUDGET)
 }
 
 fn mem_available(meminfo: &str) -> Option<u64> {
     let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line["MemAvailable:".len()..]
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
+    let kib: u64 = line["MemAvailable:".len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kib * 1024)
 }
 
@@ -1184,11 +1073,7 @@ impl DataSizes {
     /// shard.
     pub fn resident_bytes(&self, world_size: usize) -> u64 {
         let per_sample = self.image_shape.iter().product::<usize>() as u64 + F32_BYTES;
-        let shard = if world_size > 1 {
-            self.test.div_ceil(world_size) as u64
-        } else {
-            0
-        };
+        let shard = if world_size > 1 { self.test.div_ceil(world_size) as u64 } else { 0 };
         (self.train as u64 + self.test as u64 + shard) * per_sample
     }
 }
@@ -1212,12 +1097,7 @@ fn read_idx_sizes(dir: &Path) -> Result<DataSizes> {
     }
     let [train, rows, cols] = idx::read_image_dims(&mnist::find(dir, mnist::TRAIN_IMAGES)?)?;
     let [test, ..] = idx::read_image_dims(&mnist::find(dir, mnist::TEST_IMAGES)?)?;
-    Ok(DataSizes {
-        train,
-        test,
-        image_shape: [1, rows, cols],
-        classes: mnist::NUM_CLASSES,
-    })
+    Ok(DataSizes { train, test, image_shape: [1, rows, cols], classes: mnist::NUM_CLASSES })
 }
 
 /// The plan of a validated config on `world_size` ranks with `budget` bytes per rank: reads the
@@ -1226,19 +1106,9 @@ pub fn plan_config(cfg: &Config, world_size: usize, budget: u64) -> Result<Plan>
     let sizes = read_data_sizes(&cfg.data)?;
     let model = crate::model::build(&cfg.model, sizes.image_shape, sizes.classes)?;
     let fixed = sizes.resident_bytes(world_size.max(1)) + RUNTIME_BASELINE_BYTES;
-    let mut input = PlanInput::from_config(
-        cfg,
-        world_size,
-        budget,
-        fixed,
-        model.as_ref(),
-        sizes.image_shape,
-        sizes.classes,
-    )?;
-    input.eval_samples = input
-        .eval_samples
-        .min(sizes.test.div_ceil(world_size))
-        .max(1);
+    let mut input =
+        PlanInput::from_config(cfg, world_size, budget, fixed, model.as_ref(), sizes.image_shape, sizes.classes)?;
+    input.eval_samples = input.eval_samples.min(sizes.test.div_ceil(world_size)).max(1);
     plan(&input)
 }
 
@@ -1259,12 +1129,7 @@ mod tests {
     fn input(sets: &[&str], world: usize, budget: u64) -> PlanInput {
         let c = cfg(sets);
         let m = crate::model::build(&c.model, [1, 28, 28], 10).unwrap();
-        let data = DataSizes {
-            train: 60_000,
-            test: 10_000,
-            image_shape: [1, 28, 28],
-            classes: 10,
-        };
+        let data = DataSizes { train: 60_000, test: 10_000, image_shape: [1, 28, 28], classes: 10 };
         let fixed = data.resident_bytes(world) + RUNTIME_BASELINE_BYTES;
         PlanInput::from_config(&c, world, budget, fixed, m.as_ref(), [1, 28, 28], 10).unwrap()
     }
@@ -1283,18 +1148,7 @@ mod tests {
         assert_eq!(parse_bytes("1T").unwrap(), 1 << 40);
         assert_eq!(parse_bytes(" 100B ").unwrap(), 100);
         assert_eq!(parse_bytes("0.5GiB").unwrap(), GIB / 2);
-        for junk in [
-            "",
-            "GiB",
-            "two GiB",
-            "2XB",
-            "1.2.3GB",
-            "-1GiB",
-            "0",
-            "1e3",
-            "99999999999TiB",
-            "2 Gi B",
-        ] {
+        for junk in ["", "GiB", "two GiB", "2XB", "1.2.3GB", "-1GiB", "0", "1e3", "99999999999TiB", "2 Gi B"] {
             match parse_bytes(junk) {
                 Err(Error::Config { key, .. }) => assert_eq!(key, "--memory", "{junk:?}"),
                 other => panic!("{junk:?} → {other:?}"),
@@ -1318,14 +1172,13 @@ mod tests {
     /// 323 → 596 MB; 16 → 4096: 38.4 KiB/sample).
     #[test]
     fn mlp_activations_match_the_measured_marginal_cost() {
-        let model = |kind: &str| crate::model::build(&crate::config::model_config(kind, &[]).unwrap(), [1, 28, 28], 10).unwrap();
+        let model = |kind: &str| {
+            crate::model::build(&crate::config::model_config(kind, &[]).unwrap(), [1, 28, 28], 10).unwrap()
+        };
         let floats = activation_floats_per_sample(model("mlp").as_ref(), [1, 28, 28], 10);
         let bytes = floats as f64 * 4.0;
         let measured = (596.0 - 323.0) * 1024.0 * 1024.0 / (8192.0 - 1024.0);
-        assert!(
-            (bytes / measured - 1.0).abs() < 0.2,
-            "{bytes} B/sample predicted, {measured} measured"
-        );
+        assert!((bytes / measured - 1.0).abs() < 0.2, "{bytes} B/sample predicted, {measured} measured");
         assert!((bytes / 38_000.0 - 1.0).abs() < 0.2, "{bytes}");
         // Well above the ≈ 3 000 forward activations: candle keeps much more than that.
         assert!(floats > 3 * 3_000, "{floats}");
@@ -1346,45 +1199,17 @@ mod tests {
     #[test]
     fn buffers_follow_the_optimizer() {
         let rk4 = input(&[], 1, GIB);
-        assert_eq!(
-            (
-                rk4.stages,
-                rk4.resident_stage_buffers,
-                rk4.streaming_stage_buffers
-            ),
-            (4, 3, 1)
-        );
-        assert_eq!(
-            (
-                rk4.replicated_buffers,
-                rk4.state_buffers,
-                rk4.scratch_buffers
-            ),
-            (4, 0, 2)
-        );
+        assert_eq!((rk4.stages, rk4.resident_stage_buffers, rk4.streaming_stage_buffers), (4, 3, 1));
+        assert_eq!((rk4.replicated_buffers, rk4.state_buffers, rk4.scratch_buffers), (4, 0, 2));
         let full = input(
-            &[
-                "optimizer.preconditioner=modified-adagrad",
-                "optimizer.momentum=0.9",
-                "optimizer.tableau=dopri54",
-            ],
+            &["optimizer.preconditioner=modified-adagrad", "optimizer.momentum=0.9", "optimizer.tableau=dopri54"],
             1,
             GIB,
         );
-        assert_eq!(
-            (
-                full.state_buffers,
-                full.scratch_buffers,
-                full.resident_stage_buffers
-            ),
-            (2, 4, 6)
-        );
+        assert_eq!((full.state_buffers, full.scratch_buffers, full.resident_stage_buffers), (2, 4, 6));
         assert!(full.streaming_stage_buffers < 6);
         let adam = input(&["optimizer.kind=adam", "optimizer.lr=0.001"], 1, GIB);
-        assert_eq!(
-            (adam.stages, adam.state_buffers, adam.scratch_buffers),
-            (1, 2, 5)
-        );
+        assert_eq!((adam.stages, adam.state_buffers, adam.scratch_buffers), (1, 2, 5));
         assert_eq!(plan(&adam).unwrap().chosen.stage_buffers, StagePolicy::None);
         let sgd = input(&["optimizer.kind=sgd"], 1, GIB);
         assert_eq!((sgd.state_buffers, sgd.replicated_buffers), (0, 3));
@@ -1399,24 +1224,13 @@ mod tests {
         assert!(p.chosen.fits && !p.chosen.recompute && !p.chosen.shard);
         assert_eq!(p.chosen.relative_time, 1.0);
         assert!(p.overrides.is_empty(), "{:?}", p.overrides);
-        assert!(
-            p.reason.contains("resident stage buffers fit"),
-            "{}",
-            p.reason
-        );
+        assert!(p.reason.contains("resident stage buffers fit"), "{}", p.reason);
         // The default config streams (same arithmetic), also in one pass.
         let p = plan(&input(&[], 1, 2 * GIB)).unwrap();
-        assert_eq!(
-            (p.chosen.stage_buffers, p.chosen.micro_batches),
-            (StagePolicy::Streaming, 1)
-        );
+        assert_eq!((p.chosen.stage_buffers, p.chosen.micro_batches), (StagePolicy::Streaming, 1));
         // The prediction is close to the measured 286 MB at batch 16 with f32 images in memory
         // (runtime baseline included), less the 157 MiB that bytes save: ≈ 129 MB.
-        assert!(
-            (115 * MIB..170 * MIB).contains(&p.chosen.peak_bytes),
-            "{}",
-            fmt_bytes(p.chosen.peak_bytes)
-        );
+        assert!((115 * MIB..170 * MIB).contains(&p.chosen.peak_bytes), "{}", fmt_bytes(p.chosen.peak_bytes));
         let table = format_plan(&p);
         assert!(table.contains("* streaming (1)"), "{table}");
         assert!(table.contains("reason:"), "{table}");
@@ -1437,10 +1251,7 @@ mod tests {
         // One pass would not fit.
         assert!(candidate(&i, c.stage_buffers, 60_000, false, false).peak_bytes > budget);
         assert!(p.reason.contains("micro-batches of"), "{}", p.reason);
-        assert_eq!(
-            p.overrides,
-            vec![format!("train.micro_batch={}", c.micro_batch)]
-        );
+        assert_eq!(p.overrides, vec![format!("train.micro_batch={}", c.micro_batch)]);
         assert!(format_plan(&p).contains("--set train.micro_batch="));
         // JSON serializes.
         let j = serde_json::to_value(&p).unwrap();
@@ -1454,10 +1265,7 @@ mod tests {
         let i = input(&["train.batch_size=60000"], 1, 250 * MIB);
         let msg = match plan(&i) {
             Err(Error::Plan(m)) => m,
-            other => panic!(
-                "expected a does-not-fit error, got {:?}",
-                other.map(|p| p.chosen)
-            ),
+            other => panic!("expected a does-not-fit error, got {:?}", other.map(|p| p.chosen)),
         };
         assert!(msg.contains("per-rank batch 60000"), "{msg}");
         assert!(msg.contains("largest per-rank batch that fits"), "{msg}");
@@ -1478,13 +1286,7 @@ mod tests {
         at.per_rank_batch = largest + 1;
         assert!(plan(&at).is_err());
         // The suggested budget fits the batch.
-        let suggested = msg
-            .split("give --memory ")
-            .nth(1)
-            .unwrap()
-            .split(' ')
-            .next()
-            .unwrap();
+        let suggested = msg.split("give --memory ").nth(1).unwrap().split(' ').next().unwrap();
         let mut more = i.clone();
         more.budget = parse_bytes(suggested).unwrap();
         assert!(plan(&more).is_ok(), "{suggested}");
@@ -1505,45 +1307,24 @@ mod tests {
             "train.batch_size=256",
         ];
         let probe = input(&sets, 4, GIB);
-        let floor =
-            |shard: bool| candidate(&probe, StagePolicy::Streaming, 1, true, shard).peak_bytes;
+        let floor = |shard: bool| candidate(&probe, StagePolicy::Streaming, 1, true, shard).peak_bytes;
         let (unsharded, sharded) = (floor(false), floor(true));
-        assert!(
-            sharded + 100 * MIB < unsharded,
-            "{} vs {}",
-            fmt_bytes(sharded),
-            fmt_bytes(unsharded)
-        );
+        assert!(sharded + 100 * MIB < unsharded, "{} vs {}", fmt_bytes(sharded), fmt_bytes(unsharded));
         // What sharding keeps: 4 whole buffers + 11 blocks of ⌈P/4⌉ instead of 4 + 5 + 3.
         let pb = probe.param_bytes();
         let b = predict(&probe, StagePolicy::Resident, 1, false, true);
         assert_eq!(b.replicated, 4 * pb);
-        assert_eq!(
-            b.optimizer,
-            11 * (probe.params as u64).div_ceil(4) * F32_BYTES
-        );
+        assert_eq!(b.optimizer, 11 * (probe.params as u64).div_ceil(4) * F32_BYTES);
         let budget = (sharded + unsharded) / 2;
         let p = plan(&input(&sets, 4, budget)).unwrap();
         assert!(p.chosen.shard, "{:?}", p.chosen);
         assert!(p.chosen.peak_bytes <= budget);
         assert!(p.candidates.iter().filter(|c| !c.shard).all(|c| !c.fits));
-        assert!(
-            p.overrides
-                .contains(&"train.shard_optimizer=true".to_string()),
-            "{:?}",
-            p.overrides
-        );
+        assert!(p.overrides.contains(&"train.shard_optimizer=true".to_string()), "{:?}", p.overrides);
         assert!(p.reason.contains("train.shard_optimizer"), "{}", p.reason);
-        assert!(
-            p.reason.contains("no plan without sharding fits"),
-            "{}",
-            p.reason
-        );
+        assert!(p.reason.contains("no plan without sharding fits"), "{}", p.reason);
         let table = format_plan(&p);
-        assert!(
-            table.contains("--set train.shard_optimizer=true"),
-            "{table}"
-        );
+        assert!(table.contains("--set train.shard_optimizer=true"), "{table}");
         assert!(!table.contains("not yet executed"), "{table}");
         // With one rank there is nothing to shard: it does not fit.
         assert!(plan(&input(&sets, 1, budget)).is_err());
@@ -1562,10 +1343,7 @@ mod tests {
         let p = plan(&input(&sets, 4, sharded.peak_bytes)).unwrap();
         assert!(!p.chosen.shard, "{:?}", p.chosen);
         assert_eq!(p.chosen.micro_batches, 2);
-        assert!(p
-            .candidates
-            .iter()
-            .any(|c| c.shard && c.fits && c.micro_batches == 1));
+        assert!(p.candidates.iter().any(|c| c.shard && c.fits && c.micro_batches == 1));
         assert_eq!(p.overrides, vec!["train.micro_batch=7500".to_string()]);
         // With a generous budget nothing is sharded, micro-batched or recomputed.
         let p = plan(&input(&sets, 4, 8 * GIB)).unwrap();
@@ -1578,7 +1356,8 @@ mod tests {
         // A deep stack of equal conv blocks (ten 16-channel 3×3 convs on 224×224), few
         // parameters: one sample's activations outweigh everything else, so micro-batches cannot
         // help, and keeping only the block outputs saves some 40 % of them.
-        let layers: Vec<LayerActivation> = (0..10).map(|_| crate::model::activation::conv(16, 16, 3, 224 * 224, 224 * 224, 2)).collect();
+        let layers: Vec<LayerActivation> =
+            (0..10).map(|_| crate::model::activation::conv(16, 16, 3, 224 * 224, 224 * 224, 2)).collect();
         let mut probe = input(&["train.batch_size=4", "train.eval_chunk=1"], 1, GIB);
         probe.activations = ActivationProfile::from_layers(layers, 16 * 224 * 224, 10);
         let a = &probe.activations;
@@ -1590,22 +1369,10 @@ mod tests {
         i.budget = (plain.peak_bytes + recomputed.peak_bytes) / 2;
         let p = plan(&i).unwrap();
         assert!(p.chosen.recompute && !p.chosen.shard, "{:?}", p.chosen);
-        assert!(p
-            .candidates
-            .iter()
-            .filter(|c| !c.recompute)
-            .all(|c| !c.fits));
-        assert!(
-            p.overrides.contains(&"train.recompute=true".to_string()),
-            "{:?}",
-            p.overrides
-        );
+        assert!(p.candidates.iter().filter(|c| !c.recompute).all(|c| !c.fits));
+        assert!(p.overrides.contains(&"train.recompute=true".to_string()), "{:?}", p.overrides);
         assert!(p.reason.contains("train.recompute"), "{}", p.reason);
-        assert!(
-            p.reason.contains("no plan without recomputation fits"),
-            "{}",
-            p.reason
-        );
+        assert!(p.reason.contains("no plan without recomputation fits"), "{}", p.reason);
         assert!(format_plan(&p).contains("--set train.recompute=true"));
         // A model of one segment is never recomputed: same floats, so never chosen.
         let one = ActivationProfile::from_layers(vec![crate::model::activation::dense(784, 10, true, true)], 784, 10);
@@ -1616,35 +1383,14 @@ mod tests {
     fn overrides_set_exactly_the_knobs_the_plan_decides() {
         // A config that turns everything on, where one resident pass fits: the plan turns the
         // knobs back.
-        let on = [
-            "optimizer.streaming=false",
-            "train.micro_batch=4",
-            "train.recompute=true",
-            "train.shard_optimizer=true",
-        ];
+        let on =
+            ["optimizer.streaming=false", "train.micro_batch=4", "train.recompute=true", "train.shard_optimizer=true"];
         let p = plan(&input(&on, 1, 2 * GIB)).unwrap();
-        assert_eq!(
-            (p.chosen.micro_batches, p.chosen.recompute, p.chosen.shard),
-            (1, false, false)
-        );
-        assert_eq!(
-            p.overrides,
-            [
-                "train.micro_batch=0",
-                "train.recompute=false",
-                "train.shard_optimizer=false"
-            ]
-        );
+        assert_eq!((p.chosen.micro_batches, p.chosen.recompute, p.chosen.shard), (1, false, false));
+        assert_eq!(p.overrides, ["train.micro_batch=0", "train.recompute=false", "train.shard_optimizer=false"]);
         // The overrides applied give a config the plan leaves alone.
-        let sets: Vec<&str> = on
-            .iter()
-            .copied()
-            .chain(p.overrides.iter().map(String::as_str))
-            .collect();
-        assert!(plan(&input(&sets, 1, 2 * GIB))
-            .unwrap()
-            .overrides
-            .is_empty());
+        let sets: Vec<&str> = on.iter().copied().chain(p.overrides.iter().map(String::as_str)).collect();
+        assert!(plan(&input(&sets, 1, 2 * GIB)).unwrap().overrides.is_empty());
         // A micro-batch at least the batch is one pass already.
         let p = plan(&input(&["train.micro_batch=64"], 1, 2 * GIB)).unwrap();
         assert!(p.overrides.is_empty(), "{:?}", p.overrides);
@@ -1667,10 +1413,7 @@ mod tests {
             for b in [1, 2, 10, 100, 999, 1000, 1001, 5000, 60_000] {
                 i.per_rank_batch = b;
                 let peak = predict(&i, policy, m, recompute, false).peak();
-                assert!(
-                    peak >= last,
-                    "{policy:?} m={m}: batch {b} → {peak} < {last}"
-                );
+                assert!(peak >= last, "{policy:?} m={m}: batch {b} → {peak} < {last}");
                 last = peak;
             }
         }
@@ -1686,61 +1429,33 @@ mod tests {
     #[test]
     fn streaming_is_chosen_when_resident_does_not_fit() {
         // dopri54 keeps 6 stage buffers resident; streaming far fewer. Give a budget between.
-        let sets = [
-            "model.hidden=[4000, 4000]",
-            "optimizer.tableau=dopri54",
-            "optimizer.streaming=false",
-        ];
+        let sets = ["model.hidden=[4000, 4000]", "optimizer.tableau=dopri54", "optimizer.streaming=false"];
         let i = input(&sets, 1, GIB);
         let floor = |p| candidate(&i, p, 1, false, false).peak_bytes;
         let budget = (floor(StagePolicy::Streaming) + floor(StagePolicy::Resident)) / 2;
         let p = plan(&input(&sets, 1, budget)).unwrap();
         assert_eq!(p.chosen.stage_buffers, StagePolicy::Streaming);
         assert!(!p.chosen.recompute);
-        assert!(
-            p.overrides
-                .contains(&"optimizer.streaming=true".to_string()),
-            "{:?}",
-            p.overrides
-        );
+        assert!(p.overrides.contains(&"optimizer.streaming=true".to_string()), "{:?}", p.overrides);
     }
 
     #[test]
     fn data_sizes_from_headers() {
         let dir = tempfile::tempdir().unwrap();
-        let header = |n: u32, r: u32, c: u32| {
-            [0x803u32, n, r, c]
-                .iter()
-                .flat_map(|w| w.to_be_bytes())
-                .collect::<Vec<u8>>()
-        };
+        let header =
+            |n: u32, r: u32, c: u32| [0x803u32, n, r, c].iter().flat_map(|w| w.to_be_bytes()).collect::<Vec<u8>>();
         // Train gzip-compressed with a (short) payload, test raw and header-only.
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         std::io::Write::write_all(&mut gz, &header(60_000, 28, 28)).unwrap();
         std::io::Write::write_all(&mut gz, &[0u8; 100]).unwrap();
-        std::fs::write(
-            dir.path().join(format!("{}.gz", mnist::TRAIN_IMAGES)),
-            gz.finish().unwrap(),
-        )
-        .unwrap();
+        std::fs::write(dir.path().join(format!("{}.gz", mnist::TRAIN_IMAGES)), gz.finish().unwrap()).unwrap();
         std::fs::write(dir.path().join(mnist::TEST_IMAGES), header(10_000, 28, 28)).unwrap();
         let s = read_idx_sizes(dir.path()).unwrap();
-        assert_eq!(
-            s,
-            DataSizes {
-                train: 60_000,
-                test: 10_000,
-                image_shape: [1, 28, 28],
-                classes: 10
-            }
-        );
+        assert_eq!(s, DataSizes { train: 60_000, test: 10_000, image_shape: [1, 28, 28], classes: 10 });
         assert_eq!(s.resident_bytes(1), DATA);
         // A wrong magic and a missing directory are data errors naming the file.
         std::fs::write(dir.path().join(mnist::TEST_IMAGES), [0u8; 16]).unwrap();
-        assert!(read_idx_sizes(dir.path())
-            .unwrap_err()
-            .to_string()
-            .contains(mnist::TEST_IMAGES));
+        assert!(read_idx_sizes(dir.path()).unwrap_err().to_string().contains(mnist::TEST_IMAGES));
         assert!(read_idx_sizes(&dir.path().join("nope")).is_err());
     }
 
@@ -1754,11 +1469,7 @@ mod tests {
         let p = plan_config(&c, 4, 2 * GIB).unwrap();
         assert_eq!((p.input.params, p.input.per_rank_batch), (898_510, 15_000));
         // One pass fits; sharding (a few MiB of 3.4 MiB buffers) buys nothing and is not chosen.
-        assert!(
-            p.chosen.fits && !p.chosen.recompute && !p.chosen.shard,
-            "{:?}",
-            p.chosen
-        );
+        assert!(p.chosen.fits && !p.chosen.recompute && !p.chosen.shard, "{:?}", p.chosen);
         assert_eq!(p.chosen.micro_batches, 1);
         assert!(p.overrides.is_empty(), "{:?}", p.overrides);
     }

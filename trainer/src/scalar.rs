@@ -11,13 +11,21 @@ pub trait Scalar: Float + Default + Debug + Send + Sync + 'static + std::iter::S
 }
 
 impl Scalar for f32 {
-    fn from_f64(x: f64) -> Self { x as f32 }
-    fn as_f64(self) -> f64 { self as f64 }
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    fn as_f64(self) -> f64 {
+        self as f64
+    }
 }
 
 impl Scalar for f64 {
-    fn from_f64(x: f64) -> Self { x }
-    fn as_f64(self) -> f64 { self }
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+    fn as_f64(self) -> f64 {
+        self
+    }
 }
 
 /// Euclidean norm, accumulated in f64 so that long f32 buffers do not lose digits.
@@ -27,7 +35,12 @@ pub fn norm<F: Scalar>(x: &[F]) -> f64 {
 
 /// Σ x², accumulated in f64.
 pub fn sum_squares<F: Scalar>(x: &[F]) -> f64 {
-    x.iter().map(|v| { let v = v.as_f64(); v * v }).sum::<f64>()
+    x.iter()
+        .map(|v| {
+            let v = v.as_f64();
+            v * v
+        })
+        .sum::<f64>()
 }
 
 /// True when every element is finite.

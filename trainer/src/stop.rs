@@ -21,7 +21,8 @@ use std::ptr::null_mut;
 use std::sync::atomic::{AtomicI32, AtomicPtr, Ordering::SeqCst};
 
 /// The signals that stop a run, in the order of precedence when ranks received different ones.
-pub const SIGNALS: [(i32, &str); 3] = [(libc::SIGTERM, "SIGTERM"), (libc::SIGINT, "SIGINT"), (libc::SIGUSR1, "SIGUSR1")];
+pub const SIGNALS: [(i32, &str); 3] =
+    [(libc::SIGTERM, "SIGTERM"), (libc::SIGINT, "SIGINT"), (libc::SIGUSR1, "SIGUSR1")];
 
 /// The first stop signal this process received (0: none).
 static PENDING: AtomicI32 = AtomicI32::new(0);

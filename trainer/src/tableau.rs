@@ -52,9 +52,8 @@ const ORDER_TOL: f64 = 1e-10;
 /// Highest order whose conditions are enumerated.
 const MAX_ORDER: u32 = 5;
 
-const BUILTIN_NAMES: &[&str] = &[
-    "euler", "heun", "midpoint", "ralston2", "kutta3", "ssprk3", "rk4", "rk38", "bs32", "dopri54",
-];
+const BUILTIN_NAMES: &[&str] =
+    &["euler", "heun", "midpoint", "ralston2", "kutta3", "ssprk3", "rk4", "rk38", "bs32", "dopri54"];
 
 /// Accepted alternative names and the canonical name they stand for.
 const ALIASES: &[(&str, &str)] = &[("rk2", "heun"), ("rk3", "kutta3")];
@@ -87,17 +86,9 @@ fn builtin_spec(name: &str) -> Option<CustomTableau> {
         "heun" => spec(lower(&[&[], &[1.0]]), vec![0.5, 0.5], None),
         "midpoint" => spec(lower(&[&[], &[0.5]]), vec![0.0, 1.0], None),
         "ralston2" => spec(lower(&[&[], &[2.0 / 3.0]]), vec![0.25, 0.75], None),
-        "kutta3" => spec(
-            lower(&[&[], &[0.5], &[-1.0, 2.0]]),
-            vec![1.0 / 6.0, 2.0 / 3.0, 1.0 / 6.0],
-            None,
-        ),
+        "kutta3" => spec(lower(&[&[], &[0.5], &[-1.0, 2.0]]), vec![1.0 / 6.0, 2.0 / 3.0, 1.0 / 6.0], None),
         // Shu-Osher strong-stability-preserving RK3.
-        "ssprk3" => spec(
-            lower(&[&[], &[1.0], &[0.25, 0.25]]),
-            vec![1.0 / 6.0, 1.0 / 6.0, 2.0 / 3.0],
-            None,
-        ),
+        "ssprk3" => spec(lower(&[&[], &[1.0], &[0.25, 0.25]]), vec![1.0 / 6.0, 1.0 / 6.0, 2.0 / 3.0], None),
         "rk4" => spec(
             lower(&[&[], &[0.5], &[0.0, 0.5], &[0.0, 0.0, 1.0]]),
             vec![1.0 / 6.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 6.0],
@@ -111,12 +102,7 @@ fn builtin_spec(name: &str) -> Option<CustomTableau> {
         ),
         // Bogacki-Shampine 3(2), FSAL: b is order 3, b_hat order 2.
         "bs32" => spec(
-            lower(&[
-                &[],
-                &[0.5],
-                &[0.0, 0.75],
-                &[2.0 / 9.0, 1.0 / 3.0, 4.0 / 9.0],
-            ]),
+            lower(&[&[], &[0.5], &[0.0, 0.75], &[2.0 / 9.0, 1.0 / 3.0, 4.0 / 9.0]]),
             vec![2.0 / 9.0, 1.0 / 3.0, 4.0 / 9.0, 0.0],
             Some(vec![7.0 / 24.0, 0.25, 1.0 / 3.0, 1.0 / 8.0]),
         ),
@@ -127,37 +113,11 @@ fn builtin_spec(name: &str) -> Option<CustomTableau> {
                 &[1.0 / 5.0],
                 &[3.0 / 40.0, 9.0 / 40.0],
                 &[44.0 / 45.0, -56.0 / 15.0, 32.0 / 9.0],
-                &[
-                    19372.0 / 6561.0,
-                    -25360.0 / 2187.0,
-                    64448.0 / 6561.0,
-                    -212.0 / 729.0,
-                ],
-                &[
-                    9017.0 / 3168.0,
-                    -355.0 / 33.0,
-                    46732.0 / 5247.0,
-                    49.0 / 176.0,
-                    -5103.0 / 18656.0,
-                ],
-                &[
-                    35.0 / 384.0,
-                    0.0,
-                    500.0 / 1113.0,
-                    125.0 / 192.0,
-                    -2187.0 / 6784.0,
-                    11.0 / 84.0,
-                ],
+                &[19372.0 / 6561.0, -25360.0 / 2187.0, 64448.0 / 6561.0, -212.0 / 729.0],
+                &[9017.0 / 3168.0, -355.0 / 33.0, 46732.0 / 5247.0, 49.0 / 176.0, -5103.0 / 18656.0],
+                &[35.0 / 384.0, 0.0, 500.0 / 1113.0, 125.0 / 192.0, -2187.0 / 6784.0, 11.0 / 84.0],
             ]),
-            vec![
-                35.0 / 384.0,
-                0.0,
-                500.0 / 1113.0,
-                125.0 / 192.0,
-                -2187.0 / 6784.0,
-                11.0 / 84.0,
-                0.0,
-            ],
+            vec![35.0 / 384.0, 0.0, 500.0 / 1113.0, 125.0 / 192.0, -2187.0 / 6784.0, 11.0 / 84.0, 0.0],
             Some(vec![
                 5179.0 / 57600.0,
                 0.0,
@@ -193,17 +153,13 @@ impl Tableau {
     /// `kutta3`; the returned name is the canonical one). Case-insensitive.
     pub fn builtin(name: &str) -> Result<Tableau> {
         let lowered = name.trim().to_ascii_lowercase();
-        let canonical = ALIASES
-            .iter()
-            .find(|(alias, _)| *alias == lowered)
-            .map(|(_, c)| *c)
-            .unwrap_or(lowered.as_str());
+        let canonical =
+            ALIASES.iter().find(|(alias, _)| *alias == lowered).map(|(_, c)| *c).unwrap_or(lowered.as_str());
         match builtin_spec(canonical) {
             // Built-ins go through exactly the validation a user's tableau does.
             Some(spec) => Tableau::custom(&spec),
             None => {
-                let aliases: Vec<String> =
-                    ALIASES.iter().map(|(a, c)| format!("{a} = {c}")).collect();
+                let aliases: Vec<String> = ALIASES.iter().map(|(a, c)| format!("{a} = {c}")).collect();
                 Err(Error::Tableau {
                     name: name.to_string(),
                     msg: format!(
@@ -227,16 +183,11 @@ impl Tableau {
     /// Σb̂ = 1 within 1e-12; b̂ ≠ b; `c`, if given, equal to the row sums of `a` within 1e-12.
     pub fn custom(spec: &CustomTableau) -> Result<Tableau> {
         let name = spec.name.clone().unwrap_or_else(|| "custom".to_string());
-        let fail = |msg: String| Error::Tableau {
-            name: name.clone(),
-            msg,
-        };
+        let fail = |msg: String| Error::Tableau { name: name.clone(), msg };
         let s = spec.a.len();
 
         if s == 0 {
-            return Err(fail(
-                "`a` has no rows: a tableau needs at least 1 stage".to_string(),
-            ));
+            return Err(fail("`a` has no rows: a tableau needs at least 1 stage".to_string()));
         }
         for (i, row) in spec.a.iter().enumerate() {
             if row.len() != s {
@@ -264,40 +215,26 @@ impl Tableau {
         if let Some(b_hat) = &spec.b_hat {
             check_weights(b_hat, "b_hat", s).map_err(&fail)?;
             if b_hat.iter().zip(&spec.b).all(|(x, y)| x == y) {
-                return Err(fail(
-                    "b_hat equals b: the embedded error estimate would be identically zero"
-                        .to_string(),
-                ));
+                return Err(fail("b_hat equals b: the embedded error estimate would be identically zero".to_string()));
             }
         }
 
         let c: Vec<f64> = spec.a.iter().map(|row| row.iter().sum()).collect();
         if let Some(given) = &spec.c {
             if given.len() != s {
-                return Err(fail(format!(
-                    "`c` has {} entries, expected {s} (one per stage)",
-                    given.len()
-                )));
+                return Err(fail(format!("`c` has {} entries, expected {s} (one per stage)", given.len())));
             }
             for (i, (&ci, &sum)) in given.iter().zip(&c).enumerate() {
                 if !ci.is_finite() {
                     return Err(fail(format!("c[{i}] = {ci} is not finite")));
                 }
                 if (ci - sum).abs() > VALIDATION_TOL {
-                    return Err(fail(format!(
-                        "c[{i}] = {ci} but Σ_j a[{i}][j] = {sum}: c must be the row sums of a"
-                    )));
+                    return Err(fail(format!("c[{i}] = {ci} but Σ_j a[{i}][j] = {sum}: c must be the row sums of a")));
                 }
             }
         }
 
-        Ok(Tableau {
-            name,
-            a: spec.a.clone(),
-            b: spec.b.clone(),
-            b_hat: spec.b_hat.clone(),
-            c,
-        })
+        Ok(Tableau { name, a: spec.a.clone(), b: spec.b.clone(), b_hat: spec.b_hat.clone(), c })
     }
 
     /// Number of stages s (gradient evaluations per step).
@@ -320,10 +257,7 @@ impl Tableau {
         let residuals = self.order_condition_residuals(weights);
         let mut order = 0;
         for p in 1..=MAX_ORDER {
-            let holds = residuals
-                .iter()
-                .filter(|(q, _, _)| *q == p)
-                .all(|(_, _, r)| r.abs() <= ORDER_TOL);
+            let holds = residuals.iter().filter(|(q, _, _)| *q == p).all(|(_, _, r)| r.abs() <= ORDER_TOL);
             if !holds {
                 break;
             }
@@ -362,68 +296,20 @@ impl Tableau {
             (3, "Σ b_i c_i² = 1/3", dot(w, &c2), 1.0 / 3.0),
             (3, "Σ b_i a_ij c_j = 1/6", dot(w, &ac), 1.0 / 6.0),
             (4, "Σ b_i c_i³ = 1/4", dot(w, &c3), 1.0 / 4.0),
-            (
-                4,
-                "Σ b_i c_i a_ij c_j = 1/8",
-                dot(w, &mul(c, &ac)),
-                1.0 / 8.0,
-            ),
+            (4, "Σ b_i c_i a_ij c_j = 1/8", dot(w, &mul(c, &ac)), 1.0 / 8.0),
             (4, "Σ b_i a_ij c_j² = 1/12", dot(w, &ac2), 1.0 / 12.0),
             (4, "Σ b_i a_ij a_jk c_k = 1/24", dot(w, &aac), 1.0 / 24.0),
             (5, "Σ b_i c_i⁴ = 1/5", dot(w, &pow(c, 4)), 1.0 / 5.0),
-            (
-                5,
-                "Σ b_i c_i² a_ij c_j = 1/10",
-                dot(w, &mul(&c2, &ac)),
-                1.0 / 10.0,
-            ),
-            (
-                5,
-                "Σ b_i (Σ_j a_ij c_j)² = 1/20",
-                dot(w, &mul(&ac, &ac)),
-                1.0 / 20.0,
-            ),
-            (
-                5,
-                "Σ b_i c_i a_ij c_j² = 1/15",
-                dot(w, &mul(c, &ac2)),
-                1.0 / 15.0,
-            ),
-            (
-                5,
-                "Σ b_i c_i a_ij a_jk c_k = 1/30",
-                dot(w, &mul(c, &aac)),
-                1.0 / 30.0,
-            ),
-            (
-                5,
-                "Σ b_i a_ij c_j³ = 1/20",
-                dot(w, &a_times(&c3)),
-                1.0 / 20.0,
-            ),
-            (
-                5,
-                "Σ b_i a_ij c_j a_jk c_k = 1/40",
-                dot(w, &a_times(&mul(c, &ac))),
-                1.0 / 40.0,
-            ),
-            (
-                5,
-                "Σ b_i a_ij a_jk c_k² = 1/60",
-                dot(w, &a_times(&ac2)),
-                1.0 / 60.0,
-            ),
-            (
-                5,
-                "Σ b_i a_ij a_jk a_kl c_l = 1/120",
-                dot(w, &a_times(&aac)),
-                1.0 / 120.0,
-            ),
+            (5, "Σ b_i c_i² a_ij c_j = 1/10", dot(w, &mul(&c2, &ac)), 1.0 / 10.0),
+            (5, "Σ b_i (Σ_j a_ij c_j)² = 1/20", dot(w, &mul(&ac, &ac)), 1.0 / 20.0),
+            (5, "Σ b_i c_i a_ij c_j² = 1/15", dot(w, &mul(c, &ac2)), 1.0 / 15.0),
+            (5, "Σ b_i c_i a_ij a_jk c_k = 1/30", dot(w, &mul(c, &aac)), 1.0 / 30.0),
+            (5, "Σ b_i a_ij c_j³ = 1/20", dot(w, &a_times(&c3)), 1.0 / 20.0),
+            (5, "Σ b_i a_ij c_j a_jk c_k = 1/40", dot(w, &a_times(&mul(c, &ac))), 1.0 / 40.0),
+            (5, "Σ b_i a_ij a_jk c_k² = 1/60", dot(w, &a_times(&ac2)), 1.0 / 60.0),
+            (5, "Σ b_i a_ij a_jk a_kl c_l = 1/120", dot(w, &a_times(&aac)), 1.0 / 120.0),
         ];
-        conditions
-            .into_iter()
-            .map(|(p, text, lhs, rhs)| (p, text.to_string(), lhs - rhs))
-            .collect()
+        conditions.into_iter().map(|(p, text, lhs, rhs)| (p, text.to_string(), lhs - rhs)).collect()
     }
 
     /// Whether the tableau carries embedded weights b̂ (error control is possible).
@@ -433,19 +319,14 @@ impl Tableau {
 
     /// Error weights b − b̂ (the error estimate is h·D·Σ_j (b_j − b̂_j) k_j), if embedded.
     pub fn error_weights(&self) -> Option<Vec<f64>> {
-        self.b_hat
-            .as_ref()
-            .map(|bh| self.b.iter().zip(bh).map(|(b, bh)| b - bh).collect())
+        self.b_hat.as_ref().map(|bh| self.b.iter().zip(bh).map(|(b, bh)| b - bh).collect())
     }
 
     /// 0-based index of the last stage i whose point θ_i needs k_j (a[i][j] ≠ 0); `j` itself if
     /// no later stage uses it (k_j then only feeds the final combination, which streaming adds
     /// into the accumulators as soon as k_j exists).
     pub fn last_use(&self, j: usize) -> usize {
-        (j + 1..self.stages())
-            .rev()
-            .find(|&i| self.a[i][j] != 0.0)
-            .unwrap_or(j)
+        (j + 1..self.stages()).rev().find(|&i| self.a[i][j] != 0.0).unwrap_or(j)
     }
 
     /// Peak number of stage-gradient buffers live under streaming (SPEC.md §6):
@@ -456,10 +337,7 @@ impl Tableau {
     pub fn streaming_stage_buffers(&self) -> usize {
         let s = self.stages();
         let last: Vec<usize> = (0..s).map(|j| self.last_use(j)).collect();
-        (0..s)
-            .map(|i| 1 + (0..i).filter(|&j| last[j] > i).count())
-            .max()
-            .unwrap_or(0)
+        (0..s).map(|i| 1 + (0..i).filter(|&j| last[j] > i).count()).max().unwrap_or(0)
     }
 
     /// First same as last: the last row of `a` equals `b`, so the last stage point is θ_{n+1}
@@ -468,21 +346,14 @@ impl Tableau {
     /// (SPEC.md §1) it is not, and the trainer must not skip that evaluation.
     pub fn fsal(&self) -> bool {
         let s = self.stages();
-        s >= 2
-            && self.a[s - 1]
-                .iter()
-                .zip(&self.b)
-                .all(|(x, y)| (x - y).abs() <= VALIDATION_TOL)
+        s >= 2 && self.a[s - 1].iter().zip(&self.b).all(|(x, y)| (x - y).abs() <= VALIDATION_TOL)
     }
 }
 
 /// Checks a weight vector (`b` or `b_hat`): one finite entry per stage, summing to 1.
 fn check_weights(w: &[f64], what: &str, s: usize) -> std::result::Result<(), String> {
     if w.len() != s {
-        return Err(format!(
-            "`{what}` has {} entries, expected {s} (one weight per stage; `a` has {s} rows)",
-            w.len()
-        ));
+        return Err(format!("`{what}` has {} entries, expected {s} (one weight per stage; `a` has {s} rows)", w.len()));
     }
     for (i, &x) in w.iter().enumerate() {
         if !x.is_finite() {
@@ -537,8 +408,7 @@ mod tests {
             ("dopri54", 5, 7, Some(4)),
         ];
         assert_eq!(expected.len(), Tableau::builtin_names().len());
-        for ((name, order, stages, emb), canonical) in expected.iter().zip(Tableau::builtin_names())
-        {
+        for ((name, order, stages, emb), canonical) in expected.iter().zip(Tableau::builtin_names()) {
             assert_eq!(name, canonical);
             let tab = t(name);
             assert_eq!(tab.name, *name);
@@ -563,10 +433,7 @@ mod tests {
         assert!(close(&t("rk38").c, &[0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0]));
         assert!(close(&t("ssprk3").c, &[0.0, 1.0, 0.5]));
         assert!(close(&t("bs32").c, &[0.0, 0.5, 0.75, 1.0]));
-        assert!(close(
-            &t("dopri54").c,
-            &[0.0, 0.2, 0.3, 0.8, 8.0 / 9.0, 1.0, 1.0]
-        ));
+        assert!(close(&t("dopri54").c, &[0.0, 0.2, 0.3, 0.8, 8.0 / 9.0, 1.0, 1.0]));
     }
 
     #[test]
@@ -591,9 +458,7 @@ mod tests {
                 }
                 // The order is exact: some condition of order p+1 fails (p < 5).
                 if p < 5 {
-                    assert!(res
-                        .iter()
-                        .any(|(q, _, r)| *q == p + 1 && r.abs() > ORDER_TOL));
+                    assert!(res.iter().any(|(q, _, r)| *q == p + 1 && r.abs() > ORDER_TOL));
                 }
             }
         }
@@ -636,19 +501,14 @@ mod tests {
         assert_eq!(tab.order(), 2);
         assert_eq!(tab.c, vec![0.0, 1.0]);
         assert_eq!(tab.a, t("heun").a);
-        let anonymous = CustomTableau {
-            name: None,
-            c: None,
-            ..heun_spec()
-        };
+        let anonymous = CustomTableau { name: None, c: None, ..heun_spec() };
         assert_eq!(Tableau::custom(&anonymous).unwrap().name, "custom");
     }
 
     #[test]
     fn custom_from_toml() {
         let spec: CustomTableau =
-            toml::from_str("name = \"mid\"\na = [[0.0, 0.0], [0.5, 0.0]]\nb = [0.0, 1.0]\n")
-                .unwrap();
+            toml::from_str("name = \"mid\"\na = [[0.0, 0.0], [0.5, 0.0]]\nb = [0.0, 1.0]\n").unwrap();
         let tab = Tableau::custom(&spec).unwrap();
         assert_eq!(tab.order(), 2);
         assert!(toml::from_str::<CustomTableau>("a = [[0.0]]\nb = [1.0]\nbogus = 1\n").is_err());
@@ -656,99 +516,48 @@ mod tests {
 
     #[test]
     fn custom_validation_errors() {
-        let empty = CustomTableau {
-            name: None,
-            a: vec![],
-            b: vec![],
-            b_hat: None,
-            c: None,
-        };
+        let empty = CustomTableau { name: None, a: vec![], b: vec![], b_hat: None, c: None };
         assert!(err_msg(&empty).contains("at least 1 stage"));
 
-        let non_square = CustomTableau {
-            a: vec![vec![0.0, 0.0], vec![1.0]],
-            ..heun_spec()
-        };
+        let non_square = CustomTableau { a: vec![vec![0.0, 0.0], vec![1.0]], ..heun_spec() };
         let m = err_msg(&non_square);
         assert!(m.contains("row 1 of `a` has 1 entries, expected 2"), "{m}");
         assert!(m.contains("my-heun"), "{m}");
 
-        let upper = CustomTableau {
-            a: vec![vec![0.0, 0.5], vec![1.0, 0.0]],
-            c: None,
-            ..heun_spec()
-        };
+        let upper = CustomTableau { a: vec![vec![0.0, 0.5], vec![1.0, 0.0]], c: None, ..heun_spec() };
         let m = err_msg(&upper);
-        assert!(
-            m.contains("a[0][1] = 0.5 is on or above the diagonal"),
-            "{m}"
-        );
-        let diag = CustomTableau {
-            a: vec![vec![0.0, 0.0], vec![1.0, 0.25]],
-            c: None,
-            ..heun_spec()
-        };
+        assert!(m.contains("a[0][1] = 0.5 is on or above the diagonal"), "{m}");
+        let diag = CustomTableau { a: vec![vec![0.0, 0.0], vec![1.0, 0.25]], c: None, ..heun_spec() };
         assert!(err_msg(&diag).contains("a[1][1] = 0.25"));
 
-        let bad_sum = CustomTableau {
-            b: vec![0.5, 0.4],
-            ..heun_spec()
-        };
+        let bad_sum = CustomTableau { b: vec![0.5, 0.4], ..heun_spec() };
         let m = err_msg(&bad_sum);
         assert!(m.contains("Σb = 0.9, must be 1"), "{m}");
 
-        let bad_b_len = CustomTableau {
-            b: vec![1.0],
-            ..heun_spec()
-        };
+        let bad_b_len = CustomTableau { b: vec![1.0], ..heun_spec() };
         assert!(err_msg(&bad_b_len).contains("`b` has 1 entries, expected 2"));
 
-        let bad_c = CustomTableau {
-            c: Some(vec![0.0, 0.5]),
-            ..heun_spec()
-        };
+        let bad_c = CustomTableau { c: Some(vec![0.0, 0.5]), ..heun_spec() };
         let m = err_msg(&bad_c);
         assert!(m.contains("c[1] = 0.5 but Σ_j a[1][j] = 1"), "{m}");
-        let bad_c_len = CustomTableau {
-            c: Some(vec![0.0]),
-            ..heun_spec()
-        };
+        let bad_c_len = CustomTableau { c: Some(vec![0.0]), ..heun_spec() };
         assert!(err_msg(&bad_c_len).contains("`c` has 1 entries, expected 2"));
 
-        let bad_b_hat_len = CustomTableau {
-            b_hat: Some(vec![1.0]),
-            ..heun_spec()
-        };
+        let bad_b_hat_len = CustomTableau { b_hat: Some(vec![1.0]), ..heun_spec() };
         let m = err_msg(&bad_b_hat_len);
         assert!(m.contains("`b_hat` has 1 entries, expected 2"), "{m}");
-        let bad_b_hat_sum = CustomTableau {
-            b_hat: Some(vec![1.0, 0.5]),
-            ..heun_spec()
-        };
+        let bad_b_hat_sum = CustomTableau { b_hat: Some(vec![1.0, 0.5]), ..heun_spec() };
         assert!(err_msg(&bad_b_hat_sum).contains("Σb_hat = 1.5, must be 1"));
-        let same_b_hat = CustomTableau {
-            b_hat: Some(vec![0.5, 0.5]),
-            ..heun_spec()
-        };
+        let same_b_hat = CustomTableau { b_hat: Some(vec![0.5, 0.5]), ..heun_spec() };
         assert!(err_msg(&same_b_hat).contains("b_hat equals b"));
 
-        let nan = CustomTableau {
-            a: vec![vec![0.0, 0.0], vec![f64::NAN, 0.0]],
-            c: None,
-            ..heun_spec()
-        };
+        let nan = CustomTableau { a: vec![vec![0.0, 0.0], vec![f64::NAN, 0.0]], c: None, ..heun_spec() };
         assert!(err_msg(&nan).contains("a[1][0] = NaN is not finite"));
-        let inf_b = CustomTableau {
-            b: vec![f64::INFINITY, 0.5],
-            ..heun_spec()
-        };
+        let inf_b = CustomTableau { b: vec![f64::INFINITY, 0.5], ..heun_spec() };
         assert!(err_msg(&inf_b).contains("b[0] = inf is not finite"));
 
         // An embedded custom pair (Euler embedded in Heun) is accepted.
-        let pair = CustomTableau {
-            b_hat: Some(vec![1.0, 0.0]),
-            ..heun_spec()
-        };
+        let pair = CustomTableau { b_hat: Some(vec![1.0, 0.0]), ..heun_spec() };
         let tab = Tableau::custom(&pair).unwrap();
         assert_eq!((tab.order(), tab.embedded_order()), (2, Some(1)));
         assert_eq!(tab.error_weights(), Some(vec![-0.5, 0.5]));
@@ -768,10 +577,7 @@ mod tests {
         for name in Tableau::builtin_names() {
             assert!(m.contains(name), "{m} lacks {name}");
         }
-        assert!(
-            m.contains("rk2 = heun") && m.contains("rk3 = kutta3"),
-            "{m}"
-        );
+        assert!(m.contains("rk2 = heun") && m.contains("rk3 = kutta3"), "{m}");
     }
 
     #[test]
@@ -797,37 +603,25 @@ mod tests {
 
         // rk4: θ_{i+1} needs only k_i.
         let rk4 = t("rk4");
-        assert_eq!(
-            (0..4).map(|j| rk4.last_use(j)).collect::<Vec<_>>(),
-            vec![1, 2, 3, 3]
-        );
+        assert_eq!((0..4).map(|j| rk4.last_use(j)).collect::<Vec<_>>(), vec![1, 2, 3, 3]);
         assert_eq!(rk4.streaming_stage_buffers(), 1);
 
         // rk38: the last stage point needs k_0, k_1, k_2; while k_2 is produced, k_0 and k_1 wait.
         let rk38 = t("rk38");
-        assert_eq!(
-            (0..4).map(|j| rk38.last_use(j)).collect::<Vec<_>>(),
-            vec![3, 3, 3, 3]
-        );
+        assert_eq!((0..4).map(|j| rk38.last_use(j)).collect::<Vec<_>>(), vec![3, 3, 3, 3]);
         assert_eq!(rk38.streaming_stage_buffers(), 3);
 
         // dopri54 (0-based): a[6][1] = 0 but a[5][1] ≠ 0, so k_1 dies at stage 5; every other
         // k_j (j < 6) is needed by the FSAL stage 6. Live counts per stage i:
         // i=0:1, 1:2, 2:3, 3:4, 4:5 (k_0..k_3 wait), 5: 1 + |{0,2,3,4}| = 5, 6:1 → peak 5.
         let dp = t("dopri54");
-        assert_eq!(
-            (0..7).map(|j| dp.last_use(j)).collect::<Vec<_>>(),
-            vec![6, 5, 6, 6, 6, 6, 6]
-        );
+        assert_eq!((0..7).map(|j| dp.last_use(j)).collect::<Vec<_>>(), vec![6, 5, 6, 6, 6, 6, 6]);
         assert_eq!(dp.streaming_stage_buffers(), 5);
 
         // bs32: a[2][0] = 0, but the FSAL stage 3 needs k_0, k_1, k_2; peak at stage 2:
         // 1 + |{0, 1}| = 3.
         let bs = t("bs32");
-        assert_eq!(
-            (0..4).map(|j| bs.last_use(j)).collect::<Vec<_>>(),
-            vec![3, 3, 3, 3]
-        );
+        assert_eq!((0..4).map(|j| bs.last_use(j)).collect::<Vec<_>>(), vec![3, 3, 3, 3]);
         assert_eq!(bs.streaming_stage_buffers(), 3);
     }
 

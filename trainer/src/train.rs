@@ -20,17 +20,17 @@ use crate::checkpoint::{self, Checkpoint, CheckpointMeta, ResumePoint};
 use crate::config::{Config, OptimizerKind, PreconditionerKind, StepSizeKind};
 use crate::data::{sampler::BatchSampler, Dataset};
 use crate::distributed::{agree, shard_dataset, ParamSharding, ShardedField};
-use crate::kernels::SolverKernels;
-use crate::memory::mib;
-use crate::memory;
-use crate::stop;
-use kutta_collectives::Communicator;
 use crate::error::{Error, Result};
+use crate::field::VectorField;
+use crate::kernels::SolverKernels;
+use crate::memory;
+use crate::memory::mib;
 use crate::model::{self, Model, ModelField};
 use crate::optim::baselines::{Adam, Momentum, Sgd};
 use crate::optim::rk::{Preconditioner, RkOptions, RkSolver, StepSize};
 use crate::optim::{Optimizer, OptimizerState, StepReport};
-use crate::field::VectorField;
+use crate::stop;
+use kutta_collectives::Communicator;
 use serde::{Deserialize, Serialize};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -143,7 +143,9 @@ pub fn rk_options(cfg: &Config) -> Result<RkOptions> {
     let lr = o.lr;
     let step_size = match o.step_size {
         StepSizeKind::Constant => StepSize::Constant { lr },
-        StepSizeKind::Cosine => StepSize::Cosine { lr, warmup: o.warmup_steps, total: cfg.train.steps, min_fraction: o.min_lr_fraction },
+        StepSizeKind::Cosine => {
+            StepSize::Cosine { lr, warmup: o.warmup_steps, total: cfg.train.steps, min_fraction: o.min_lr_fraction }
+        }
         StepSizeKind::Dalr => StepSize::Dalr { c: lr, p: o.dalr.p, estimator: o.dalr.estimator, fd_eps: o.dalr.fd_eps },
         StepSizeKind::ErrorControlled => StepSize::ErrorControlled { h0: lr, control: o.error_control },
     };
@@ -178,7 +180,13 @@ pub fn build_optimizer(cfg: &Config) -> Result<Box<dyn Optimizer<f32>>> {
                 OptimizerKind::Rk => unreachable!(),
             };
             if o.step_size == StepSizeKind::Cosine {
-                Box::new(Scheduled { inner: base, lr, warmup: o.warmup_steps, total: cfg.train.steps, min_fraction: o.min_lr_fraction })
+                Box::new(Scheduled {
+                    inner: base,
+                    lr,
+                    warmup: o.warmup_steps,
+                    total: cfg.train.steps,
+                    min_fraction: o.min_lr_fraction,
+                })
             } else {
                 base
             }
@@ -200,7 +208,13 @@ impl Optimizer<f32> for Scheduled {
         format!("{}+cosine", self.inner.name())
     }
     fn step(&mut self, step: u64, theta: &mut [f32], field: &mut dyn VectorField<f32>) -> Result<StepReport> {
-        self.inner.set_lr(crate::optim::step_size::cosine(self.lr, step, self.warmup, self.total, self.min_fraction))?;
+        self.inner.set_lr(crate::optim::step_size::cosine(
+            self.lr,
+            step,
+            self.warmup,
+            self.total,
+            self.min_fraction,
+        ))?;
         self.inner.step(step, theta, field)
     }
     fn state(&self) -> Result<OptimizerState<f32>> {
@@ -218,7 +232,11 @@ impl Optimizer<f32> for Scheduled {
 /// The RK kernels on the model's stream when the solver should run on the GPU: the model is on a
 /// CUDA device, `train.gpu_solver` is on and the optimizer is not sharded (`why_not` says which
 /// did not hold otherwise, for the log). Fails when the kernels do not load.
-pub fn solver_kernels(cfg: &Config, device: &candle_core::Device, sharded: bool) -> Result<(SolverKernels, Option<&'static str>)> {
+pub fn solver_kernels(
+    cfg: &Config,
+    device: &candle_core::Device,
+    sharded: bool,
+) -> Result<(SolverKernels, Option<&'static str>)> {
     if !device.is_cuda() {
         return Ok((None, None));
     }
@@ -243,7 +261,12 @@ pub fn build_optimizer_on(cfg: &Config, kernels: &SolverKernels) -> Result<Box<d
 /// The GPU solver's parts for a training run (see `solver_kernels`; the baselines keep their
 /// arithmetic on the host): the kernels and, with more than one rank, an NCCL communicator
 /// joined over `comm` on the model's stream for the gradient all-reduce. Logs which way it went.
-fn gpu_solver(cfg: &Config, device: &candle_core::Device, sharded: bool, comm: &dyn Communicator) -> Result<Option<crate::distributed::GpuParts>> {
+fn gpu_solver(
+    cfg: &Config,
+    device: &candle_core::Device,
+    sharded: bool,
+    comm: &dyn Communicator,
+) -> Result<Option<crate::distributed::GpuParts>> {
     if !device.is_cuda() {
         return Ok(None);
     }
@@ -281,7 +304,10 @@ pub fn load_data(cfg: &Config) -> Result<(Dataset, Dataset)> {
     let (mut train, test) = crate::data::load(&cfg.data)?;
     if let Some(n) = cfg.data.train_subset {
         if n > train.len() {
-            return Err(Error::config("data.train_subset", format!("{n} is more than the {} training samples in {}", train.len(), cfg.data.dir.display())));
+            return Err(Error::config(
+                "data.train_subset",
+                format!("{n} is more than the {} training samples in {}", train.len(), cfg.data.dir.display()),
+            ));
         }
         train.truncate(n);
     }
@@ -411,10 +437,18 @@ impl Runner<'_> {
                     return Err(mismatch("a model of P", m.param_count.to_string(), layout.len().to_string()));
                 }
                 if m.batch_size != cfg.train.batch_size {
-                    return Err(mismatch("train.batch_size", m.batch_size.to_string(), cfg.train.batch_size.to_string()));
+                    return Err(mismatch(
+                        "train.batch_size",
+                        m.batch_size.to_string(),
+                        cfg.train.batch_size.to_string(),
+                    ));
                 }
                 if m.seed != cfg.train.seed || m.shuffle != cfg.data.shuffle || m.train_samples != train.len() {
-                    return Err(mismatch("(seed, shuffle, training samples)", format!("({}, {}, {})", m.seed, m.shuffle, m.train_samples), format!("({}, {}, {})", cfg.train.seed, cfg.data.shuffle, train.len())));
+                    return Err(mismatch(
+                        "(seed, shuffle, training samples)",
+                        format!("({}, {}, {})", m.seed, m.shuffle, m.train_samples),
+                        format!("({}, {}, {})", cfg.train.seed, cfg.data.shuffle, train.len()),
+                    ));
                 }
                 if m.optimizer != opt.name() {
                     return Err(mismatch("optimizer", m.optimizer.clone(), opt.name()));
@@ -435,14 +469,20 @@ impl Runner<'_> {
                 state.and_then(|st| opt.load_state(&st)).map_err(|e| Error::checkpoint(&ckpath, e.to_string()))?;
                 let model_state = ck.model_state();
                 if model_state.values.len() != model.state_layout().len() {
-                    return Err(mismatch("a model state of", model_state.values.len().to_string(), model.state_layout().len().to_string()));
+                    return Err(mismatch(
+                        "a model state of",
+                        model_state.values.len().to_string(),
+                        model.state_layout().len().to_string(),
+                    ));
                 }
                 (ck.theta.clone(), model_state, m.step, m.grad_evals, m.wall_seconds, m.best_test_accuracy)
             }
             None => {
                 let (theta, state) = match &cfg.model.init {
                     Some(p) => agree(comm, "reading model.init", model::load_safetensors(model.as_ref(), p))?,
-                    None => (model::init_params(model.as_ref(), cfg.train.seed), model::ModelState::initial(model.as_ref())),
+                    None => {
+                        (model::init_params(model.as_ref(), cfg.train.seed), model::ModelState::initial(model.as_ref()))
+                    }
                 };
                 (theta, state, 0, 0, 0.0, None)
             }
@@ -464,16 +504,16 @@ impl Runner<'_> {
 
         if writer {
             tracing::info!(
-            "{} | {} | {} | {} train / {} test samples | batch {} | steps {}..{} | run folder {}",
-            summary.model,
-            summary.optimizer,
-            summary.device,
-            train.len(),
-            test.len(),
-            cfg.train.batch_size,
-            start,
-            cfg.train.steps,
-            out.display()
+                "{} | {} | {} | {} train / {} test samples | batch {} | steps {}..{} | run folder {}",
+                summary.model,
+                summary.optimizer,
+                summary.device,
+                train.len(),
+                test.len(),
+                cfg.train.batch_size,
+                start,
+                cfg.train.steps,
+                out.display()
             );
             if comm.world_size() > 1 {
                 tracing::info!("data parallel over {} ranks ({} back end)", comm.world_size(), comm.name());
@@ -550,7 +590,8 @@ impl Runner<'_> {
 
             let last = done == tc.steps;
             let eval_now = last || (tc.eval_every > 0 && done % tc.eval_every == 0);
-            let checkpoint_now = last || stop_for.is_some() || (tc.checkpoint_every > 0 && done.is_multiple_of(tc.checkpoint_every));
+            let checkpoint_now =
+                last || stop_for.is_some() || (tc.checkpoint_every > 0 && done.is_multiple_of(tc.checkpoint_every));
             if eval_now || checkpoint_now {
                 // θ (and the state) to the host, for a solver that keeps them on a GPU.
                 opt.sync_theta(&mut theta)?;
@@ -570,7 +611,16 @@ impl Runner<'_> {
             };
             if eval_now {
                 let full = field.full_params(&theta)?;
-                let (loss, acc) = evaluate_sharded(model.as_ref(), full, &model_state, &test_shard, test.len(), tc.eval_chunk, &device, comm)?;
+                let (loss, acc) = evaluate_sharded(
+                    model.as_ref(),
+                    full,
+                    &model_state,
+                    &test_shard,
+                    test.len(),
+                    tc.eval_chunk,
+                    &device,
+                    comm,
+                )?;
                 line.test_loss = Some(loss);
                 line.test_accuracy = Some(acc);
                 best = Some(best.map_or(acc, |b: f64| b.max(acc)));
@@ -583,7 +633,11 @@ impl Runner<'_> {
             line.peak_device_mib = Some(field.peak_device_bytes()).filter(|&b| b > 0).map(mib);
             summary.peak_device_mib = line.peak_device_mib;
             if let Some(metrics) = metrics.as_mut().filter(|_| {
-                eval_now || last || done.is_multiple_of(tc.log_every) || report.rejected > 0 || report.nonfinite_retries > 0
+                eval_now
+                    || last
+                    || done.is_multiple_of(tc.log_every)
+                    || report.rejected > 0
+                    || report.nonfinite_retries > 0
             }) {
                 let s = serde_json::to_string(&line).expect("metrics serialize");
                 writeln!(metrics, "{s}").map_err(|e| Error::io(&metrics_path, e))?;
@@ -601,7 +655,9 @@ impl Runner<'_> {
             }
             // A sharded optimizer's θ and state are gathered on every rank; rank 0 writes them.
             let gathered = match &sharding {
-                Some(s) if checkpoint_now => Some((field.full_params(&theta)?.to_vec(), s.gather_state(comm, opt.state()?)?)),
+                Some(s) if checkpoint_now => {
+                    Some((field.full_params(&theta)?.to_vec(), s.gather_state(comm, opt.state()?)?))
+                }
                 _ => None,
             };
             if let Some(sig) = stop_for {
@@ -709,8 +765,16 @@ pub fn check_batch_groups(model: &dyn Model, cfg: &Config, world: usize) -> Resu
     let ranks = if world > 1 { format!(" over {world} ranks") } else { String::new() };
     if batch % (g * world) != 0 {
         let lower = batch / (g * world) * g * world;
-        let sizes = [lower, lower + g * world].iter().filter(|&&b| b > 0).map(|b| b.to_string()).collect::<Vec<_>>().join(" or ");
-        let groups: Vec<String> = (1..=g.min(batch / world.max(1)).max(1)).filter(|d| batch % (d * world) == 0).map(|d| d.to_string()).collect();
+        let sizes = [lower, lower + g * world]
+            .iter()
+            .filter(|&&b| b > 0)
+            .map(|b| b.to_string())
+            .collect::<Vec<_>>()
+            .join(" or ");
+        let groups: Vec<String> = (1..=g.min(batch / world.max(1)).max(1))
+            .filter(|d| batch % (d * world) == 0)
+            .map(|d| d.to_string())
+            .collect();
         return Err(Error::config(
             "model.bn_group",
             format!(
@@ -724,7 +788,10 @@ pub fn check_batch_groups(model: &dyn Model, cfg: &Config, world: usize) -> Resu
         let lower = (micro / g).max(1) * g;
         return Err(Error::config(
             "train.micro_batch",
-            format!("{micro} is not a multiple of model.bn_group = {g} (batch norm's group); {lower} or {} would work", lower + g),
+            format!(
+                "{micro} is not a multiple of model.bn_group = {g} (batch norm's group); {lower} or {} would work",
+                lower + g
+            ),
         ));
     }
     Ok(())
@@ -755,7 +822,11 @@ fn tidy_for_resume(point: &ResumePoint) -> Result<()> {
             .find(|q| !q.exists())
             .expect("an unbounded sequence of names");
         std::fs::rename(p, &aside).map_err(|e| Error::io(p, e))?;
-        tracing::warn!("{} is newer than the checkpoint this run continues from; set aside as {}", p.display(), aside.display());
+        tracing::warn!(
+            "{} is newer than the checkpoint this run continues from; set aside as {}",
+            p.display(),
+            aside.display()
+        );
     }
     Ok(())
 }
@@ -811,7 +882,8 @@ fn truncate_metrics(path: &Path, keep_through: u64) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
     let mut kept = String::new();
     for l in text.lines() {
-        let step = serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v.get("step").and_then(|s| s.as_u64()));
+        let step =
+            serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v.get("step").and_then(|s| s.as_u64()));
         if matches!(step, Some(s) if s <= keep_through) {
             kept.push_str(l);
             kept.push('\n');
@@ -837,8 +909,10 @@ impl ProgressReporter {
         let bar = use_bar.then(|| {
             let b = indicatif::ProgressBar::new(total);
             b.set_style(
-                indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}")
-                    .expect("valid template"),
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
+                )
+                .expect("valid template"),
             );
             b.set_position(start);
             b
@@ -910,7 +984,13 @@ mod tests {
     #[test]
     fn cosine_schedule_drives_baselines_and_rk() {
         for kind in ["sgd", "rk"] {
-            let c = cfg(&[&format!("optimizer.kind={kind}"), "optimizer.step_size=cosine", "optimizer.lr=0.1", "optimizer.warmup_steps=2", "train.steps=12"]);
+            let c = cfg(&[
+                &format!("optimizer.kind={kind}"),
+                "optimizer.step_size=cosine",
+                "optimizer.lr=0.1",
+                "optimizer.warmup_steps=2",
+                "train.steps=12",
+            ]);
             let mut opt = build_optimizer(&c).unwrap();
             let mut f = DiagonalQuadratic::new(vec![1.0]);
             let mut th = vec![1.0f32];
@@ -930,7 +1010,12 @@ mod tests {
         use crate::model::{BatchStats, ModelState};
         let data = Dataset::random(16, [1, 6, 6], 3, 1);
         let sets = ["model.kind=resnet18", "model.width=2", "model.bn_group=4", "train.batch_size=8"];
-        for extra in [&["optimizer.kind=rk"][..], &["optimizer.step_size=dalr", "optimizer.dalr.estimator=finite-difference"], &["optimizer.tableau=dopri54", "optimizer.step_size=error-controlled", "optimizer.lr=2.0"], &["optimizer.kind=adam"]] {
+        for extra in [
+            &["optimizer.kind=rk"][..],
+            &["optimizer.step_size=dalr", "optimizer.dalr.estimator=finite-difference"],
+            &["optimizer.tableau=dopri54", "optimizer.step_size=error-controlled", "optimizer.lr=2.0"],
+            &["optimizer.kind=adam"],
+        ] {
             let c = cfg(&[&sets[..], extra].concat());
             let model = build_model(&c, &data).unwrap();
             let mut theta = model::init_params(model.as_ref(), 0);

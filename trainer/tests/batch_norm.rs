@@ -113,10 +113,11 @@ fn group_sizes_that_do_not_divide_are_errors() {
     let errs: Vec<String> = std::thread::scope(|s| {
         let hs: Vec<_> = LocalGroup::new(5)
             .into_iter()
-            .map(|c| s.spawn(move || train::train(cfg, out, Progress::Off, &c as &dyn Communicator).unwrap_err().to_string()))
+            .map(|c| {
+                s.spawn(move || train::train(cfg, out, Progress::Off, &c as &dyn Communicator).unwrap_err().to_string())
+            })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert!(errs[0].contains("over 5 ranks") && errs[0].contains("multiple of 20"), "{}", errs[0]);
 }
-

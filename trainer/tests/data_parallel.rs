@@ -69,7 +69,10 @@ fn two_ranks_match_one_process_rk4_with_all_modifications() {
 fn uneven_global_batch_is_the_exact_mean() {
     // 25 samples over 2 ranks (13 + 12) and over 3 ranks (9 + 8 + 8).
     for ranks in [2, 3] {
-        eprintln!("uneven batch, {ranks} ranks: {:e}", equivalent(&["optimizer.kind=sgd", "optimizer.lr=0.05", "train.batch_size=25"], ranks));
+        eprintln!(
+            "uneven batch, {ranks} ranks: {:e}",
+            equivalent(&["optimizer.kind=sgd", "optimizer.lr=0.05", "train.batch_size=25"], ranks)
+        );
     }
 }
 
@@ -99,13 +102,20 @@ fn sharded_optimizer_matches_one_process() {
 #[test]
 fn checkpoints_resume_across_world_sizes() {
     let dir = tempfile::tempdir().unwrap();
-    let sets = ["optimizer.momentum=0.9", "optimizer.preconditioner=modified-adagrad", "optimizer.lr=0.2", "train.batch_size=30"];
+    let sets = [
+        "optimizer.momentum=0.9",
+        "optimizer.preconditioner=modified-adagrad",
+        "optimizer.lr=0.2",
+        "train.batch_size=30",
+    ];
     let cfg = config(&sets);
     let straight = dir.path().join("straight");
     run(&cfg, &straight, 0);
     // 6 steps on 2 ranks, resumed on 1 process; 6 on 1, resumed on 3 ranks; and the same with
     // a sharded optimizer on the multi-rank side (the checkpoint holds whole buffers).
-    for (first, second, shard, name) in [(2, 0, false, "2to1"), (0, 3, false, "1to3"), (2, 0, true, "2to1-sharded"), (0, 3, true, "1to3-sharded")] {
+    for (first, second, shard, name) in
+        [(2, 0, false, "2to1"), (0, 3, false, "1to3"), (2, 0, true, "2to1-sharded"), (0, 3, true, "1to3-sharded")]
+    {
         let out = dir.path().join(name);
         let mut half = cfg.clone();
         half.train.steps = 6;

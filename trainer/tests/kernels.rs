@@ -101,8 +101,8 @@ fn gpu_kernels_match_references() {
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use kutta_trainer::optim::gpu::check;
     use kutta_trainer::kernels::cuda::RkKernels;
+    use kutta_trainer::optim::gpu::check;
 
     /// The kernels on device 0, or None after printing why they cannot run here.
     fn kernels_or_skip() -> Option<RkKernels> {
@@ -121,9 +121,20 @@ mod gpu {
         let Some(k) = kernels_or_skip() else { return };
         let report = check::run(&k).expect("the kernel checks ran");
         eprintln!("{}", report.table());
-        let failures: Vec<String> =
-            report.failures().iter().map(|r| format!("{}: relative error {:e} > {:e} ({})", r.check, r.max_rel_error, r.tolerance, r.worst_case)).collect();
-        assert!(failures.is_empty(), "{} of {} kernel checks failed:\n{}", failures.len(), report.rows.len(), failures.join("\n"));
+        let failures: Vec<String> = report
+            .failures()
+            .iter()
+            .map(|r| {
+                format!("{}: relative error {:e} > {:e} ({})", r.check, r.max_rel_error, r.tolerance, r.worst_case)
+            })
+            .collect();
+        assert!(
+            failures.is_empty(),
+            "{} of {} kernel checks failed:\n{}",
+            failures.len(),
+            report.rows.len(),
+            failures.join("\n")
+        );
         assert!(report.passed());
         eprintln!("gpu_kernels_match_references: {} kernel calls checked on {}", report.kernel_calls, report.device);
     }

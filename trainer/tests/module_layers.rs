@@ -164,7 +164,8 @@ fn collectives_modules_form_layers() {
 
 #[test]
 fn the_checker_finds_a_cycle() {
-    let code = "use crate::{b::X, c};\nfn f() { crate::d::g(); }\n// crate::e\n#[cfg(test)]\nmod tests { use crate::f; }\n";
+    let code =
+        "use crate::{b::X, c};\nfn f() { crate::d::g(); }\n// crate::e\n#[cfg(test)]\nmod tests { use crate::f; }\n";
     let uses = referenced(&library_code(code));
     assert_eq!(uses.into_iter().collect::<Vec<_>>(), ["b", "c", "d"]);
     let mut g = Graph::new();

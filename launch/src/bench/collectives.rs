@@ -30,13 +30,13 @@
 use super::steps::{bench_data, machine_description, median, variant_config};
 use super::CollectivesArgs;
 use anyhow::{anyhow, Context, Result};
+use kutta_collectives::Communicator;
 use kutta_trainer::config::Config;
 use kutta_trainer::data::sampler::BatchSampler;
 use kutta_trainer::distributed::ShardedField;
 use kutta_trainer::field::VectorField;
 use kutta_trainer::model::{self, ModelField};
 use kutta_trainer::train::{build_model, build_optimizer};
-use kutta_collectives::Communicator;
 use serde::{Deserialize, Serialize};
 use std::cell::Cell;
 use std::path::PathBuf;
@@ -47,7 +47,8 @@ use std::time::{Duration, Instant};
 pub const ALLREDUCE_BYTES: [usize; 6] = [4, 4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20];
 
 /// The environment of every child job: one compute thread per rank (see the module doc).
-pub const CHILD_ENV: [(&str, &str); 3] = [("RAYON_NUM_THREADS", "1"), ("CANDLE_NUM_THREADS", "1"), ("OMP_NUM_THREADS", "1")];
+pub const CHILD_ENV: [(&str, &str); 3] =
+    [("RAYON_NUM_THREADS", "1"), ("CANDLE_NUM_THREADS", "1"), ("OMP_NUM_THREADS", "1")];
 
 /// A cell (one all-reduce size, or one rank count's steps) whose repetitions are slow stops
 /// after this many seconds once it has at least 3 repetitions, even below `min_reps`.
@@ -131,7 +132,8 @@ impl Part {
 impl CollectivesOptions {
     /// 1, 2, 4, … ≤ max_ranks, and max_ranks itself.
     pub fn rank_counts(&self) -> Vec<usize> {
-        let mut v: Vec<usize> = std::iter::successors(Some(1usize), |n| n.checked_mul(2)).take_while(|&n| n <= self.max_ranks).collect();
+        let mut v: Vec<usize> =
+            std::iter::successors(Some(1usize), |n| n.checked_mul(2)).take_while(|&n| n <= self.max_ranks).collect();
         if v.last() != Some(&self.max_ranks) && self.max_ranks > 0 {
             v.push(self.max_ranks);
         }
@@ -142,8 +144,10 @@ impl CollectivesOptions {
     /// down with steps only, so drift hits every rank count alike.
     pub fn schedule(&self) -> Vec<(usize, Vec<Part>)> {
         let counts = self.rank_counts();
-        let mut jobs: Vec<(usize, Vec<Part>)> =
-            counts.iter().map(|&n| (n, if n > 1 { vec![Part::Steps, Part::AllReduce] } else { vec![Part::Steps] })).collect();
+        let mut jobs: Vec<(usize, Vec<Part>)> = counts
+            .iter()
+            .map(|&n| (n, if n > 1 { vec![Part::Steps, Part::AllReduce] } else { vec![Part::Steps] }))
+            .collect();
         if counts.len() > 1 {
             jobs.extend(counts.iter().rev().map(|&n| (n, vec![Part::Steps])));
         }
@@ -223,7 +227,9 @@ pub fn weak_scaling_efficiency(t1: f64, tn: f64) -> f64 {
 /// Whether a cell has been timed long enough: `min_reps` and `min_seconds`, or — when its
 /// repetitions are slow — at least 3 (or `min_reps` if fewer) after `SLOW_CELL_SECONDS`.
 pub fn enough(reps: usize, elapsed_s: f64, min_reps: usize, min_seconds: f64) -> bool {
-    (reps >= min_reps && elapsed_s >= min_seconds) || (reps >= min_reps.min(3) && elapsed_s >= SLOW_CELL_SECONDS) || reps >= MAX_REPS
+    (reps >= min_reps && elapsed_s >= min_seconds)
+        || (reps >= min_reps.min(3) && elapsed_s >= SLOW_CELL_SECONDS)
+        || reps >= MAX_REPS
 }
 
 /// A communicator that adds up the wall time spent inside `all_reduce_sum` and
@@ -407,7 +413,14 @@ fn time_all_reduce(comm: &TimedComm, opts: &WorkerOptions) -> Result<Vec<AllRedu
         let reps = secs.len();
         let t = median(&mut secs);
         let (alg, bus) = bandwidths(elements * 4, t, comm.world_size());
-        rows.push(AllReduceRow { bytes: elements * 4, elements, reps, median_us: t * 1e6, algbw_gbs: alg / 1e9, busbw_gbs: bus / 1e9 });
+        rows.push(AllReduceRow {
+            bytes: elements * 4,
+            elements,
+            reps,
+            median_us: t * 1e6,
+            algbw_gbs: alg / 1e9,
+            busbw_gbs: bus / 1e9,
+        });
     }
     Ok(rows)
 }
@@ -452,7 +465,8 @@ fn time_steps(comm: &TimedComm, opts: &WorkerOptions) -> Result<StepSamples> {
             step_s.push(dt);
             ar_s.push(ar);
         }
-        let done = enough(step_s.len(), start.elapsed().as_secs_f64(), opts.min_reps, STEP_SECONDS_FACTOR * opts.min_seconds);
+        let done =
+            enough(step_s.len(), start.elapsed().as_secs_f64(), opts.min_reps, STEP_SECONDS_FACTOR * opts.min_seconds);
         if rank0_says(comm, done)? {
             break;
         }
@@ -521,7 +535,8 @@ pub struct CollectivesReport {
     pub command: String,
 }
 
-pub const BANDWIDTH_CONVENTION: &str = "algbw = bytes / time; busbw = algbw * 2(n-1)/n (NCCL-tests convention); GB/s = 1e9 B/s";
+pub const BANDWIDTH_CONVENTION: &str =
+    "algbw = bytes / time; busbw = algbw * 2(n-1)/n (NCCL-tests convention); GB/s = 1e9 B/s";
 
 /// Drives the whole benchmark: runs each job of `opts.schedule()` through `job(ranks, args)`
 /// (which starts `mpirun -np ranks kutta ARGS` with `CHILD_ENV` and returns its stdout, or an
@@ -559,12 +574,19 @@ pub fn run(
     combine(opts, mpi, cores, reports, jobs)
 }
 
-fn combine(opts: &CollectivesOptions, mpi: &str, cores: usize, reports: Vec<WorkerReport>, jobs: Vec<String>) -> Result<CollectivesReport> {
+fn combine(
+    opts: &CollectivesOptions,
+    mpi: &str,
+    cores: usize,
+    reports: Vec<WorkerReport>,
+    jobs: Vec<String>,
+) -> Result<CollectivesReport> {
     let first_steps = reports.iter().find_map(|r| r.steps.as_ref()).ok_or_else(|| anyhow!("no job timed any steps"))?;
     let mut notes = Vec::new();
     let mut weak: Vec<WeakScalingRow> = Vec::new();
     for ranks in opts.rank_counts() {
-        let samples: Vec<&StepSamples> = reports.iter().filter(|r| r.ranks == ranks).filter_map(|r| r.steps.as_ref()).collect();
+        let samples: Vec<&StepSamples> =
+            reports.iter().filter(|r| r.ranks == ranks).filter_map(|r| r.steps.as_ref()).collect();
         let mut step: Vec<f64> = samples.iter().flat_map(|s| s.step_ms.iter().copied()).collect();
         let mut ar: Vec<f64> = samples.iter().flat_map(|s| s.allreduce_ms.iter().copied()).collect();
         let reps = step.len();
@@ -605,7 +627,11 @@ fn combine(opts: &CollectivesOptions, mpi: &str, cores: usize, reports: Vec<Work
         data: first_steps.data.clone(),
         params: first_steps.params,
         per_rank_batch: opts.per_rank_batch,
-        allreduce: reports.iter().filter(|r| !r.allreduce.is_empty()).map(|r| AllReduceSweep { ranks: r.ranks, rows: r.allreduce.clone() }).collect(),
+        allreduce: reports
+            .iter()
+            .filter(|r| !r.allreduce.is_empty())
+            .map(|r| AllReduceSweep { ranks: r.ranks, rows: r.allreduce.clone() })
+            .collect(),
         bandwidth_convention: BANDWIDTH_CONVENTION.into(),
         weak_scaling: weak,
         jobs,
@@ -658,7 +684,11 @@ pub fn format_table(r: &CollectivesReport) -> String {
     }
     if !r.allreduce.is_empty() {
         s += &format!("{}\n", r.bandwidth_convention);
-        s += &format!("the model's gradient all-reduce is {} f32 = {:.2} MiB\n", r.params, r.params as f64 * 4.0 / (1 << 20) as f64);
+        s += &format!(
+            "the model's gradient all-reduce is {} f32 = {:.2} MiB\n",
+            r.params,
+            r.params as f64 * 4.0 / (1 << 20) as f64
+        );
     }
     s += &format!(
         "\nweak scaling, rk4 steps: {}\ndata: {}; {} samples per rank\n{:>5} {:>12} {:>6} {:>14} {:>18} {:>16} {:>11}\n",
@@ -811,7 +841,14 @@ mod tests {
 
     #[test]
     fn result_line_is_found_among_other_output() {
-        let r = WorkerReport { ranks: 2, backend: "mpi".into(), threads_per_rank: 1, cpus_per_rank: 1, allreduce: vec![], steps: None };
+        let r = WorkerReport {
+            ranks: 2,
+            backend: "mpi".into(),
+            threads_per_rank: 1,
+            cpus_per_rank: 1,
+            allreduce: vec![],
+            steps: None,
+        };
         let out = format!("some launcher chatter\n{{not json\n{}\n", serde_json::to_string(&r).unwrap());
         assert_eq!(parse_worker_output(&out).map(|r| r.ranks), Some(2));
         assert!(parse_worker_output("nothing here\n").is_none());

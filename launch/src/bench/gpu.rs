@@ -59,14 +59,19 @@ mod cuda {
 
     pub fn bench_kernels(json: bool) -> Result<()> {
         let count = kutta_trainer::device::cuda_device_count();
-        anyhow::ensure!(count > 0, "kutta bench kernels: no CUDA device answers (is the NVIDIA driver loaded? CUDA_VISIBLE_DEVICES?)");
+        anyhow::ensure!(
+            count > 0,
+            "kutta bench kernels: no CUDA device answers (is the NVIDIA driver loaded? CUDA_VISIBLE_DEVICES?)"
+        );
         let ordinal = kutta_trainer::device::gpu_ordinal(None, rendezvous::local_rank().unwrap_or(0), count);
-        let k = check::open(ordinal).map_err(|e| anyhow::anyhow!("kutta bench kernels: cannot open GPU {ordinal}: {e}"))?;
+        let k =
+            check::open(ordinal).map_err(|e| anyhow::anyhow!("kutta bench kernels: cannot open GPU {ordinal}: {e}"))?;
         if !json {
             eprintln!("checking the RK kernels against their CPU references on GPU {ordinal} ...");
         }
         let report = check::run(&k)?;
-        let failures: Vec<String> = report.failures().iter().map(|r| format!("{} ({})", r.check, r.worst_case)).collect();
+        let failures: Vec<String> =
+            report.failures().iter().map(|r| format!("{} ({})", r.check, r.worst_case)).collect();
         let checks_line = format!(
             "kernel checks: {}, {} of {} checks passed, {} kernel calls, max relative error {:.2e} (tolerances {:.0e} elementwise, {:.0e} reductions; counts and argument checks exact) on {}",
             if report.passed() { "PASS" } else { "FAIL" },
@@ -96,7 +101,8 @@ mod cuda {
             Ok(bw) => {
                 let below = bw.below(BANDWIDTH_GOAL);
                 let kernels = bw.rows.len().saturating_sub(1); // the memcpy row is the reference
-                let names: Vec<String> = below.iter().map(|r| format!("{} ({:.0} %)", r.kernel, 100.0 * r.fraction_of_copy)).collect();
+                let names: Vec<String> =
+                    below.iter().map(|r| format!("{} ({:.0} %)", r.kernel, 100.0 * r.fraction_of_copy)).collect();
                 let lowest = bw.rows.iter().skip(1).min_by(|a, b| a.fraction_of_copy.total_cmp(&b.fraction_of_copy));
                 let line = format!(
                     "kernel bandwidth: {} of {kernels} kernels at >= {:.0} % of copy bandwidth ({:.1} GB/s); lowest {}; below: {}",
@@ -138,7 +144,9 @@ mod cuda {
         };
         let (rank, size) = (comm.rank(), comm.world_size());
         if !json && comm.is_writer() {
-            eprintln!("checking NcclComm on {size} rank(s), then timing {NCCL_ITERS} all-reduces of {NCCL_MIB} MiB ...");
+            eprintln!(
+                "checking NcclComm on {size} rank(s), then timing {NCCL_ITERS} all-reduces of {NCCL_MIB} MiB ..."
+            );
         }
         match nccl::self_check(&comm, NCCL_MIB, NCCL_ITERS) {
             Ok(r) => {
@@ -159,7 +167,10 @@ mod cuda {
                         });
                         println!("{}", serde_json::to_string_pretty(&out).expect("JSON"));
                     } else {
-                        println!("nccl checks: PASS on {size} rank(s) (rank 0: GPU {}, {})", r.device_ordinal, r.device);
+                        println!(
+                            "nccl checks: PASS on {size} rank(s) (rank 0: GPU {}, {})",
+                            r.device_ordinal, r.device
+                        );
                         println!("nccl all-reduce: {}", r.describe());
                     }
                 }

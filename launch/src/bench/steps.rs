@@ -7,8 +7,8 @@ use super::StepsArgs;
 use anyhow::{anyhow, Result};
 use kutta_trainer::config::Config;
 use kutta_trainer::data::{sampler::BatchSampler, Dataset};
-use kutta_trainer::model::{self, ModelField};
 use kutta_trainer::kernels::SolverKernels;
+use kutta_trainer::model::{self, ModelField};
 use kutta_trainer::train::{build_model, build_optimizer_on, load_data, solver_kernels};
 use kutta_trainer::Error;
 use serde::Serialize;
@@ -74,7 +74,8 @@ pub fn variant_config(base: &Config, label: &str, batch_size: usize) -> Result<C
         .ok_or_else(|| anyhow!("bench: no optimizer variant {label:?}"))?;
     let mut fresh = base.clone();
     fresh.optimizer = Default::default();
-    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).chain([format!("train.batch_size={batch_size}")]).collect();
+    let sets: Vec<String> =
+        sets.iter().map(|s| s.to_string()).chain([format!("train.batch_size={batch_size}")]).collect();
     Ok(Config::from_toml_str(&fresh.to_toml(), &sets)?)
 }
 
@@ -105,7 +106,11 @@ pub fn median(xs: &mut [f64]) -> f64 {
     if n == 0 {
         return f64::NAN;
     }
-    if n % 2 == 1 { xs[n / 2] } else { 0.5 * (xs[n / 2 - 1] + xs[n / 2]) }
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        0.5 * (xs[n / 2 - 1] + xs[n / 2])
+    }
 }
 
 /// Real training images when the data directory is readable, random ones of the format's shape
@@ -126,7 +131,10 @@ pub fn bench_data(base: &Config) -> (Dataset, String) {
             };
             let images = (0..n * d).map(|_| (next() >> 40) as f32 / (1u64 << 24) as f32).collect();
             let labels = (0..n).map(|_| (next() % classes as u64) as u32).collect();
-            (Dataset::from_f32(images, labels, shape, classes), format!("random images of {}×{}×{} ({e})", shape[0], shape[1], shape[2]))
+            (
+                Dataset::from_f32(images, labels, shape, classes),
+                format!("random images of {}×{}×{} ({e})", shape[0], shape[1], shape[2]),
+            )
         }
     }
 }
@@ -178,12 +186,10 @@ pub fn run(opts: &BenchOptions, mut on_row: impl FnMut(&BenchRow)) -> Result<Ben
             rows.push(row);
         }
     }
-    let find = |opt: &str, bs: usize| rows.iter().find(|r| r.optimizer == opt && r.batch_size == bs).map(|r| r.median_step_ms);
-    let rk4_over_sgd = opts
-        .batch_sizes
-        .iter()
-        .filter_map(|&bs| Some((bs, find("rk4", bs)? / find("sgd", bs)?)))
-        .collect();
+    let find =
+        |opt: &str, bs: usize| rows.iter().find(|r| r.optimizer == opt && r.batch_size == bs).map(|r| r.median_step_ms);
+    let rk4_over_sgd =
+        opts.batch_sizes.iter().filter_map(|&bs| Some((bs, find("rk4", bs)? / find("sgd", bs)?))).collect();
     Ok(BenchReport {
         machine: placement(&device, &kernels),
         threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
@@ -261,14 +267,28 @@ pub fn placement(device: &candle_core::Device, kernels: &SolverKernels) -> Strin
 pub fn machine_description() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
 pub fn format_table(report: &BenchReport) -> String {
     let mut s = format!(
         "machine: {} ({} threads)\nmodel:   {}\ndata:    {}\n\n{:<18} {:>7} {:>6} {:>14} {:>16} {:>11}\n",
-        report.machine, report.threads, report.model, report.data, "optimizer", "batch", "reps", "step ms (med)", "grad-eval ms", "evals/step"
+        report.machine,
+        report.threads,
+        report.model,
+        report.data,
+        "optimizer",
+        "batch",
+        "reps",
+        "step ms (med)",
+        "grad-eval ms",
+        "evals/step"
     );
     for r in &report.rows {
         s += &format!(

@@ -13,20 +13,19 @@
 //! so drift in the machine's speed falls on all three alike. Outputs: a table, `sweep.csv` and
 //! `sweep.svg` (step time against batch size, both axes logarithmic).
 
-use kutta_trainer::memory::mib;
-use super::SweepArgs;
 use super::steps::{bench_data, median, placement, time_interleaved, variant_config};
+use super::SweepArgs;
 use anyhow::{anyhow, Context, Result};
 use kutta_trainer::config::Config;
 use kutta_trainer::data::Dataset;
 use kutta_trainer::memory;
+use kutta_trainer::memory::mib;
 use kutta_trainer::model::{self, ModelField};
 use kutta_trainer::planner::{self, Plan};
 use kutta_trainer::train::{build_model, build_optimizer_on, solver_kernels};
 use kutta_trainer::Error;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
-
 
 /// The default `--batch-sizes` (`SweepOptions::default`'s).
 pub const BATCH_SIZES: &str = "16,128,1024,8192,60000";
@@ -119,7 +118,6 @@ pub fn rk4_over_4sgd(rk4_ms: f64, sgd_ms: f64) -> f64 {
     rk4_ms / (4.0 * sgd_ms)
 }
 
-
 /// The planner's plan for `cfg` on one process. Where the config's data directory is unreadable
 /// (the bench then times random images), the plan is made for the data set actually in memory.
 fn plan_for(cfg: &Config, budget: u64, data: &Dataset) -> Result<Plan> {
@@ -128,7 +126,8 @@ fn plan_for(cfg: &Config, budget: u64, data: &Dataset) -> Result<Plan> {
     }
     let model = build_model(cfg, data)?;
     let fixed = data.resident_bytes() + planner::RUNTIME_BASELINE_BYTES;
-    let input = planner::PlanInput::from_config(cfg, 1, budget, fixed, model.as_ref(), data.image_shape, data.num_classes)?;
+    let input =
+        planner::PlanInput::from_config(cfg, 1, budget, fixed, model.as_ref(), data.image_shape, data.num_classes)?;
     Ok(planner::plan(&input)?)
 }
 
@@ -264,7 +263,17 @@ pub fn format_table(report: &SweepReport) -> String {
     );
     s += &format!(
         "{:>7} {:>15} {:>9} {:>6} {:>11} {:>11} {:>11} {:>12} {:>6} {:>9} {:>9}\n",
-        "batch", "micro-batches", "recompute", "steps", "sgd ms", "adam ms", "rk4 ms", "rk4/(4×sgd)", format!("≤{:.2}", report.goal), "pred MiB", "meas MiB"
+        "batch",
+        "micro-batches",
+        "recompute",
+        "steps",
+        "sgd ms",
+        "adam ms",
+        "rk4 ms",
+        "rk4/(4×sgd)",
+        format!("≤{:.2}", report.goal),
+        "pred MiB",
+        "meas MiB"
     );
     for r in &report.rows {
         s += &format!(
@@ -350,7 +359,11 @@ pub fn render_svg(report: &SweepReport, path: &Path) -> Result<()> {
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            format!("kutta step time vs batch size ({} budget, {} threads)", planner::fmt_bytes(report.budget_bytes), report.threads),
+            format!(
+                "kutta step time vs batch size ({} budget, {} threads)",
+                planner::fmt_bytes(report.budget_bytes),
+                report.threads
+            ),
             ("sans-serif", 22),
         )
         .margin(15)
@@ -384,7 +397,9 @@ pub fn render_svg(report: &SweepReport, path: &Path) -> Result<()> {
         .draw_series(DashedLineSeries::new(floor_pts, 8, 5, grey.stroke_width(2)))
         .map_err(|e| err(&e))?
         .label("4 × sgd (rk4's floor: 4 gradient evaluations)")
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 8, y), (x + 12, y), (x + 20, y)], grey.stroke_width(2)));
+        .legend(move |(x, y)| {
+            PathElement::new(vec![(x, y), (x + 8, y), (x + 12, y), (x + 20, y)], grey.stroke_width(2))
+        });
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperLeft)
@@ -517,7 +532,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // No data there: the bench times random images and plans for them.
         let missing = dir.path().join("no-data");
-        let base = Config::from_toml_str("", &["model.hidden=[16]".to_string(), format!("data.dir={:?}", missing.display().to_string())]).unwrap();
+        let base = Config::from_toml_str(
+            "",
+            &["model.hidden=[16]".to_string(), format!("data.dir={:?}", missing.display().to_string())],
+        )
+        .unwrap();
         let opts = SweepOptions { batch_sizes: vec![8, 16], min_seconds: 0.0, base, ..Default::default() };
         let mut lines = Vec::new();
         let mut report = run(&opts, |l| lines.push(l.to_string())).unwrap();

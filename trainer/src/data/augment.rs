@@ -19,9 +19,9 @@
 //! per output row a zero fill of the padding columns and one copy of the image's row segment
 //! (reversed when mirrored).
 
+use super::sampler::bounded;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use super::sampler::bounded;
 
 /// The padding of the standard CIFAR crop: 32×32 crops from the 40×40 zero-padded image.
 pub const CIFAR_PAD: usize = 4;
@@ -68,30 +68,14 @@ pub fn crop_flip_choice(pad: usize, seed: u64, step: u64, index: u64) -> (usize,
 /// `src` and `out` are one image each, `shape = [C, H, W]`, channel-major (CHW), `C·H·W` bytes;
 /// every channel gets the same crop and flip. Any `pad` works, even one larger than the image
 /// (the window may then be all padding).
-pub fn crop_flip(
-    src: &[u8],
-    shape: [usize; 3],
-    pad: usize,
-    seed: u64,
-    step: u64,
-    index: u64,
-    out: &mut [u8],
-) {
+pub fn crop_flip(src: &[u8], shape: [usize; 3], pad: usize, seed: u64, step: u64, index: u64, out: &mut [u8]) {
     let (dy, dx, flip) = crop_flip_choice(pad, seed, step, index);
     apply_crop_flip(src, shape, pad, dy, dx, flip, out);
 }
 
 /// [`crop_flip`] with its choices given: `out[c][y][x] = padded[c][y + dy][x' + dx]`, where
 /// `x' = W − 1 − x` if `flip` else `x`, and `padded` is `src` with `pad` zeros on every side.
-fn apply_crop_flip(
-    src: &[u8],
-    [c, h, w]: [usize; 3],
-    pad: usize,
-    dy: usize,
-    dx: usize,
-    flip: bool,
-    out: &mut [u8],
-) {
+fn apply_crop_flip(src: &[u8], [c, h, w]: [usize; 3], pad: usize, dy: usize, dx: usize, flip: bool, out: &mut [u8]) {
     let plane = h * w;
     if plane == 0 {
         return;
@@ -132,12 +116,7 @@ mod tests {
     use super::*;
 
     /// The definition, spelled out: pad into an (H+2p)×(W+2p) buffer, take the window, mirror.
-    fn reference(
-        src: &[u8],
-        [c, h, w]: [usize; 3],
-        pad: usize,
-        choice: (usize, usize, bool),
-    ) -> Vec<u8> {
+    fn reference(src: &[u8], [c, h, w]: [usize; 3], pad: usize, choice: (usize, usize, bool)) -> Vec<u8> {
         let (dy, dx, flip) = choice;
         let (ph, pw) = (h + 2 * pad, w + 2 * pad);
         let mut padded = vec![0u8; c * ph * pw];
@@ -191,14 +170,8 @@ mod tests {
         let shape = [3, 32, 32];
         let src: Vec<u8> = (0..3 * 32 * 32).map(|i| (i * 7 % 251) as u8).collect();
         for (seed, step, index) in [(0, 0, 0), (42, 7, 123), (u64::MAX, u64::MAX, u64::MAX)] {
-            assert_eq!(
-                run(&src, shape, CIFAR_PAD, seed, step, index),
-                run(&src, shape, CIFAR_PAD, seed, step, index)
-            );
-            assert_eq!(
-                crop_flip_choice(CIFAR_PAD, seed, step, index),
-                crop_flip_choice(CIFAR_PAD, seed, step, index)
-            );
+            assert_eq!(run(&src, shape, CIFAR_PAD, seed, step, index), run(&src, shape, CIFAR_PAD, seed, step, index));
+            assert_eq!(crop_flip_choice(CIFAR_PAD, seed, step, index), crop_flip_choice(CIFAR_PAD, seed, step, index));
         }
     }
 
@@ -212,9 +185,7 @@ mod tests {
         let by_seed = differ(&|i| c(5, i, i * 3) != c(6, i, i * 3));
         // Swapping step and index must not give the same stream either.
         let by_swap = differ(&|i| c(5, i, i + 1) != c(5, i + 1, i));
-        for (what, n) in
-            [("step", by_step), ("index", by_index), ("seed", by_seed), ("swap", by_swap)]
-        {
+        for (what, n) in [("step", by_step), ("index", by_index), ("seed", by_seed), ("swap", by_swap)] {
             assert!(n >= 90, "{what}: only {n} of 100 choices differ");
         }
     }
@@ -248,11 +219,7 @@ mod tests {
         for index in 0..400 {
             let choice = crop_flip_choice(1, 3, 9, index);
             seen.insert(choice);
-            assert_eq!(
-                run(&src, shape, 1, 3, 9, index),
-                reference(&src, shape, 1, choice),
-                "{choice:?}"
-            );
+            assert_eq!(run(&src, shape, 1, 3, 9, index), reference(&src, shape, 1, choice), "{choice:?}");
         }
         assert_eq!(seen.len(), 18);
     }
@@ -284,18 +251,12 @@ mod tests {
     #[test]
     fn matches_reference_general() {
         // Several channels, non-square, pads from none to more than the image.
-        for (shape, pad) in
-            [([3, 5, 7], 2), ([2, 3, 4], 0), ([1, 4, 4], 5), ([3, 32, 32], CIFAR_PAD)]
-        {
+        for (shape, pad) in [([3, 5, 7], 2), ([2, 3, 4], 0), ([1, 4, 4], 5), ([3, 32, 32], CIFAR_PAD)] {
             let src = image(shape);
             for index in 0..300 {
                 let choice = crop_flip_choice(pad, 11, 2, index);
                 let got = run(&src, shape, pad, 11, 2, index);
-                assert_eq!(
-                    got,
-                    reference(&src, shape, pad, choice),
-                    "{shape:?} pad {pad} {choice:?}"
-                );
+                assert_eq!(got, reference(&src, shape, pad, choice), "{shape:?} pad {pad} {choice:?}");
             }
         }
     }
@@ -331,11 +292,7 @@ mod tests {
                     for (x, &v) in row.iter().enumerate() {
                         let col = if want_flip { 31 - x } else { x };
                         let border = y < p || col < p;
-                        assert_eq!(
-                            v,
-                            if border { 0 } else { 200 },
-                            "ch {ch} y {y} x {x} flip {want_flip}"
-                        );
+                        assert_eq!(v, if border { 0 } else { 200 }, "ch {ch} y {y} x {x} flip {want_flip}");
                     }
                 }
             }

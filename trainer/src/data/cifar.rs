@@ -31,13 +31,8 @@ pub const IMAGE_SHAPE: [usize; 3] = [3, 32, 32];
 pub const IMAGE_BYTES: usize = 3 * 32 * 32;
 
 /// The CIFAR-10 training batches, concatenated in this order to form the training set.
-pub const CIFAR10_TRAIN_FILES: [&str; 5] = [
-    "data_batch_1.bin",
-    "data_batch_2.bin",
-    "data_batch_3.bin",
-    "data_batch_4.bin",
-    "data_batch_5.bin",
-];
+pub const CIFAR10_TRAIN_FILES: [&str; 5] =
+    ["data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin"];
 pub const CIFAR10_TEST_FILE: &str = "test_batch.bin";
 pub const CIFAR100_TRAIN_FILE: &str = "train.bin";
 pub const CIFAR100_TEST_FILE: &str = "test.bin";
@@ -176,8 +171,7 @@ pub fn locate(dir: &Path, kind: CifarKind) -> Result<PathBuf> {
         let what = if dir.exists() { "not a directory" } else { "directory not found" };
         return Err(Error::data(dir, format!("{what}; {}", expected())));
     }
-    let has_any =
-        |d: &Path| kind.train_files().iter().chain([&kind.test_file()]).any(|f| d.join(f).exists());
+    let has_any = |d: &Path| kind.train_files().iter().chain([&kind.test_file()]).any(|f| d.join(f).exists());
     if has_any(dir) {
         return Ok(dir.to_path_buf());
     }
@@ -187,12 +181,7 @@ pub fn locate(dir: &Path, kind: CifarKind) -> Result<PathBuf> {
     }
     Err(Error::data(
         dir,
-        format!(
-            "no {} files here nor in a subfolder {}; {}",
-            kind.name(),
-            kind.folder_name(),
-            expected()
-        ),
+        format!("no {} files here nor in a subfolder {}; {}", kind.name(), kind.folder_name(), expected()),
     ))
 }
 
@@ -203,8 +192,7 @@ pub fn load_dir(dir: &Path, kind: CifarKind) -> Result<(RawImages, RawImages)> {
     let train_paths = kind.train_files().iter().map(|f| folder.join(f)).collect::<Vec<_>>();
     let test_path = folder.join(kind.test_file());
     // All sizes first, so a missing or truncated later file fails before the big reads.
-    let train_counts =
-        train_paths.iter().map(|p| records_in(p, kind)).collect::<Result<Vec<_>>>()?;
+    let train_counts = train_paths.iter().map(|p| records_in(p, kind)).collect::<Result<Vec<_>>>()?;
     let test_count = records_in(&test_path, kind)?;
 
     let train_total: usize = train_counts.iter().sum();
@@ -245,17 +233,11 @@ pub fn class_names(dir: &Path, kind: CifarKind) -> Result<Option<Vec<String>>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let names: Vec<String> =
-        text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+    let names: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
     if names.len() != kind.num_classes() {
         return Err(Error::data(
             &path,
-            format!(
-                "holds {} class names, but {} has {} classes",
-                names.len(),
-                kind.name(),
-                kind.num_classes()
-            ),
+            format!("holds {} class names, but {} has {} classes", names.len(), kind.name(), kind.num_classes()),
         ));
     }
     Ok(Some(names))
@@ -267,10 +249,7 @@ fn records_in(path: &Path, kind: CifarKind) -> Result<usize> {
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::data(
-                path,
-                format!("not found; a {} folder holds {}", kind.name(), kind.files_listed()),
-            ))
+            return Err(Error::data(path, format!("not found; a {} folder holds {}", kind.name(), kind.files_listed())))
         }
         Err(e) => return Err(Error::io(path, e)),
     };
@@ -280,22 +259,15 @@ fn records_in(path: &Path, kind: CifarKind) -> Result<usize> {
     let len = meta.len();
     let rec = kind.record_bytes() as u64;
     if len == 0 {
-        return Err(Error::data(
-            path,
-            format!("empty file; a {} file holds {rec}-byte records", kind.name()),
-        ));
+        return Err(Error::data(path, format!("empty file; a {} file holds {rec}-byte records", kind.name())));
     }
     if len % rec != 0 {
         return Err(Error::data(
             path,
-            format!(
-                "truncated or not a {} file: {len} bytes is not a multiple of {rec}-byte records",
-                kind.name()
-            ),
+            format!("truncated or not a {} file: {len} bytes is not a multiple of {rec}-byte records", kind.name()),
         ));
     }
-    usize::try_from(len / rec)
-        .map_err(|_| Error::data(path, format!("{len} bytes is too large for this machine")))
+    usize::try_from(len / rec).map_err(|_| Error::data(path, format!("{len} bytes is too large for this machine")))
 }
 
 /// Empty [`RawImages`] with room for `n` images, failing (naming `path`) if that much memory
@@ -303,8 +275,7 @@ fn records_in(path: &Path, kind: CifarKind) -> Result<usize> {
 fn empty(kind: CifarKind, n: usize, path: &Path) -> Result<RawImages> {
     let mut pixels = Vec::new();
     let mut labels = Vec::new();
-    let fail =
-        |what: &str| Error::data(path, format!("cannot allocate memory for {n} images ({what})"));
+    let fail = |what: &str| Error::data(path, format!("cannot allocate memory for {n} images ({what})"));
     let bytes = n.checked_mul(IMAGE_BYTES).ok_or_else(|| fail("size overflows"))?;
     pixels.try_reserve_exact(bytes).map_err(|_| fail("pixels"))?;
     labels.try_reserve_exact(n).map_err(|_| fail("labels"))?;

@@ -160,9 +160,10 @@ fn parse_header(path: &Path, bytes: &[u8], kind: Kind) -> Result<Vec<usize>> {
                 format!("zero dimension in the IDX header: {name} = 0 (an empty or corrupt file)"),
             ));
         }
-        dims.push(usize::try_from(d).map_err(|_| {
-            Error::data(path, format!("IDX header dimension {name} = {d} does not fit in memory"))
-        })?);
+        dims.push(
+            usize::try_from(d)
+                .map_err(|_| Error::data(path, format!("IDX header dimension {name} = {d} does not fit in memory")))?,
+        );
     }
     Ok(dims)
 }
@@ -172,10 +173,7 @@ fn parse(path: &Path, mut bytes: Vec<u8>, kind: Kind) -> Result<(Vec<usize>, Vec
     let dims = parse_header(path, &bytes, kind)?;
     let header_len = 4 + 4 * kind.ndims();
     let expected = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| {
-        Error::data(
-            path,
-            format!("IDX header promises an absurd payload size (dims {dims:?} overflow)"),
-        )
+        Error::data(path, format!("IDX header promises an absurd payload size (dims {dims:?} overflow)"))
     })?;
 
     let found = bytes.len() - header_len;
@@ -269,10 +267,7 @@ pub(crate) mod tests {
 
     fn assert_msg(msg: &str, file: &str, keyword: &str) {
         assert!(msg.contains(file), "message does not name the file `{file}`: {msg}");
-        assert!(
-            msg.to_lowercase().contains(keyword),
-            "message does not contain `{keyword}`: {msg}"
-        );
+        assert!(msg.to_lowercase().contains(keyword), "message does not contain `{keyword}`: {msg}");
     }
 
     fn sample_images() -> (Vec<u8>, Vec<u8>) {

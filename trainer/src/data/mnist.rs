@@ -27,10 +27,7 @@ pub use super::Normalize;
 pub fn load_dir(dir: &Path, normalize: Normalize) -> Result<(Dataset, Dataset)> {
     if !dir.is_dir() {
         let what = if dir.exists() { "not a directory" } else { "directory not found" };
-        return Err(Error::data(
-            dir,
-            format!("{what}; an MNIST-format directory holds {}", names_looked_for()),
-        ));
+        return Err(Error::data(dir, format!("{what}; an MNIST-format directory holds {}", names_looked_for())));
     }
     let train_images_path = find(dir, TRAIN_IMAGES)?;
     let train_labels_path = find(dir, TRAIN_LABELS)?;
@@ -109,10 +106,7 @@ fn load_split(images_path: &Path, labels_path: &Path) -> Result<Split> {
         ));
     }
     if let Some((i, &v)) = labels.iter().enumerate().find(|(_, &v)| v as usize >= NUM_CLASSES) {
-        return Err(Error::data(
-            labels_path,
-            format!("label at index {i} is {v}, outside 0..{NUM_CLASSES}"),
-        ));
+        return Err(Error::data(labels_path, format!("label at index {i} is {v}, outside 0..{NUM_CLASSES}")));
     }
     Ok(Split { images, labels })
 }
@@ -136,13 +130,10 @@ mod tests {
     /// Writes a tiny MNIST-format directory: `n_train`/`n_test` images of `rows × cols`.
     fn write_dir(dir: &Path, n_train: u32, n_test: u32, rows: u32, cols: u32, gz: bool) {
         let write = |name: &str, bytes: Vec<u8>| {
-            let (name, bytes) =
-                if gz { (format!("{name}.gz"), gzip(&bytes)) } else { (name.to_string(), bytes) };
+            let (name, bytes) = if gz { (format!("{name}.gz"), gzip(&bytes)) } else { (name.to_string(), bytes) };
             std::fs::write(dir.join(name), bytes).unwrap();
         };
-        let pix = |n: u32| -> Vec<u8> {
-            (0..n * rows * cols).map(|i| (i * 37 % 256) as u8).collect()
-        };
+        let pix = |n: u32| -> Vec<u8> { (0..n * rows * cols).map(|i| (i * 37 % 256) as u8).collect() };
         let labs = |n: u32| -> Vec<u8> { (0..n).map(|i| (i % 10) as u8).collect() };
         write(TRAIN_IMAGES, idx_bytes(IMAGES_MAGIC, &[n_train, rows, cols], &pix(n_train)));
         write(TRAIN_LABELS, idx_bytes(LABELS_MAGIC, &[n_train], &labs(n_train)));
@@ -247,11 +238,7 @@ mod tests {
     fn counts_disagree() {
         let dir = tempfile::tempdir().unwrap();
         write_dir(dir.path(), 6, 2, 2, 2, false);
-        std::fs::write(
-            dir.path().join(TRAIN_LABELS),
-            idx_bytes(LABELS_MAGIC, &[5], &[0, 1, 2, 3, 4]),
-        )
-        .unwrap();
+        std::fs::write(dir.path().join(TRAIN_LABELS), idx_bytes(LABELS_MAGIC, &[5], &[0, 1, 2, 3, 4])).unwrap();
         let msg = err_of(load_dir(dir.path(), Normalize::Unit));
         assert!(msg.contains("counts disagree"), "{msg}");
         assert!(msg.contains(TRAIN_IMAGES) && msg.contains(TRAIN_LABELS), "{msg}");
@@ -262,8 +249,7 @@ mod tests {
     fn label_out_of_range() {
         let dir = tempfile::tempdir().unwrap();
         write_dir(dir.path(), 4, 3, 2, 2, false);
-        std::fs::write(dir.path().join(TEST_LABELS), idx_bytes(LABELS_MAGIC, &[3], &[0, 9, 10]))
-            .unwrap();
+        std::fs::write(dir.path().join(TEST_LABELS), idx_bytes(LABELS_MAGIC, &[3], &[0, 9, 10])).unwrap();
         let msg = err_of(load_dir(dir.path(), Normalize::Unit));
         assert!(msg.contains(TEST_LABELS), "{msg}");
         assert!(msg.contains("index 2") && msg.contains("10"), "{msg}");
@@ -273,8 +259,7 @@ mod tests {
     fn train_and_test_sizes_must_agree() {
         let dir = tempfile::tempdir().unwrap();
         write_dir(dir.path(), 4, 2, 2, 2, false);
-        std::fs::write(dir.path().join(TEST_IMAGES), idx_bytes(IMAGES_MAGIC, &[2, 3, 2], &[0; 12]))
-            .unwrap();
+        std::fs::write(dir.path().join(TEST_IMAGES), idx_bytes(IMAGES_MAGIC, &[2, 3, 2], &[0; 12])).unwrap();
         let msg = err_of(load_dir(dir.path(), Normalize::Unit));
         assert!(msg.contains(TEST_IMAGES) && msg.contains(TRAIN_IMAGES), "{msg}");
         assert!(msg.contains("must agree"), "{msg}");

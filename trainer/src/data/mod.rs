@@ -89,7 +89,9 @@ pub fn load(data: &DataConfig) -> Result<(Dataset, Dataset)> {
     let (train, test) = cifar::load_dir(&data.dir, kind)?;
     let folder = cifar::locate(&data.dir, kind)?;
     let tables = normalization_tables(normalize, &train.pixels, train.image_shape, &folder)?;
-    let to_dataset = |raw: cifar::RawImages| Dataset::from_u8(raw.pixels, tables.clone(), raw.labels, raw.image_shape, raw.num_classes);
+    let to_dataset = |raw: cifar::RawImages| {
+        Dataset::from_u8(raw.pixels, tables.clone(), raw.labels, raw.image_shape, raw.num_classes)
+    };
     Ok((to_dataset(train), to_dataset(test)))
 }
 
@@ -199,7 +201,13 @@ impl Dataset {
     }
 
     /// A data set of byte images (n × C × H × W) normalised through per-channel `tables`.
-    pub fn from_u8(bytes: Vec<u8>, tables: Vec<[f32; 256]>, labels: Vec<u32>, image_shape: [usize; 3], num_classes: usize) -> Self {
+    pub fn from_u8(
+        bytes: Vec<u8>,
+        tables: Vec<[f32; 256]>,
+        labels: Vec<u32>,
+        image_shape: [usize; 3],
+        num_classes: usize,
+    ) -> Self {
         Self { pixels: Pixels::U8 { bytes, tables }, labels, image_shape, num_classes }
     }
 
@@ -243,12 +251,28 @@ impl Dataset {
     /// Write sample `i` as training step `step` sees it: augmented by `augment` (drawn from
     /// (seed, step, i)), then normalised. `scratch` holds the augmented bytes. Augmentation needs
     /// byte images; f32 images are written as they are.
-    pub fn write_training_image(&self, i: usize, augment: Augment, seed: u64, step: u64, scratch: &mut Vec<u8>, out: &mut [f32]) {
+    pub fn write_training_image(
+        &self,
+        i: usize,
+        augment: Augment,
+        seed: u64,
+        step: u64,
+        scratch: &mut Vec<u8>,
+        out: &mut [f32],
+    ) {
         match (&self.pixels, augment) {
             (Pixels::U8 { bytes, tables }, Augment::CropFlip) => {
                 let d = self.sample_dim();
                 scratch.resize(d, 0);
-                augment::crop_flip(&bytes[i * d..(i + 1) * d], self.image_shape, augment::CIFAR_PAD, seed, step, i as u64, scratch);
+                augment::crop_flip(
+                    &bytes[i * d..(i + 1) * d],
+                    self.image_shape,
+                    augment::CIFAR_PAD,
+                    seed,
+                    step,
+                    i as u64,
+                    scratch,
+                );
                 normalize_into(scratch, tables, out);
             }
             _ => self.write_image(i, out),
@@ -286,9 +310,16 @@ impl Dataset {
         let d = self.sample_dim();
         let pixels = match &self.pixels {
             Pixels::F32(v) => Pixels::F32(v[range.start * d..range.end * d].to_vec()),
-            Pixels::U8 { bytes, tables } => Pixels::U8 { bytes: bytes[range.start * d..range.end * d].to_vec(), tables: tables.clone() },
+            Pixels::U8 { bytes, tables } => {
+                Pixels::U8 { bytes: bytes[range.start * d..range.end * d].to_vec(), tables: tables.clone() }
+            }
         };
-        Dataset { pixels, labels: self.labels[range].to_vec(), image_shape: self.image_shape, num_classes: self.num_classes }
+        Dataset {
+            pixels,
+            labels: self.labels[range].to_vec(),
+            image_shape: self.image_shape,
+            num_classes: self.num_classes,
+        }
     }
 
     /// `n` images of N(0, 1) pixels with uniform random labels, reproducible from `seed`: a
@@ -350,7 +381,8 @@ mod tests {
         let unit = normalization_tables(Normalize::Unit, &bytes, [2, 1, 2], Path::new("x")).unwrap();
         assert_eq!(Dataset::from_u8(bytes, unit, vec![0, 1], [2, 1, 2], 2).to_f32()[1], 1.0);
         let flat = vec![7u8; 8];
-        let err = normalization_tables(Normalize::Standardize, &flat, [2, 1, 2], Path::new("f")).unwrap_err().to_string();
+        let err =
+            normalization_tables(Normalize::Standardize, &flat, [2, 1, 2], Path::new("f")).unwrap_err().to_string();
         assert!(err.contains("channel 0") && err.contains("f"), "{err}");
     }
 }

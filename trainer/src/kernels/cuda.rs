@@ -258,7 +258,10 @@ impl RkKernels {
         self.check("x", x, n)?;
         self.check_all(n, &[("theta", theta)], d)?;
         if stages.len() > MAX_STAGES {
-            return args_err(format!("{} stages in one stage point; the kernel takes at most {MAX_STAGES}", stages.len()));
+            return args_err(format!(
+                "{} stages in one stage point; the kernel takes at most {MAX_STAGES}",
+                stages.len()
+            ));
         }
         for (j, (k, _)) in stages.iter().enumerate() {
             self.check(&format!("stage gradient {j}"), *k, n)?;
@@ -685,7 +688,13 @@ impl RkKernels {
         let mut row = |kernel: &str, elems: u64, ms: f64| {
             let bytes = elems * nn * f4;
             let g = gb_per_s(bytes, ms);
-            rows.push(BandwidthRow { kernel: kernel.to_string(), bytes, median_ms: ms, gb_per_s: g, fraction_of_copy: g / copy_gbs });
+            rows.push(BandwidthRow {
+                kernel: kernel.to_string(),
+                bytes,
+                median_ms: ms,
+                gb_per_s: g,
+                fraction_of_copy: g / copy_gbs,
+            });
         };
         row("memcpy dtod (reference)", 2, copy_ms);
 
@@ -695,7 +704,11 @@ impl RkKernels {
             let dd: Option<In> = with_d.then_some(&d as In);
             let ms = self.time_ms(reps, || self.stage_point(&mut x, &theta, dd, &stages, 0.01))?;
             // reads θ, the stages (and D), writes x
-            row(&format!("stage_point {ns} stage(s){}", if with_d { " + D" } else { "" }), 2 + ns as u64 + with_d as u64, ms);
+            row(
+                &format!("stage_point {ns} stage(s){}", if with_d { " + D" } else { "" }),
+                2 + ns as u64 + with_d as u64,
+                ms,
+            );
         }
         let ms = self.time_ms(reps, || self.accumulate(&mut acc, None, &k0, 0.5, 0.0))?;
         row("accumulate acc", 3, ms);
@@ -716,11 +729,17 @@ impl RkKernels {
         let reductions = [
             ("dnorm2 + D (reduction)", 2, Reduction::DNorm2 { v: &k0, d: Some(&d) }),
             ("ddiff2 + D (reduction)", 3, Reduction::DDiff2 { a: &k0, b: &k1, d: Some(&d) }),
-            ("error_sum + D (reduction)", 3, Reduction::ErrorSum { theta: &theta, err: &err, d: Some(&d), h, atol, rtol }),
+            (
+                "error_sum + D (reduction)",
+                3,
+                Reduction::ErrorSum { theta: &theta, err: &err, d: Some(&d), h, atol, rtol },
+            ),
             ("nonfinite_count (reduction)", 1, Reduction::NonFinite { v: &k0 }),
         ];
         for (label, elems, r) in &reductions {
-            let ms = self.time_ms(reps, || self.reduce_launch(&mut scratch, n, |pp, cfg| self.launch_reduction(r, n, pp, cfg)))?;
+            let ms = self.time_ms(reps, || {
+                self.reduce_launch(&mut scratch, n, |pp, cfg| self.launch_reduction(r, n, pp, cfg))
+            })?;
             row(label, *elems, ms);
         }
         drop(scratch);
@@ -731,7 +750,11 @@ impl RkKernels {
         let segs: Vec<Segment> = {
             let (base, _g) = k0.device_ptr(s);
             (0..nseg)
-                .map(|i| Segment { ptr: base + (i * seg_len * 4) as u64, offset: (i * seg_len) as u64, len: seg_len as u64 })
+                .map(|i| Segment {
+                    ptr: base + (i * seg_len * 4) as u64,
+                    offset: (i * seg_len) as u64,
+                    len: seg_len as u64,
+                })
                 .collect()
         };
         let table = self.segment_table(&segs, n, true)?;
@@ -797,10 +820,15 @@ impl SegmentTable {
 
     fn check(&self, flat_len: usize, need_disjoint: bool) -> KResult<()> {
         if flat_len < self.flat_len {
-            return args_err(format!("segment table built for a flat buffer of {}, used with one of {flat_len}", self.flat_len));
+            return args_err(format!(
+                "segment table built for a flat buffer of {}, used with one of {flat_len}",
+                self.flat_len
+            ));
         }
         if need_disjoint && !self.disjoint {
-            return args_err("a gather needs a segment table checked for disjointness (segment_table(.., disjoint = true))");
+            return args_err(
+                "a gather needs a segment table checked for disjointness (segment_table(.., disjoint = true))",
+            );
         }
         Ok(())
     }
@@ -820,7 +848,10 @@ fn check_segments(segs: &[Segment], flat_len: usize, disjoint: bool) -> KResult<
         r.sort_unstable();
         for w in r.windows(2) {
             if w[1].0 < w[0].1 {
-                return args_err(format!("segments {}..{} and {}..{} overlap in the flat buffer", w[0].0, w[0].1, w[1].0, w[1].1));
+                return args_err(format!(
+                    "segments {}..{} and {}..{} overlap in the flat buffer",
+                    w[0].0, w[0].1, w[1].0, w[1].1
+                ));
             }
         }
     }

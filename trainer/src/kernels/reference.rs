@@ -63,7 +63,9 @@ pub fn stage_point<F: Scalar>(x: &mut [F], theta: &[F], d: Option<&[F]>, stages:
     if rest.is_empty() {
         // One stage (rk4, heun, midpoint, …): a single fused pass.
         match d {
-            Some(d) => x.iter_mut().zip(theta).zip(*k0).zip(d).for_each(|(((x, t), k), d)| *x = *t - h * *d * (a0 * *k)),
+            Some(d) => {
+                x.iter_mut().zip(theta).zip(*k0).zip(d).for_each(|(((x, t), k), d)| *x = *t - h * *d * (a0 * *k))
+            }
             None => x.iter_mut().zip(theta).zip(*k0).for_each(|((x, t), k)| *x = *t - h * (a0 * *k)),
         }
         return;
@@ -123,7 +125,14 @@ pub fn final_update<F: Scalar>(
 }
 
 /// [`final_update`] writing θ_{n+1} over θ.
-pub fn final_update_in_place<F: Scalar>(theta: &mut [F], acc: &mut [F], m: Option<&[F]>, d: Option<&[F]>, beta: F, h: F) {
+pub fn final_update_in_place<F: Scalar>(
+    theta: &mut [F],
+    acc: &mut [F],
+    m: Option<&[F]>,
+    d: Option<&[F]>,
+    beta: F,
+    h: F,
+) {
     let n = theta.len();
     check_update_args(n, acc, m, d);
     momentum(acc, m, beta);
@@ -169,10 +178,13 @@ pub fn adagrad_commit<F: Scalar>(g: &mut [F], k1: &[F]) {
 /// ‖D⊙v‖² in f64 (‖v‖² without D): Σ (v·d)².
 pub fn dnorm2<F: Scalar>(v: &[F], d: Option<&[F]>) -> f64 {
     match d {
-        None => v.iter().map(|v| {
-            let v = v.as_f64();
-            v * v
-        }).sum(),
+        None => v
+            .iter()
+            .map(|v| {
+                let v = v.as_f64();
+                v * v
+            })
+            .sum(),
         Some(d) => {
             check_len("d", d.len(), v.len());
             v.iter().zip(d).map(|(a, d)| (a.as_f64() * d.as_f64()).powi(2)).sum()
@@ -224,7 +236,12 @@ pub fn nonfinite_count<F: Scalar>(v: &[F]) -> u64 {
 /// flat[offset..offset + len] = tensor, for each (tensor, offset).
 pub fn gather(flat: &mut [f32], parts: &[(&[f32], usize)]) {
     for (t, off) in parts {
-        assert!(off + t.len() <= flat.len(), "segment {off}..{} outside the flat buffer of {}", off + t.len(), flat.len());
+        assert!(
+            off + t.len() <= flat.len(),
+            "segment {off}..{} outside the flat buffer of {}",
+            off + t.len(),
+            flat.len()
+        );
         flat[*off..off + t.len()].copy_from_slice(t);
     }
 }
@@ -233,7 +250,12 @@ pub fn gather(flat: &mut [f32], parts: &[(&[f32], usize)]) {
 pub fn scatter(flat: &[f32], parts: &mut [(&mut [f32], usize)]) {
     for (t, off) in parts.iter_mut() {
         let off = *off;
-        assert!(off + t.len() <= flat.len(), "segment {off}..{} outside the flat buffer of {}", off + t.len(), flat.len());
+        assert!(
+            off + t.len() <= flat.len(),
+            "segment {off}..{} outside the flat buffer of {}",
+            off + t.len(),
+            flat.len()
+        );
         t.copy_from_slice(&flat[off..off + t.len()]);
     }
 }
@@ -443,7 +465,12 @@ mod tests {
                     for step_kind in 0..3 {
                         let step_size = match step_kind {
                             0 => StepSize::Constant { lr: 0.05 },
-                            1 => StepSize::Dalr { c: 0.1, p: 0.8, estimator: DalrEstimator::FiniteDifference, fd_eps: 1e-2 },
+                            1 => StepSize::Dalr {
+                                c: 0.1,
+                                p: 0.8,
+                                estimator: DalrEstimator::FiniteDifference,
+                                fd_eps: 1e-2,
+                            },
                             _ if t.is_embedded() => StepSize::ErrorControlled { h0: 0.05, control: ec },
                             _ => continue,
                         };

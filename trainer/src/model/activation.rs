@@ -87,8 +87,17 @@ pub fn conv_bn(c_in: usize, c_out: usize, k: usize, hw_in: usize, hw_out: usize,
 
 /// A residual block (`index` from 1) of two 3×3 conv + batch norm units, `c_in → c_out` from
 /// `hw_in` to `hw_out` pixels, with a 1×1 projection shortcut when `projection`, as one segment.
-pub fn residual_block(index: usize, c_in: usize, c_out: usize, hw_in: usize, hw_out: usize, projection: bool, threads: usize) -> LayerActivation {
-    let mut parts = vec![conv_bn(c_in, c_out, 3, hw_in, hw_out, threads), conv_bn(c_out, c_out, 3, hw_out, hw_out, threads)];
+pub fn residual_block(
+    index: usize,
+    c_in: usize,
+    c_out: usize,
+    hw_in: usize,
+    hw_out: usize,
+    projection: bool,
+    threads: usize,
+) -> LayerActivation {
+    let mut parts =
+        vec![conv_bn(c_in, c_out, 3, hw_in, hw_out, threads), conv_bn(c_out, c_out, 3, hw_out, hw_out, threads)];
     if projection {
         parts.push(conv_bn(c_in, c_out, 1, hw_in, hw_out, threads));
     }

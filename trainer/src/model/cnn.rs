@@ -87,11 +87,12 @@ impl Model for Cnn {
         match k {
             0 => {
                 let x = images(h, self.image_shape, "cnn")?; // (B, C, H, W), a view
-                // model::conv2d: x is data, so the first conv computes no input gradient.
-                Ok(conv2d(&x, w0, PADDING, 1)?.broadcast_add(&bias(b0, self.filters[0])?)?.relu()?) // (B, F0, H, W)
+                                                             // model::conv2d: x is data, so the first conv computes no input gradient.
+                Ok(conv2d(&x, w0, PADDING, 1)?.broadcast_add(&bias(b0, self.filters[0])?)?.relu()?)
+                // (B, F0, H, W)
             }
             1 => Ok(conv2d(h, w1, PADDING, 1)?.broadcast_add(&bias(b1, self.filters[1])?)?.relu()?), // (B, F1, H, W)
-            2 => Ok(h.flatten_from(1)?.matmul(&wh.t()?)?.broadcast_add(bh)?), // (B, classes)
+            2 => Ok(h.flatten_from(1)?.matmul(&wh.t()?)?.broadcast_add(bh)?),                        // (B, classes)
             _ => Err(Error::model(format!("the cnn has 3 segments, not {}", k + 1))),
         }
     }

@@ -252,9 +252,7 @@ impl<'a> ModelField<'a> {
                 }
                 let label = data.labels[i] as usize;
                 if label >= k {
-                    return Err(format!(
-                        "ModelField: sample {i} has label {label}, but there are {k} classes"
-                    ));
+                    return Err(format!("ModelField: sample {i} has label {label}, but there are {k} classes"));
                 }
                 let out = &mut x[row * d..(row + 1) * d];
                 data.write_training_image(i, self.augment, self.augment_seed, self.step, &mut scratch, out);
@@ -508,7 +506,9 @@ impl ModelField<'_> {
                 }
             }
             if let Some(v) = &input_var {
-                let g = grads.get(v).ok_or_else(|| Error::internal(format!("recompute: segment {k}'s input received no gradient")))?;
+                let g = grads
+                    .get(v)
+                    .ok_or_else(|| Error::internal(format!("recompute: segment {k}'s input received no gradient")))?;
                 // Detached: candle leaves a leaf's gradient attached to the graph that formed it
                 // (through this segment's weights), which the next backward must not enter.
                 upstream = Some(g.detach());
@@ -551,7 +551,13 @@ fn cross_entropy(logits: &Tensor, onehot: &Tensor) -> Result<Tensor> {
 /// without autograd. Returns (loss, accuracy in [0, 1]). The cross-entropy is computed on the host
 /// in f64 from the logits — an implementation independent of the one `ModelField` differentiates.
 /// A sample counts as correct when its label is the first index of its largest logit.
-pub fn evaluate(model: &dyn Model, theta: &[f32], state: &ModelState, data: &Dataset, chunk: usize) -> Result<(f64, f64)> {
+pub fn evaluate(
+    model: &dyn Model,
+    theta: &[f32],
+    state: &ModelState,
+    data: &Dataset,
+    chunk: usize,
+) -> Result<(f64, f64)> {
     evaluate_on(model, theta, state, data, chunk, &Device::Cpu)
 }
 
@@ -694,12 +700,7 @@ mod tests {
 
     /// Compare the analytic gradient with finite differences on `coords`; the first seed whose θ
     /// keeps every ReLU input's sign under all perturbations is used.
-    fn check_gradient(
-        model: &dyn Model,
-        data: &Dataset,
-        coords: impl Fn(usize) -> Vec<usize>,
-        preacts: Preacts,
-    ) {
+    fn check_gradient(model: &dyn Model, data: &Dataset, coords: impl Fn(usize) -> Vec<usize>, preacts: Preacts) {
         let p = model.layout().len();
         let coords = coords(p);
         let eps = 2e-3;
@@ -707,9 +708,7 @@ mod tests {
         full_batch(&mut field, data.len());
         for seed in 0..100 {
             let theta = random_theta(p, 0.5, seed);
-            let Some(fd) =
-                finite_differences(&mut field, &theta, &coords, eps, &|t| preacts(t, &data.to_f32()))
-            else {
+            let Some(fd) = finite_differences(&mut field, &theta, &coords, eps, &|t| preacts(t, &data.to_f32())) else {
                 continue;
             };
             let mut grad = vec![0.0; p];
@@ -761,13 +760,7 @@ mod tests {
         let x = Tensor::from_slice(images, (images.len() / 25, 1, 5, 5), &dev).unwrap();
         let bias = |b: &Tensor| b.reshape((1, b.dim(0).unwrap(), 1, 1)).unwrap();
         let z1 = x.conv2d(&p[0], 1, 1, 1, 1).unwrap().broadcast_add(&bias(&p[1])).unwrap();
-        let z2 = z1
-            .relu()
-            .unwrap()
-            .conv2d(&p[2], 1, 1, 1, 1)
-            .unwrap()
-            .broadcast_add(&bias(&p[3]))
-            .unwrap();
+        let z2 = z1.relu().unwrap().conv2d(&p[2], 1, 1, 1, 1).unwrap().broadcast_add(&bias(&p[3])).unwrap();
         let mut out = z1.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         out.extend(z2.flatten_all().unwrap().to_vec1::<f32>().unwrap());
         out
@@ -854,7 +847,8 @@ mod tests {
     fn recompute_is_bit_identical() {
         let mlp = Mlp::new(6, &[5, 4, 3], 3);
         let cnn = Cnn::new([2, 5, 5], [3, 2], 4);
-        let cases: [(&dyn Model, Dataset); 2] = [(&mlp, random_data(9, [1, 2, 3], 3, 1)), (&cnn, random_data(9, [2, 5, 5], 4, 2))];
+        let cases: [(&dyn Model, Dataset); 2] =
+            [(&mlp, random_data(9, [1, 2, 3], 3, 1)), (&cnn, random_data(9, [2, 5, 5], 4, 2))];
         for (model, data) in cases {
             let theta = random_theta(model.layout().len(), 0.5, 3);
             let p = theta.len();
@@ -896,8 +890,7 @@ mod tests {
         let model = Mlp::new(2, &[], 2);
         let theta = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0];
         let images = vec![1.0, 0.0, 0.0, 1.0, 2.0, -1.0, -1.0, 3.0, 0.5, 0.2];
-        let mut data =
-            Dataset::from_f32(images, vec![0, 1, 0, 1, 0], [1, 1, 2], 2);
+        let mut data = Dataset::from_f32(images, vec![0, 1, 0, 1, 0], [1, 1, 2], 2);
         // −log softmax(z)_y = ln(1 + exp(z_other − z_y))
         let ce = |d: f64| (1.0 + d.exp()).ln();
         let expect = (ce(-1.0) + ce(-1.0) + ce(-3.0) + ce(-4.0) + ce(-0.3)) / 5.0;

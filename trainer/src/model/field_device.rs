@@ -207,16 +207,12 @@ impl ModelField<'_> {
             return err("the RK kernels live in another CUDA context than the model's device");
         }
         if std::thread::current().id() != kernels.owner() {
-            return err(
-                "the RK kernels were built on another thread; candle's CUDA stream is per thread, so \
-                 the model and the kernels must run on the thread that built them",
-            );
+            return err("the RK kernels were built on another thread; candle's CUDA stream is per thread, so \
+                 the model and the kernels must run on the thread that built them");
         }
         if *stream != **kernels.stream() {
-            return err(
-                "the RK kernels launch on another CUDA stream than candle's on the model's device \
-                 (build them with RkKernels::new(cuda_device.cuda_stream()))",
-            );
+            return err("the RK kernels launch on another CUDA stream than candle's on the model's device \
+                 (build them with RkKernels::new(cuda_device.cuda_stream()))");
         }
         Ok(stream)
     }

@@ -151,11 +151,7 @@ impl CustomOp3 for Conv2dBackward {
             // dL/dw[o, c, i, j] = Σ_{b,y,z} g[b, o, y, z] · x_pad[b, c, s·y + i, s·z + j]: a
             // convolution over the batch axis with g as the kernel, dilated by the stride (the
             // formula of candle's own conv2d backward).
-            let gw = x
-                .detach()
-                .transpose(0, 1)?
-                .conv2d(&g.transpose(0, 1)?, p, 1, s, 1)?
-                .transpose(0, 1)?;
+            let gw = x.detach().transpose(0, 1)?.conv2d(&g.transpose(0, 1)?, p, 1, s, 1)?.transpose(0, 1)?;
             let (_, _, rh, rw) = gw.dims4()?;
             Some(if rh != k || rw != k { gw.narrow(2, 0, k)?.narrow(3, 0, k)? } else { gw })
         } else {
@@ -340,7 +336,8 @@ mod tests {
                         for ci in 0..c {
                             for i in 0..k {
                                 for j in 0..k {
-                                    let (yy, zz) = ((y * s + i) as isize - p as isize, (z * s + j) as isize - p as isize);
+                                    let (yy, zz) =
+                                        ((y * s + i) as isize - p as isize, (z * s + j) as isize - p as isize);
                                     if yy < 0 || zz < 0 || yy >= h as isize || zz >= wd as isize {
                                         continue;
                                     }
@@ -369,9 +366,18 @@ mod tests {
     fn layer_ops_match_candle() {
         let dev = Device::Cpu;
         let loss = |t: &Tensor| t.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-        for (k, padding, stride) in
-            [(3, 1, 1), (3, 0, 1), (3, 2, 1), (5, 2, 1), (1, 0, 1), (3, 1, 2), (1, 0, 2), (3, 0, 2), (3, 1, 3), (5, 2, 2)]
-        {
+        for (k, padding, stride) in [
+            (3, 1, 1),
+            (3, 0, 1),
+            (3, 2, 1),
+            (5, 2, 1),
+            (1, 0, 1),
+            (3, 1, 2),
+            (1, 0, 2),
+            (3, 0, 2),
+            (3, 1, 3),
+            (5, 2, 2),
+        ] {
             for (h, wd) in [(6, 5), (8, 8), (7, 7)] {
                 let x = Var::randn(0f32, 1.0, (3, 2, h, wd), &dev).unwrap();
                 let w = Var::randn(0f32, 1.0, (4, 2, k, k), &dev).unwrap();
@@ -481,12 +487,18 @@ mod tests {
         let dev = Device::Cpu;
         let t = |v: &[f64], s: &[usize]| Tensor::from_slice(v, s, &dev).unwrap();
         let x = t(&[1.0, 2.0, 3.0, 4.0], &[1, 2, 1, 2]);
-        let y = batch_norm_eval(&x, &t(&[2.0, 1.0], &[2]), &t(&[0.5, -1.0], &[2]), &t(&[1.0, 4.0], &[2]), &t(&[4.0, 1.0], &[2]))
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
+        let y = batch_norm_eval(
+            &x,
+            &t(&[2.0, 1.0], &[2]),
+            &t(&[0.5, -1.0], &[2]),
+            &t(&[1.0, 4.0], &[2]),
+            &t(&[4.0, 1.0], &[2]),
+        )
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
         let expect = [
             (1.0 - 1.0) / (4.0 + BN_EPS).sqrt() * 2.0 + 0.5,
             (2.0 - 1.0) / (4.0 + BN_EPS).sqrt() * 2.0 + 0.5,
@@ -523,5 +535,4 @@ mod tests {
             assert!((x - y).abs() <= tol * scale, "{x} vs {y}");
         }
     }
-
 }

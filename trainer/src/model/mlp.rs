@@ -80,16 +80,16 @@ impl Model for Mlp {
     fn forward_segment(&self, params: &[Tensor], k: usize, h: &Tensor, _: &mut Pass) -> Result<Tensor> {
         let layers = self.segments();
         if k >= layers || params.len() != 2 * layers {
-            return Err(Error::model(format!("the mlp has {layers} layers; segment {k} with {} tensors", params.len())));
+            return Err(Error::model(format!(
+                "the mlp has {layers} layers; segment {k} with {} tensors",
+                params.len()
+            )));
         }
         let (w, b) = (&params[2 * k], &params[2 * k + 1]);
         let z = if k == 0 {
             let (_, features) = h.dims2()?;
             if features != self.widths[0] {
-                return Err(Error::model(format!(
-                    "the mlp takes {} input features, got {features}",
-                    self.widths[0]
-                )));
+                return Err(Error::model(format!("the mlp takes {} input features, got {features}", self.widths[0])));
             }
             // The input is data: the first layer skips candle's gradient with respect to it.
             input_linear(h, w)?

@@ -285,7 +285,8 @@ pub fn init_params(model: &dyn Model, seed: u64) -> Vec<f32> {
     };
     for spec in &layout.params {
         let fan_in: usize = spec.shape.get(1..).map_or(1, |s| s.iter().product());
-        let fan_out: usize = spec.shape.first().copied().unwrap_or(1) * spec.shape.get(2..).map_or(1, |s| s.iter().product::<usize>());
+        let fan_out: usize =
+            spec.shape.first().copied().unwrap_or(1) * spec.shape.get(2..).map_or(1, |s| s.iter().product::<usize>());
         let out = &mut theta[spec.range()];
         match spec.init {
             Init::Zeros => {}
@@ -335,8 +336,7 @@ fn counter_name(running_mean: &str) -> Option<String> {
 pub fn load_safetensors(model: &dyn Model, path: &Path) -> Result<(Vec<f32>, ModelState)> {
     let layout = model.layout();
     let state_layout = model.state_layout();
-    let bytes = std::fs::read(path)
-        .map_err(|e| Error::checkpoint(path, format!("cannot read weights file: {e}")))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::checkpoint(path, format!("cannot read weights file: {e}")))?;
     match crate::integrity::verify(&bytes).map_err(|msg| Error::checkpoint(path, msg))? {
         crate::integrity::Verified::Intact => {}
         crate::integrity::Verified::Unchecked => tracing::info!(
@@ -349,8 +349,7 @@ pub fn load_safetensors(model: &dyn Model, path: &Path) -> Result<(Vec<f32>, Mod
 
     let specs = || layout.params.iter().chain(&state_layout.params);
     let counters: Vec<String> = state_layout.params.iter().filter_map(|p| counter_name(&p.name)).collect();
-    let missing: Vec<&str> =
-        specs().map(|p| p.name.as_str()).filter(|name| st.tensor(name).is_err()).collect();
+    let missing: Vec<&str> = specs().map(|p| p.name.as_str()).filter(|name| st.tensor(name).is_err()).collect();
     if !missing.is_empty() {
         return Err(Error::checkpoint(
             path,
@@ -360,17 +359,15 @@ pub fn load_safetensors(model: &dyn Model, path: &Path) -> Result<(Vec<f32>, Mod
     let mut extra: Vec<&str> = st
         .names()
         .into_iter()
-        .filter(|name| layout.get(name).is_none() && state_layout.get(name).is_none() && !counters.iter().any(|c| c == *name))
+        .filter(|name| {
+            layout.get(name).is_none() && state_layout.get(name).is_none() && !counters.iter().any(|c| c == *name)
+        })
         .collect();
     if !extra.is_empty() {
         extra.sort_unstable();
         return Err(Error::checkpoint(
             path,
-            format!(
-                "unexpected tensor(s) {} that {} does not have",
-                quoted(&extra),
-                model.describe()
-            ),
+            format!("unexpected tensor(s) {} that {} does not have", quoted(&extra), model.describe()),
         ));
     }
 
@@ -379,12 +376,7 @@ pub fn load_safetensors(model: &dyn Model, path: &Path) -> Result<(Vec<f32>, Mod
         if view.shape() != spec.shape.as_slice() {
             return Err(Error::checkpoint(
                 path,
-                format!(
-                    "tensor `{}` has shape {:?}, the model needs {:?}",
-                    spec.name,
-                    view.shape(),
-                    spec.shape
-                ),
+                format!("tensor `{}` has shape {:?}, the model needs {:?}", spec.name, view.shape(), spec.shape),
             ));
         }
         decode_f32(view.dtype(), view.data(), out)
@@ -392,10 +384,7 @@ pub fn load_safetensors(model: &dyn Model, path: &Path) -> Result<(Vec<f32>, Mod
         if let Some(i) = out.iter().position(|v| !v.is_finite()) {
             return Err(Error::checkpoint(
                 path,
-                format!(
-                    "tensor `{}` holds a non-finite value ({}) at flat index {i}",
-                    spec.name, out[i]
-                ),
+                format!("tensor `{}` holds a non-finite value ({}) at flat index {i}", spec.name, out[i]),
             ));
         }
         Ok(())
@@ -415,7 +404,16 @@ pub fn load_safetensors(model: &dyn Model, path: &Path) -> Result<(Vec<f32>, Mod
             let n = match (view.dtype(), view.data().len()) {
                 (Dtype::I64, 8) => i64::from_le_bytes(view.data().try_into().expect("8 bytes")),
                 (Dtype::I32, 4) => i32::from_le_bytes(view.data().try_into().expect("4 bytes")) as i64,
-                _ => return Err(Error::checkpoint(path, format!("tensor `{name}` is not one integer (dtype {:?}, shape {:?})", view.dtype(), view.shape()))),
+                _ => {
+                    return Err(Error::checkpoint(
+                        path,
+                        format!(
+                            "tensor `{name}` is not one integer (dtype {:?}, shape {:?})",
+                            view.dtype(),
+                            view.shape()
+                        ),
+                    ))
+                }
             };
             state.updates = n.max(0) as u64;
             break;
@@ -623,12 +621,7 @@ mod tests {
             let mean = w.iter().map(|&v| v as f64).sum::<f64>() / n;
             let var = w.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
             assert!(mean.abs() < 4.0 * (1.0 / fan_in / n).sqrt(), "{}: mean {mean}", spec.name);
-            assert!(
-                (var * fan_in - 1.0).abs() < 0.05,
-                "{}: var·fan_in = {}",
-                spec.name,
-                var * fan_in
-            );
+            assert!((var * fan_in - 1.0).abs() < 0.05, "{}: var·fan_in = {}", spec.name, var * fan_in);
             let bound = 2.0 / TRUNCATED_NORMAL_STD / fan_in.sqrt();
             assert!(w.iter().all(|&v| (v as f64).abs() <= bound * (1.0 + 1e-6)), "{}", spec.name);
         }
@@ -661,10 +654,8 @@ mod tests {
 
     /// Write a safetensors file with the given (name, dtype, shape, bytes).
     fn write_raw(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
-        let views: Vec<_> = tensors
-            .iter()
-            .map(|(n, d, s, b)| (n.to_string(), TensorView::new(*d, s.clone(), b).unwrap()))
-            .collect();
+        let views: Vec<_> =
+            tensors.iter().map(|(n, d, s, b)| (n.to_string(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
         std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
     }
 
@@ -738,16 +729,12 @@ mod tests {
         let dir = tmpdir();
         let path = dir.path().join("w.safetensors");
         let model = mlp::Mlp::new(2, &[], 2); // layers.0.weight [2,2], layers.0.bias [2]
-        let w64: Vec<u8> =
-            [0.5f64, -1.25, 3.0, 1e-3].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let w64: Vec<u8> = [0.5f64, -1.25, 3.0, 1e-3].iter().flat_map(|x| x.to_le_bytes()).collect();
         // f16: 1.0 = 0x3c00, -2.0 = 0xc000; bf16: 1.5 = 0x3fc0.
         let b16: Vec<u8> = [0x3c00u16, 0xc000].iter().flat_map(|x| x.to_le_bytes()).collect();
         write_raw(
             &path,
-            &[
-                ("layers.0.weight", Dtype::F64, vec![2, 2], w64),
-                ("layers.0.bias", Dtype::F16, vec![2], b16),
-            ],
+            &[("layers.0.weight", Dtype::F64, vec![2, 2], w64), ("layers.0.bias", Dtype::F16, vec![2], b16)],
         );
         assert_eq!(load_safetensors(&model, &path).unwrap().0, [0.5, -1.25, 3.0, 1e-3, 1.0, -2.0]);
         let bf: Vec<u8> = [0x3fc0u16, 0x8000].iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -773,8 +760,7 @@ mod tests {
 
     #[test]
     fn tensor_into_slice_copies_and_accumulates() {
-        let t =
-            Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], (2, 3), &Device::Cpu).unwrap();
+        let t = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], (2, 3), &Device::Cpu).unwrap();
         let mut out = [0.0f32; 6];
         tensor_into_slice(&t, &mut out, false).unwrap();
         assert_eq!(out, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);

@@ -76,7 +76,6 @@ pub struct ResNet18 {
     fc: usize,
 }
 
-
 impl ResNet18 {
     pub fn new(image_shape: [usize; 3], width: usize, classes: usize, bn_group: usize, bn_momentum: f64) -> Self {
         let (mut layout, mut state) = (ParamLayout::default(), ParamLayout::default());
@@ -215,7 +214,12 @@ pub(crate) mod tests {
             (lse - picked).unwrap().sum_all().unwrap()
         };
         let tensors = |t: &[f64]| -> Vec<Tensor> {
-            model.layout().params.iter().map(|s| Tensor::from_slice(&t[s.range()], s.shape.as_slice(), &dev).unwrap()).collect()
+            model
+                .layout()
+                .params
+                .iter()
+                .map(|s| Tensor::from_slice(&t[s.range()], s.shape.as_slice(), &dev).unwrap())
+                .collect()
         };
         let vars: Vec<Var> = tensors(&theta).into_iter().map(|t| Var::from_tensor(&t).unwrap()).collect();
         let params: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();

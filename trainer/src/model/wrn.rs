@@ -38,7 +38,10 @@ pub const KIND: Kind = Kind {
     validate: |c| {
         let depth = c.depth.unwrap_or(DEFAULT_DEPTH);
         if depth < 10 || (depth - 4) % 6 != 0 {
-            return Err(Error::config("model.depth", format!("must be 6n + 4 with n ≥ 1 (10, 16, 22, 28, 40, …), got {depth}")));
+            return Err(Error::config(
+                "model.depth",
+                format!("must be 6n + 4 with n ≥ 1 (10, 16, 22, 28, 40, …), got {depth}"),
+            ));
         }
         if c.widen == Some(0) {
             return Err(Error::config("model.widen", "must be at least 1"));
@@ -80,9 +83,15 @@ pub struct WideResNet {
     fc: usize,
 }
 
-
 impl WideResNet {
-    pub fn new(image_shape: [usize; 3], depth: usize, widen: usize, classes: usize, bn_group: usize, bn_momentum: f64) -> Self {
+    pub fn new(
+        image_shape: [usize; 3],
+        depth: usize,
+        widen: usize,
+        classes: usize,
+        bn_group: usize,
+        bn_momentum: f64,
+    ) -> Self {
         let n = (depth - 4) / 6;
         let (mut layout, mut state) = (ParamLayout::default(), ParamLayout::default());
         let conv1 = conv_weight(&mut layout, "conv1.weight".into(), 16, image_shape[0], 3);

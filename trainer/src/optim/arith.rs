@@ -29,12 +29,28 @@ pub trait Arith<F: Scalar> {
     fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf) -> Result<()>;
     fn zero(&self, b: &mut Self::Buf) -> Result<()>;
     /// x = θ − (h·D)⊙Σ_j a_j k_j (left to right), x = θ with no stage.
-    fn stage_point(&self, x: &mut Self::Buf, theta: &Self::Buf, d: Option<&Self::Buf>, stages: &[(&Self::Buf, F)], h: F) -> Result<()>;
+    fn stage_point(
+        &self,
+        x: &mut Self::Buf,
+        theta: &Self::Buf,
+        d: Option<&Self::Buf>,
+        stages: &[(&Self::Buf, F)],
+        h: F,
+    ) -> Result<()>;
     /// acc += b·k (b ≠ 0), err += e·k (e ≠ 0).
     fn accumulate(&self, acc: &mut Self::Buf, err: Option<&mut Self::Buf>, k: &Self::Buf, b: F, e: F) -> Result<()>;
     /// acc = β·m + acc (with m), then x = θ − (h·D)⊙acc.
     #[allow(clippy::too_many_arguments)]
-    fn final_update(&self, x: &mut Self::Buf, theta: &Self::Buf, acc: &mut Self::Buf, m: Option<&Self::Buf>, d: Option<&Self::Buf>, beta: F, h: F) -> Result<()>;
+    fn final_update(
+        &self,
+        x: &mut Self::Buf,
+        theta: &Self::Buf,
+        acc: &mut Self::Buf,
+        m: Option<&Self::Buf>,
+        d: Option<&Self::Buf>,
+        beta: F,
+        h: F,
+    ) -> Result<()>;
     /// D = 1/sqrt(ε + (G + k1²)).
     fn adagrad_d(&self, d: &mut Self::Buf, g: &Self::Buf, k1: &Self::Buf, eps: F) -> Result<()>;
     /// G = G + k1².
@@ -45,7 +61,15 @@ pub trait Arith<F: Scalar> {
     fn ddiff2(&self, a: &Self::Buf, b: &Self::Buf, d: Option<&Self::Buf>) -> Result<f64>;
     /// Σ ((h·d·err) / (atol + rtol·|θ|))² in f64 (this shard).
     #[allow(clippy::too_many_arguments)]
-    fn error_sum(&self, theta: &Self::Buf, err: &Self::Buf, d: Option<&Self::Buf>, h: f64, atol: f64, rtol: f64) -> Result<f64>;
+    fn error_sum(
+        &self,
+        theta: &Self::Buf,
+        err: &Self::Buf,
+        d: Option<&Self::Buf>,
+        h: f64,
+        atol: f64,
+        rtol: f64,
+    ) -> Result<f64>;
     /// Entries that are NaN or ±Inf (this shard).
     fn nonfinite_count(&self, v: &Self::Buf) -> Result<u64>;
     /// A copy on the host (checkpoints, `Optimizer::state`).
@@ -84,7 +108,16 @@ impl<F: Scalar> Arith<F> for Host {
         r::accumulate(acc, err, k, b, e);
         Ok(())
     }
-    fn final_update(&self, x: &mut [F], theta: &[F], acc: &mut [F], m: Option<&[F]>, d: Option<&[F]>, beta: F, h: F) -> Result<()> {
+    fn final_update(
+        &self,
+        x: &mut [F],
+        theta: &[F],
+        acc: &mut [F],
+        m: Option<&[F]>,
+        d: Option<&[F]>,
+        beta: F,
+        h: F,
+    ) -> Result<()> {
         r::final_update(x, theta, acc, m, d, beta, h);
         Ok(())
     }

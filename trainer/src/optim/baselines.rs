@@ -96,13 +96,7 @@ fn eval_gradient<F: Scalar>(
 /// Ready the moment buffer `buf` for a step: once a step has committed it (`started`), check
 /// that its length matches the field's dimension; before that, zero it (a zeroed buffer is not
 /// part of the observable state until the step commits and sets `started`).
-fn prepare_buffer<F: Scalar>(
-    name: &str,
-    buf_name: &str,
-    buf: &mut Vec<F>,
-    started: bool,
-    dim: usize,
-) -> Result<()> {
+fn prepare_buffer<F: Scalar>(name: &str, buf_name: &str, buf: &mut Vec<F>, started: bool, dim: usize) -> Result<()> {
     if !started {
         buf.clear();
         buf.resize(dim, F::zero());
@@ -167,16 +161,8 @@ fn descend_and_commit<F: Scalar>(
 
 /// The state of optimizer `name`: the scalar `"optimizer"` = `name`, and the named `buffers`
 /// once a step has committed them (`started`), none before.
-fn snapshot<F: Scalar>(
-    name: &str,
-    started: bool,
-    buffers: &[(&str, &Vec<F>)],
-) -> OptimizerState<F> {
-    let buffers = if started {
-        buffers.iter().map(|&(n, b)| (n.to_string(), b.clone())).collect()
-    } else {
-        Vec::new()
-    };
+fn snapshot<F: Scalar>(name: &str, started: bool, buffers: &[(&str, &Vec<F>)]) -> OptimizerState<F> {
+    let buffers = if started { buffers.iter().map(|&(n, b)| (n.to_string(), b.clone())).collect() } else { Vec::new() };
     let mut scalars = serde_json::Map::new();
     scalars.insert(OPTIMIZER_KEY.to_string(), serde_json::Value::String(name.to_string()));
     OptimizerState { buffers, scalars }
@@ -235,10 +221,7 @@ fn validate_state<'a, F: Scalar>(
 /// Install what [`validate_state`] returned into `targets` (in the order of its `expected`), or
 /// clear them all for a state without buffers. Returns the new `started`: whether buffers were
 /// loaded.
-fn restore<F: Scalar, const N: usize>(
-    loaded: Option<Vec<&Vec<F>>>,
-    targets: [&mut Vec<F>; N],
-) -> bool {
+fn restore<F: Scalar, const N: usize>(loaded: Option<Vec<&Vec<F>>>, targets: [&mut Vec<F>; N]) -> bool {
     match loaded {
         None => {
             for t in targets {
@@ -294,15 +277,8 @@ impl<F: Scalar> Optimizer<F> for Sgd<F> {
         let name = "sgd";
         check_lr(name, self.lr)?;
         let loss = eval_gradient(name, step, theta, field, &mut self.grad)?;
-        let (h, k) = descend_and_commit(
-            (name, step),
-            theta,
-            &self.grad,
-            self.lr,
-            self.max_retries,
-            &mut self.theta_new,
-            field,
-        )?;
+        let (h, k) =
+            descend_and_commit((name, step), theta, &self.grad, self.lr, self.max_retries, &mut self.theta_new, field)?;
         Ok(StepReport { loss, h, grad_evals: 1, nonfinite_retries: k, ..Default::default() })
     }
 
@@ -361,7 +337,11 @@ impl<F: Scalar> Momentum<F> {
         self.lr
     }
     fn name_str(&self) -> &'static str {
-        if self.nesterov { "nesterov" } else { "momentum" }
+        if self.nesterov {
+            "nesterov"
+        } else {
+            "momentum"
+        }
     }
 }
 
@@ -399,15 +379,8 @@ impl<F: Scalar> Optimizer<F> for Momentum<F> {
                 "{name}: momentum buffer at step {step} overflowed (a smaller lr cannot help)"
             )));
         }
-        let (h, k) = descend_and_commit(
-            (name, step),
-            theta,
-            dir,
-            self.lr,
-            self.max_retries,
-            &mut self.theta_new,
-            field,
-        )?;
+        let (h, k) =
+            descend_and_commit((name, step), theta, dir, self.lr, self.max_retries, &mut self.theta_new, field)?;
         std::mem::swap(&mut self.buf, &mut self.buf_new);
         self.started = true;
         Ok(StepReport { loss, h, grad_evals: 1, nonfinite_retries: k, ..Default::default() })
@@ -573,11 +546,7 @@ impl<F: Scalar> Optimizer<F> for Adam<F> {
             let v = b2 * v_old + omb2 * (g * g);
             *m_out = m;
             *v_out = v;
-            let m_hat = if nesterov {
-                b1 * (m / bc1_nextf) + omb1 * (g / bc1f)
-            } else {
-                m / bc1f
-            };
+            let m_hat = if nesterov { b1 * (m / bc1_nextf) + omb1 * (g / bc1f) } else { m / bc1f };
             let v_hat = v / bc2f;
             let mut u = m_hat / (v_hat.sqrt() + eps);
             if decay {
@@ -590,15 +559,8 @@ impl<F: Scalar> Optimizer<F> for Adam<F> {
                 "{name}: moments or update direction at step {step} are non-finite (a smaller lr cannot help)"
             )));
         }
-        let (h, k) = descend_and_commit(
-            (name, step),
-            theta,
-            &self.dir,
-            self.lr,
-            self.max_retries,
-            &mut self.theta_new,
-            field,
-        )?;
+        let (h, k) =
+            descend_and_commit((name, step), theta, &self.dir, self.lr, self.max_retries, &mut self.theta_new, field)?;
         std::mem::swap(&mut self.m, &mut self.m_new);
         std::mem::swap(&mut self.v, &mut self.v_new);
         self.started = true;
@@ -777,8 +739,7 @@ mod tests {
         // t = 1: m = 0.1 g, m̂ = 0.9·0.1 g/(1 − 0.81) + 0.1 g/0.1 = (28/19) g, v̂ = g².
         let c = 28.0 / 19.0;
         let sign = [1.0, -1.0, 1.0];
-        let want0: Vec<f64> =
-            (0..3).map(|i| THETA0[i] - lr * (c * sign[i] + wd * THETA0[i])).collect();
+        let want0: Vec<f64> = (0..3).map(|i| THETA0[i] - lr * (c * sign[i] + wd * THETA0[i])).collect();
         assert_close(&got[0], &want0, 1e-9);
         let want = adam_reference(lr, 0.9, 0.999, 1e-8, wd, true, 3);
         for (g, w) in got.iter().zip(&want) {

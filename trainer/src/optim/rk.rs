@@ -38,7 +38,9 @@ use std::borrow::{Borrow, BorrowMut};
 pub enum Preconditioner {
     None,
     /// D = (ε + G)^(-1/2) with a small ε (config `optimizer.adagrad_eps`).
-    Adagrad { eps: f64 },
+    Adagrad {
+        eps: f64,
+    },
     /// The paper's choice: ε = 1.
     ModifiedAdagrad,
 }
@@ -56,12 +58,27 @@ impl Preconditioner {
 /// How h is chosen each step.
 #[derive(Clone, Debug, PartialEq)]
 pub enum StepSize {
-    Constant { lr: f64 },
-    Cosine { lr: f64, warmup: u64, total: u64, min_fraction: f64 },
+    Constant {
+        lr: f64,
+    },
+    Cosine {
+        lr: f64,
+        warmup: u64,
+        total: u64,
+        min_fraction: f64,
+    },
     /// h = c / (1 + (c/2)·v^p).
-    Dalr { c: f64, p: f64, estimator: DalrEstimator, fd_eps: f64 },
+    Dalr {
+        c: f64,
+        p: f64,
+        estimator: DalrEstimator,
+        fd_eps: f64,
+    },
     /// Embedded-pair control starting from h0 (SPEC §4).
-    ErrorControlled { h0: f64, control: ErrorControl },
+    ErrorControlled {
+        h0: f64,
+        control: ErrorControl,
+    },
 }
 
 #[derive(Clone, Debug)]

@@ -15,7 +15,13 @@ fn solver<F: Scalar>(tableau: &str, step_size: StepSize) -> RkSolver<F> {
     RkSolver::new(o).unwrap()
 }
 
-fn one_step_error(tableau: &str, field: &mut dyn VectorField<f64>, exact: &dyn Fn(f64) -> Vec<f64>, theta0: &[f64], h: f64) -> f64 {
+fn one_step_error(
+    tableau: &str,
+    field: &mut dyn VectorField<f64>,
+    exact: &dyn Fn(f64) -> Vec<f64>,
+    theta0: &[f64],
+    h: f64,
+) -> f64 {
     let mut s = solver::<f64>(tableau, StepSize::Constant { lr: h });
     let mut th = theta0.to_vec();
     s.step(0, &mut th, field).unwrap();
@@ -42,12 +48,14 @@ fn measured_order_on_quadratic_matches_tableau_order() {
     for name in Tableau::builtin_names() {
         let p = Tableau::builtin(name).unwrap().order() as f64;
         let q = quad();
-        let errs: Vec<f64> = hs
-            .iter()
-            .map(|&h| one_step_error(name, &mut quad(), &|t| q.exact_flow(&THETA0, t), &THETA0, h))
-            .collect();
+        let errs: Vec<f64> =
+            hs.iter().map(|&h| one_step_error(name, &mut quad(), &|t| q.exact_flow(&THETA0, t), &THETA0, h)).collect();
         let s = slope(&hs, &errs);
-        assert!((s - (p + 1.0)).abs() < 0.3, "{name}: local error slope {s:.2}, expected {} (errors {errs:?})", p + 1.0);
+        assert!(
+            (s - (p + 1.0)).abs() < 0.3,
+            "{name}: local error slope {s:.2}, expected {} (errors {errs:?})",
+            p + 1.0
+        );
     }
 }
 
@@ -68,7 +76,8 @@ fn measured_order_on_nonlinear_flow() {
     let hs = [0.1, 0.05, 0.025, 0.0125];
     for name in Tableau::builtin_names() {
         let p = Tableau::builtin(name).unwrap().order() as f64;
-        let errs: Vec<f64> = hs.iter().map(|&h| one_step_error(name, &mut Cubic, &|t| vec![1.0 / (1.0 + t)], &[1.0], h)).collect();
+        let errs: Vec<f64> =
+            hs.iter().map(|&h| one_step_error(name, &mut Cubic, &|t| vec![1.0 / (1.0 + t)], &[1.0], h)).collect();
         // The leading error term can nearly cancel on this ODE (rk38), so use the slope between
         // the two smallest steps, well inside the asymptotic range.
         let s = slope(&hs[2..], &errs[2..]);
@@ -132,7 +141,12 @@ fn streaming_and_resident_are_bit_identical() {
         assert_eq!(thetas[0], thetas[1], "{name}: streaming and resident differ");
         let t = Tableau::builtin(name).unwrap();
         assert_eq!(peaks[1], t.stages() - 1, "{name}: resident keeps k_2..k_s");
-        assert!(peaks[0] <= t.streaming_stage_buffers(), "{name}: streaming peak {} > liveness bound {}", peaks[0], t.streaming_stage_buffers());
+        assert!(
+            peaks[0] <= t.streaming_stage_buffers(),
+            "{name}: streaming peak {} > liveness bound {}",
+            peaks[0],
+            t.streaming_stage_buffers()
+        );
     }
     // Classical RK4 needs a single stage buffer when streaming (besides the pinned k_1).
     let mut s = RkSolver::<f32>::new(full_options("rk4", true)).unwrap();

@@ -71,7 +71,13 @@ fn compare(field: &mut ModelField, k: &RkKernels, what: &str, p: usize) -> usize
         );
         let gmax = host.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         assert!(gmax > 0.0, "{what}: zero gradient");
-        let worst = host.iter().zip(&dev).map(|(a, b)| (a - b).abs()).fold(0.0f32, |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) });
+        let worst = host.iter().zip(&dev).map(|(a, b)| (a - b).abs()).fold(0.0f32, |m, d| {
+            if d.is_nan() {
+                f32::INFINITY
+            } else {
+                m.max(d)
+            }
+        });
         assert!(worst <= 1e-6 * gmax, "{what}, θ seed {seed}: max |Δg| = {worst:e}, max |g| = {gmax:e}");
         let d = host.iter().zip(&dev).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
         eprintln!(
@@ -96,7 +102,9 @@ fn eval_device_matches_host_eval() {
         let mut field = ModelField::new(*model, data);
         field.set_device(device.clone());
         field.set_batch(&[8, 1, 3, 3, 0, 6, 2, 10], 9);
-        for (label, micro, recompute) in [("plain", 0, false), ("micro 3", 3, false), ("recompute", 0, true), ("recompute + micro 3", 3, true)] {
+        for (label, micro, recompute) in
+            [("plain", 0, false), ("micro 3", 3, false), ("recompute", 0, true), ("recompute + micro 3", 3, true)]
+        {
             field.set_micro_batch(micro);
             field.set_recompute(recompute);
             total_differ += compare(&mut field, &k, &format!("{} {label}", model.describe()), p);

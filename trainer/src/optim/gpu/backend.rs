@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 
-use crate::kernels::cuda::{In, KernelError, RkKernels};
 use crate::error::Result;
+use crate::kernels::cuda::{In, KernelError, RkKernels};
 use crate::optim::arith::Arith;
 
 fn drv(e: cudarc::driver::DriverError) -> crate::Error {
@@ -38,22 +38,47 @@ impl Arith<f32> for Arc<RkKernels> {
     }
     fn copy(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>) -> Result<()> {
         if dst.len() != src.len() {
-            return Err(KernelError::Args(format!("copy of {} entries into a buffer of {}", src.len(), dst.len())).into());
+            return Err(
+                KernelError::Args(format!("copy of {} entries into a buffer of {}", src.len(), dst.len())).into()
+            );
         }
         self.stream().memcpy_dtod(src, dst).map_err(drv)
     }
     fn zero(&self, b: &mut CudaSlice<f32>) -> Result<()> {
         self.stream().memset_zeros(b).map_err(drv)
     }
-    fn stage_point(&self, x: &mut CudaSlice<f32>, theta: &CudaSlice<f32>, d: Option<&CudaSlice<f32>>, stages: &[(&CudaSlice<f32>, f32)], h: f32) -> Result<()> {
+    fn stage_point(
+        &self,
+        x: &mut CudaSlice<f32>,
+        theta: &CudaSlice<f32>,
+        d: Option<&CudaSlice<f32>>,
+        stages: &[(&CudaSlice<f32>, f32)],
+        h: f32,
+    ) -> Result<()> {
         let stages: Vec<(In, f32)> = stages.iter().map(|(k, a)| (*k as In, *a)).collect();
         Ok(RkKernels::stage_point(self, x, theta, opt(d), &stages, h)?)
     }
-    fn accumulate(&self, acc: &mut CudaSlice<f32>, err: Option<&mut CudaSlice<f32>>, k: &CudaSlice<f32>, b: f32, e: f32) -> Result<()> {
+    fn accumulate(
+        &self,
+        acc: &mut CudaSlice<f32>,
+        err: Option<&mut CudaSlice<f32>>,
+        k: &CudaSlice<f32>,
+        b: f32,
+        e: f32,
+    ) -> Result<()> {
         let err = err.map(|e| e as &mut dyn cudarc::driver::DevicePtrMut<f32>);
         Ok(RkKernels::accumulate(self, acc, err, k, b, e)?)
     }
-    fn final_update(&self, x: &mut CudaSlice<f32>, theta: &CudaSlice<f32>, acc: &mut CudaSlice<f32>, m: Option<&CudaSlice<f32>>, d: Option<&CudaSlice<f32>>, beta: f32, h: f32) -> Result<()> {
+    fn final_update(
+        &self,
+        x: &mut CudaSlice<f32>,
+        theta: &CudaSlice<f32>,
+        acc: &mut CudaSlice<f32>,
+        m: Option<&CudaSlice<f32>>,
+        d: Option<&CudaSlice<f32>>,
+        beta: f32,
+        h: f32,
+    ) -> Result<()> {
         Ok(RkKernels::final_update(self, x, theta, acc, opt(m), opt(d), beta, h)?)
     }
     fn adagrad_d(&self, d: &mut CudaSlice<f32>, g: &CudaSlice<f32>, k1: &CudaSlice<f32>, eps: f32) -> Result<()> {
@@ -68,7 +93,15 @@ impl Arith<f32> for Arc<RkKernels> {
     fn ddiff2(&self, a: &CudaSlice<f32>, b: &CudaSlice<f32>, d: Option<&CudaSlice<f32>>) -> Result<f64> {
         Ok(RkKernels::ddiff2(self, a, b, opt(d))?)
     }
-    fn error_sum(&self, theta: &CudaSlice<f32>, err: &CudaSlice<f32>, d: Option<&CudaSlice<f32>>, h: f64, atol: f64, rtol: f64) -> Result<f64> {
+    fn error_sum(
+        &self,
+        theta: &CudaSlice<f32>,
+        err: &CudaSlice<f32>,
+        d: Option<&CudaSlice<f32>>,
+        h: f64,
+        atol: f64,
+        rtol: f64,
+    ) -> Result<f64> {
         Ok(RkKernels::error_sum(self, theta, err, opt(d), h, atol, rtol)?)
     }
     fn nonfinite_count(&self, v: &CudaSlice<f32>) -> Result<u64> {

@@ -112,7 +112,11 @@ pub fn open(ordinal: usize) -> Result<RkKernels, String> {
         Ok(Ok(k)) => Ok(k),
         Ok(Err(e)) => Err(e.to_string()),
         Err(p) => {
-            let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
             Err(format!("creating the CUDA context panicked: {msg}"))
         }
     }
@@ -168,7 +172,14 @@ impl Rows {
         let err = if err.is_nan() { f64::INFINITY } else { err };
         let pass = err <= tol;
         let i = *self.index.entry(check.to_string()).or_insert_with(|| {
-            self.rows.push(CheckRow { check: check.to_string(), cases: 0, max_rel_error: 0.0, tolerance: tol, worst_case: String::new(), pass: true });
+            self.rows.push(CheckRow {
+                check: check.to_string(),
+                cases: 0,
+                max_rel_error: 0.0,
+                tolerance: tol,
+                worst_case: String::new(),
+                pass: true,
+            });
             self.rows.len() - 1
         });
         let row = &mut self.rows[i];
@@ -245,7 +256,14 @@ impl Buf {
 }
 
 /// Every kernel at length `n` and alignment offset `off`; returns the kernel calls checked.
-fn run_case(k: &RkKernels, s: &Arc<CudaStream>, rng: &mut ChaCha8Rng, rows: &mut Rows, n: usize, off: usize) -> KResult<usize> {
+fn run_case(
+    k: &RkKernels,
+    s: &Arc<CudaStream>,
+    rng: &mut ChaCha8Rng,
+    rows: &mut Rows,
+    n: usize,
+    off: usize,
+) -> KResult<usize> {
     let case = format!("n={n}, offset={off}");
     let case = case.as_str();
     let mut calls = 0;
@@ -255,7 +273,8 @@ fn run_case(k: &RkKernels, s: &Arc<CudaStream>, rng: &mut ChaCha8Rng, rows: &mut
     let m = random(rng, n, -1.0, 1.0);
     let ks: Vec<Vec<f32>> = (0..r::MAX_STAGES).map(|_| random(rng, n, -2.0, 2.0)).collect();
     let coef = random(rng, r::MAX_STAGES, -1.0, 1.0);
-    let (theta_d, d_d, g_d, m_d) = (Buf::new(s, &theta, off)?, Buf::new(s, &d, off)?, Buf::new(s, &g, off)?, Buf::new(s, &m, off)?);
+    let (theta_d, d_d, g_d, m_d) =
+        (Buf::new(s, &theta, off)?, Buf::new(s, &d, off)?, Buf::new(s, &g, off)?, Buf::new(s, &m, off)?);
     let ks_d: Vec<Buf> = ks.iter().map(|v| Buf::new(s, v, off)).collect::<KResult<_>>()?;
     let (tv, dv, gv, mv) = (theta_d.view(), d_d.view(), g_d.view(), m_d.view());
     let kv: Vec<_> = ks_d.iter().map(|b| b.view()).collect();
@@ -341,7 +360,12 @@ fn run_case(k: &RkKernels, s: &Arc<CudaStream>, rng: &mut ChaCha8Rng, rows: &mut
         let d_cpu = with_d.then_some(&d[..]);
         let d_gpu: Option<In> = if with_d { Some(&dv) } else { None };
         rows.sum(&format!("dnorm2 D={with_d}"), case, k.dnorm2(&kv[0], d_gpu)?, r::dnorm2(&ks[0], d_cpu));
-        rows.sum(&format!("ddiff2 D={with_d}"), case, k.ddiff2(&kv[0], &kv[1], d_gpu)?, r::ddiff2(&ks[0], &ks[1], d_cpu));
+        rows.sum(
+            &format!("ddiff2 D={with_d}"),
+            case,
+            k.ddiff2(&kv[0], &kv[1], d_gpu)?,
+            r::ddiff2(&ks[0], &ks[1], d_cpu),
+        );
         rows.sum(
             &format!("error_sum D={with_d}"),
             case,
@@ -453,14 +477,29 @@ fn argument_errors(k: &RkKernels, s: &Arc<CudaStream>, rows: &mut Rows) -> KResu
     let overlapping = k.segment_table(&[seg(0), seg(5)], 15, false)?;
     // SAFETY: the launch is refused before anything runs.
     let r = unsafe { k.gather_table(&mut flat, &overlapping) };
-    rows.exact("argument check: gather with an unchecked table", "n=10", matches!(r, Err(KernelError::Args(_))), "not refused");
+    rows.exact(
+        "argument check: gather with an unchecked table",
+        "n=10",
+        matches!(r, Err(KernelError::Args(_))),
+        "not refused",
+    );
     let r = k.segment_table(&[seg(0), seg(5)], 15, true);
-    rows.exact("argument check: disjoint table of overlapping segments", "n=10", matches!(r, Err(KernelError::Args(_))), "not refused");
+    rows.exact(
+        "argument check: disjoint table of overlapping segments",
+        "n=10",
+        matches!(r, Err(KernelError::Args(_))),
+        "not refused",
+    );
     let table = k.segment_table(&[seg(5)], 15, true)?;
     let mut short = s.alloc_zeros::<f32>(14)?;
     // SAFETY: refused before anything runs.
     let r = unsafe { k.gather_table(&mut short, &table) };
-    rows.exact("argument check: table used with a shorter flat buffer", "n=10", matches!(r, Err(KernelError::Args(_))), "not refused");
+    rows.exact(
+        "argument check: table used with a shorter flat buffer",
+        "n=10",
+        matches!(r, Err(KernelError::Args(_))),
+        "not refused",
+    );
     // SAFETY: a lives until the end of this function; the stream is synchronized below.
     let r = unsafe { k.gather_table(&mut flat, &table) };
     rows.exact("argument check: gather with a valid table runs", "n=10", r.is_ok(), &format!("{:?}", r.err()));
@@ -512,8 +551,23 @@ fn solver_steps(s: &Arc<CudaStream>, rows: &mut Rows) -> KResult<usize> {
         ("rk4", Preconditioner::ModifiedAdagrad, dalr(DalrEstimator::Stage), 0.9, true),
         ("rk4", Preconditioner::ModifiedAdagrad, dalr(DalrEstimator::Stage), 0.9, false),
         ("bs32", Preconditioner::Adagrad { eps: 1e-8 }, dalr(DalrEstimator::FiniteDifference), 0.5, true),
-        ("dopri54", Preconditioner::None, StepSize::ErrorControlled { h0: 0.3, control: ErrorControl { atol: 1e-4, rtol: 1e-4, ..Default::default() } }, 0.0, true),
-        ("dopri54", Preconditioner::ModifiedAdagrad, StepSize::ErrorControlled { h0: 0.3, control: ErrorControl::default() }, 0.9, false),
+        (
+            "dopri54",
+            Preconditioner::None,
+            StepSize::ErrorControlled {
+                h0: 0.3,
+                control: ErrorControl { atol: 1e-4, rtol: 1e-4, ..Default::default() },
+            },
+            0.0,
+            true,
+        ),
+        (
+            "dopri54",
+            Preconditioner::ModifiedAdagrad,
+            StepSize::ErrorControlled { h0: 0.3, control: ErrorControl::default() },
+            0.9,
+            false,
+        ),
     ];
     let mut rng = ChaCha8Rng::seed_from_u64(SEED + 1);
     let p = 4099;
@@ -530,14 +584,23 @@ fn solver_steps(s: &Arc<CudaStream>, rows: &mut Rows) -> KResult<usize> {
             streaming,
             nonfinite_retries: 4,
         };
-        let name = format!("rk solver {SOLVER_STEPS} steps: {tableau} D={} mom={momentum} {} streaming={streaming}", pre != Preconditioner::None, step_kind(&step_size));
+        let name = format!(
+            "rk solver {SOLVER_STEPS} steps: {tableau} D={} mom={momentum} {} streaming={streaming}",
+            pre != Preconditioner::None,
+            step_kind(&step_size)
+        );
         let args = |e: crate::Error| KernelError::Args(format!("{name}: {e}"));
         let mut host = RkSolver::<f32>::new(opts.clone()).map_err(args)?;
         let mut gpu = RkSolver::with_backend(opts, kernels.clone()).map_err(args)?;
         let mut th_host = theta0.clone();
         let mut th_gpu = s.clone_htod(&theta0)?;
         let mut f_host = crate::field::DiagonalQuadratic::new(lambda.clone());
-        let mut f_gpu = DeviceQuadratic { q: crate::field::DiagonalQuadratic::new(lambda.clone()), stream: s.clone(), theta: vec![0.0; p], grad: vec![0.0; p] };
+        let mut f_gpu = DeviceQuadratic {
+            q: crate::field::DiagonalQuadratic::new(lambda.clone()),
+            stream: s.clone(),
+            theta: vec![0.0; p],
+            grad: vec![0.0; p],
+        };
         let mut same_h = true;
         for n in 0..SOLVER_STEPS {
             let a = host.step(n, &mut th_host, &mut f_host).map_err(args)?;
@@ -548,7 +611,11 @@ fn solver_steps(s: &Arc<CudaStream>, rows: &mut Rows) -> KResult<usize> {
         }
         let got = s.clone_dtoh(&th_gpu)?;
         let mut err = rel_err(&got, &th_host);
-        let mut note = if same_h { "same h (1e-6), evaluations and rejections every step".to_string() } else { "h or the attempt count differed".to_string() };
+        let mut note = if same_h {
+            "same h (1e-6), evaluations and rejections every step".to_string()
+        } else {
+            "h or the attempt count differed".to_string()
+        };
         let st_host = host.state_on_host().map_err(args)?;
         let st_gpu = gpu.state_on_host().map_err(args)?;
         for ((name_h, a), (name_g, b)) in st_host.buffers.iter().zip(&st_gpu.buffers) {

@@ -79,9 +79,15 @@ impl Optimizer<f32> for GpuRk {
     fn sync_theta(&mut self, theta: &mut [f32]) -> Result<()> {
         if let Some(t) = &self.theta {
             if t.len() != theta.len() {
-                return Err(Error::internal(format!("θ on the GPU has {} entries, the host buffer {}", t.len(), theta.len())));
+                return Err(Error::internal(format!(
+                    "θ on the GPU has {} entries, the host buffer {}",
+                    t.len(),
+                    theta.len()
+                )));
             }
-            self.solver.backend().stream().memcpy_dtoh(t, theta).map_err(|e| Error::from(crate::kernels::cuda::KernelError::from(e)).context("copying θ from the GPU"))?;
+            self.solver.backend().stream().memcpy_dtoh(t, theta).map_err(|e| {
+                Error::from(crate::kernels::cuda::KernelError::from(e)).context("copying θ from the GPU")
+            })?;
         }
         self.synced = Some(self.solver.state_on_host()?);
         Ok(())
