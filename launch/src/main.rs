@@ -74,6 +74,12 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         args: Vec<String>,
     },
+    /// List the model kinds (`model.kind`) with the keys each reads and their defaults.
+    Models {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the built-in Butcher tableaux with their verified orders and buffer needs.
     Tableaux {
         /// Print JSON instead of a table.
@@ -298,6 +304,7 @@ fn run(command: Command) -> Result<()> {
     match command {
         Command::Train { .. } | Command::Launch { .. } | Command::Bench(_) => unreachable!("handled in main"),
         Command::Tableaux { json } => print_tableaux(json)?,
+        Command::Models { json } => print_models(json)?,
         Command::Plan { config, sets, memory, world_size, json } => {
             let cfg = Config::load(&config, &sets)?;
             let budget = match &memory {
@@ -313,6 +320,22 @@ fn run(command: Command) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// `kutta models`: every model kind, what it is, its keys and their defaults.
+fn print_models(json: bool) -> Result<()> {
+    let kinds = kutta_trainer::model::registry::summaries();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&kinds)?);
+        return Ok(());
+    }
+    for k in &kinds {
+        let keys: Vec<String> = k.defaults.iter().map(|(key, v)| format!("model.{key} = {v}")).collect();
+        println!("{:<9} {}", k.name, k.about);
+        println!("{:<9} {}", "", if keys.is_empty() { "(no keys)".to_string() } else { keys.join(", ") });
+    }
+    println!("(set with --set model.kind=<kind> --set model.<key>=<value>, or in the config's [model] table)");
     Ok(())
 }
 

@@ -242,6 +242,20 @@ fn divergence_stops_cleanly() {
 }
 
 #[test]
+fn models_lists_every_kind_with_its_defaults() {
+    let o = kutta(&["models"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    for needle in ["mlp", "cnn", "resnet18", "wrn", "model.width = 64", "model.depth = 28", "model.widen = 10"] {
+        assert!(text.contains(needle), "`{needle}` missing from:\n{text}");
+    }
+    let o = kutta(&["models", "--json"]);
+    let kinds: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let wrn = kinds.as_array().unwrap().iter().find(|k| k["name"] == "wrn").unwrap();
+    assert_eq!(wrn["defaults"]["bn_group"], 32);
+}
+
+#[test]
 fn tableaux_lists_verified_orders() {
     let o = kutta(&["tableaux", "--json"]);
     assert!(o.status.success());

@@ -74,6 +74,33 @@ pub struct Kind {
 /// Every kind, in the order `kutta models` lists them.
 pub const KINDS: &[Kind] = &[mlp::KIND, cnn::KIND, resnet::KIND, wrn::KIND];
 
+/// One kind as `kutta models` shows it: its name, its description and its keys with their
+/// defaults.
+#[derive(Clone, Debug, Serialize)]
+pub struct KindSummary {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub defaults: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Every kind with its keys' defaults, in `KINDS` order.
+pub fn summaries() -> Vec<KindSummary> {
+    KINDS
+        .iter()
+        .map(|k| {
+            let mut cfg = ModelConfig { kind: k.name.into(), ..Default::default() };
+            (k.defaults)(&mut cfg);
+            let values = serde_json::to_value(&cfg).unwrap_or_default();
+            let defaults = k
+                .keys
+                .iter()
+                .map(|key| (key.to_string(), values.get(*key).cloned().unwrap_or(serde_json::Value::Null)))
+                .collect();
+            KindSummary { name: k.name, about: k.about, defaults }
+        })
+        .collect()
+}
+
 /// The kind `cfg.kind` names.
 pub fn kind(name: &str) -> Result<&'static Kind> {
     KINDS.iter().find(|k| k.name == name).ok_or_else(|| {
