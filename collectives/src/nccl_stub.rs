@@ -9,7 +9,19 @@ use crate::{CommError, Communicator, Result};
 /// An NCCL communicator: no values without CUDA.
 pub enum NcclComm {}
 
+/// Always an error: this build has no GPUs to pick from.
+pub fn pick_device(rank: usize, local_rank: Option<usize>) -> Result<usize> {
+    let _ = local_rank;
+    Err(CommError::NcclNotBuilt { rank })
+}
+
 impl NcclComm {
+    /// Always an error: this build has no NCCL.
+    pub fn new(bootstrap: Box<dyn Communicator>, device_ordinal: usize, timeout: Option<Duration>) -> Result<NcclComm> {
+        let _ = (device_ordinal, timeout);
+        Err(CommError::NcclNotBuilt { rank: bootstrap.rank() })
+    }
+
     /// Always an error: this build has no NCCL. `stream` stands for the CUDA stream the real one
     /// takes.
     pub fn joined<S>(bootstrap: &dyn Communicator, stream: S, timeout: Option<Duration>) -> Result<NcclComm> {

@@ -61,7 +61,6 @@ fn connect_launched(launch: Launch, timeout: Option<Duration>) -> Result<Box<dyn
 /// launcher, `SingleProcess` otherwise), on GPU `local_rank % device_count` (rank 0 of a
 /// single-process run takes GPU 0). `timeout` arms both the MPI watchdog and NCCL's (see
 /// `nccl.rs`).
-#[cfg(feature = "cuda")]
 pub fn connect_nccl(timeout: Option<Duration>) -> Result<crate::nccl::NcclComm> {
     let bootstrap = connect(timeout)?;
     let ordinal = crate::nccl::pick_device(bootstrap.rank(), local_rank())?;
