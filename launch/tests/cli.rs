@@ -156,6 +156,9 @@ fn resume_refuses_trajectory_changes_and_missing_checkpoints() {
     assert!(small_run(&run, 4, &[]).status.success());
     let o = kutta(&["train", "--resume", run.to_str().unwrap(), "--set", "optimizer.lr=0.5", "--set", "train.steps=8"]);
     assert_clean_error(&o, "trajectory");
+    // The error names the key that may not change, and only that one.
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("`optimizer.lr`") && !err.contains("`train.steps`"), "{err}");
     let o = kutta(&["train", "--resume", run.to_str().unwrap()]);
     assert_clean_error(&o, "train.steps");
     let o = kutta(&["train", "--resume", dir.path().join("nope").to_str().unwrap()]);
