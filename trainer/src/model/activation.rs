@@ -103,3 +103,21 @@ pub fn residual_block(
     }
     LayerActivation::chain(format!("block {index} {c_in}→{c_out}"), &parts)
 }
+
+/// A stack of residual blocks from images of `image_shape`, one `residual_block` segment each:
+/// `(c_in, c_out, stride, projection)` per block. Returns the entries and the pixels after the
+/// last block (what the head's pooling reads).
+pub fn residual_stack(
+    image_shape: [usize; 3],
+    blocks: impl IntoIterator<Item = (usize, usize, usize, bool)>,
+    threads: usize,
+) -> (Vec<LayerActivation>, usize) {
+    let [c, mut h, mut w] = image_shape;
+    let mut out = Vec::new();
+    for (i, (c_in, c_out, stride, projection)) in blocks.into_iter().enumerate() {
+        let (ho, wo) = super::spatial_after([c, h, w], std::iter::once(stride));
+        out.push(residual_block(i + 1, c_in, c_out, h * w, ho * wo, projection, threads));
+        (h, w) = (ho, wo);
+    }
+    (out, h * w)
+}

@@ -15,10 +15,10 @@
 
 use candle_core::Tensor;
 
-use super::activation::{conv_bn, dense, residual_block, LayerActivation};
+use super::activation::{conv_bn, dense, residual_stack, LayerActivation};
 use super::layers::{conv2d, global_avg_pool, images, linear};
 use super::registry::{bn_defaults, bn_keys, Kind};
-use super::{conv_weight, spatial_after, Bn, Model, Pass};
+use super::{conv_weight, Bn, Model, Pass};
 use crate::error::{Error, Result};
 use crate::layout::{Init, ParamLayout};
 
@@ -120,8 +120,9 @@ impl WideResNet {
     }
 
     /// Spatial size (H, W) after the first `blocks` blocks.
+    #[cfg(test)]
     fn spatial(&self, blocks: usize) -> (usize, usize) {
-        spatial_after(self.image_shape, self.blocks[..blocks].iter().map(|b| b.stride))
+        super::spatial_after(self.image_shape, self.blocks[..blocks].iter().map(|b| b.stride))
     }
 }
 
@@ -180,17 +181,14 @@ impl Model for WideResNet {
     fn activations(&self, threads: usize) -> Vec<LayerActivation> {
         let [c, h, w] = self.image_shape;
         let mut out = vec![conv_bn(c, 16, 3, h * w, h * w, threads)];
-        for (i, b) in self.blocks.iter().enumerate() {
-            let (hi, wi) = self.spatial(i);
-            let (ho, wo) = self.spatial(i + 1);
-            out.push(residual_block(i + 1, b.c_in, b.c_out, hi * wi, ho * wo, b.shortcut.is_some(), threads));
-        }
+        let blocks = self.blocks.iter().map(|b| (b.c_in, b.c_out, b.stride, b.shortcut.is_some()));
+        let (stack, hw_out) = residual_stack(self.image_shape, blocks, threads);
+        out.extend(stack);
         let last = self.blocks.last().map_or(16, |b| b.c_out);
-        let (ho, wo) = self.spatial(self.blocks.len());
         let mut head = dense(last, self.classes, false, true);
         head.name = format!("BN+ReLU+avgpool + {}", head.name);
-        head.kept += 6 * last * ho * wo;
-        head.eval += 2 * last * ho * wo;
+        head.kept += 6 * last * hw_out;
+        head.eval += 2 * last * hw_out;
         out.push(head);
         out
     }
