@@ -16,6 +16,7 @@
 
 use candle_core::{Device, Tensor, Var};
 
+use super::native::{NativeGrad, Workspace};
 use super::{tensor_into_slice, BatchStats, Model, ModelState, Pass};
 use crate::data::augment::Augment;
 use crate::data::Dataset;
@@ -68,6 +69,11 @@ pub struct ModelField<'a> {
     /// The kernels a GPU solver runs on (`use_solver_kernels`): with them the field also
     /// evaluates on device buffers (`VectorField::on_device`).
     kernels: SolverKernels,
+    /// Use the model's own host gradient (`Model::native`) when it has one and runs on the CPU
+    /// (`set_native`; on by default).
+    native: bool,
+    /// The buffers the native path reuses from one evaluation to the next.
+    workspace: Workspace,
 }
 
 /// Gathered samples of one micro-batch.
@@ -99,7 +105,24 @@ impl<'a> ModelField<'a> {
             step: 0,
             device_params: None,
             kernels: None,
+            native: true,
+            workspace: Workspace::default(),
         }
+    }
+
+    /// Whether the CPU evaluation may use the model's own gradient code (`Model::native`, e.g.
+    /// the MLP's) rather than candle's autograd; on by default. The two agree to float32
+    /// rounding; tests and `kutta bench` turn it off to compare them.
+    pub fn set_native(&mut self, on: bool) {
+        self.native = on;
+    }
+
+    /// The model's native gradient when this field uses it: on the CPU, for a model that has
+    /// one and no state outside θ.
+    fn native_model(&self) -> Option<&'a dyn NativeGrad> {
+        let model: &'a dyn Model = self.model;
+        let usable = self.native && self.device.is_cpu() && model.state_layout().params.is_empty();
+        usable.then(|| model.native()).flatten()
     }
 
     /// Set the mini-batch used by every following eval (all RK stages use the same batch).
@@ -280,6 +303,9 @@ impl VectorField<f32> for ModelField<'_> {
             grad.fill(0.0);
             return Ok(0.0);
         }
+        if let Some(native) = self.native_model() {
+            return self.native_passes(native, theta, grad);
+        }
         let layout = self.model.layout();
         // One leaf per layout tensor: θ's values copied once into candle storage.
         let vars = layout
@@ -412,6 +438,25 @@ impl ModelField<'_> {
         Ok(loss_sum * scale)
     }
 
+    /// `backward_passes` for a model with its own host gradient (`native_model`): each
+    /// micro-batch's images and targets are read in place from their host tensors, the gradient
+    /// is written (then added) straight into `grad`. Micro-batching and recomputation mean the
+    /// same here as on candle's path: the native code keeps only each layer's output, the
+    /// segment boundaries recomputation would keep, so both settings run the same computation.
+    fn native_passes(&mut self, native: &dyn NativeGrad, theta: &[f32], grad: &mut [f32]) -> Result<f64> {
+        let scale = 1.0 / self.global_batch as f64;
+        let mut loss_sum = 0.0f64;
+        for (k, mb) in self.micro.iter().enumerate() {
+            let m = mb.x.dim(0)?;
+            let ws = &mut self.workspace;
+            loss_sum += host_slice(&mb.x, |x| {
+                host_slice(&mb.onehot, |t| native.loss_and_grad(theta, x, t, m, scale as f32, grad, k > 0, ws))
+            })?;
+        }
+        self.capture = false;
+        Ok(loss_sum * scale)
+    }
+
     /// One micro-batch's forward pass with autograd and one backward pass; the gradients go to
     /// `sink` (added when `accumulate`). Returns the micro-batch's summed loss and the GPU memory
     /// in use right after the backward pass.
@@ -535,6 +580,15 @@ mod device;
 mod device;
 
 use device::DeviceParams;
+
+/// `f` on the values of `t`, a contiguous f32 tensor in host memory, read in place.
+fn host_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(cpu), Some((start, end))) => f(&cpu.as_slice::<f32>()?[start..end]),
+        _ => Err(Error::internal(format!("a batch tensor {:?} not contiguous in host memory", t.dims()))),
+    }
+}
 
 /// Per-sample cross-entropy −log softmax(z)_y = logsumexp(z − m) − (z_y − m), (B, K) → (B), with
 /// the one-hot labels built on the host. m = max_k z is detached: the value does not depend on
@@ -701,10 +755,22 @@ mod tests {
     /// Compare the analytic gradient with finite differences on `coords`; the first seed whose θ
     /// keeps every ReLU input's sign under all perturbations is used.
     fn check_gradient(model: &dyn Model, data: &Dataset, coords: impl Fn(usize) -> Vec<usize>, preacts: Preacts) {
+        check_gradient_on(model, data, coords, preacts, true)
+    }
+
+    /// `check_gradient` on the model's native path (`native`, where it has one) or candle's.
+    fn check_gradient_on(
+        model: &dyn Model,
+        data: &Dataset,
+        coords: impl Fn(usize) -> Vec<usize>,
+        preacts: Preacts,
+        native: bool,
+    ) {
         let p = model.layout().len();
         let coords = coords(p);
         let eps = 2e-3;
         let mut field = ModelField::new(model, data);
+        field.set_native(native);
         full_batch(&mut field, data.len());
         for seed in 0..100 {
             let theta = random_theta(p, 0.5, seed);
@@ -741,11 +807,47 @@ mod tests {
         z
     }
 
+    /// On both paths: the MLP's own gradient code (`Model::native`) and candle's autograd.
     #[test]
     fn mlp_gradient_matches_finite_differences() {
         let model = Mlp::new(6, &[5], 3);
         let data = random_data(4, [1, 2, 3], 3, 11);
-        check_gradient(&model, &data, |p| (0..p).collect(), &mlp_preacts);
+        assert!(model.native().is_some());
+        for native in [true, false] {
+            check_gradient_on(&model, &data, |p| (0..p).collect(), &mlp_preacts, native);
+        }
+    }
+
+    /// The MLP's native gradient against candle's autograd of the same model: deep and wide
+    /// enough for the GEMMs' blocking to matter, with label smoothing, micro-batches, a slice of
+    /// a larger global batch, and accumulation over micro-batches.
+    #[test]
+    fn native_mlp_matches_candle() {
+        let model = Mlp::new(24, &[37, 300, 19], 7);
+        let data = random_data(40, [2, 3, 4], 7, 21);
+        let theta = random_theta(model.layout().len(), 0.3, 5);
+        let p = theta.len();
+        let idx: Vec<usize> = (0..33).map(|i| (i * 7) % 40).collect();
+        for (micro, smoothing) in [(0, 0.0), (8, 0.1), (32, 0.0)] {
+            let mut out = Vec::new();
+            for native in [true, false] {
+                let mut field = ModelField::new(&model, &data);
+                field.set_native(native);
+                field.set_label_smoothing(smoothing);
+                field.set_micro_batch(micro);
+                field.set_batch(&idx, 50);
+                let mut g = vec![f32::NAN; p];
+                let loss = field.eval(&theta, &mut g).unwrap();
+                out.push((loss, g));
+            }
+            let ((ln, gn), (lc, gc)) = (&out[0], &out[1]);
+            assert!((ln - lc).abs() < 1e-6 * lc.abs(), "micro {micro}: loss {ln} vs {lc}");
+            let gmax = gc.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            assert!(gmax > 0.0);
+            for i in 0..p {
+                assert!((gn[i] - gc[i]).abs() <= 1e-5 * gmax, "micro {micro}, coordinate {i}: {} vs {}", gn[i], gc[i]);
+            }
+        }
     }
 
     /// Both convolutions' pre-activations, via candle (plain tensors, no autograd).
@@ -849,11 +951,12 @@ mod tests {
         let cnn = Cnn::new([2, 5, 5], [3, 2], 4);
         let cases: [(&dyn Model, Dataset); 2] =
             [(&mlp, random_data(9, [1, 2, 3], 3, 1)), (&cnn, random_data(9, [2, 5, 5], 4, 2))];
-        for (model, data) in cases {
+        for ((model, data), native) in cases.iter().flat_map(|c| [(c, true), (c, false)]) {
             let theta = random_theta(model.layout().len(), 0.5, 3);
             let p = theta.len();
             for micro in [0, 4] {
-                let mut field = ModelField::new(model, &data);
+                let mut field = ModelField::new(*model, data);
+                field.set_native(native);
                 field.set_micro_batch(micro);
                 field.set_batch(&[8, 1, 3, 3, 0, 6, 2], 7);
                 let mut plain = vec![0.0; p];

@@ -9,6 +9,7 @@ use candle_core::Tensor;
 
 use super::activation::{dense, LayerActivation};
 use super::layers::input_linear;
+use super::native::{column_sums, cross_entropy_grad, matmul, sized, Mat, NativeGrad, Workspace};
 use super::registry::Kind;
 use super::{Model, Pass};
 use crate::error::{Error, Result};
@@ -108,6 +109,84 @@ impl Model for Mlp {
     fn activations(&self, _threads: usize) -> Vec<LayerActivation> {
         let n = self.widths.len() - 1;
         (0..n).map(|i| dense(self.widths[i], self.widths[i + 1], i == 0, i + 1 == n)).collect()
+    }
+
+    fn native(&self) -> Option<&dyn NativeGrad> {
+        Some(self)
+    }
+}
+
+/// The MLP's own gradient (`native`): forward, each layer's output = bias broadcast, then
+/// += input · Wᵀ (one GEMM), then ReLU in place, saved; the loss and its logit gradient δ in one
+/// pass; backward from the last layer, ∇W (+)= δᵀ · input (one GEMM straight into θ's gradient
+/// range), ∇b (+)= column sums of δ, and for every layer but the first δ ← (δ · W) ⊙ [output of
+/// the layer below > 0] (the input images get no gradient).
+impl NativeGrad for Mlp {
+    fn loss_and_grad(
+        &self,
+        theta: &[f32],
+        x: &[f32],
+        target: &[f32],
+        m: usize,
+        scale: f32,
+        grad: &mut [f32],
+        accumulate: bool,
+        ws: &mut Workspace,
+    ) -> Result<f64> {
+        let w = &self.widths;
+        let layers = w.len() - 1;
+        let classes = w[layers];
+        let p = self.layout.len();
+        if theta.len() != p || grad.len() != p || x.len() != m * w[0] || target.len() != m * classes {
+            return Err(Error::model(format!(
+                "the mlp's native gradient: θ {} and gradient {} values (the layout has {p}), \
+                 input {} (m = {m} × {}), target {} (× {classes})",
+                theta.len(),
+                grad.len(),
+                x.len(),
+                w[0],
+                target.len()
+            )));
+        }
+        let params = &self.layout.params;
+        ws.outputs.resize_with(layers, Vec::new);
+        // Forward.
+        for l in 0..layers {
+            let (done, rest) = ws.outputs.split_at_mut(l);
+            let input = if l == 0 { x } else { &done[l - 1][..] };
+            let out = sized(&mut rest[0], m * w[l + 1]);
+            let bias = &theta[params[2 * l + 1].range()];
+            for row in out.chunks_exact_mut(w[l + 1]) {
+                row.copy_from_slice(bias);
+            }
+            let weight = Mat::row_major(&theta[params[2 * l].range()], w[l + 1], w[l]);
+            matmul(out, Mat::row_major(input, m, w[l]), weight.t(), true)?;
+            if l + 1 < layers {
+                out.iter_mut().for_each(|v| *v = v.max(0.0));
+            }
+        }
+        // Loss; δ of the logits.
+        let [delta, below] = &mut ws.delta;
+        let loss = cross_entropy_grad(&ws.outputs[layers - 1], target, classes, scale, sized(delta, m * classes));
+        // Backward.
+        for l in (0..layers).rev() {
+            let input = if l == 0 { x } else { &ws.outputs[l - 1][..] };
+            let d = Mat::row_major(&delta[..m * w[l + 1]], m, w[l + 1]);
+            matmul(&mut grad[params[2 * l].range()], d.t(), Mat::row_major(input, m, w[l]), accumulate)?;
+            column_sums(d.data, w[l + 1], &mut grad[params[2 * l + 1].range()], accumulate);
+            if l > 0 {
+                let weight = Mat::row_major(&theta[params[2 * l].range()], w[l + 1], w[l]);
+                let next = sized(below, m * w[l]);
+                matmul(next, d, weight, false)?;
+                for (g, &h) in next.iter_mut().zip(input) {
+                    if h <= 0.0 {
+                        *g = 0.0;
+                    }
+                }
+                std::mem::swap(delta, below);
+            }
+        }
+        Ok(loss)
     }
 }
 

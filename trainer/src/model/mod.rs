@@ -21,6 +21,7 @@ pub mod cnn;
 pub mod field;
 pub mod layers;
 pub mod mlp;
+pub mod native;
 pub mod registry;
 pub mod resnet;
 pub mod wrn;
@@ -173,6 +174,11 @@ pub trait Model: Send + Sync {
     /// The activation memory of each segment, per sample (`planner`), with `threads` = the
     /// threads candle's CPU kernels use.
     fn activations(&self, threads: usize) -> Vec<LayerActivation>;
+    /// The model's own loss gradient on host buffers (`native`), which `ModelField` uses on the
+    /// CPU instead of candle's autograd; None (the default) for models built from candle ops only.
+    fn native(&self) -> Option<&dyn native::NativeGrad> {
+        None
+    }
 }
 
 /// Batch norm's place in a model: the indices of its γ (β follows) in the parameter layout, of

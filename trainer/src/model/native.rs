@@ -1,0 +1,245 @@
+//! The host fast path: models that compute their own loss gradient on the flat buffers, without
+//! candle tensors or an autograd graph (`Model::native`, today the MLP).
+//!
+//! candle's path (`ModelField::eval`'s general case) copies θ into one `Var` per tensor, records
+//! a graph of small tensor ops (each allocating its output), walks it backwards (allocating every
+//! gradient) and copies the gradients back into the flat buffer. For the MLP at batch 16 that
+//! bookkeeping cost several times the arithmetic. Here a model reads its weights as views of θ,
+//! runs its GEMMs on the `gemm` crate (the one candle's CPU back end uses, AVX-512 or AVX2/FMA
+//! micro-kernels picked at run time) and writes each weight gradient straight into its range of
+//! the flat gradient (accumulating across micro-batches inside the GEMM), with bias, ReLU and
+//! the loss fused into single passes over buffers that live in a `Workspace` reused from one
+//! evaluation to the next (no allocation once the batch size is steady).
+//!
+//! The arithmetic is the same as candle's (the same GEMM kernels on the same operands), but the
+//! summation order differs in places (the bias gradient is a column sum here, a reduction in
+//! candle), so the two paths agree to float32 rounding, not bit for bit; each path is
+//! deterministic for a fixed thread count. One difference by convention: at a pre-activation of
+//! exactly 0, ReLU's derivative is 0 here (PyTorch's convention) and 1 in candle. Tests check
+//! both paths against each other and against finite differences.
+
+use crate::error::{Error, Result};
+
+/// A model's own loss and gradient on host buffers. Only for models without state outside θ
+/// (batch norm's running statistics are not recorded on this path).
+pub trait NativeGrad: Send + Sync {
+    /// For one micro-batch of `m` samples — `x` [m, features] and `target` [m, classes] (one-hot
+    /// or label-smoothed rows), row-major — returns Σ_b ℓ_b, the summed per-sample
+    /// cross-entropies −Σ_k target_bk · log softmax(z_b)_k, and writes `scale` · ∇_θ Σ_b ℓ_b into
+    /// `grad` (adds it to what `grad` holds when `accumulate`). `theta` and `grad` have the
+    /// model's layout.
+    #[allow(clippy::too_many_arguments)]
+    fn loss_and_grad(
+        &self,
+        theta: &[f32],
+        x: &[f32],
+        target: &[f32],
+        m: usize,
+        scale: f32,
+        grad: &mut [f32],
+        accumulate: bool,
+        ws: &mut Workspace,
+    ) -> Result<f64>;
+}
+
+/// Buffers a native evaluation reuses from call to call: the forward pass's saved outputs and
+/// the backward pass's two ping-pong gradient buffers.
+#[derive(Default)]
+pub struct Workspace {
+    /// One buffer per layer: its output (after the activation), the last one the logits.
+    pub(crate) outputs: Vec<Vec<f32>>,
+    /// The gradient with respect to the current layer's pre-activation, and the previous one's.
+    pub(crate) delta: [Vec<f32>; 2],
+}
+
+impl Workspace {
+    /// Bytes held (the planner counts them with the activations).
+    pub fn bytes(&self) -> usize {
+        4 * (self.outputs.iter().map(Vec::capacity).sum::<usize>()
+            + self.delta.iter().map(Vec::capacity).sum::<usize>())
+    }
+}
+
+/// A read-only matrix view: element (i, j) is `data[i·rs + j·cs]`. Transposing swaps the strides.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// `data` as a row-major rows × cols matrix.
+    pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self { data, rows, cols, rs: cols, cs: 1 }
+    }
+
+    /// The transpose (a view: no copy).
+    pub fn t(self) -> Self {
+        Self { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
+    }
+
+    /// Every element lies inside `data`.
+    fn in_bounds(&self) -> bool {
+        self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// The threads candle's CPU kernels use (`RAYON_NUM_THREADS`, else the cores): the GEMMs here
+/// run on the same pool with the same count.
+fn parallelism() -> gemm::Parallelism {
+    match candle_core::utils::get_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// dst [a.rows, b.cols] (row-major) = a · b, or dst + a · b when `accumulate`.
+pub(crate) fn matmul(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool) -> Result<()> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if b.rows != k || dst.len() != m * n || !a.in_bounds() || !b.in_bounds() {
+        return Err(Error::internal(format!(
+            "matmul: [{m}, {k}] · [{}, {n}] into {} values (or a view out of its buffer)",
+            b.rows,
+            dst.len()
+        )));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return Ok(());
+    }
+    // SAFETY: every index the GEMM touches is inside its buffer — a's and b's by `in_bounds`
+    // (strides are non-negative), dst's because it holds exactly m·n values at row stride n —
+    // and dst (a unique borrow) overlaps neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(),
+        );
+    }
+    Ok(())
+}
+
+/// `buf` resized to exactly `len` values (contents unspecified: every caller overwrites them).
+pub(crate) fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    buf.resize(len, 0.0);
+    &mut buf[..len]
+}
+
+/// Cross-entropy of each row of `logits` [m, k] against `target` [m, k]: returns Σ_b ℓ_b (each
+/// ℓ_b = logsumexp(z_b − max z_b) − Σ_k t_bk (z_bk − max z_b), in f32 as candle's path computes
+/// it, summed in f64) and writes `scale` · ∂/∂z of the sum, scale · (softmax(z_b) · Σ_k t_bk −
+/// t_b), into `delta`.
+pub(crate) fn cross_entropy_grad(logits: &[f32], target: &[f32], k: usize, scale: f32, delta: &mut [f32]) -> f64 {
+    let mut total = 0.0f64;
+    for ((z, t), d) in logits.chunks_exact(k).zip(target.chunks_exact(k)).zip(delta.chunks_exact_mut(k)) {
+        let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f32;
+        for (dj, &zj) in d.iter_mut().zip(z) {
+            *dj = (zj - max).exp();
+            sum += *dj;
+        }
+        let (mut picked, mut mass) = (0.0f32, 0.0f32);
+        for (&zj, &tj) in z.iter().zip(t) {
+            picked += tj * (zj - max);
+            mass += tj;
+        }
+        total += (sum.ln() - picked) as f64;
+        let inv = 1.0 / sum;
+        for (dj, &tj) in d.iter_mut().zip(t) {
+            *dj = scale * (*dj * inv * mass - tj);
+        }
+    }
+    total
+}
+
+/// out[i] (+)= Σ_b delta[b, i]: the bias gradient, a column sum of delta [m, n].
+pub(crate) fn column_sums(delta: &[f32], n: usize, out: &mut [f32], accumulate: bool) {
+    if !accumulate {
+        out.fill(0.0);
+    }
+    for row in delta.chunks_exact(n) {
+        for (o, &d) in out.iter_mut().zip(row) {
+            *o += d;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The GEMM wrapper against the triple loop, with transposed views and accumulation.
+    #[test]
+    fn matmul_matches_the_definition() {
+        let a: Vec<f32> = (0..12).map(|i| (i as f32 * 0.37).sin()).collect(); // 3×4
+        let b: Vec<f32> = (0..20).map(|i| (i as f32 * 0.11).cos()).collect(); // 4×5
+        let mut dst = vec![1.0f32; 15];
+        matmul(&mut dst, Mat::row_major(&a, 3, 4), Mat::row_major(&b, 4, 5), true).unwrap();
+        for i in 0..3 {
+            for j in 0..5 {
+                let want: f32 = 1.0 + (0..4).map(|k| a[i * 4 + k] * b[k * 5 + j]).sum::<f32>();
+                assert!((dst[i * 5 + j] - want).abs() < 1e-5, "({i}, {j}): {} vs {want}", dst[i * 5 + j]);
+            }
+        }
+        // (bᵀ)(aᵀ) = (ab)ᵀ: [5, 4]·[4, 3].
+        let mut t = vec![0.0f32; 15];
+        matmul(&mut t, Mat::row_major(&b, 4, 5).t(), Mat::row_major(&a, 3, 4).t(), false).unwrap();
+        for i in 0..3 {
+            for j in 0..5 {
+                assert!((t[j * 3 + i] - (dst[i * 5 + j] - 1.0)).abs() < 1e-5);
+            }
+        }
+        // Shape mismatches and views past their buffer are errors, not out-of-bounds reads.
+        assert!(matmul(&mut t, Mat::row_major(&a, 3, 4), Mat::row_major(&b, 5, 4), false).is_err());
+        let short = Mat { data: &a[..11], rows: 3, cols: 4, rs: 4, cs: 1 };
+        assert!(matmul(&mut dst, short, Mat::row_major(&b, 4, 5), false).is_err());
+    }
+
+    /// The loss and its logit gradient against a hand computation and finite differences.
+    #[test]
+    fn cross_entropy_by_hand_and_by_differences() {
+        let z = [1.0f32, 2.0, 0.5, -1.0, 0.0, 3.0];
+        let t = [0.0f32, 1.0, 0.0, 0.1, 0.1, 0.8]; // one-hot, smoothed
+        let mut d = [0.0f32; 6];
+        let loss = cross_entropy_grad(&z, &t, 3, 0.5, &mut d);
+        let lse = |r: &[f32]| r.iter().map(|v| (*v as f64).exp()).sum::<f64>().ln();
+        let want = (lse(&z[..3]) - 2.0) + (lse(&z[3..]) - (-0.1 + 0.8 * 3.0));
+        assert!((loss - want).abs() < 1e-5, "{loss} vs {want}");
+        let f = |z: &[f32]| {
+            let mut scratch = [0.0f32; 6];
+            cross_entropy_grad(z, &t, 3, 0.5, &mut scratch) * 0.5
+        };
+        for i in 0..6 {
+            let (mut up, mut down) = (z, z);
+            up[i] += 1e-2;
+            down[i] -= 1e-2;
+            let fd = (f(&up) - f(&down)) / 2e-2;
+            assert!((fd - d[i] as f64).abs() < 1e-3, "logit {i}: {fd} vs {}", d[i]);
+        }
+    }
+}
