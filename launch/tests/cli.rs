@@ -378,22 +378,22 @@ fn recomputation_gives_bit_identical_weights() {
 }
 
 #[test]
-fn plan_fits_full_batch_in_2gib_and_says_what_would_fit() {
+fn plan_fits_full_batch_in_768mib_and_says_what_would_fit() {
     require_fashion_mnist();
     let cfg = config(Path::new("configs/fashion_mnist_mlp_fullbatch.toml"));
-    let o = kutta(&["plan", "--config", &cfg, "--memory", "2GiB", "--json"]);
+    let o = kutta(&["plan", "--config", &cfg, "--memory", "768MiB", "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let p: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let chosen = &p["chosen"];
     assert!(chosen["micro_batches"].as_u64().unwrap() >= 2, "{chosen}");
-    assert!(chosen["peak_bytes"].as_u64().unwrap() <= 2 << 30);
+    assert!(chosen["peak_bytes"].as_u64().unwrap() <= 768 << 20);
     // Two micro-batches beat recomputation and there is nothing to shard on one rank: the plan
     // sets the micro-batch only.
     assert_eq!((chosen["recompute"].as_bool(), chosen["shard"].as_bool()), (Some(false), Some(false)), "{chosen}");
     let m = chosen["micro_batch"].as_u64().unwrap();
     assert_eq!(p["overrides"], serde_json::json!([format!("train.micro_batch={m}")]));
     // A config with recomputation on gets it switched off again: the plan decides that knob.
-    let o = kutta(&["plan", "--config", &cfg, "--memory", "2GiB", "--json", "--set", "train.recompute=true"]);
+    let o = kutta(&["plan", "--config", &cfg, "--memory", "768MiB", "--json", "--set", "train.recompute=true"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let p: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(p["overrides"], serde_json::json!([format!("train.micro_batch={m}"), "train.recompute=false"]));

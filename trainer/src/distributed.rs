@@ -272,6 +272,11 @@ impl<'a> ShardedField<'a> {
         self.inner.stat_captures()
     }
 
+    /// Free the model's native-path buffers (`ModelField::release_workspace`).
+    pub fn release_workspace(&mut self) {
+        self.inner.release_workspace();
+    }
+
     /// The most GPU memory this rank's model was seen using (`ModelField::peak_device_bytes`).
     pub fn peak_device_bytes(&self) -> u64 {
         self.inner.peak_device_bytes()

@@ -610,6 +610,9 @@ impl Runner<'_> {
                 ..Default::default()
             };
             if eval_now {
+                // The native path's activation buffers are not needed until the next step: the
+                // evaluation pass gets their memory (the planner counts them apart).
+                field.release_workspace();
                 let full = field.full_params(&theta)?;
                 let (loss, acc) = evaluate_sharded(
                     model.as_ref(),

@@ -61,6 +61,21 @@ pub fn dense(n_in: usize, out: usize, first: bool, logits: bool) -> LayerActivat
     }
 }
 
+/// Dense layer `n_in → out` on the MLP's own gradient path (`model::native`, the CPU's): it
+/// keeps only its output (after the ReLU; the logits for the last layer) and while it is
+/// back-propagated holds the gradient at its output and, except for the first layer, the one it
+/// passes down (the `Workspace`'s two buffers). Measured: 12.3 KiB/sample for the default MLP
+/// between batch 1024 and 8192, predicted 12.9 (see `planner`).
+pub fn native_dense(n_in: usize, out: usize, first: bool, logits: bool) -> LayerActivation {
+    LayerActivation {
+        name: format!("dense {n_in}→{out} {} (native)", if logits { "+cross-entropy" } else { "+ReLU" }),
+        output: out,
+        kept: out,
+        transient: out + if first { 0 } else { n_in },
+        eval: 3 * out + if first { 0 } else { n_in },
+    }
+}
+
 /// conv k×k `c_in → c_out` from `hw_in` to `hw_out` pixels (stride² = hw_in / hw_out), + bias +
 /// ReLU (the paper's CNN; calibrated for k = 3, stride 1).
 pub fn conv(c_in: usize, c_out: usize, k: usize, hw_in: usize, hw_out: usize, threads: usize) -> LayerActivation {

@@ -117,6 +117,13 @@ impl<'a> ModelField<'a> {
         self.native = on;
     }
 
+    /// Free the buffers the native path keeps between evaluations (its activations: as large
+    /// as candle's path's at their peak). The trainer calls it before an evaluation pass; the
+    /// next gradient evaluation allocates them again.
+    pub fn release_workspace(&mut self) {
+        self.workspace = Workspace::default();
+    }
+
     /// The model's native gradient when this field uses it: on the CPU, for a model that has
     /// one and no state outside θ.
     fn native_model(&self) -> Option<&'a dyn NativeGrad> {

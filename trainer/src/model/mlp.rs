@@ -7,9 +7,11 @@
 
 use candle_core::Tensor;
 
-use super::activation::{dense, LayerActivation};
+use super::activation::{native_dense, LayerActivation};
 use super::layers::input_linear;
-use super::native::{column_sums, cross_entropy_grad, matmul, sized, Mat, NativeGrad, Workspace};
+use super::native::{
+    bias_relu, column_sums, cross_entropy_grad, matmul, relu_backward, sized, Mat, NativeGrad, Workspace,
+};
 use super::registry::Kind;
 use super::{Model, Pass};
 use crate::error::{Error, Result};
@@ -106,9 +108,11 @@ impl Model for Mlp {
         format!("mlp {} (ReLU), {} params", widths.join("-"), self.layout.len())
     }
 
+    /// The native path's (`native_dense`): the planner plans host memory, where `ModelField`
+    /// runs the MLP on its own gradient code (candle's autograd keeps ~3× more: `dense`).
     fn activations(&self, _threads: usize) -> Vec<LayerActivation> {
         let n = self.widths.len() - 1;
-        (0..n).map(|i| dense(self.widths[i], self.widths[i + 1], i == 0, i + 1 == n)).collect()
+        (0..n).map(|i| native_dense(self.widths[i], self.widths[i + 1], i == 0, i + 1 == n)).collect()
     }
 
     fn native(&self) -> Option<&dyn NativeGrad> {
@@ -116,8 +120,8 @@ impl Model for Mlp {
     }
 }
 
-/// The MLP's own gradient (`native`): forward, each layer's output = bias broadcast, then
-/// += input · Wᵀ (one GEMM), then ReLU in place, saved; the loss and its logit gradient δ in one
+/// The MLP's own gradient (`native`): forward, each layer's output = input · Wᵀ (one GEMM),
+/// then + bias and ReLU in one pass, saved; the loss and its logit gradient δ in one
 /// pass; backward from the last layer, ∇W (+)= δᵀ · input (one GEMM straight into θ's gradient
 /// range), ∇b (+)= column sums of δ, and for every layer but the first δ ← (δ · W) ⊙ [output of
 /// the layer below > 0] (the input images get no gradient).
@@ -155,15 +159,9 @@ impl NativeGrad for Mlp {
             let (done, rest) = ws.outputs.split_at_mut(l);
             let input = if l == 0 { x } else { &done[l - 1][..] };
             let out = sized(&mut rest[0], m * w[l + 1]);
-            let bias = &theta[params[2 * l + 1].range()];
-            for row in out.chunks_exact_mut(w[l + 1]) {
-                row.copy_from_slice(bias);
-            }
             let weight = Mat::row_major(&theta[params[2 * l].range()], w[l + 1], w[l]);
-            matmul(out, Mat::row_major(input, m, w[l]), weight.t(), true)?;
-            if l + 1 < layers {
-                out.iter_mut().for_each(|v| *v = v.max(0.0));
-            }
+            matmul(out, Mat::row_major(input, m, w[l]), weight.t(), false)?;
+            bias_relu(out, &theta[params[2 * l + 1].range()], l + 1 < layers);
         }
         // Loss; δ of the logits.
         let [delta, below] = &mut ws.delta;
@@ -178,11 +176,7 @@ impl NativeGrad for Mlp {
                 let weight = Mat::row_major(&theta[params[2 * l].range()], w[l + 1], w[l]);
                 let next = sized(below, m * w[l]);
                 matmul(next, d, weight, false)?;
-                for (g, &h) in next.iter_mut().zip(input) {
-                    if h <= 0.0 {
-                        *g = 0.0;
-                    }
-                }
+                relu_backward(next, input);
                 std::mem::swap(delta, below);
             }
         }
