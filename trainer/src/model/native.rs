@@ -238,9 +238,8 @@ pub(crate) fn cross_entropy_grad(logits: &[f32], target: &[f32], k: usize, scale
 /// rayon's pool (each value's result is the same either way).
 const PAR_MIN: usize = 1 << 16;
 
-/// The blocks of whole rows (`row_len` values each) of about `PAR_MIN` values that elementwise
-/// passes split a buffer of `len` values into.
-fn block_rows(len: usize, row_len: usize) -> usize {
+/// Rows per block (`row_len` values each) of about `PAR_MIN` values, for elementwise passes.
+fn block_rows(row_len: usize) -> usize {
     (PAR_MIN / row_len.max(1)).max(1)
 }
 
@@ -260,7 +259,7 @@ pub(crate) fn bias_relu(out: &mut [f32], bias: &[f32], relu: bool) {
         f(out);
     } else {
         use rayon::prelude::*;
-        out.par_chunks_mut(block_rows(out.len(), n) * n).for_each(f);
+        out.par_chunks_mut(block_rows(n) * n).for_each(f);
     }
 }
 
