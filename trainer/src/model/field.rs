@@ -834,15 +834,17 @@ mod tests {
         let data = random_data(40, [2, 3, 4], 7, 21);
         let theta = random_theta(model.layout().len(), 0.3, 5);
         let p = theta.len();
-        let idx: Vec<usize> = (0..33).map(|i| (i * 7) % 40).collect();
-        for (micro, smoothing) in [(0, 0.0), (8, 0.1), (32, 0.0)] {
+        // 150 samples: one pass of 150 rows forms the products directly, micro-batches of 8 and
+        // 32 rows transposed (`mlp::TRANSPOSED_BELOW`).
+        let idx: Vec<usize> = (0..150).map(|i| (i * 7) % 40).collect();
+        for (micro, smoothing) in [(0, 0.0), (8, 0.1), (32, 0.0), (140, 0.1)] {
             let mut out = Vec::new();
             for native in [true, false] {
                 let mut field = ModelField::new(&model, &data);
                 field.set_native(native);
                 field.set_label_smoothing(smoothing);
                 field.set_micro_batch(micro);
-                field.set_batch(&idx, 50);
+                field.set_batch(&idx, 160);
                 let mut g = vec![f32::NAN; p];
                 let loss = field.eval(&theta, &mut g).unwrap();
                 out.push((loss, g));
