@@ -4,24 +4,17 @@
 //! `load_state_dict(strict=True)` and predicts what kutta predicts (`scripts/torchvision_resnet.py`,
 //! when the PyTorch venv of the README is there; otherwise that part says SKIPPED).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 mod common;
 
-use common::{repo_path, require_fashion_mnist};
+use common::{repo_path, require_fashion_mnist, torch_python};
 use kutta_trainer::model::{self, Pass};
 
 /// The test-set accuracy the run must reach: measured 76.22 % on the full 10 000 test images
 /// (300 steps of batch 64 = 1/3 epoch, width 8, 288 s on 2 cores; the run is deterministic).
 const MIN_ACCURACY: f64 = 0.74;
-
-fn torch_python() -> Option<PathBuf> {
-    let p = std::env::var_os("KUTTA_TORCH_PYTHON")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/kutta/torch-venv/bin/python")))?;
-    p.is_file().then_some(p)
-}
 
 #[test]
 fn resnet18_trains_on_real_images_and_matches_torchvision() {

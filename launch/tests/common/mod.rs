@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub const FASHION: &str = "/usr/share/datasets/fashion-mnist";
 
@@ -37,4 +37,14 @@ pub fn train_args(out: &Path, steps: u64, sets: &[&str], extra: &[&str]) -> Vec<
         args.push(s.to_string());
     }
     args
+}
+
+/// The PyTorch interpreter of the README (`KUTTA_TORCH_PYTHON`, else
+/// `~/.cache/kutta/torch-venv/bin/python`), if it exists. Tests that compare with PyTorch say
+/// SKIPPED without it.
+pub fn torch_python() -> Option<PathBuf> {
+    let p = std::env::var_os("KUTTA_TORCH_PYTHON")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/kutta/torch-venv/bin/python")))?;
+    p.is_file().then_some(p)
 }
