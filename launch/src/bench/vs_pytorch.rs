@@ -258,15 +258,24 @@ pub struct VsReport {
 
 const STEP: &str = "forward + backward (mean cross-entropy) + plain SGD update (lr 0.01), one process, CPU";
 
-/// The two configs timed: (name, server model, base config, batch sizes).
-fn workloads(args: &VsPytorchArgs) -> Result<Vec<(&'static str, &'static str, Config, Vec<usize>)>> {
+/// A model timed: its name in the table, its name for the server, its config, its batch sizes.
+struct Workload {
+    name: &'static str,
+    server_model: &'static str,
+    base: Config,
+    batch_sizes: Vec<usize>,
+}
+
+/// The MLP and (unless `--no-resnet`) the ResNet-18.
+fn workloads(args: &VsPytorchArgs) -> Result<Vec<Workload>> {
     let cpu = ["train.device=cpu".to_string()];
     let mlp = Config::from_toml_str("", &cpu)?;
-    let mut out = vec![("MLP", "mlp", mlp, args.batch_sizes.clone())];
+    let mut out = vec![Workload { name: "MLP", server_model: "mlp", base: mlp, batch_sizes: args.batch_sizes.clone() }];
     if !args.no_resnet && !args.resnet_batch_sizes.is_empty() {
         let sets = ["model.kind=resnet18".into(), format!("model.width={RESNET_WIDTH}"), "data.format=cifar10".into()];
         let resnet = Config::from_toml_str("", &[&cpu[..], &sets[..]].concat())?;
-        out.push(("ResNet-18", "resnet", resnet, args.resnet_batch_sizes.clone()));
+        let batch_sizes = args.resnet_batch_sizes.clone();
+        out.push(Workload { name: "ResNet-18", server_model: "resnet", base: resnet, batch_sizes });
     }
     Ok(out)
 }
@@ -282,7 +291,7 @@ pub fn run(
 ) -> Result<VsReport> {
     let mut models = Vec::new();
     let mut rows = Vec::new();
-    for (name, server_model, base, batch_sizes) in workloads(args)? {
+    for Workload { name, server_model, base, batch_sizes } in workloads(args)? {
         let (data, data_desc) = bench_data(&base);
         // Random images are expected here for the ResNet: keep the description, not the reason.
         let data_desc = match data_desc.split_once(" (") {
@@ -523,7 +532,7 @@ pub fn main(args: &VsPytorchArgs, threads: &Choice) -> Result<()> {
     if args.batch_sizes.contains(&0) || args.resnet_batch_sizes.contains(&0) {
         bail!("--batch-sizes, --resnet-batch-sizes: batch sizes must be positive");
     }
-    if !(args.min_seconds >= 0.0) {
+    if args.min_seconds.is_nan() || args.min_seconds < 0.0 {
         bail!("--min-seconds must be a number ≥ 0");
     }
     let python = default_python(args.python.as_deref());
