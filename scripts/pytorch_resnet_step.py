@@ -23,7 +23,6 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import torchvision_resnet  # noqa: E402
 
 
 def backends():
@@ -72,6 +71,10 @@ def main():
     ap.add_argument("--min-reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1, help="uncounted steps before timing each row")
     args = ap.parse_args()
+    # Here, not at the top: `backends()` is imported by pytorch_step_server.py, whose MLP needs
+    # no torchvision.
+    import torchvision_resnet
+
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     for line in backends():

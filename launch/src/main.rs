@@ -25,6 +25,10 @@ mod bench;
     about = "Data-parallel neural-network training with Runge-Kutta solvers of the gradient flow"
 )]
 struct Cli {
+    /// Compute threads of this process (candle's CPU kernels and rayon's pool) [default:
+    /// RAYON_NUM_THREADS, else Slurm's --cpus-per-task, else the cores / the ranks on this node].
+    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    threads: Option<u64>,
     #[command(subcommand)]
     command: Command,
 }
@@ -63,6 +67,11 @@ enum Command {
         gpu: Option<usize>,
     },
     /// Start a local data-parallel job: mpirun -np N kutta <ARGS>, returning its exit status.
+    ///
+    /// Threads per rank: each rank takes the cores of this machine divided by the ranks on it
+    /// (one thread each for 2 ranks on 2 cores; mpirun's OMPI_COMM_WORLD_LOCAL_SIZE says how many
+    /// share the node). `kutta --threads T launch …` or RAYON_NUM_THREADS=T gives every rank T
+    /// threads; under Slurm, --cpus-per-task does (SLURM_CPUS_PER_TASK).
     Launch {
         /// Number of ranks.
         #[arg(long)]
@@ -112,18 +121,27 @@ enum Command {
 }
 
 fn main() {
+    let cli = Cli::parse();
+    let flag = cli.threads.map(|n| n as usize);
+    // The launcher computes nothing: its ranks decide for themselves (`launch` passes --threads on).
+    let threads = (!matches!(cli.command, Command::Launch { .. })).then(|| kutta_trainer::threads::init(flag));
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    match Cli::parse().command {
+    if let (Some(t), Command::Train { .. } | Command::Plan { .. }) = (&threads, &cli.command) {
+        tracing::info!("compute threads: {} ({})", t.threads, t.reason);
+    }
+    match cli.command {
         Command::Train { config, mut sets, out, resume, progress, collective_timeout, memory, gpu } => {
             sets.extend(gpu.map(|g| format!("train.gpu={g}")));
             std::process::exit(train_on_every_rank(config, sets, out, resume, &progress, collective_timeout, memory))
         }
-        Command::Bench(args) => std::process::exit(bench::main(*args)),
-        Command::Launch { nproc, mpirun, args } => match launch(nproc, &mpirun, &args) {
+        Command::Bench(args) => {
+            std::process::exit(bench::main(*args, threads.expect("decided for every command but launch")))
+        }
+        Command::Launch { nproc, mpirun, args } => match launch(nproc, &mpirun, &args, flag) {
             Ok(code) => std::process::exit(code),
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -286,9 +304,15 @@ fn cannot_start(mpirun: &str) -> String {
 /// every rank (a graceful stop, `stop`); Open MPI would answer SIGINT or SIGTERM to mpirun itself
 /// by killing the ranks. A job stopped that way exits as a process stopped by the signal this
 /// launcher received (130 for Ctrl-C), not by the SIGUSR1 it was passed as.
-fn launch(nproc: usize, mpirun: &str, args: &[String]) -> Result<i32> {
+///
+/// `threads` (`kutta --threads T launch …`) reaches every rank as RAYON_NUM_THREADS=T, which
+/// mpirun passes on to local ranks; without it each rank decides (`threads::decide`).
+fn launch(nproc: usize, mpirun: &str, args: &[String], threads: Option<usize>) -> Result<i32> {
     use std::os::unix::process::CommandExt;
     let mut cmd = mpirun_command(nproc, mpirun, args)?;
+    if let Some(t) = threads {
+        cmd.env("RAYON_NUM_THREADS", t.to_string());
+    }
     cmd.process_group(0).stdin(std::process::Stdio::null());
     let mut child = cmd.spawn().with_context(|| cannot_start(mpirun))?;
     stop::forward_to(child.id())?;

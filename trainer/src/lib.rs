@@ -22,6 +22,7 @@ pub mod model;
 pub mod optim;
 pub mod scalar;
 pub mod tableau;
+pub mod threads;
 
 pub use error::{Error, Result};
 pub mod checkpoint;

@@ -250,14 +250,11 @@ pub fn activation_floats_per_sample(model: &dyn Model, image_shape: [usize; 3], 
     p.batch_floats + p.train_floats
 }
 
-/// The threads candle's CPU kernels run on: rayon's global pool (RAYON_NUM_THREADS, else the
-/// cores).
+/// The threads candle's CPU kernels run on (`threads::current`: what `threads::init` chose at
+/// start, `--threads`, `RAYON_NUM_THREADS` or cores per rank on this node; candle's default
+/// without `init`).
 fn compute_threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    crate::threads::current()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -124,6 +124,9 @@ pub struct Summary {
     /// The most GPU memory rank 0's GPU was seen using, MiB (absent on the CPU).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_device_mib: Option<f64>,
+    /// The threads rank 0's CPU kernels ran on (`threads::current`; `kutta --threads`).
+    #[serde(default)]
+    pub compute_threads: usize,
 }
 
 /// How `train` reports progress.
@@ -421,6 +424,7 @@ impl Runner<'_> {
             optimizer_shards: sharding.as_ref().map_or(1, |s| s.world),
             train_samples: train.len(),
             test_samples: test.len(),
+            compute_threads: crate::threads::current(),
             ..Default::default()
         };
 

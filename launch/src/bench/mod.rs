@@ -6,6 +6,8 @@
 //!   sweep.csv and sweep.svg.
 //! - `collectives` (`collectives.rs`): all-reduce bandwidth and the weak scaling of rk4 steps over
 //!   MPI ranks, through child `mpirun` jobs (which run `kutta bench collectives --worker …`).
+//! - `vs-pytorch` (`vs_pytorch.rs`, also `steps --vs-pytorch`): one SGD training step of the MLP
+//!   and the CIFAR ResNet-18 in kutta and in PyTorch (a child process), in alternating turns.
 //! - `kernels`, `nccl` (`gpu.rs`): the GPU self-checks of a `--features cuda` build.
 //!
 //! Before the subcommands, `kutta bench` took all of their flags at once and chose the bench by
@@ -17,11 +19,13 @@ pub mod collectives;
 pub mod gpu;
 pub mod steps;
 pub mod sweep;
+pub mod vs_pytorch;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use collectives::Part;
 use kutta_trainer::config::Config;
+use kutta_trainer::threads::Choice;
 use std::path::PathBuf;
 
 /// The default of `--min-seconds` for the benches that time optimizer steps (`steps`, `sweep`).
@@ -52,6 +56,14 @@ pub enum BenchCommand {
     /// recomputation, rk4's stage buffers); the table gives rk4 / (4 × sgd) and the predicted and
     /// measured peak memory.
     Sweep(SweepArgs),
+    /// One training step (forward, backward, SGD update) in kutta and in PyTorch, side by side.
+    ///
+    /// The MLP 784-500-500-500-10 at --batch-sizes and the CIFAR ResNet-18 (width 64, batch norm
+    /// over the whole batch) at --resnet-batch-sizes, on the same threads (`kutta --threads N`).
+    /// PyTorch runs as a child process (scripts/pytorch_step_server.py, built into kutta) and
+    /// takes turns with kutta, so drift in the machine's speed hits both alike. Without PyTorch
+    /// it says so, with the pip command, and still times kutta (exit status 0).
+    VsPytorch(VsPytorchArgs),
     /// All-reduce bandwidth and rk4 weak scaling over MPI ranks (a --features mpi build).
     ///
     /// Runs child `mpirun` jobs on 1, 2, 4, … ranks up to --max-ranks (needs Open MPI).
@@ -113,6 +125,68 @@ pub struct StepsArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Run `kutta bench vs-pytorch` instead, with these batch sizes, --min-seconds, --min-reps
+    /// and --json (and its defaults for the rest: the ResNet-18 at batch 128 too).
+    #[arg(long, conflicts_with_all = ["config", "sets"])]
+    pub vs_pytorch: bool,
+}
+
+impl StepsArgs {
+    /// `steps --vs-pytorch` as the `vs-pytorch` it stands for.
+    pub fn as_vs_pytorch(&self) -> VsPytorchArgs {
+        VsPytorchArgs {
+            batch_sizes: self.batch_sizes.clone(),
+            min_seconds: self.min_seconds,
+            min_reps: self.min_reps,
+            json: self.json,
+            ..VsPytorchArgs::default()
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct VsPytorchArgs {
+    /// MLP batch sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = vs_pytorch::BATCH_SIZES)]
+    pub batch_sizes: Vec<usize>,
+    /// ResNet-18 batch sizes, comma-separated (one ResNet step takes seconds on a CPU).
+    #[arg(long, value_delimiter = ',', default_value = vs_pytorch::RESNET_BATCH_SIZES)]
+    pub resnet_batch_sizes: Vec<usize>,
+    /// Skip the ResNet-18.
+    #[arg(long)]
+    pub no_resnet: bool,
+    /// Minimum seconds spent timing each batch size (kutta and PyTorch together: 2 × this).
+    #[arg(long, default_value_t = MIN_SECONDS)]
+    pub min_seconds: f64,
+    /// Minimum timed steps of each side at each batch size (after one warm-up step).
+    #[arg(long, default_value_t = vs_pytorch::MIN_REPS)]
+    pub min_reps: usize,
+    /// The python that runs PyTorch [default: $KUTTA_TORCH_PYTHON, else
+    /// ~/.cache/kutta/torch-venv/bin/python if it exists, else python3].
+    #[arg(long, value_name = "PATH")]
+    pub python: Option<PathBuf>,
+    /// Also write the rows to this CSV file.
+    #[arg(long, value_name = "FILE")]
+    pub csv: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Default for VsPytorchArgs {
+    fn default() -> Self {
+        let sizes = |s: &str| s.split(',').map(|b| b.parse().expect("a default batch size")).collect();
+        Self {
+            batch_sizes: sizes(vs_pytorch::BATCH_SIZES),
+            resnet_batch_sizes: sizes(vs_pytorch::RESNET_BATCH_SIZES),
+            no_resnet: false,
+            min_seconds: MIN_SECONDS,
+            min_reps: vs_pytorch::MIN_REPS,
+            python: None,
+            csv: None,
+            json: false,
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone, PartialEq)]
@@ -280,6 +354,7 @@ impl LegacyArgs {
                 min_reps: self.min_reps.unwrap_or(defaults.min_reps),
                 model,
                 json: self.json,
+                vs_pytorch: false,
             };
             (BenchCommand::Steps(args), if plain { None } else { note("<flags>", "steps <flags>") })
         }
@@ -287,8 +362,8 @@ impl LegacyArgs {
 }
 
 /// `kutta bench …`: run the bench and return the process's exit status (1 after an error, which
-/// is printed as one `error:` line).
-pub fn main(args: BenchArgs) -> i32 {
+/// is printed as one `error:` line). `threads`: what `threads::init` chose at start.
+pub fn main(args: BenchArgs, threads: Choice) -> i32 {
     let command = match args.command {
         Some(command) => command,
         None => {
@@ -304,7 +379,9 @@ pub fn main(args: BenchArgs) -> i32 {
     let result = match command {
         BenchCommand::Nccl(GpuArgs { json }) => return gpu::bench_nccl(json),
         BenchCommand::Collectives(args) if args.worker.is_some() => return collectives::worker_main(&args),
+        BenchCommand::Steps(args) if args.vs_pytorch => vs_pytorch::main(&args.as_vs_pytorch(), &threads),
         BenchCommand::Steps(args) => steps::main(&args),
+        BenchCommand::VsPytorch(args) => vs_pytorch::main(&args, &threads),
         BenchCommand::Sweep(args) => sweep::main(&args),
         BenchCommand::Collectives(args) => collectives::main(&args),
         BenchCommand::Kernels(GpuArgs { json }) => gpu::bench_kernels(json),

@@ -192,7 +192,7 @@ pub fn run(opts: &BenchOptions, mut on_row: impl FnMut(&BenchRow)) -> Result<Ben
         opts.batch_sizes.iter().filter_map(|&bs| Some((bs, find("rk4", bs)? / find("sgd", bs)?))).collect();
     Ok(BenchReport {
         machine: placement(&device, &kernels),
-        threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        threads: kutta_trainer::threads::current(),
         model: model.describe(),
         data: data_desc,
         rows,
@@ -305,7 +305,7 @@ pub fn format_table(report: &BenchReport) -> String {
 
 /// `kutta bench steps`: time, then print the table and the line that reproduces the run (or JSON).
 pub fn main(args: &StepsArgs) -> Result<()> {
-    let StepsArgs { batch_sizes, min_seconds, min_reps, model, json } = args;
+    let StepsArgs { batch_sizes, min_seconds, min_reps, model, json, .. } = args;
     let base = model.base()?;
     if batch_sizes.contains(&0) {
         anyhow::bail!("--batch-sizes: batch sizes must be positive");

@@ -240,7 +240,7 @@ pub fn run(opts: &SweepOptions, mut on_progress: impl FnMut(&str)) -> Result<Swe
     }
     Ok(SweepReport {
         machine: placement(&device, &kernels),
-        threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        threads: kutta_trainer::threads::current(),
         model: model.describe(),
         data: data_desc,
         budget_bytes: opts.budget,
