@@ -4,7 +4,6 @@
 //! `load_state_dict(strict=True)` and predicts what kutta predicts (`scripts/torchvision_resnet.py`,
 //! when the PyTorch venv of the README is there; otherwise that part says SKIPPED).
 
-use std::path::Path;
 use std::process::Command;
 
 mod common;

@@ -2,7 +2,6 @@
 //! loudly that PyTorch is missing with the pip command, and exits 0; with the torch venv
 //! (`~/.cache/kutta/torch-venv`, else SKIPPED) both columns are numbers. Speed is never asserted.
 
-use std::path::PathBuf;
 use std::process::{Command, Output};
 
 mod common;
@@ -63,10 +62,7 @@ fn without_torch_kutta_is_still_measured_and_the_message_is_loud() {
 
 #[test]
 fn with_the_torch_venv_both_columns_are_numbers() {
-    let Some(python) = std::env::var_os("HOME")
-        .map(|h| PathBuf::from(h).join(".cache/kutta/torch-venv/bin/python"))
-        .filter(|p| p.exists())
-    else {
+    let Some(python) = common::torch_python() else {
         eprintln!("SKIPPED: no PyTorch venv at ~/.cache/kutta/torch-venv (see `kutta bench vs-pytorch --help`)");
         return;
     };
