@@ -86,7 +86,10 @@ fn eval_gradient<F: Scalar>(
     if !loss.is_finite() {
         return Err(Error::NonFinite(format!("{name}: loss at step {step} is {loss}")));
     }
-    let bad = field.sum_shards(grad.iter().filter(|g| !g.is_finite()).count() as f64)?;
+    // An OR first (it vectorises; a count does not), the count only when something is wrong.
+    let inf = F::infinity();
+    let any = grad.iter().fold(false, |bad, g| bad | !(g.abs() < inf));
+    let bad = field.sum_shards(if any { grad.iter().filter(|g| !g.is_finite()).count() as f64 } else { 0.0 })?;
     if bad > 0.0 {
         return Err(Error::NonFinite(format!("{name}: gradient at step {step} has {bad} non-finite entries")));
     }
@@ -109,27 +112,23 @@ fn prepare_buffer<F: Scalar>(name: &str, buf_name: &str, buf: &mut Vec<F>, start
     Ok(())
 }
 
-/// θ_out = θ − lr_k·d with lr_k = lr·2^{−k}, k = 0..=max_retries; the first all-finite
-/// candidate wins. Returns (lr_k, k), or `None` when every candidate is non-finite.
-/// Finiteness is agreed over every shard of θ (`VectorField::sum_shards`).
-fn descend<F: Scalar>(
+/// lr_k = lr·2^{−k}, k = 0..=max_retries: the first for which every entry of θ − lr_k·d is
+/// finite (agreed over every shard of θ, `VectorField::sum_shards`). Returns (lr_k, k), or `None`
+/// when every candidate is non-finite. Reads θ and d only: the candidate is not stored.
+fn finite_step<F: Scalar>(
     theta: &[F],
     dir: &[F],
     lr: f64,
     max_retries: u32,
-    out: &mut [F],
     field: &mut dyn VectorField<F>,
 ) -> Result<Option<(f64, u32)>> {
     let mut h = lr;
     for k in 0..=max_retries {
         let hf = F::from_f64(h);
-        let mut bad = 0usize;
-        for ((o, &x), &d) in out.iter_mut().zip(theta).zip(dir) {
-            let y = x - hf * d;
-            bad += usize::from(!y.is_finite());
-            *o = y;
-        }
-        if field.sum_shards(bad as f64)? == 0.0 {
+        // An OR over the entries (no count: it vectorises); non-finite ⇔ |y| is not < ∞ (NaN too).
+        let inf = F::infinity();
+        let bad = theta.iter().zip(dir).fold(false, |bad, (&x, &d)| bad | !((x - hf * d).abs() < inf));
+        if field.sum_shards(f64::from(u8::from(bad)))? == 0.0 {
             return Ok(Some((h, k)));
         }
         h *= 0.5;
@@ -137,25 +136,27 @@ fn descend<F: Scalar>(
     Ok(None)
 }
 
-/// The end of every step: build the candidates θ − lr_k·`dir` by [`descend`] in the scratch
-/// buffer `theta_new` (resized to θ's length) and copy the first finite one into θ. Returns
-/// (lr_k, k); if every candidate is non-finite, `NonFinite` with θ untouched.
+/// The end of every step: θ ← θ − lr_k·`dir` in place, with lr_k from [`finite_step`] (the same
+/// expression, so the same values as the candidate it checked). Returns (lr_k, k); if every
+/// candidate is non-finite, `NonFinite` with θ untouched. Two passes over θ and d and no copy:
+/// at batch 16 the MLP's SGD update is a fifth of the step, its memory traffic the cost.
 fn descend_and_commit<F: Scalar>(
     (name, step): (&str, u64),
     theta: &mut [F],
     dir: &[F],
     lr: f64,
     max_retries: u32,
-    theta_new: &mut Vec<F>,
     field: &mut dyn VectorField<F>,
 ) -> Result<(f64, u32)> {
-    theta_new.resize(theta.len(), F::zero());
-    let (h, k) = descend(theta, dir, lr, max_retries, theta_new, field)?.ok_or_else(|| {
+    let (h, k) = finite_step(theta, dir, lr, max_retries, field)?.ok_or_else(|| {
         Error::NonFinite(format!(
             "{name}: step {step} gives a non-finite θ for lr = {lr} and {max_retries} halvings of it"
         ))
     })?;
-    theta.copy_from_slice(theta_new);
+    let hf = F::from_f64(h);
+    for (x, &d) in theta.iter_mut().zip(dir) {
+        *x = *x - hf * d;
+    }
     Ok((h, k))
 }
 
@@ -251,13 +252,12 @@ pub struct Sgd<F: Scalar = f32> {
     /// How many times a step halves lr when θ_{n+1} is non-finite (default 4).
     pub max_retries: u32,
     grad: Vec<F>,
-    theta_new: Vec<F>,
 }
 
 impl<F: Scalar> Sgd<F> {
     /// `lr`: learning rate.
     pub fn new(lr: f64) -> Self {
-        Self { lr, max_retries: DEFAULT_MAX_RETRIES, grad: Vec::new(), theta_new: Vec::new() }
+        Self { lr, max_retries: DEFAULT_MAX_RETRIES, grad: Vec::new() }
     }
     pub fn lr(&self) -> f64 {
         self.lr
@@ -278,7 +278,7 @@ impl<F: Scalar> Optimizer<F> for Sgd<F> {
         check_lr(name, self.lr)?;
         let loss = eval_gradient(name, step, theta, field, &mut self.grad)?;
         let (h, k) =
-            descend_and_commit((name, step), theta, &self.grad, self.lr, self.max_retries, &mut self.theta_new, field)?;
+            descend_and_commit((name, step), theta, &self.grad, self.lr, self.max_retries, field)?;
         Ok(StepReport { loss, h, grad_evals: 1, nonfinite_retries: k, ..Default::default() })
     }
 
@@ -313,7 +313,6 @@ pub struct Momentum<F: Scalar = f32> {
     buf_new: Vec<F>,
     grad: Vec<F>,
     dir: Vec<F>,
-    theta_new: Vec<F>,
 }
 
 impl<F: Scalar> Momentum<F> {
@@ -330,7 +329,6 @@ impl<F: Scalar> Momentum<F> {
             buf_new: Vec::new(),
             grad: Vec::new(),
             dir: Vec::new(),
-            theta_new: Vec::new(),
         }
     }
     pub fn lr(&self) -> f64 {
@@ -380,7 +378,7 @@ impl<F: Scalar> Optimizer<F> for Momentum<F> {
             )));
         }
         let (h, k) =
-            descend_and_commit((name, step), theta, dir, self.lr, self.max_retries, &mut self.theta_new, field)?;
+            descend_and_commit((name, step), theta, dir, self.lr, self.max_retries, field)?;
         std::mem::swap(&mut self.buf, &mut self.buf_new);
         self.started = true;
         Ok(StepReport { loss, h, grad_evals: 1, nonfinite_retries: k, ..Default::default() })
@@ -453,7 +451,6 @@ pub struct Adam<F: Scalar = f32> {
     v_new: Vec<F>,
     grad: Vec<F>,
     dir: Vec<F>,
-    theta_new: Vec<F>,
 }
 
 impl<F: Scalar> Adam<F> {
@@ -489,7 +486,6 @@ impl<F: Scalar> Adam<F> {
             v_new: Vec::new(),
             grad: Vec::new(),
             dir: Vec::new(),
-            theta_new: Vec::new(),
         }
     }
     pub fn lr(&self) -> f64 {
@@ -560,7 +556,7 @@ impl<F: Scalar> Optimizer<F> for Adam<F> {
             )));
         }
         let (h, k) =
-            descend_and_commit((name, step), theta, &self.dir, self.lr, self.max_retries, &mut self.theta_new, field)?;
+            descend_and_commit((name, step), theta, &self.dir, self.lr, self.max_retries, field)?;
         std::mem::swap(&mut self.m, &mut self.m_new);
         std::mem::swap(&mut self.v, &mut self.v_new);
         self.started = true;
