@@ -87,13 +87,20 @@ fn eval_gradient<F: Scalar>(
         return Err(Error::NonFinite(format!("{name}: loss at step {step} is {loss}")));
     }
     // An OR first (it vectorises; a count does not), the count only when something is wrong.
-    let inf = F::infinity();
-    let any = grad.iter().fold(false, |bad, g| bad | !(g.abs() < inf));
+    let any = grad.iter().fold(false, |bad, &g| bad | not_finite(g));
     let bad = field.sum_shards(if any { grad.iter().filter(|g| !g.is_finite()).count() as f64 } else { 0.0 })?;
     if bad > 0.0 {
         return Err(Error::NonFinite(format!("{name}: gradient at step {step} has {bad} non-finite entries")));
     }
     Ok(loss)
+}
+
+/// NaN or ±∞: |v| is not below ∞. One comparison, so that folds over it vectorise (the `is_finite`
+/// of `num_traits` did not).
+#[inline(always)]
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
+fn not_finite<F: Scalar>(v: F) -> bool {
+    !(v.abs() < F::infinity())
 }
 
 /// Ready the moment buffer `buf` for a step: once a step has committed it (`started`), check
@@ -125,9 +132,8 @@ fn finite_step<F: Scalar>(
     let mut h = lr;
     for k in 0..=max_retries {
         let hf = F::from_f64(h);
-        // An OR over the entries (no count: it vectorises); non-finite ⇔ |y| is not < ∞ (NaN too).
-        let inf = F::infinity();
-        let bad = theta.iter().zip(dir).fold(false, |bad, (&x, &d)| bad | !((x - hf * d).abs() < inf));
+        // An OR over the entries (no count: it vectorises).
+        let bad = theta.iter().zip(dir).fold(false, |bad, (&x, &d)| bad | not_finite(x - hf * d));
         if field.sum_shards(f64::from(u8::from(bad)))? == 0.0 {
             return Ok(Some((h, k)));
         }
@@ -277,8 +283,7 @@ impl<F: Scalar> Optimizer<F> for Sgd<F> {
         let name = "sgd";
         check_lr(name, self.lr)?;
         let loss = eval_gradient(name, step, theta, field, &mut self.grad)?;
-        let (h, k) =
-            descend_and_commit((name, step), theta, &self.grad, self.lr, self.max_retries, field)?;
+        let (h, k) = descend_and_commit((name, step), theta, &self.grad, self.lr, self.max_retries, field)?;
         Ok(StepReport { loss, h, grad_evals: 1, nonfinite_retries: k, ..Default::default() })
     }
 
@@ -377,8 +382,7 @@ impl<F: Scalar> Optimizer<F> for Momentum<F> {
                 "{name}: momentum buffer at step {step} overflowed (a smaller lr cannot help)"
             )));
         }
-        let (h, k) =
-            descend_and_commit((name, step), theta, dir, self.lr, self.max_retries, field)?;
+        let (h, k) = descend_and_commit((name, step), theta, dir, self.lr, self.max_retries, field)?;
         std::mem::swap(&mut self.buf, &mut self.buf_new);
         self.started = true;
         Ok(StepReport { loss, h, grad_evals: 1, nonfinite_retries: k, ..Default::default() })
@@ -555,8 +559,7 @@ impl<F: Scalar> Optimizer<F> for Adam<F> {
                 "{name}: moments or update direction at step {step} are non-finite (a smaller lr cannot help)"
             )));
         }
-        let (h, k) =
-            descend_and_commit((name, step), theta, &self.dir, self.lr, self.max_retries, field)?;
+        let (h, k) = descend_and_commit((name, step), theta, &self.dir, self.lr, self.max_retries, field)?;
         std::mem::swap(&mut self.m, &mut self.m_new);
         std::mem::swap(&mut self.v, &mut self.v_new);
         self.started = true;
