@@ -56,7 +56,12 @@ pub(crate) struct ConvGeom {
 impl ConvGeom {
     /// The geometry of x [b, c, h, w] ⊛ weight [o, c, k, k]; None when the shapes do not fit
     /// (channels differ, the kernel is larger than the padded input, stride 0, padding ≥ k).
-    pub fn new(x: (usize, usize, usize, usize), weight: (usize, usize, usize, usize), pad: usize, stride: usize) -> Option<Self> {
+    pub fn new(
+        x: (usize, usize, usize, usize),
+        weight: (usize, usize, usize, usize),
+        pad: usize,
+        stride: usize,
+    ) -> Option<Self> {
         let (b, c, h, w) = x;
         let (o, c2, k, k2) = weight;
         if c != c2 || k != k2 || k == 0 || stride == 0 || pad >= k || h + 2 * pad < k || w + 2 * pad < k {
@@ -457,22 +462,24 @@ pub(crate) fn bn_forward<T: Elem>(
     g: &BnGeom,
 ) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(g.hw).zip(x.par_chunks(g.hw)).enumerate().with_min_len(min_items(g.hw)).for_each(|(q, (yp, xp))| {
-        let (s, c) = (g.stat(q), q % g.c);
-        let m = T::from_f64(mean[s]);
-        let a = T::from_f64(gamma[c].to_f64() * inv_std[s]);
-        let b = beta[c];
-        if relu {
-            for (o, &v) in yp.iter_mut().zip(xp) {
-                let t = (v - m) * a + b;
-                *o = if t > T::zero() { t } else { T::zero() };
+    y.par_chunks_mut(g.hw).zip(x.par_chunks(g.hw)).enumerate().with_min_len(min_items(g.hw)).for_each(
+        |(q, (yp, xp))| {
+            let (s, c) = (g.stat(q), q % g.c);
+            let m = T::from_f64(mean[s]);
+            let a = T::from_f64(gamma[c].to_f64() * inv_std[s]);
+            let b = beta[c];
+            if relu {
+                for (o, &v) in yp.iter_mut().zip(xp) {
+                    let t = (v - m) * a + b;
+                    *o = if t > T::zero() { t } else { T::zero() };
+                }
+            } else {
+                for (o, &v) in yp.iter_mut().zip(xp) {
+                    *o = (v - m) * a + b;
+                }
             }
-        } else {
-            for (o, &v) in yp.iter_mut().zip(xp) {
-                *o = (v - m) * a + b;
-            }
-        }
-    });
+        },
+    );
     y
 }
 

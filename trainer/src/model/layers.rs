@@ -72,9 +72,8 @@ fn cpu_native(ts: &[&Tensor]) -> bool {
 
 /// A contiguous CPU tensor's elements as a slice of T (an error for other layouts and types).
 fn slice<'a, T: Elem>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("cpu_layers: a non-contiguous operand".into()))?;
+    let (start, end) =
+        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("cpu_layers: a non-contiguous operand".into()))?;
     Ok(&T::cpu_storage_as_slice(s)?[start..end])
 }
 
@@ -116,7 +115,13 @@ impl CustomOp2 for ConvOp {
     fn name(&self) -> &'static str {
         "conv2d-cpu"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = conv_geom(l1, l2, self.padding, self.stride)?;
         for_dtype!(s1, T => {
             let y = cpu_layers::conv_forward::<T>(slice(s1, l1)?, slice(s2, l2)?, &g);
@@ -138,7 +143,11 @@ impl CustomOp2 for ConvOp {
         } else {
             None
         };
-        let dw = if w.track_op() { Some(x.apply_op2_no_bwd(&g, &ConvWeightGrad { padding: p, stride: s, k: w.dim(2)? })?) } else { None };
+        let dw = if w.track_op() {
+            Some(x.apply_op2_no_bwd(&g, &ConvWeightGrad { padding: p, stride: s, k: w.dim(2)? })?)
+        } else {
+            None
+        };
         Ok((dx, dw))
     }
 }
@@ -155,7 +164,13 @@ impl CustomOp2 for ConvInputGrad {
     fn name(&self) -> &'static str {
         "conv2d-cpu-input-grad"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, _, gh, gw) = dims4(l1)?;
         let (_, c, _, _) = dims4(l2)?;
         let g = ConvGeom::new((b, c, self.h, self.w), dims4(l2)?, self.padding, self.stride)
@@ -179,7 +194,13 @@ impl CustomOp2 for ConvWeightGrad {
     fn name(&self) -> &'static str {
         "conv2d-cpu-weight-grad"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, c, h, w) = dims4(l1)?;
         let (_, o, gh, gw) = dims4(l2)?;
         let g = ConvGeom::new((b, c, h, w), (o, c, self.k, self.k), self.padding, self.stride)
@@ -489,9 +510,11 @@ impl CustomOp3 for BnTrainOp {
         res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let op = BnBackwardOp { geom: self.geom, relu: self.relu, mean: self.mean.clone(), inv_std: self.inv_std.clone() };
+        let op =
+            BnBackwardOp { geom: self.geom, relu: self.relu, mean: self.mean.clone(), inv_std: self.inv_std.clone() };
         // One flat result: dx, then dγ, then dβ.
-        let packed = x.apply_op3_no_bwd(&g.contiguous()?, &res.contiguous()?, &WithGamma { op, gamma: gamma.clone() })?;
+        let packed =
+            x.apply_op3_no_bwd(&g.contiguous()?, &res.contiguous()?, &WithGamma { op, gamma: gamma.clone() })?;
         let (n, c) = (x.elem_count(), self.geom.c);
         let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
         Ok((Some(dx), Some(packed.narrow(0, n, c)?), Some(packed.narrow(0, n + c, c)?)))
@@ -567,7 +590,13 @@ impl CustomOp2 for AddReluOp {
     fn name(&self) -> &'static str {
         "add-relu-cpu"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         for_dtype!(s1, T => {
             let y = cpu_layers::add_relu::<T>(slice(s1, l1)?, slice(s2, l2)?);
             Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
@@ -592,7 +621,13 @@ impl CustomOp2 for ReluMaskOp {
     fn name(&self) -> &'static str {
         "relu-mask-cpu"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         for_dtype!(s1, T => {
             let m = cpu_layers::relu_mask::<T>(slice(s1, l1)?, slice(s2, l2)?);
             Ok((T::to_cpu_storage_owned(m), l1.shape().clone()))
@@ -921,7 +956,8 @@ mod tests {
     /// `assert_close` for f32 or f64 tensors (compared in f64).
     fn assert_close_any(a: &Tensor, b: &Tensor, tol: f64) {
         assert_eq!(a.dims(), b.dims());
-        let v = |t: &Tensor| t.flatten_all().unwrap().to_dtype(candle_core::DType::F64).unwrap().to_vec1::<f64>().unwrap();
+        let v =
+            |t: &Tensor| t.flatten_all().unwrap().to_dtype(candle_core::DType::F64).unwrap().to_vec1::<f64>().unwrap();
         let (a, b) = (v(a), v(b));
         let scale = b.iter().fold(1.0f64, |m, v| m.max(v.abs()));
         for (i, (x, y)) in a.iter().zip(&b).enumerate() {
