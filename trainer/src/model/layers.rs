@@ -3,16 +3,25 @@
 //! - `input_linear` never computes a gradient with respect to the input images (candle's matmul
 //!   backward always does; for the default MLP that is the 784×500 product, a fifth of the
 //!   backward flops, thrown away);
-//! - `conv2d` (any stride and padding) skips it too, and computes the input gradient of hidden
-//!   convs as a convolution rather than with candle's slow CPU `conv_transpose2d`;
-//! - `batch_norm` over ghost batches (training) or with running statistics (evaluation);
-//! - `global_avg_pool`, `avg_pool2d`, `linear`.
+//! - `conv2d` (any stride and padding) skips it too; on the CPU (f32, f64) it runs
+//!   `cpu_layers`' im2col + GEMM kernels forward and backward (`ConvOp`), elsewhere candle's conv
+//!   forward and, backward, the input gradient as a convolution rather than with candle's slow
+//!   `conv_transpose2d` (`Conv2dBackward`);
+//! - `batch_norm` over ghost batches (training; on the CPU one fused op with its own backward,
+//!   optionally with the ReLU that follows fused in) or with running statistics (evaluation);
+//! - `add_relu` (the residual join), `global_avg_pool`, `avg_pool2d`, `linear`.
 //!
-//! Every layer's gradient is tested against finite differences or candle's own autograd.
+//! Every layer's gradient is tested against finite differences or candle's own autograd, and each
+//! CPU kernel against the candle-op composition it replaces.
+
+use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, MetalStorage, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, MetalStorage, Shape, Tensor, WithDType,
+};
 
+use super::cpu_layers::{self, BnGeom, ConvGeom, Elem};
 use crate::error::{Error, Result};
 
 /// y = x·wᵀ for the first layer: x [batch, in] (the input), w [out, in]. In the backward pass
@@ -43,11 +52,165 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> R
              got {kh}×{kw} with padding {padding}, stride {stride}"
         )));
     }
+    if cpu_native(&[x, w]) {
+        let (x, w) = (x.contiguous()?, w.contiguous()?);
+        let op = ConvOp { padding, stride };
+        return Ok(if x.track_op() || w.track_op() { x.apply_op2(&w, op)? } else { x.apply_op2_no_bwd(&w, &op)? });
+    }
     let value = x.detach().conv2d(&w.detach(), padding, stride, 1, 1)?;
     if !x.track_op() && !w.track_op() {
         return Ok(value);
     }
     Ok(value.apply_op3(x, w, Conv2dBackward { padding, stride })?)
+}
+
+/// Whether `cpu_layers`' kernels take these tensors: all on the CPU, all f32 or all f64.
+fn cpu_native(ts: &[&Tensor]) -> bool {
+    let dtype = ts[0].dtype();
+    matches!(dtype, DType::F32 | DType::F64) && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == dtype)
+}
+
+/// A contiguous CPU tensor's elements as a slice of T (an error for other layouts and types).
+fn slice<'a, T: Elem>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
+    let (start, end) =
+        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("cpu_layers: a non-contiguous operand".into()))?;
+    Ok(&T::cpu_storage_as_slice(s)?[start..end])
+}
+
+/// Runs `$body` with `$t` the element type of the storage `$s` (f32 or f64).
+macro_rules! for_dtype {
+    ($s:expr, $t:ident => $body:expr) => {
+        match $s {
+            CpuStorage::F32(_) => {
+                type $t = f32;
+                $body
+            }
+            CpuStorage::F64(_) => {
+                type $t = f64;
+                $body
+            }
+            other => Err(candle_core::Error::Msg(format!("cpu_layers: no kernel for {:?}", other.dtype()))),
+        }
+    };
+}
+
+fn dims4(l: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
+    l.shape().dims4()
+}
+
+fn conv_geom(x: &Layout, w: &Layout, padding: usize, stride: usize) -> candle_core::Result<ConvGeom> {
+    ConvGeom::new(dims4(x)?, dims4(w)?, padding, stride).ok_or_else(|| {
+        candle_core::Error::Msg(format!("conv2d: {:?} ⊛ {:?} padding {padding} stride {stride}", x.dims(), w.dims()))
+    })
+}
+
+/// The CPU convolution x ⊛ w (`cpu_layers::conv_forward`); backward: the input gradient (when x
+/// tracks one) with `ConvInputGrad`, the weight gradient (when w does) with `ConvWeightGrad`.
+struct ConvOp {
+    padding: usize,
+    stride: usize,
+}
+
+impl CustomOp2 for ConvOp {
+    fn name(&self) -> &'static str {
+        "conv2d-cpu"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = conv_geom(l1, l2, self.padding, self.stride)?;
+        for_dtype!(s1, T => {
+            let y = cpu_layers::conv_forward::<T>(slice(s1, l1)?, slice(s2, l2)?, &g);
+            Ok((T::to_cpu_storage_owned(y), Shape::from((g.b, g.o, g.oh, g.ow))))
+        })
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let (_, _, h, wd) = x.dims4()?;
+        let (p, s) = (self.padding, self.stride);
+        let dx = if x.track_op() {
+            Some(g.apply_op2_no_bwd(w, &ConvInputGrad { padding: p, stride: s, h, w: wd })?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            Some(x.apply_op2_no_bwd(&g, &ConvWeightGrad { padding: p, stride: s, k: w.dim(2)? })?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}
+
+/// (gy, w) → dL/dx of `ConvOp` for an input of h × w pixels.
+struct ConvInputGrad {
+    padding: usize,
+    stride: usize,
+    h: usize,
+    w: usize,
+}
+
+impl CustomOp2 for ConvInputGrad {
+    fn name(&self) -> &'static str {
+        "conv2d-cpu-input-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, _, gh, gw) = dims4(l1)?;
+        let (_, c, _, _) = dims4(l2)?;
+        let g = ConvGeom::new((b, c, self.h, self.w), dims4(l2)?, self.padding, self.stride)
+            .filter(|g| (g.oh, g.ow) == (gh, gw))
+            .ok_or_else(|| candle_core::Error::Msg("conv2d backward: gradient of the wrong shape".into()))?;
+        for_dtype!(s1, T => {
+            let dx = cpu_layers::conv_input_grad::<T>(slice(s1, l1)?, slice(s2, l2)?, &g);
+            Ok((T::to_cpu_storage_owned(dx), Shape::from((b, c, self.h, self.w))))
+        })
+    }
+}
+
+/// (x, gy) → dL/dw [O, C, k, k] of `ConvOp`.
+struct ConvWeightGrad {
+    padding: usize,
+    stride: usize,
+    k: usize,
+}
+
+impl CustomOp2 for ConvWeightGrad {
+    fn name(&self) -> &'static str {
+        "conv2d-cpu-weight-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, c, h, w) = dims4(l1)?;
+        let (_, o, gh, gw) = dims4(l2)?;
+        let g = ConvGeom::new((b, c, h, w), (o, c, self.k, self.k), self.padding, self.stride)
+            .filter(|g| (g.oh, g.ow) == (gh, gw))
+            .ok_or_else(|| candle_core::Error::Msg("conv2d backward: gradient of the wrong shape".into()))?;
+        for_dtype!(s1, T => {
+            let dw = cpu_layers::conv_weight_grad::<T>(slice(s1, l1)?, slice(s2, l2)?, &g);
+            Ok((T::to_cpu_storage_owned(dw), Shape::from((o, c, self.k, self.k))))
+        })
+    }
 }
 
 /// The forward pass of the custom ops below, on every backend: a copy of the first argument (the
@@ -229,15 +392,19 @@ pub(crate) const BN_EPS: f64 = 1e-5;
 
 /// Training-mode batch norm over ghost batches: x [B, C, H, W] is cut into B / `group`
 /// consecutive groups of `group` samples, and each group is normalised with its own mean and
-/// (biased) variance over (samples, H, W) per channel, then scaled by γ and shifted by β [C].
-/// Built from candle ops that all have a backward pass, so the gradient flows through the
-/// statistics as in PyTorch's training-mode `BatchNorm2d` (one group = the whole batch is
-/// exactly PyTorch's). Returns y and the groups' means and biased variances, each [B / group, C].
+/// (biased) variance over (samples, H, W) per channel, then scaled by γ and shifted by β [C];
+/// with `relu`, the ReLU that follows is applied too. The gradient flows through the statistics
+/// as in PyTorch's training-mode `BatchNorm2d` (one group = the whole batch is exactly PyTorch's).
+/// Returns y and the groups' means and biased variances, each [B / group, C] (no gradient).
+///
+/// On the CPU (f32, f64) this is one op (`BnTrainOp`) over `cpu_layers`' kernels, with its own
+/// backward pass; elsewhere the composition of candle ops in `batch_norm_train_ops`.
 pub(crate) fn batch_norm_train(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
     group: usize,
+    relu: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, c, h, w) = x.dims4()?;
     if group == 0 || b % group != 0 {
@@ -245,6 +412,31 @@ pub(crate) fn batch_norm_train(
             "batch norm over groups of {group} samples got a batch of {b}, not a multiple"
         )));
     }
+    if !cpu_native(&[x, gamma, beta]) {
+        let (y, mean, var) = batch_norm_train_ops(x, gamma, beta, group)?;
+        return Ok((if relu { y.relu()? } else { y }, mean, var));
+    }
+    let geom = BnGeom { b, c, hw: h * w, group };
+    let x = x.contiguous()?;
+    let stats = x.apply_op1_no_bwd(&BnStatsOp { geom })?; // (2, groups, C), f64
+    let values = stats.flatten_all()?.to_vec1::<f64>()?;
+    let (mean, var) = values.split_at(values.len() / 2);
+    let inv_std = var.iter().map(|v| 1.0 / (v + BN_EPS).sqrt()).collect();
+    let op = BnTrainOp { geom, relu, mean: Arc::new(mean.to_vec()), inv_std: Arc::new(inv_std) };
+    let (gamma, beta) = (gamma.contiguous()?, beta.contiguous()?);
+    let y = if x.track_op() || gamma.track_op() || beta.track_op() {
+        x.apply_op3(&gamma, &beta, op)?
+    } else {
+        x.apply_op3_no_bwd(&gamma, &beta, &op)?
+    };
+    let stat = |i: usize| stats.get(i)?.to_dtype(x.dtype());
+    Ok((y, stat(0)?, stat(1)?))
+}
+
+/// `batch_norm_train` (without the ReLU) from candle ops that all have a backward pass: the
+/// path for CUDA tensors, and the reference the CPU op is tested against.
+fn batch_norm_train_ops(x: &Tensor, gamma: &Tensor, beta: &Tensor, group: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, c, h, w) = x.dims4()?;
     let groups = b / group;
     let xr = x.reshape((groups, group, c, h * w))?;
     let mean = xr.mean_keepdim(3)?.mean_keepdim(1)?; // (groups, 1, C, 1)
@@ -257,6 +449,190 @@ pub(crate) fn batch_norm_train(
         .broadcast_add(&beta.reshape((1, 1, c, 1))?)?
         .reshape((b, c, h, w))?;
     Ok((y, mean.reshape((groups, c))?, var.reshape((groups, c))?))
+}
+
+/// x → its ghost batches' means and biased variances, (2, groups, C) in f64.
+struct BnStatsOp {
+    geom: BnGeom,
+}
+
+impl CustomOp1 for BnStatsOp {
+    fn name(&self) -> &'static str {
+        "batch-norm-stats-cpu"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (mut mean, var) = for_dtype!(s, T => Ok(cpu_layers::bn_stats::<T>(slice(s, l)?, &self.geom)))?;
+        mean.extend(var);
+        Ok((CpuStorage::F64(mean), Shape::from((2, self.geom.b / self.geom.group, self.geom.c))))
+    }
+}
+
+/// (x, γ, β) → y of training-mode batch norm (+ ReLU) with the statistics computed beforehand
+/// (`BnStatsOp`); backward: `BnBackwardOp`.
+struct BnTrainOp {
+    geom: BnGeom,
+    relu: bool,
+    mean: Arc<Vec<f64>>,    // [groups·C]
+    inv_std: Arc<Vec<f64>>, // [groups·C]: 1/√(var + ε)
+}
+
+impl CustomOp3 for BnTrainOp {
+    fn name(&self) -> &'static str {
+        "batch-norm-train-cpu"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        for_dtype!(s1, T => {
+            let y = cpu_layers::bn_forward::<T>(
+                slice(s1, l1)?,
+                slice(s2, l2)?,
+                slice(s3, l3)?,
+                &self.mean,
+                &self.inv_std,
+                self.relu,
+                &self.geom,
+            );
+            Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
+        })
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op =
+            BnBackwardOp { geom: self.geom, relu: self.relu, mean: self.mean.clone(), inv_std: self.inv_std.clone() };
+        // One flat result: dx, then dγ, then dβ.
+        let packed =
+            x.apply_op3_no_bwd(&g.contiguous()?, &res.contiguous()?, &WithGamma { op, gamma: gamma.clone() })?;
+        let (n, c) = (x.elem_count(), self.geom.c);
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        Ok((Some(dx), Some(packed.narrow(0, n, c)?), Some(packed.narrow(0, n + c, c)?)))
+    }
+}
+
+/// The backward pass of `BnTrainOp`: (x, gy, y) → [dx (flat), dγ, dβ] with γ from `WithGamma`.
+struct BnBackwardOp {
+    geom: BnGeom,
+    relu: bool,
+    mean: Arc<Vec<f64>>,
+    inv_std: Arc<Vec<f64>>,
+}
+
+/// `BnBackwardOp` with γ (a fourth operand, which a `CustomOp3` has no room for: read from its
+/// CPU storage directly).
+struct WithGamma {
+    op: BnBackwardOp,
+    gamma: Tensor,
+}
+
+impl CustomOp3 for WithGamma {
+    fn name(&self) -> &'static str {
+        "batch-norm-backward-cpu"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let gamma = self.gamma.contiguous()?;
+        let (guard, gl) = gamma.storage_and_layout();
+        let candle_core::Storage::Cpu(gs) = &*guard else {
+            return Err(candle_core::Error::Msg("batch norm backward: γ is not on the CPU".into()));
+        };
+        let op = &self.op;
+        for_dtype!(s1, T => {
+            let (dx, dgamma, dbeta) = cpu_layers::bn_backward::<T>(
+                slice(s1, l1)?,
+                slice(s3, l3)?,
+                slice(s2, l2)?,
+                slice(gs, gl)?,
+                &op.mean,
+                &op.inv_std,
+                op.relu,
+                &op.geom,
+            );
+            let mut out = dx;
+            out.extend(dgamma.iter().chain(&dbeta).map(|&v| T::from_f64(v)));
+            let len = out.len();
+            Ok((T::to_cpu_storage_owned(out), Shape::from(len)))
+        })
+    }
+}
+
+/// max(a + b, 0), the residual join of a ResNet block: on the CPU one pass forward and one
+/// backward (`AddReluOp`), elsewhere candle's add and ReLU.
+pub(crate) fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !cpu_native(&[a, b]) || a.dims() != b.dims() {
+        return Ok((a + b)?.relu()?);
+    }
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    Ok(if a.track_op() || b.track_op() { a.apply_op2(&b, AddReluOp)? } else { a.apply_op2_no_bwd(&b, &AddReluOp)? })
+}
+
+struct AddReluOp;
+
+impl CustomOp2 for AddReluOp {
+    fn name(&self) -> &'static str {
+        "add-relu-cpu"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        for_dtype!(s1, T => {
+            let y = cpu_layers::add_relu::<T>(slice(s1, l1)?, slice(s2, l2)?);
+            Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
+        })
+    }
+    fn bwd(
+        &self,
+        _a: &Tensor,
+        _b: &Tensor,
+        res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let masked = g.contiguous()?.apply_op2_no_bwd(&res.contiguous()?, &ReluMaskOp)?;
+        Ok((Some(masked.clone()), Some(masked)))
+    }
+}
+
+/// (g, y) → g where y > 0, else 0.
+struct ReluMaskOp;
+
+impl CustomOp2 for ReluMaskOp {
+    fn name(&self) -> &'static str {
+        "relu-mask-cpu"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        for_dtype!(s1, T => {
+            let m = cpu_layers::relu_mask::<T>(slice(s1, l1)?, slice(s2, l2)?);
+            Ok((T::to_cpu_storage_owned(m), l1.shape().clone()))
+        })
+    }
 }
 
 /// Evaluation-mode batch norm with the running statistics, computed as PyTorch's CPU kernel
@@ -378,7 +754,7 @@ mod tests {
             (3, 1, 3),
             (5, 2, 2),
         ] {
-            for (h, wd) in [(6, 5), (8, 8), (7, 7)] {
+            for (h, wd) in [(6, 5), (8, 8), (7, 7), (48, 45), (40, 30)] {
                 let x = Var::randn(0f32, 1.0, (3, 2, h, wd), &dev).unwrap();
                 let w = Var::randn(0f32, 1.0, (4, 2, k, k), &dev).unwrap();
                 let ours = conv2d(&x, &w, padding, stride).unwrap();
@@ -458,16 +834,16 @@ mod tests {
         let (gamma, beta) = (t(randn(3, 1), &[3]), t(randn(3, 2), &[3]));
         for group in [6, 2] {
             let x = randn(6 * 3 * 2 * 2, 3);
-            check_fd(&x, &[6, 3, 2, 2], &|x| batch_norm_train(x, &gamma, &beta, group).unwrap().0);
+            check_fd(&x, &[6, 3, 2, 2], &|x| batch_norm_train(x, &gamma, &beta, group, false).unwrap().0);
             let xt = t(x.clone(), &[6, 3, 2, 2]);
-            check_fd(&randn(3, 4), &[3], &|g| batch_norm_train(&xt, g, &beta, group).unwrap().0);
-            check_fd(&randn(3, 5), &[3], &|b| batch_norm_train(&xt, &gamma, b, group).unwrap().0);
+            check_fd(&randn(3, 4), &[3], &|g| batch_norm_train(&xt, g, &beta, group, false).unwrap().0);
+            check_fd(&randn(3, 5), &[3], &|b| batch_norm_train(&xt, &gamma, b, group, false).unwrap().0);
         }
         // Each group is normalised on its own: mean 0 and variance 1/(1 + ε/var) per channel.
         let x = t(randn(4 * 2 * 3 * 3, 6), &[4, 2, 3, 3]);
         let ones = t(vec![1.0; 2], &[2]);
         let zeros = t(vec![0.0; 2], &[2]);
-        let (y, mean, var) = batch_norm_train(&x, &ones, &zeros, 2).unwrap();
+        let (y, mean, var) = batch_norm_train(&x, &ones, &zeros, 2, false).unwrap();
         assert_eq!(mean.dims(), [2, 2]);
         let y = y.reshape((2, 2, 2, 9)).unwrap();
         let m = y.mean_keepdim(3).unwrap().mean_keepdim(1).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
@@ -478,7 +854,58 @@ mod tests {
         for (d, o) in direct.iter().zip(&ours) {
             assert!((d * 17.0 / 18.0 - o).abs() < 1e-12, "{d} {o}");
         }
-        assert!(batch_norm_train(&x, &ones, &zeros, 3).is_err());
+        assert!(batch_norm_train(&x, &ones, &zeros, 3, false).is_err());
+    }
+
+    /// The fused CPU batch norm (+ ReLU) against the composition of candle ops it replaces
+    /// (`batch_norm_train_ops`, then candle's ReLU): values, statistics and the gradients with
+    /// respect to x, γ and β, in f64 and f32, with one and several ghost batches, odd sizes.
+    #[test]
+    fn cpu_batch_norm_matches_the_candle_ops() {
+        let dev = Device::Cpu;
+        for dtype in [candle_core::DType::F64, candle_core::DType::F32] {
+            for (b, c, h, w, group) in [(6, 3, 5, 3, 2), (4, 5, 1, 1, 4), (8, 2, 7, 9, 8), (3, 4, 2, 3, 1)] {
+                for relu in [false, true] {
+                    let t = |n: usize, seed: u64, shape: &[usize], shift: f64| {
+                        let v: Vec<f64> = randn(n, seed).into_iter().map(|v| v + shift).collect();
+                        Var::from_tensor(&Tensor::from_vec(v, shape, &dev).unwrap().to_dtype(dtype).unwrap()).unwrap()
+                    };
+                    let x = t(b * c * h * w, 20, &[b, c, h, w], 0.7);
+                    let gamma = t(c, 21, &[c], 0.0);
+                    let beta = t(c, 22, &[c], 0.0);
+                    let r = Tensor::randn(0f64, 1.0, (b, c, h, w), &dev).unwrap().to_dtype(dtype).unwrap();
+                    let (ours, mean, var) = batch_norm_train(&x, &gamma, &beta, group, relu).unwrap();
+                    let (reference, rmean, rvar) = batch_norm_train_ops(&x, &gamma, &beta, group).unwrap();
+                    let reference = if relu { reference.relu().unwrap() } else { reference };
+                    let tol = if dtype == candle_core::DType::F64 { 1e-12 } else { 2e-5 };
+                    assert_close_any(&ours, &reference, tol);
+                    assert_close_any(&mean, &rmean, tol);
+                    assert_close_any(&var, &rvar, tol);
+                    let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                    let g2 = (&reference * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                    for v in [&x, &gamma, &beta] {
+                        assert_close_any(g1.get(v).unwrap(), g2.get(v).unwrap(), tol * 10.0);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The fused residual join: max(a + b, 0) and its gradient, against candle's add and ReLU.
+    #[test]
+    fn add_relu_matches_the_candle_ops() {
+        let dev = Device::Cpu;
+        let a = Var::randn(0f32, 1.0, (3, 4, 5, 7), &dev).unwrap();
+        let b = Var::randn(0f32, 1.0, (3, 4, 5, 7), &dev).unwrap();
+        let r = Tensor::randn(0f32, 1.0, (3, 4, 5, 7), &dev).unwrap();
+        let ours = add_relu(&a, &b).unwrap();
+        let reference = (a.as_tensor() + b.as_tensor()).unwrap().relu().unwrap();
+        assert_close(&ours, &reference, 0.0);
+        let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&reference * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&a, &b] {
+            assert_close(g1.get(v).unwrap(), g2.get(v).unwrap(), 0.0);
+        }
     }
 
     /// Evaluation-mode batch norm is (x − mean) / √(var + ε) · γ + β.
@@ -524,6 +951,18 @@ mod tests {
         check_fd(&randn(6, 12), &[2, 3], &|x| linear(x, &w, &b).unwrap());
         let xin = Tensor::from_vec(randn(6, 13), (2, 3), &dev).unwrap();
         check_fd(&randn(12, 14), &[4, 3], &|w| linear(&xin, w, &b).unwrap());
+    }
+
+    /// `assert_close` for f32 or f64 tensors (compared in f64).
+    fn assert_close_any(a: &Tensor, b: &Tensor, tol: f64) {
+        assert_eq!(a.dims(), b.dims());
+        let v =
+            |t: &Tensor| t.flatten_all().unwrap().to_dtype(candle_core::DType::F64).unwrap().to_vec1::<f64>().unwrap();
+        let (a, b) = (v(a), v(b));
+        let scale = b.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!((x - y).abs() <= tol * scale, "[{i}] {x} vs {y}");
+        }
     }
 
     fn assert_close(a: &Tensor, b: &Tensor, tol: f32) {

@@ -18,6 +18,7 @@
 
 pub mod activation;
 pub mod cnn;
+mod cpu_layers;
 pub mod field;
 pub mod layers;
 pub mod mlp;
@@ -208,6 +209,15 @@ impl Bn {
     /// training (recording their statistics when the pass asks), with the running statistics in
     /// evaluation.
     pub(crate) fn forward(&self, params: &[Tensor], x: &Tensor, group: usize, pass: &mut Pass) -> Result<Tensor> {
+        self.forward_act(params, x, group, pass, false)
+    }
+
+    /// `forward` followed by a ReLU (fused into the batch norm in training mode on the CPU).
+    pub(crate) fn forward_relu(&self, params: &[Tensor], x: &Tensor, group: usize, pass: &mut Pass) -> Result<Tensor> {
+        self.forward_act(params, x, group, pass, true)
+    }
+
+    fn forward_act(&self, params: &[Tensor], x: &Tensor, group: usize, pass: &mut Pass, relu: bool) -> Result<Tensor> {
         let (gamma, beta) = (&params[self.param], &params[self.param + 1]);
         match pass.mode {
             Mode::Eval => {
@@ -217,10 +227,11 @@ impl Bn {
                         pass.state.len()
                     )));
                 };
-                layers::batch_norm_eval(x, gamma, beta, mean, var)
+                let y = layers::batch_norm_eval(x, gamma, beta, mean, var)?;
+                Ok(if relu { y.relu()? } else { y })
             }
             Mode::Train => {
-                let (y, mean, var) = layers::batch_norm_train(x, gamma, beta, group)?;
+                let (y, mean, var) = layers::batch_norm_train(x, gamma, beta, group, relu)?;
                 if let Some(stats) = pass.stats.as_deref_mut() {
                     let (_, _, h, w) = x.dims4()?;
                     let n = (group * h * w) as f64;

@@ -17,7 +17,7 @@
 use candle_core::Tensor;
 
 use super::activation::{conv_bn, dense, residual_stack, LayerActivation};
-use super::layers::{conv2d, global_avg_pool, images, linear};
+use super::layers::{add_relu, conv2d, global_avg_pool, images, linear};
 use super::registry::{bn_defaults, bn_keys, Kind};
 use super::{conv_weight, Bn, Model, Pass};
 use crate::error::{Error, Result};
@@ -134,18 +134,18 @@ impl Model for ResNet18 {
         let g = self.bn_group;
         if k == 0 {
             let y = conv2d(&images(h, self.image_shape, "resnet18")?, &params[self.conv1], 1, 1)?;
-            return Ok(self.bn1.forward(params, &y, g, pass)?.relu()?);
+            return self.bn1.forward_relu(params, &y, g, pass);
         }
         if let Some(b) = self.blocks.get(k - 1) {
             let out = conv2d(h, &params[b.conv1], 1, b.stride)?;
-            let out = b.bn1.forward(params, &out, g, pass)?.relu()?;
+            let out = b.bn1.forward_relu(params, &out, g, pass)?;
             let out = conv2d(&out, &params[b.conv2], 1, 1)?;
             let out = b.bn2.forward(params, &out, g, pass)?;
             let shortcut = match &b.downsample {
                 Some((w, bn)) => bn.forward(params, &conv2d(h, &params[*w], 0, b.stride)?, g, pass)?,
                 None => h.clone(),
             };
-            return Ok((out + shortcut)?.relu()?);
+            return add_relu(&out, &shortcut);
         }
         if k == self.blocks.len() + 1 {
             return linear(&global_avg_pool(h)?, &params[self.fc], &params[self.fc + 1]);

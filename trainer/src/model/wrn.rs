@@ -149,9 +149,9 @@ impl Model for WideResNet {
             return conv2d(&images(h, self.image_shape, "wrn")?, &params[self.conv1], 1, 1);
         }
         if let Some(b) = self.blocks.get(k - 1) {
-            let o = b.bn1.forward(params, h, g, pass)?.relu()?;
+            let o = b.bn1.forward_relu(params, h, g, pass)?;
             let y = conv2d(&o, &params[b.conv1], 1, b.stride)?;
-            let y = b.bn2.forward(params, &y, g, pass)?.relu()?;
+            let y = b.bn2.forward_relu(params, &y, g, pass)?;
             let y = conv2d(&y, &params[b.conv2], 1, 1)?;
             let shortcut = match b.shortcut {
                 Some(w) => conv2d(&o, &params[w], 0, b.stride)?,
@@ -160,7 +160,7 @@ impl Model for WideResNet {
             return Ok((y + shortcut)?);
         }
         if k == self.blocks.len() + 1 {
-            let o = self.bn.forward(params, h, g, pass)?.relu()?;
+            let o = self.bn.forward_relu(params, h, g, pass)?;
             return linear(&global_avg_pool(&o)?, &params[self.fc], &params[self.fc + 1]);
         }
         Err(Error::model(format!("the wrn has {} segments, not {}", self.segments(), k + 1)))
