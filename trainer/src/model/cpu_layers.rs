@@ -22,18 +22,19 @@
 //!   masked by y > 0 when the ReLU is fused: two passes, no intermediate tensors.
 //! - **Residual add + ReLU** in one pass, and its backward (the mask of y > 0) in one.
 //!
-//! Parallelism: rayon over rows of the im2col matrix, over (sample, channel) planes, and gemm's
-//! own rayon split of the output; candle's thread count (`RAYON_NUM_THREADS`). Every reduction
+//! Parallelism: rayon over rows of the im2col matrix, over (sample, channel) planes, and the
+//! products through `native::matmul` (the one GEMM entry of the host kernels, which splits the
+//! output over the threads); rayon's pool (`RAYON_NUM_THREADS`, `kutta --threads`). Every reduction
 //! is over a fixed partition in a fixed order (no atomics), so results are bit-identical run to
 //! run for a given thread count — and, GEMM aside, for any thread count.
 
-use candle_core::WithDType;
 use rayon::prelude::*;
 
+use super::native::{matmul, Mat};
+use crate::error::Result;
+
 /// The element types the kernels run on (f32 in training, f64 in the gradient tests).
-pub(crate) trait Elem: WithDType {}
-impl Elem for f32 {}
-impl Elem for f64 {}
+pub(crate) use super::native::Elem;
 
 /// The fewest GEMM columns (samples × output pixels) per im2col chunk.
 const GEMM_COLUMNS: usize = 2048;
@@ -106,87 +107,6 @@ fn keep_freed_memory() {
             libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         }
     });
-}
-
-/// The threads candle's CPU kernels use, as gemm's parallelism.
-fn parallelism() -> gemm::Parallelism {
-    match candle_core::utils::get_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
-    }
-}
-
-/// A row-major matrix view's strides: element (i, j) at i·rs + j·cs.
-#[derive(Clone, Copy)]
-struct Strides {
-    rs: usize,
-    cs: usize,
-}
-
-/// Row-major [rows, cols], contiguous.
-fn rm(cols: usize) -> Strides {
-    Strides { rs: cols, cs: 1 }
-}
-
-/// The transpose of a row-major matrix with `cols` columns.
-fn tr(cols: usize) -> Strides {
-    Strides { rs: 1, cs: cols }
-}
-
-/// dst [m, n] = lhs [m, k] · rhs [k, n] (+ dst when `accumulate`), through gemm. Panics when a
-/// view reaches past its slice (the only thing that makes the call below unsafe).
-#[allow(clippy::too_many_arguments)]
-fn matmul<T: Elem>(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [T],
-    ds: Strides,
-    accumulate: bool,
-    lhs: &[T],
-    ls: Strides,
-    rhs: &[T],
-    rs: Strides,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let last = |rows: usize, cols: usize, s: Strides| (rows - 1) * s.rs + (cols - 1) * s.cs;
-    assert!(last(m, n, ds) < dst.len(), "matmul: destination view out of bounds");
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                for j in 0..n {
-                    dst[i * ds.rs + j * ds.cs] = T::zero();
-                }
-            }
-        }
-        return;
-    }
-    assert!(last(m, k, ls) < lhs.len() && last(k, n, rs) < rhs.len(), "matmul: operand view out of bounds");
-    // SAFETY: every element gemm touches is inside the slices (checked above); dst does not
-    // alias lhs or rhs (a &mut and two & borrows).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            ds.cs as isize,
-            ds.rs as isize,
-            accumulate,
-            lhs.as_ptr(),
-            ls.cs as isize,
-            ls.rs as isize,
-            rhs.as_ptr(),
-            rs.cs as isize,
-            rs.rs as isize,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
-            parallelism(),
-        )
-    }
 }
 
 /// The output columns [lo, hi) of a kernel tap at offset `j` (stride 1) whose input column
@@ -294,7 +214,7 @@ fn chunks(g: &ConvGeom) -> impl Iterator<Item = (usize, usize)> {
 }
 
 /// y [b, o, oh, ow] = x [b, c, h, w] ⊛ weight [o, c, k, k].
-pub(crate) fn conv_forward<T: Elem>(x: &[T], weight: &[T], g: &ConvGeom) -> Vec<T> {
+pub(crate) fn conv_forward<T: Elem>(x: &[T], weight: &[T], g: &ConvGeom) -> Result<Vec<T>> {
     keep_freed_memory();
     let (chw, ohw, ckk) = (g.c * g.hw_in(), g.o * g.hw_out(), g.ckk());
     let mut y = vec![T::zero(); g.b * ohw];
@@ -311,19 +231,19 @@ pub(crate) fn conv_forward<T: Elem>(x: &[T], weight: &[T], g: &ConvGeom) -> Vec<
             im2col(xs, g, n, &mut col);
             &col
         };
-        let dims = (g.o, cn, ckk);
+        let (w, c) = (Mat::row_major(weight, g.o, ckk), Mat::row_major(cols, ckk, cn));
         if n == 1 {
-            matmul(dims, ys, rm(cn), false, weight, rm(ckk), cols, rm(cn));
+            matmul(ys, w, c, false)?;
         } else {
-            matmul(dims, &mut tmp, rm(cn), false, weight, rm(ckk), cols, rm(cn));
+            matmul(&mut tmp[..g.o * cn], w, c, false)?;
             scatter(&tmp, n, g.o, g.hw_out(), ys);
         }
     }
-    y
+    Ok(y)
 }
 
 /// dL/dweight [o, c, k, k] = Σ over samples of gy_s [o, oh·ow] · col_sᵀ.
-pub(crate) fn conv_weight_grad<T: Elem>(x: &[T], gy: &[T], g: &ConvGeom) -> Vec<T> {
+pub(crate) fn conv_weight_grad<T: Elem>(x: &[T], gy: &[T], g: &ConvGeom) -> Result<Vec<T>> {
     let (chw, ohw, ckk) = (g.c * g.hw_in(), g.o * g.hw_out(), g.ckk());
     let mut dw = vec![T::zero(); g.o * ckk];
     let cap = g.chunk() * g.hw_out();
@@ -345,13 +265,13 @@ pub(crate) fn conv_weight_grad<T: Elem>(x: &[T], gy: &[T], g: &ConvGeom) -> Vec<
             gather(gs, n, g.o, g.hw_out(), &mut gc);
             &gc
         };
-        matmul((g.o, ckk, cn), &mut dw, rm(ckk), s0 > 0, gmat, rm(cn), cols, tr(cn));
+        matmul(&mut dw, Mat::row_major(gmat, g.o, cn), Mat::row_major(cols, ckk, cn).t(), s0 > 0)?;
     }
-    dw
+    Ok(dw)
 }
 
 /// dL/dx [b, c, h, w] = col2im(weightᵀ · gy_s) per chunk of samples.
-pub(crate) fn conv_input_grad<T: Elem>(gy: &[T], weight: &[T], g: &ConvGeom) -> Vec<T> {
+pub(crate) fn conv_input_grad<T: Elem>(gy: &[T], weight: &[T], g: &ConvGeom) -> Result<Vec<T>> {
     let (chw, ohw, ckk) = (g.c * g.hw_in(), g.o * g.hw_out(), g.ckk());
     let mut dx = vec![T::zero(); g.b * chw];
     let cap = g.chunk() * g.hw_out();
@@ -367,15 +287,15 @@ pub(crate) fn conv_input_grad<T: Elem>(gy: &[T], weight: &[T], g: &ConvGeom) -> 
             gather(gs, n, g.o, g.hw_out(), &mut gc);
             &gc
         };
-        let dims = (ckk, cn, g.o);
+        let (wt, gm) = (Mat::row_major(weight, g.o, ckk).t(), Mat::row_major(gmat, g.o, cn));
         if g.pointwise() && n == 1 {
-            matmul(dims, dxs, rm(cn), false, weight, tr(ckk), gmat, rm(cn));
+            matmul(dxs, wt, gm, false)?;
         } else {
-            matmul(dims, &mut dcol, rm(cn), false, weight, tr(ckk), gmat, rm(cn));
+            matmul(&mut dcol[..ckk * cn], wt, gm, false)?;
             col2im(&dcol, g, n, dxs);
         }
     }
-    dx
+    Ok(dx)
 }
 
 /// Partial sums per plane: `LANES` interleaved sums in T (vectorised, a fixed order), added up

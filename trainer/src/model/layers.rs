@@ -124,7 +124,7 @@ impl CustomOp2 for ConvOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = conv_geom(l1, l2, self.padding, self.stride)?;
         for_dtype!(s1, T => {
-            let y = cpu_layers::conv_forward::<T>(slice(s1, l1)?, slice(s2, l2)?, &g);
+            let y = cpu_layers::conv_forward::<T>(slice(s1, l1)?, slice(s2, l2)?, &g).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             Ok((T::to_cpu_storage_owned(y), Shape::from((g.b, g.o, g.oh, g.ow))))
         })
     }
@@ -177,7 +177,7 @@ impl CustomOp2 for ConvInputGrad {
             .filter(|g| (g.oh, g.ow) == (gh, gw))
             .ok_or_else(|| candle_core::Error::Msg("conv2d backward: gradient of the wrong shape".into()))?;
         for_dtype!(s1, T => {
-            let dx = cpu_layers::conv_input_grad::<T>(slice(s1, l1)?, slice(s2, l2)?, &g);
+            let dx = cpu_layers::conv_input_grad::<T>(slice(s1, l1)?, slice(s2, l2)?, &g).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             Ok((T::to_cpu_storage_owned(dx), Shape::from((b, c, self.h, self.w))))
         })
     }
@@ -207,7 +207,7 @@ impl CustomOp2 for ConvWeightGrad {
             .filter(|g| (g.oh, g.ow) == (gh, gw))
             .ok_or_else(|| candle_core::Error::Msg("conv2d backward: gradient of the wrong shape".into()))?;
         for_dtype!(s1, T => {
-            let dw = cpu_layers::conv_weight_grad::<T>(slice(s1, l1)?, slice(s2, l2)?, &g);
+            let dw = cpu_layers::conv_weight_grad::<T>(slice(s1, l1)?, slice(s2, l2)?, &g).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             Ok((T::to_cpu_storage_owned(dw), Shape::from((o, c, self.k, self.k))))
         })
     }

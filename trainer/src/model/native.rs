@@ -62,19 +62,25 @@ impl Workspace {
     }
 }
 
+/// The element types of the host kernels (here and in `cpu_layers`): f32, and f64 for the
+/// tests' references.
+pub(crate) trait Elem: candle_core::WithDType {}
+impl Elem for f32 {}
+impl Elem for f64 {}
+
 /// A read-only matrix view: element (i, j) is `data[i·rs + j·cs]`. Transposing swaps the strides.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Mat<'a> {
-    pub data: &'a [f32],
+pub(crate) struct Mat<'a, T = f32> {
+    pub data: &'a [T],
     pub rows: usize,
     pub cols: usize,
     pub rs: usize,
     pub cs: usize,
 }
 
-impl<'a> Mat<'a> {
+impl<'a, T> Mat<'a, T> {
     /// `data` as a row-major rows × cols matrix.
-    pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+    pub fn row_major(data: &'a [T], rows: usize, cols: usize) -> Self {
         Self { data, rows, cols, rs: cols, cs: 1 }
     }
 
@@ -96,7 +102,7 @@ impl<'a> Mat<'a> {
 /// its share of the larger operand. On this path's shapes that beats the GEMM's own
 /// parallelism, which at batch 16 ran slower on two threads than on one (1.2 ms → 2.3 ms per MLP
 /// evaluation). Every output element is one thread's dot product in the kernel's order.
-pub(crate) fn matmul(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool) -> Result<()> {
+pub(crate) fn matmul<T: Elem>(dst: &mut [T], a: Mat<T>, b: Mat<T>, accumulate: bool) -> Result<()> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if b.rows != k || dst.len() != m * n || !a.in_bounds() || !b.in_bounds() {
         return Err(Error::internal(format!(
@@ -110,7 +116,7 @@ pub(crate) fn matmul(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool) -> Resul
     }
     if k == 0 {
         if !accumulate {
-            dst.fill(0.0);
+            dst.fill(T::zero());
         }
         return Ok(());
     }
@@ -148,18 +154,23 @@ pub(crate) fn matmul(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool) -> Resul
 }
 
 /// The destination pointer, shared by the blocks of one `matmul` (each writes its own part).
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
+struct Out<T>(*mut T);
+impl<T> Clone for Out<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Out<T> {}
 // SAFETY: `matmul`'s blocks write disjoint parts of the destination.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
+unsafe impl<T> Send for Out<T> {}
+unsafe impl<T> Sync for Out<T> {}
 
-impl Out {
+impl<T> Out<T> {
     /// The pointer `offset` values further.
     ///
     /// # Safety
     /// `offset` is inside the destination.
-    unsafe fn at(self, offset: usize) -> *mut f32 {
+    unsafe fn at(self, offset: usize) -> *mut T {
         self.0.add(offset)
     }
 }
@@ -170,14 +181,14 @@ impl Out {
 /// # Safety
 /// Every element addressed must lie inside its buffer; dst must not overlap a or b.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_serial(
-    dst: *mut f32,
+unsafe fn gemm_serial<T: Elem>(
+    dst: *mut T,
     dst_rs: usize,
     m: usize,
     n: usize,
     k: usize,
-    (a_ptr, a): (*const f32, Mat),
-    (b_ptr, b): (*const f32, Mat),
+    (a_ptr, a): (*const T, Mat<T>),
+    (b_ptr, b): (*const T, Mat<T>),
     accumulate: bool,
 ) {
     gemm::gemm(
@@ -194,8 +205,8 @@ unsafe fn gemm_serial(
         b_ptr,
         b.cs as isize,
         b.rs as isize,
-        1.0,
-        1.0,
+        T::one(),
+        T::one(),
         false,
         false,
         false,
