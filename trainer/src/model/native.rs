@@ -54,14 +54,6 @@ pub struct Workspace {
     pub(crate) scratch: Vec<f32>,
 }
 
-impl Workspace {
-    /// Bytes held (the planner counts them with the activations).
-    pub fn bytes(&self) -> usize {
-        let buffers = self.outputs.iter().chain(&self.delta).chain([&self.scratch]);
-        4 * buffers.map(Vec::capacity).sum::<usize>()
-    }
-}
-
 /// The element types of the host kernels (here and in `cpu_layers`): f32, and f64 for the
 /// tests' references.
 pub(crate) trait Elem: candle_core::WithDType {}
