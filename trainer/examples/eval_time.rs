@@ -5,9 +5,10 @@
 //! cargo run --release -p kutta-trainer --example eval_time -- resnet18 128 5
 //! cargo run --release -p kutta-trainer --example eval_time -- cnn 64 5      # 1×28×28 input
 //! cargo run --release -p kutta-trainer --example eval_time -- wrn 128 5     # WRN-16-2
+//! cargo run --release -p kutta-trainer --example eval_time -- mlp 16 2000   # 784-500-500-500-10
 //! ```
 //!
-//! Arguments: model (resnet18 | cnn | wrn), batch size, repetitions; prints each time (wall and
+//! Arguments: model (resnet18 | cnn | wrn | mlp), batch size, repetitions; prints each time (wall and
 //! process CPU) and the medians. The first evaluation (page faults of fresh buffers) is timed too but left out of the
 //! median.
 
@@ -15,7 +16,14 @@ use std::time::Instant;
 
 use kutta_trainer::data::Dataset;
 use kutta_trainer::field::VectorField;
-use kutta_trainer::model::{cnn::Cnn, init_params, resnet::ResNet18, wrn::WideResNet, Model, ModelField};
+use kutta_trainer::model::{
+    cnn::Cnn,
+    init_params,
+    mlp::{self, Mlp},
+    resnet::ResNet18,
+    wrn::WideResNet,
+    Model, ModelField,
+};
 
 /// User + system CPU seconds of this process so far (all threads): with two cores shared, the
 /// sum is steadier than the wall time.
@@ -36,6 +44,7 @@ fn main() -> kutta_trainer::Result<()> {
         "resnet18" => (Box::new(ResNet18::new([3, 32, 32], 64, 10, 32, 0.1)), [3, 32, 32]),
         "cnn" => (Box::new(Cnn::new([1, 28, 28], [20, 10], 10)), [1, 28, 28]),
         "wrn" => (Box::new(WideResNet::new([3, 32, 32], 16, 2, 10, 32, 0.1)), [3, 32, 32]),
+        "mlp" => (Box::new(Mlp::new(784, &mlp::DEFAULT_HIDDEN, 10)), [1, 28, 28]),
         other => panic!("unknown model {other}"),
     };
     let data = Dataset::random(batch, shape, 10, 1);
@@ -50,7 +59,13 @@ fn main() -> kutta_trainer::Result<()> {
         let loss = field.eval(&theta, &mut grad)?;
         let (s, cpu) = (t.elapsed().as_secs_f64(), cpu_seconds() - c);
         let norm = grad.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>().sqrt();
-        println!("{kind} batch {batch} eval {r}: {s:.3} s (cpu {cpu:.3} s)  loss {loss:.6}  |grad| {norm:.6}");
+        if r < 5 || r == reps {
+            println!(
+                "{kind} batch {batch} eval {r}: {:.3} ms (cpu {:.3} ms)  loss {loss:.6}  |grad| {norm:.6}",
+                s * 1e3,
+                cpu * 1e3
+            );
+        }
         if r > 0 || reps == 0 {
             times.push(s);
             cpu_times.push(cpu);
@@ -61,9 +76,9 @@ fn main() -> kutta_trainer::Result<()> {
         v[v.len() / 2]
     };
     println!(
-        "{kind} batch {batch}: median {:.3} s (process cpu {:.3} s) over {} evals",
-        median(&mut times),
-        median(&mut cpu_times),
+        "{kind} batch {batch}: median {:.3} ms (process cpu {:.3} ms) over {} evals",
+        median(&mut times) * 1e3,
+        median(&mut cpu_times) * 1e3,
         times.len()
     );
     Ok(())

@@ -8,9 +8,9 @@
 //! touch is a flat `f32` slice in the model's `layout::ParamLayout`.
 //!
 //! The modules form layers, each using only the ones below it (`tests/module_layers.rs` checks
-//! this and prints them): `layout`, `scalar`, `threads` (compute threads per rank) → `kernels`
-//! (the CUDA kernels' references; the kernels themselves, or a stub without the `cuda` feature)
-//! → `error`, `memory` → `data`,
+//! this and prints them): `layout`, `scalar`, `threads` (compute threads per rank), `team`
+//! (threads in lock step) → `kernels` (the CUDA kernels' references; the kernels themselves, or
+//! a stub without the `cuda` feature) → `error`, `memory` → `data`,
 //! `field`, `stop`, `tableau` → `integrity`, `optim` → `model` → `checkpoint`, `config`,
 //! `distributed` → `device`, `planner` → `train`.
 
@@ -23,6 +23,7 @@ pub mod model;
 pub mod optim;
 pub mod scalar;
 pub mod tableau;
+pub mod team;
 pub mod threads;
 
 pub use error::{Error, Result};

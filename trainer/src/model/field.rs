@@ -834,10 +834,11 @@ mod tests {
         let data = random_data(40, [2, 3, 4], 7, 21);
         let theta = random_theta(model.layout().len(), 0.3, 5);
         let p = theta.len();
-        // 150 samples: one pass of 150 rows forms the products directly, micro-batches of 8 and
-        // 32 rows transposed (`mlp::TRANSPOSED_BELOW`).
+        // 150 samples: one pass of 150 rows forms the products directly, micro-batches of 8, 32
+        // and 64 rows transposed (`mlp::TRANSPOSED_BELOW`); 64 rows and more split each product
+        // over a team of threads where rayon has two.
         let idx: Vec<usize> = (0..150).map(|i| (i * 7) % 40).collect();
-        for (micro, smoothing) in [(0, 0.0), (8, 0.1), (32, 0.0), (140, 0.1)] {
+        for (micro, smoothing) in [(0, 0.0), (8, 0.1), (32, 0.0), (64, 0.0), (140, 0.1)] {
             let mut out = Vec::new();
             for native in [true, false] {
                 let mut field = ModelField::new(&model, &data);

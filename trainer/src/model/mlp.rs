@@ -10,13 +10,14 @@ use candle_core::Tensor;
 use super::activation::{native_dense, LayerActivation};
 use super::layers::input_linear;
 use super::native::{
-    bias_relu, bias_relu_from_t, column_sums, cross_entropy_grad, matmul, relu_backward, sized, Mat, NativeGrad,
+    bias_relu, bias_relu_from_t, column_sums, cross_entropy_grad, matmul_part, relu_backward, sized, Mat, NativeGrad,
     Workspace,
 };
 use super::registry::Kind;
 use super::{Model, Pass};
 use crate::error::{Error, Result};
 use crate::layout::ParamLayout;
+use crate::team::{self, Member, Shared};
 
 /// `model.kind = "mlp"`: `model.hidden` = the hidden widths.
 pub const KIND: Kind = Kind {
@@ -157,42 +158,128 @@ impl NativeGrad for Mlp {
                 target.len()
             )));
         }
-        let params = &self.layout.params;
+        // Every buffer sized before the team starts (members cannot resize shared buffers).
+        let transposed = m < TRANSPOSED_BELOW;
+        let widest = w[1..].iter().copied().max().unwrap_or(0);
         ws.outputs.resize_with(layers, Vec::new);
+        for (l, out) in ws.outputs.iter_mut().enumerate() {
+            sized(out, m * w[l + 1]);
+        }
+        for d in &mut ws.delta {
+            sized(d, m * widest);
+        }
+        sized(&mut ws.scratch, if transposed { m * widest } else { 0 });
+        let losses = sized(&mut ws.losses, m);
+        let bufs = Buffers {
+            outputs: ws.outputs.iter_mut().map(|o| Shared::new(o)).collect(),
+            delta: ws.delta.each_mut().map(|d| Shared::new(d)),
+            scratch: Shared::new(&mut ws.scratch),
+            losses: Shared::new(losses),
+            grad: Shared::new(grad),
+        };
+        // A team for the whole evaluation (forward, loss, backward; see `team`): its members
+        // take their block of every product and pass and meet at a barrier between layers.
+        let size = team::size_for(3 * m * p, MIN_MACS_PER_MEMBER);
+        let failed = std::sync::Mutex::new(None);
+        team::run(size, |me| {
+            if let Err(e) = self.member_pass(me, theta, x, target, m, scale, accumulate, &bufs) {
+                failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+            }
+        });
+        if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e);
+        }
+        Ok(ws.losses.iter().map(|&l| l as f64).sum())
+    }
+}
+
+/// A team starts only for evaluations of at least this many multiply-adds per member: below,
+/// waking a second thread costs more than half the work.
+const MIN_MACS_PER_MEMBER: usize = 1 << 20;
+
+/// The workspace's buffers as the team members share them.
+struct Buffers<'a> {
+    outputs: Vec<Shared<'a, f32>>,
+    delta: [Shared<'a, f32>; 2],
+    scratch: Shared<'a, f32>,
+    losses: Shared<'a, f32>,
+    grad: Shared<'a, f32>,
+}
+
+impl Mlp {
+    /// One team member's share of `loss_and_grad`. Every member takes the same branches (they
+    /// depend on shapes only), so an error stops them all at the same point, never one at a
+    /// barrier the others do not reach.
+    ///
+    /// SAFETY of the shared buffers: between two `sync`s each member writes only its own block
+    /// of one buffer (its block of a product, the same block's epilogue, its rows of the loss,
+    /// its columns of a bias gradient), and reads only buffers no one writes in that phase.
+    #[allow(clippy::too_many_arguments)]
+    fn member_pass(
+        &self,
+        me: &Member,
+        theta: &[f32],
+        x: &[f32],
+        target: &[f32],
+        m: usize,
+        scale: f32,
+        accumulate: bool,
+        bufs: &Buffers,
+    ) -> Result<()> {
+        let w = &self.widths;
+        let layers = w.len() - 1;
+        let classes = w[layers];
+        let params = &self.layout.params;
+        let weight = |l: usize| Mat::row_major(&theta[params[2 * l].range()], w[l + 1], w[l]);
+        // SAFETY (for every `get`): the layer below's output is complete after the sync that
+        // ended its phase, and nobody writes it again during this evaluation.
+        let input = |l: usize| if l == 0 { x } else { unsafe { &bufs.outputs[l - 1].get()[..m * w[l]] } };
         // Forward.
         for l in 0..layers {
-            let (done, rest) = ws.outputs.split_at_mut(l);
-            let input = if l == 0 { x } else { &done[l - 1][..] };
-            let out = sized(&mut rest[0], m * w[l + 1]);
-            let weight = Mat::row_major(&theta[params[2 * l].range()], w[l + 1], w[l]);
+            let out = bufs.outputs[l];
             let (bias, relu) = (&theta[params[2 * l + 1].range()], l + 1 < layers);
             if m < TRANSPOSED_BELOW {
-                let t = sized(&mut ws.scratch, m * w[l + 1]);
-                matmul(t, weight, Mat::row_major(input, m, w[l]).t(), false)?;
-                bias_relu_from_t(out, t, bias, relu);
+                let t = bufs.scratch.prefix(m * w[l + 1]);
+                let (split, r) = matmul_part(me, t, weight(l), Mat::row_major(input(l), m, w[l]).t(), false)?;
+                // SAFETY: this member's block of t is complete (its own GEMM); the same block,
+                // transposed, of out is written by it alone.
+                unsafe { bias_relu_from_t(out, t, bias, relu, split, &r) };
             } else {
-                matmul(out, Mat::row_major(input, m, w[l]), weight.t(), false)?;
-                bias_relu(out, bias, relu);
+                let (split, r) = matmul_part(me, out, Mat::row_major(input(l), m, w[l]), weight(l).t(), false)?;
+                unsafe { bias_relu(out, bias, relu, split, &r) };
             }
+            me.sync();
         }
-        // Loss; δ of the logits.
-        let [delta, below] = &mut ws.delta;
-        let loss = cross_entropy_grad(&ws.outputs[layers - 1], target, classes, scale, sized(delta, m * classes));
-        // Backward.
+        // Loss; δ of the logits, each member its rows.
+        let rows = me.part(m, 1);
+        let (lo, hi) = (rows.start * classes, rows.end * classes);
+        unsafe {
+            let logits = &bufs.outputs[layers - 1].get()[lo..hi];
+            let delta = bufs.delta[0].range(lo..hi).get_mut();
+            cross_entropy_grad(logits, &target[lo..hi], classes, scale, delta, bufs.losses.range(rows).get_mut());
+        }
+        me.sync();
+        // Backward: δ in delta[cur], the layer below's into delta[1 − cur].
+        let mut cur = 0;
         for l in (0..layers).rev() {
-            let input = if l == 0 { x } else { &ws.outputs[l - 1][..] };
-            let d = Mat::row_major(&delta[..m * w[l + 1]], m, w[l + 1]);
-            matmul(&mut grad[params[2 * l].range()], d.t(), Mat::row_major(input, m, w[l]), accumulate)?;
-            column_sums(d.data, w[l + 1], &mut grad[params[2 * l + 1].range()], accumulate);
+            let (delta, below) = (bufs.delta[cur], bufs.delta[1 - cur]);
+            // SAFETY: δ of this layer was completed before the last sync; this phase only reads it.
+            let d = Mat::row_major(unsafe { &delta.get()[..m * w[l + 1]] }, m, w[l + 1]);
+            let gw = bufs.grad.range(params[2 * l].range());
+            matmul_part(me, gw, d.t(), Mat::row_major(input(l), m, w[l]), accumulate)?;
+            let cols = me.part(w[l + 1], 16);
+            let bias_range = params[2 * l + 1].range();
+            let gb = bufs.grad.range(bias_range.start + cols.start..bias_range.start + cols.end);
+            unsafe { column_sums(d.data, w[l + 1], cols, gb.get_mut(), accumulate) };
             if l > 0 {
-                let weight = Mat::row_major(&theta[params[2 * l].range()], w[l + 1], w[l]);
-                let next = sized(below, m * w[l]);
-                matmul(next, d, weight, false)?;
-                relu_backward(next, input);
-                std::mem::swap(delta, below);
+                let next = below.prefix(m * w[l]);
+                let (split, r) = matmul_part(me, next, d, weight(l), false)?;
+                unsafe { relu_backward(next, input(l), w[l], split, &r) };
+                cur = 1 - cur;
             }
+            me.sync();
         }
-        Ok(loss)
+        Ok(())
     }
 }
 
@@ -222,6 +309,44 @@ mod tests {
         crate::layout::assert_contiguous(l, &expect);
         assert_eq!(l.get("layers.1.weight").unwrap().offset, 392_500);
         assert_eq!(m.describe(), "mlp 784-500-500-500-10 (ReLU), 898510 params");
+    }
+
+    /// The native gradient computed by a team of two (each product, epilogue and loss row split
+    /// between the members) equals the one-thread computation up to the GEMM's blocking: both
+    /// product orders (transposed below `TRANSPOSED_BELOW` rows, direct above), rows and columns
+    /// splits, accumulation. (On a one-core machine rayon has one thread and both runs are the
+    /// same: the comparison then holds trivially.)
+    #[test]
+    fn a_team_of_two_computes_what_one_thread_does() {
+        let model = Mlp::new(50, &[37, 300, 19], 7);
+        let p = model.layout.len();
+        let theta: Vec<f32> = (0..p).map(|i| (i as f32 * 0.61).sin() * 0.2).collect();
+        for m in [16, 200] {
+            let x: Vec<f32> = (0..m * 50).map(|i| (i as f32 * 0.37).cos()).collect();
+            let mut target = vec![0.0f32; m * 7];
+            for b in 0..m {
+                target[b * 7 + b % 7] = 1.0;
+            }
+            let mut results = Vec::new();
+            for size in [1, 2] {
+                crate::team::FORCED_SIZE.set(Some(size));
+                let mut ws = Workspace::default();
+                let mut grad = vec![f32::NAN; p];
+                let loss = model.loss_and_grad(&theta, &x, &target, m, 0.5, &mut grad, false, &mut ws).unwrap();
+                // Accumulating a second time doubles it.
+                let again = model.loss_and_grad(&theta, &x, &target, m, 0.5, &mut grad, true, &mut ws).unwrap();
+                crate::team::FORCED_SIZE.set(None);
+                assert_eq!(loss, again);
+                results.push((loss, grad));
+            }
+            let ((l1, g1), (l2, g2)) = (&results[0], &results[1]);
+            assert!((l1 - l2).abs() <= 1e-6 * l1.abs(), "m {m}: loss {l1} vs {l2}");
+            let gmax = g1.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            assert!(gmax > 0.0 && g2.iter().all(|v| v.is_finite()));
+            for i in 0..p {
+                assert!((g1[i] - g2[i]).abs() <= 1e-5 * gmax, "m {m}, coordinate {i}: {} vs {}", g1[i], g2[i]);
+            }
+        }
     }
 
     /// forward against a hand computation: 2-2-2 with ReLU in the middle.

@@ -18,7 +18,10 @@
 //! exactly 0, ReLU's derivative is 0 here (PyTorch's convention) and 1 in candle. Tests check
 //! both paths against each other and against finite differences.
 
+use std::ops::Range;
+
 use crate::error::{Error, Result};
+use crate::team::{part, Member, Shared};
 
 /// A model's own loss and gradient on host buffers. Only for models without state outside θ
 /// (batch norm's running statistics are not recorded on this path).
@@ -52,6 +55,8 @@ pub struct Workspace {
     pub(crate) delta: [Vec<f32>; 2],
     /// A layer's product before its epilogue, when it is formed transposed (`bias_relu_from_t`).
     pub(crate) scratch: Vec<f32>,
+    /// Each sample's loss (summed in sample order at the end, whatever the team's size).
+    pub(crate) losses: Vec<f32>,
 }
 
 /// The element types of the host kernels (here and in `cpu_layers`): f32, and f64 for the
@@ -87,109 +92,78 @@ impl<'a, T> Mat<'a, T> {
     }
 }
 
-/// dst [a.rows, b.cols] (row-major) = a · b, or dst + a · b when `accumulate`.
-///
-/// On several threads the product is cut along the larger side of dst into one block per
-/// thread (rows of a, or columns of b), each a single-threaded GEMM: each thread then packs only
-/// its share of the larger operand. On this path's shapes that beats the GEMM's own
-/// parallelism, which at batch 16 ran slower on two threads than on one (1.2 ms → 2.3 ms per MLP
-/// evaluation). Every output element is one thread's dot product in the kernel's order.
-pub(crate) fn matmul<T: Elem>(dst: &mut [T], a: Mat<T>, b: Mat<T>, accumulate: bool) -> Result<()> {
+/// The shape of dst = a · b, [m, k] · [k, n], after checking that dst holds m·n values and both
+/// views lie inside their buffers.
+fn product_shape<T>(dst_len: usize, a: Mat<T>, b: Mat<T>) -> Result<(usize, usize, usize)> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    if b.rows != k || dst.len() != m * n || !a.in_bounds() || !b.in_bounds() {
+    if b.rows != k || dst_len != m * n || !a.in_bounds() || !b.in_bounds() {
         return Err(Error::internal(format!(
-            "matmul: [{m}, {k}] · [{}, {n}] into {} values (or a view out of its buffer)",
-            b.rows,
-            dst.len()
+            "matmul: [{m}, {k}] · [{}, {n}] into {dst_len} values (or a view out of its buffer)",
+            b.rows
         )));
     }
-    if m == 0 || n == 0 {
-        return Ok(());
+    Ok((m, k, n))
+}
+
+/// How a product dst [m, n] is cut into blocks, one per thread: along the larger side, rows of
+/// dst (`Rows`) or columns (`Cols`), in runs of 16 (`team::part`). Each thread then packs only its
+/// share of the larger operand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Split {
+    Rows,
+    Cols,
+}
+
+impl Split {
+    fn of(m: usize, n: usize) -> (Split, usize) {
+        if m >= n {
+            (Split::Rows, m)
+        } else {
+            (Split::Cols, n)
+        }
+    }
+}
+
+/// Rows (or columns) per block start at multiples of this.
+const BLOCK_ALIGN: usize = 16;
+
+/// Block `range` of dst = a · b (rows of dst, or columns, per `split`), or dst + a · b when
+/// `accumulate`, as one single-threaded GEMM.
+///
+/// # Safety
+/// dst points to m·n values, of which no other thread touches the block; `a`, `b` passed
+/// `product_shape` and do not overlap dst.
+unsafe fn gemm_block<T: Elem>(dst: *mut T, a: Mat<T>, b: Mat<T>, accumulate: bool, split: Split, r: Range<usize>) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if r.is_empty() {
+        return;
     }
     if k == 0 {
         if !accumulate {
-            dst.fill(T::zero());
-        }
-        return Ok(());
-    }
-    // Blocks of at least ~8 M multiply-adds: below that waking a second thread costs more than
-    // it saves (an MLP sgd step at batch 16: 2.7 ms on two threads at ~1 M, 1.8 ms at ~8 M).
-    let threads = rayon::current_num_threads().min((m * n * k) >> 23).max(1);
-    let out = Out(dst.as_mut_ptr());
-    let (split_rows, side) = if m >= n { (true, m) } else { (false, n) };
-    let chunk = side.div_ceil(threads).next_multiple_of(16);
-    let block = |i: usize| {
-        let (lo, hi) = (i * chunk, ((i + 1) * chunk).min(side));
-        if lo >= hi {
-            return;
-        }
-        // SAFETY: block i writes only dst rows (or columns) lo..hi, disjoint from every other
-        // block's; its reads of a and b stay in bounds (`in_bounds` with non-negative strides:
-        // a row or column range of a view lies inside the view); dst overlaps neither input.
-        unsafe {
-            if split_rows {
-                let a_ptr = a.data.as_ptr().add(lo * a.rs);
-                gemm_serial(out.at(lo * n), n, hi - lo, n, k, (a_ptr, a), (b.data.as_ptr(), b), accumulate)
-            } else {
-                let b_ptr = b.data.as_ptr().add(lo * b.cs);
-                gemm_serial(out.at(lo), n, m, hi - lo, k, (a.data.as_ptr(), a), (b_ptr, b), accumulate)
+            for i in 0..m {
+                for j in 0..n {
+                    if match split {
+                        Split::Rows => r.contains(&i),
+                        Split::Cols => r.contains(&j),
+                    } {
+                        *dst.add(i * n + j) = T::zero();
+                    }
+                }
             }
         }
+        return;
+    }
+    let (dst, rows, cols, a_ptr, b_ptr) = match split {
+        Split::Rows => (dst.add(r.start * n), r.len(), n, a.data.as_ptr().add(r.start * a.rs), b.data.as_ptr()),
+        Split::Cols => (dst.add(r.start), m, r.len(), a.data.as_ptr(), b.data.as_ptr().add(r.start * b.cs)),
     };
-    if threads == 1 {
-        block(0);
-    } else {
-        use rayon::prelude::*;
-        (0..threads).into_par_iter().for_each(block);
-    }
-    Ok(())
-}
-
-/// The destination pointer, shared by the blocks of one `matmul` (each writes its own part).
-struct Out<T>(*mut T);
-impl<T> Clone for Out<T> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl<T> Copy for Out<T> {}
-// SAFETY: `matmul`'s blocks write disjoint parts of the destination.
-unsafe impl<T> Send for Out<T> {}
-unsafe impl<T> Sync for Out<T> {}
-
-impl<T> Out<T> {
-    /// The pointer `offset` values further.
-    ///
-    /// # Safety
-    /// `offset` is inside the destination.
-    unsafe fn at(self, offset: usize) -> *mut T {
-        self.0.add(offset)
-    }
-}
-
-/// One single-threaded GEMM: dst [m, n] at row stride `dst_rs` (+)= a · b, each operand given
-/// as its first element's pointer and the view whose strides it has.
-///
-/// # Safety
-/// Every element addressed must lie inside its buffer; dst must not overlap a or b.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_serial<T: Elem>(
-    dst: *mut T,
-    dst_rs: usize,
-    m: usize,
-    n: usize,
-    k: usize,
-    (a_ptr, a): (*const T, Mat<T>),
-    (b_ptr, b): (*const T, Mat<T>),
-    accumulate: bool,
-) {
     gemm::gemm(
-        m,
-        n,
+        rows,
+        cols,
         k,
         dst,
         1,
-        dst_rs as isize,
+        n as isize,
         accumulate,
         a_ptr,
         a.cs as isize,
@@ -206,19 +180,71 @@ unsafe fn gemm_serial<T: Elem>(
     )
 }
 
+/// dst [a.rows, b.cols] (row-major) = a · b, or dst + a · b when `accumulate`.
+///
+/// On several threads the product is cut along the larger side of dst into one block per
+/// thread (`Split`), each a single-threaded GEMM. On this path's shapes that beats the GEMM's own
+/// parallelism, which at batch 16 ran slower on two threads than on one (1.2 ms → 2.3 ms per MLP
+/// evaluation). Every output element is one thread's dot product in the kernel's order.
+pub(crate) fn matmul<T: Elem>(dst: &mut [T], a: Mat<T>, b: Mat<T>, accumulate: bool) -> Result<()> {
+    let (m, k, n) = product_shape(dst.len(), a, b)?;
+    // Blocks of at least ~8 M multiply-adds: below that waking a second thread costs more than
+    // it saves (an MLP sgd step at batch 16: 2.7 ms on two threads at ~1 M, 1.8 ms at ~8 M).
+    let threads = rayon::current_num_threads().min((m * n * k) >> 23).max(1);
+    let (split, side) = Split::of(m, n);
+    let dst = Shared::new(dst);
+    // SAFETY: block i writes only its rows (or columns) of dst, disjoint from every other
+    // block's; the views passed `product_shape`; dst is a `&mut` borrow, so overlaps neither.
+    let block =
+        |i: usize| unsafe { gemm_block(dst.ptr(), a, b, accumulate, split, part(side, BLOCK_ALIGN, i, threads)) };
+    if threads == 1 {
+        block(0);
+    } else {
+        use rayon::prelude::*;
+        (0..threads).into_par_iter().for_each(block);
+    }
+    Ok(())
+}
+
+/// This team member's block of dst = a · b (+ dst when `accumulate`), the blocks cut as
+/// `matmul` cuts them over the team's size. Returns which rows or columns of dst it wrote (an
+/// epilogue then runs over the same block). Every member gets the same error for wrong shapes.
+pub(crate) fn matmul_part<T: Elem>(
+    me: &Member,
+    dst: Shared<T>,
+    a: Mat<T>,
+    b: Mat<T>,
+    accumulate: bool,
+) -> Result<(Split, Range<usize>)> {
+    let (m, _, n) = product_shape(dst.len(), a, b)?;
+    let (split, side) = Split::of(m, n);
+    let r = me.part(side, BLOCK_ALIGN);
+    // SAFETY: the members' blocks are disjoint (`part`); the caller keeps everyone else off dst
+    // until the next sync and passes a dst that overlaps neither operand.
+    unsafe { gemm_block(dst.ptr(), a, b, accumulate, split, r.clone()) };
+    Ok((split, r))
+}
+
 /// `buf` resized to exactly `len` values (contents unspecified: every caller overwrites them).
 pub(crate) fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     buf.resize(len, 0.0);
     &mut buf[..len]
 }
 
-/// Cross-entropy of each row of `logits` [m, k] against `target` [m, k]: returns Σ_b ℓ_b (each
-/// ℓ_b = logsumexp(z_b − max z_b) − Σ_k t_bk (z_bk − max z_b), in f32 as candle's path computes
-/// it, summed in f64) and writes `scale` · ∂/∂z of the sum, scale · (softmax(z_b) · Σ_k t_bk −
-/// t_b), into `delta`.
-pub(crate) fn cross_entropy_grad(logits: &[f32], target: &[f32], k: usize, scale: f32, delta: &mut [f32]) -> f64 {
-    let mut total = 0.0f64;
-    for ((z, t), d) in logits.chunks_exact(k).zip(target.chunks_exact(k)).zip(delta.chunks_exact_mut(k)) {
+/// Cross-entropy of each row of `logits` [m, k] against `target` [m, k]: writes ℓ_b =
+/// logsumexp(z_b − max z_b) − Σ_k t_bk (z_bk − max z_b) (in f32, as candle's path computes it)
+/// into `losses` [m] and `scale` · ∂ℓ_b/∂z_b, scale · (softmax(z_b) · Σ_k t_bk − t_b), into
+/// `delta`.
+pub(crate) fn cross_entropy_grad(
+    logits: &[f32],
+    target: &[f32],
+    k: usize,
+    scale: f32,
+    delta: &mut [f32],
+    losses: &mut [f32],
+) {
+    let rows = logits.chunks_exact(k).zip(target.chunks_exact(k)).zip(delta.chunks_exact_mut(k));
+    for (((z, t), d), loss) in rows.zip(losses) {
         let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0.0f32;
         for (dj, &zj) in d.iter_mut().zip(z) {
@@ -230,100 +256,101 @@ pub(crate) fn cross_entropy_grad(logits: &[f32], target: &[f32], k: usize, scale
             picked += tj * (zj - max);
             mass += tj;
         }
-        total += (sum.ln() - picked) as f64;
+        *loss = sum.ln() - picked;
         let inv = 1.0 / sum;
         for (dj, &tj) in d.iter_mut().zip(t) {
             *dj = scale * (*dj * inv * mass - tj);
         }
     }
-    total
 }
 
-/// Elementwise passes run on one thread below this many values, else in blocks of rows over
-/// rayon's pool (each value's result is the same either way).
-const PAR_MIN: usize = 1 << 16;
-
-/// Rows per block (`row_len` values each) of about `PAR_MIN` values, for elementwise passes.
-fn block_rows(row_len: usize) -> usize {
-    (PAR_MIN / row_len.max(1)).max(1)
+/// The elements of an [m, n] row-major matrix in block `r` of `split` (its rows or columns):
+/// calls `f(offset, len)` for each contiguous run.
+fn block_runs(m: usize, n: usize, split: Split, r: &Range<usize>, mut f: impl FnMut(usize, usize)) {
+    match split {
+        Split::Rows => f(r.start * n, r.len() * n),
+        Split::Cols => (0..m).for_each(|i| f(i * n + r.start, r.len())),
+    }
 }
 
-/// Each row of `out` [m, n] plus `bias` [n], then ReLU when `relu`: the layer's epilogue, one
-/// pass.
-pub(crate) fn bias_relu(out: &mut [f32], bias: &[f32], relu: bool) {
+/// Block `r` (of `split`) of out [m, n]: + bias, then ReLU when `relu` (the layer's epilogue,
+/// one pass over the block the GEMM just wrote).
+///
+/// # Safety
+/// No other thread touches block `r` of `out` meanwhile.
+pub(crate) unsafe fn bias_relu(out: Shared<f32>, bias: &[f32], relu: bool, split: Split, r: &Range<usize>) {
     let n = bias.len();
-    let f = |rows: &mut [f32]| {
-        for row in rows.chunks_exact_mut(n) {
-            for (v, &b) in row.iter_mut().zip(bias) {
+    block_runs(out.len() / n.max(1), n, split, r, |at, len| {
+        // A run is whole rows (col 0) or part of one row.
+        let col = at % n;
+        for row in out.range(at..at + len).get_mut().chunks_mut(n) {
+            for (v, &b) in row.iter_mut().zip(&bias[col..]) {
                 let z = *v + b;
                 *v = if relu { z.max(0.0) } else { z };
             }
         }
-    };
-    if out.len() < PAR_MIN {
-        f(out);
-    } else {
-        use rayon::prelude::*;
-        out.par_chunks_mut(block_rows(n) * n).for_each(f);
-    }
+    });
 }
 
 /// `bias_relu` from the transposed product: out[b, i] = t[i, b] + bias[i] (then ReLU), with t
-/// [n, m] row-major. For small batches the MLP forms its products transposed — W · xᵀ rather
-/// than x · Wᵀ — because the GEMM then packs the small x instead of the large W (layer 0 at
-/// batch 16: 148 µs instead of 217 µs on one thread); this pass turns the result back.
-pub(crate) fn bias_relu_from_t(out: &mut [f32], t: &[f32], bias: &[f32], relu: bool) {
+/// [n, m] row-major, for block `r` (of `split`) of t. For small batches the MLP forms its
+/// products transposed — W · xᵀ rather than x · Wᵀ — because the GEMM then packs the small x
+/// instead of the large W (layer 0 at batch 16: 148 µs instead of 217 µs on one thread); this
+/// pass turns the result back.
+///
+/// # Safety
+/// t's block `r` is complete and nobody writes it; no other thread touches the same block,
+/// transposed, of `out`.
+pub(crate) unsafe fn bias_relu_from_t(
+    out: Shared<f32>,
+    t: Shared<f32>,
+    bias: &[f32],
+    relu: bool,
+    split: Split,
+    r: &Range<usize>,
+) {
     let (n, m) = (bias.len(), out.len() / bias.len().max(1));
-    for (b, row) in out.chunks_exact_mut(n).enumerate() {
-        for (i, (v, &bi)) in row.iter_mut().zip(bias).enumerate() {
-            let z = t[i * m + b] + bi;
+    let (is, bs) = match split {
+        Split::Rows => (r.clone(), 0..m),
+        Split::Cols => (0..n, r.clone()),
+    };
+    let t = t.ptr();
+    for b in bs {
+        let row = out.range(b * n + is.start..b * n + is.end).get_mut();
+        for (v, i) in row.iter_mut().zip(is.clone()) {
+            let z = *t.add(i * m + b) + bias[i];
             *v = if relu { z.max(0.0) } else { z };
         }
     }
 }
 
-/// delta ⊙ [h > 0]: ReLU's backward, from the layer's output h (PyTorch's convention: no
-/// gradient where the output is 0).
-pub(crate) fn relu_backward(delta: &mut [f32], h: &[f32]) {
-    let f = |(d, h): (&mut [f32], &[f32])| {
-        for (g, &v) in d.iter_mut().zip(h) {
+/// delta ⊙ [h > 0] over block `r` (of `split`) of delta [m, n]: ReLU's backward, from the
+/// layer's output h (PyTorch's convention: no gradient where the output is 0).
+///
+/// # Safety
+/// No other thread touches block `r` of `delta` meanwhile.
+pub(crate) unsafe fn relu_backward(delta: Shared<f32>, h: &[f32], n: usize, split: Split, r: &Range<usize>) {
+    block_runs(delta.len() / n.max(1), n, split, r, |at, len| {
+        for (g, &v) in delta.range(at..at + len).get_mut().iter_mut().zip(&h[at..at + len]) {
             if v <= 0.0 {
                 *g = 0.0;
             }
         }
-    };
-    if delta.len() < PAR_MIN {
-        f((delta, h));
-    } else {
-        use rayon::prelude::*;
-        delta.par_chunks_mut(PAR_MIN).zip(h.par_chunks(PAR_MIN)).for_each(f);
-    }
+    });
 }
 
-/// out[i] (+)= Σ_b delta[b, i]: the bias gradient, a column sum of delta [m, n], each column
-/// summed over the rows in order (blocks of columns in parallel when large).
-pub(crate) fn column_sums(delta: &[f32], n: usize, out: &mut [f32], accumulate: bool) {
-    let f = |(c, out): (usize, &mut [f32])| {
-        if !accumulate {
-            out.fill(0.0);
+/// out[i − cols.start] (+)= Σ_b delta[b, i] for the columns i in `cols`: the bias gradient, a
+/// column sum of delta [m, n], each column summed over the rows in order.
+pub(crate) fn column_sums(delta: &[f32], n: usize, cols: Range<usize>, out: &mut [f32], accumulate: bool) {
+    if !accumulate {
+        out.fill(0.0);
+    }
+    for row in delta.chunks_exact(n) {
+        for (o, &d) in out.iter_mut().zip(&row[cols.clone()]) {
+            *o += d;
         }
-        let lo = c * COLUMN_BLOCK;
-        for row in delta.chunks_exact(n) {
-            for (o, &d) in out.iter_mut().zip(&row[lo..]) {
-                *o += d;
-            }
-        }
-    };
-    if delta.len() < PAR_MIN {
-        out.chunks_mut(COLUMN_BLOCK).enumerate().for_each(f);
-    } else {
-        use rayon::prelude::*;
-        out.par_chunks_mut(COLUMN_BLOCK).enumerate().for_each(f);
     }
 }
-
-/// Columns per block of `column_sums`.
-const COLUMN_BLOCK: usize = 64;
 
 #[cfg(test)]
 mod tests {
@@ -362,13 +389,17 @@ mod tests {
         let z = [1.0f32, 2.0, 0.5, -1.0, 0.0, 3.0];
         let t = [0.0f32, 1.0, 0.0, 0.1, 0.1, 0.8]; // one-hot, smoothed
         let mut d = [0.0f32; 6];
-        let loss = cross_entropy_grad(&z, &t, 3, 0.5, &mut d);
+        let total = |losses: [f32; 2]| losses.iter().map(|&l| l as f64).sum::<f64>();
+        let mut losses = [0.0f32; 2];
+        cross_entropy_grad(&z, &t, 3, 0.5, &mut d, &mut losses);
+        let loss = total(losses);
         let lse = |r: &[f32]| r.iter().map(|v| (*v as f64).exp()).sum::<f64>().ln();
         let want = (lse(&z[..3]) - 2.0) + (lse(&z[3..]) - (-0.1 + 0.8 * 3.0));
         assert!((loss - want).abs() < 1e-5, "{loss} vs {want}");
         let f = |z: &[f32]| {
-            let mut scratch = [0.0f32; 6];
-            cross_entropy_grad(z, &t, 3, 0.5, &mut scratch) * 0.5
+            let (mut scratch, mut losses) = ([0.0f32; 6], [0.0f32; 2]);
+            cross_entropy_grad(z, &t, 3, 0.5, &mut scratch, &mut losses);
+            total(losses) * 0.5
         };
         for i in 0..6 {
             let (mut up, mut down) = (z, z);
