@@ -94,6 +94,18 @@ impl Member<'_> {
         }
     }
 
+    /// Runs `f(i)` for tasks i in 0..tasks claimed one at a time from `next` (shared by the
+    /// team and starting at 0): every task runs exactly once, on whichever member claims it.
+    pub fn claim(&self, next: &AtomicUsize, tasks: usize, mut f: impl FnMut(usize)) {
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= tasks {
+                return;
+            }
+            f(i);
+        }
+    }
+
     /// This member's share of 0..len: contiguous blocks in member order, each a multiple of
     /// `align` long except the last (possibly empty).
     pub fn part(&self, len: usize, align: usize) -> Range<usize> {

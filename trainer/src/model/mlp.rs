@@ -5,12 +5,14 @@
 //! renaming: `layers.{i}.weight` [out, in] and `layers.{i}.bias` [out], i = 0..=hidden.len(),
 //! and y = x·Wᵀ + b.
 
+use std::sync::atomic::AtomicUsize;
+
 use candle_core::Tensor;
 
 use super::activation::{native_dense, LayerActivation};
 use super::layers::input_linear;
 use super::native::{
-    bias_relu, bias_relu_from_t, column_sums, cross_entropy_grad, matmul_part, relu_backward, sized, Mat, NativeGrad,
+    bias_relu, bias_relu_from_t, column_sums, cross_entropy_grad, relu_backward, sized, Mat, NativeGrad, Product,
     Workspace,
 };
 use super::registry::Kind;
@@ -176,6 +178,7 @@ impl NativeGrad for Mlp {
             scratch: Shared::new(&mut ws.scratch),
             losses: Shared::new(losses),
             grad: Shared::new(grad),
+            claims: (0..2 * layers).map(|_| AtomicUsize::new(0)).collect(),
         };
         // A team for the whole evaluation (forward, loss, backward; see `team`): its members
         // take their block of every product and pass and meet at a barrier between layers.
@@ -204,7 +207,12 @@ struct Buffers<'a> {
     scratch: Shared<'a, f32>,
     losses: Shared<'a, f32>,
     grad: Shared<'a, f32>,
+    /// One task counter per phase (a layer's forward, or its backward).
+    claims: Vec<AtomicUsize>,
 }
+
+/// Columns of the bias gradient per task.
+const BIAS_COLUMNS: usize = 128;
 
 impl Mlp {
     /// One team member's share of `loss_and_grad`. Every member takes the same branches (they
@@ -234,19 +242,29 @@ impl Mlp {
         // SAFETY (for every `get`): the layer below's output is complete after the sync that
         // ended its phase, and nobody writes it again during this evaluation.
         let input = |l: usize| if l == 0 { x } else { unsafe { &bufs.outputs[l - 1].get()[..m * w[l]] } };
-        // Forward.
+        let transposed = m < TRANSPOSED_BELOW;
+        let mut phases = bufs.claims.iter();
+        let mut next_counter = || phases.next().ok_or_else(|| Error::internal("mlp: too few phase counters"));
+        // Forward: blocks of each layer's product, each followed by its epilogue.
         for l in 0..layers {
             let out = bufs.outputs[l];
             let (bias, relu) = (&theta[params[2 * l + 1].range()], l + 1 < layers);
-            if m < TRANSPOSED_BELOW {
+            let counter = next_counter()?;
+            if transposed {
                 let t = bufs.scratch.prefix(m * w[l + 1]);
-                let (split, r) = matmul_part(me, t, weight(l), Mat::row_major(input(l), m, w[l]).t(), false)?;
-                // SAFETY: this member's block of t is complete (its own GEMM); the same block,
-                // transposed, of out is written by it alone.
-                unsafe { bias_relu_from_t(out, t, bias, relu, split, &r) };
+                let product = Product::new(t, weight(l), Mat::row_major(input(l), m, w[l]).t(), false, me.size)?;
+                // SAFETY: a claimed block of t is this member's alone, complete after `block`;
+                // the same block, transposed, of out is written by it alone.
+                me.claim(counter, product.blocks, |i| unsafe {
+                    let (split, r) = product.block(i);
+                    bias_relu_from_t(out, t, bias, relu, split, &r);
+                });
             } else {
-                let (split, r) = matmul_part(me, out, Mat::row_major(input(l), m, w[l]), weight(l).t(), false)?;
-                unsafe { bias_relu(out, bias, relu, split, &r) };
+                let product = Product::new(out, Mat::row_major(input(l), m, w[l]), weight(l).t(), false, me.size)?;
+                me.claim(counter, product.blocks, |i| unsafe {
+                    let (split, r) = product.block(i);
+                    bias_relu(out, bias, relu, split, &r);
+                });
             }
             me.sync();
         }
@@ -259,22 +277,37 @@ impl Mlp {
             cross_entropy_grad(logits, &target[lo..hi], classes, scale, delta, bufs.losses.range(rows).get_mut());
         }
         me.sync();
-        // Backward: δ in delta[cur], the layer below's into delta[1 − cur].
+        // Backward: δ in delta[cur], the layer below's into delta[1 − cur]. One phase per layer,
+        // its tasks claimed from one counter: the blocks of δ · W (then ReLU's backward on the
+        // block), of ∇W = δᵀ · input, and of the bias gradient's columns.
         let mut cur = 0;
         for l in (0..layers).rev() {
             let (delta, below) = (bufs.delta[cur], bufs.delta[1 - cur]);
             // SAFETY: δ of this layer was completed before the last sync; this phase only reads it.
             let d = Mat::row_major(unsafe { &delta.get()[..m * w[l + 1]] }, m, w[l + 1]);
             let gw = bufs.grad.range(params[2 * l].range());
-            matmul_part(me, gw, d.t(), Mat::row_major(input(l), m, w[l]), accumulate)?;
-            let cols = me.part(w[l + 1], 16);
+            let dw = Product::new(gw, d.t(), Mat::row_major(input(l), m, w[l]), accumulate, me.size)?;
+            let next = below.prefix(m * w[l]);
+            let dx = if l > 0 { Some(Product::new(next, d, weight(l), false, me.size)?) } else { None };
+            let n_dx = dx.as_ref().map_or(0, |p| p.blocks);
             let bias_range = params[2 * l + 1].range();
-            let gb = bufs.grad.range(bias_range.start + cols.start..bias_range.start + cols.end);
-            unsafe { column_sums(d.data, w[l + 1], cols, gb.get_mut(), accumulate) };
+            let n_bias = w[l + 1].div_ceil(BIAS_COLUMNS);
+            let counter = next_counter()?;
+            // SAFETY: each task writes only its own block of `next`, of ∇W or of ∇b.
+            me.claim(counter, n_dx + dw.blocks + n_bias, |i| unsafe {
+                if let Some(dx) = dx.as_ref().filter(|_| i < n_dx) {
+                    let (split, r) = dx.block(i);
+                    relu_backward(next, input(l), w[l], split, &r);
+                } else if i < n_dx + dw.blocks {
+                    dw.block(i - n_dx);
+                } else {
+                    let c = i - n_dx - dw.blocks;
+                    let cols = c * BIAS_COLUMNS..((c + 1) * BIAS_COLUMNS).min(w[l + 1]);
+                    let gb = bufs.grad.range(bias_range.start + cols.start..bias_range.start + cols.end);
+                    column_sums(d.data, w[l + 1], cols, gb.get_mut(), accumulate);
+                }
+            });
             if l > 0 {
-                let next = below.prefix(m * w[l]);
-                let (split, r) = matmul_part(me, next, d, weight(l), false)?;
-                unsafe { relu_backward(next, input(l), w[l], split, &r) };
                 cur = 1 - cur;
             }
             me.sync();

@@ -21,7 +21,7 @@
 use std::ops::Range;
 
 use crate::error::{Error, Result};
-use crate::team::{part, Member, Shared};
+use crate::team::{part, Shared};
 
 /// A model's own loss and gradient on host buffers. Only for models without state outside θ
 /// (batch norm's running statistics are not recorded on this path).
@@ -206,23 +206,46 @@ pub(crate) fn matmul<T: Elem>(dst: &mut [T], a: Mat<T>, b: Mat<T>, accumulate: b
     Ok(())
 }
 
-/// This team member's block of dst = a · b (+ dst when `accumulate`), the blocks cut as
-/// `matmul` cuts them over the team's size. Returns which rows or columns of dst it wrote (an
-/// epilogue then runs over the same block). Every member gets the same error for wrong shapes.
-pub(crate) fn matmul_part<T: Elem>(
-    me: &Member,
-    dst: Shared<T>,
-    a: Mat<T>,
-    b: Mat<T>,
+/// A product dst = a · b checked and cut into blocks for a team (`Product::blocks` of them; any
+/// member may compute any block: members claim them one at a time, so one that started late or
+/// runs slower takes fewer). Blocks follow `Split`, in runs of 16; their number depends on the
+/// shapes and the team's size only, so results are deterministic for a thread count.
+#[derive(Clone, Copy)]
+pub(crate) struct Product<'a, T> {
+    dst: Shared<'a, T>,
+    a: Mat<'a, T>,
+    b: Mat<'a, T>,
     accumulate: bool,
-) -> Result<(Split, Range<usize>)> {
-    let (m, _, n) = product_shape(dst.len(), a, b)?;
-    let (split, side) = Split::of(m, n);
-    let r = me.part(side, BLOCK_ALIGN);
-    // SAFETY: the members' blocks are disjoint (`part`); the caller keeps everyone else off dst
-    // until the next sync and passes a dst that overlaps neither operand.
-    unsafe { gemm_block(dst.ptr(), a, b, accumulate, split, r.clone()) };
-    Ok((split, r))
+    split: Split,
+    side: usize,
+    pub blocks: usize,
+}
+
+/// Blocks per team member. Each block re-packs the operand all blocks share (b when cutting
+/// rows, a when cutting columns) and pays the GEMM's fixed cost: at batch 16 eight blocks per
+/// member made an MLP evaluation 1.29× slower than one, two 2 % faster (a member woken late
+/// takes one block fewer).
+const BLOCKS_PER_MEMBER: usize = 2;
+
+impl<'a, T: Elem> Product<'a, T> {
+    /// Every member gets the same error for wrong shapes (before any block is claimed).
+    pub fn new(dst: Shared<'a, T>, a: Mat<'a, T>, b: Mat<'a, T>, accumulate: bool, team: usize) -> Result<Self> {
+        let (m, _, n) = product_shape(dst.len(), a, b)?;
+        let (split, side) = Split::of(m, n);
+        let blocks = if team <= 1 { 1 } else { (team * BLOCKS_PER_MEMBER).min(side.div_ceil(BLOCK_ALIGN)).max(1) };
+        Ok(Self { dst, a, b, accumulate, split, side, blocks })
+    }
+
+    /// Computes block `i` (< `blocks`); returns which rows or columns of dst it wrote (an
+    /// epilogue then runs over the same block).
+    ///
+    /// # Safety
+    /// No one else touches block `i` of dst meanwhile, and dst overlaps neither operand.
+    pub unsafe fn block(&self, i: usize) -> (Split, Range<usize>) {
+        let r = part(self.side, BLOCK_ALIGN, i, self.blocks);
+        gemm_block(self.dst.ptr(), self.a, self.b, self.accumulate, self.split, r.clone());
+        (self.split, r)
+    }
 }
 
 /// `buf` resized to exactly `len` values (contents unspecified: every caller overwrites them).
@@ -331,10 +354,10 @@ pub(crate) unsafe fn bias_relu_from_t(
 /// No other thread touches block `r` of `delta` meanwhile.
 pub(crate) unsafe fn relu_backward(delta: Shared<f32>, h: &[f32], n: usize, split: Split, r: &Range<usize>) {
     block_runs(delta.len() / n.max(1), n, split, r, |at, len| {
+        // A select, not a conditional store: it vectorises (the branch cost 12 % of an
+        // evaluation at batch 1024).
         for (g, &v) in delta.range(at..at + len).get_mut().iter_mut().zip(&h[at..at + len]) {
-            if v <= 0.0 {
-                *g = 0.0;
-            }
+            *g = if v <= 0.0 { 0.0 } else { *g };
         }
     });
 }
