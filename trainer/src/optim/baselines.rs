@@ -177,19 +177,9 @@ fn finite_step<F: Scalar>(
 /// expression, so the same values as the candidate it checked). Returns (lr_k, k); if every
 /// candidate is non-finite, `NonFinite` with θ untouched. Two passes over θ and d and no copy:
 /// at batch 16 the MLP's SGD update is a fifth of the step, its memory traffic the cost.
+/// `first_bad`: this shard's answer for the first candidate when a caller already has it
+/// (`finite_step`).
 fn descend_and_commit<F: Scalar>(
-    (name, step): (&str, u64),
-    theta: &mut [F],
-    dir: &[F],
-    lr: f64,
-    max_retries: u32,
-    field: &mut dyn VectorField<F>,
-) -> Result<(f64, u32)> {
-    descend_and_commit_from((name, step), theta, dir, lr, max_retries, field, None)
-}
-
-/// `descend_and_commit` given this shard's answer for the first candidate (`finite_step`).
-fn descend_and_commit_from<F: Scalar>(
     (name, step): (&str, u64),
     theta: &mut [F],
     dir: &[F],
@@ -336,15 +326,8 @@ impl<F: Scalar> Optimizer<F> for Sgd<F> {
             .zip(&self.grad)
             .fold((false, false), |(gb, cb), (&x, &g)| (gb | not_finite(g), cb | not_finite(x - hf * g)));
         check_gradient(name, step, grad_bad, &self.grad, field)?;
-        let (h, k) = descend_and_commit_from(
-            (name, step),
-            theta,
-            &self.grad,
-            self.lr,
-            self.max_retries,
-            field,
-            Some(first_bad),
-        )?;
+        let (h, k) =
+            descend_and_commit((name, step), theta, &self.grad, self.lr, self.max_retries, field, Some(first_bad))?;
         Ok(StepReport { loss, h, grad_evals: 1, nonfinite_retries: k, ..Default::default() })
     }
 
@@ -443,7 +426,7 @@ impl<F: Scalar> Optimizer<F> for Momentum<F> {
                 "{name}: momentum buffer at step {step} overflowed (a smaller lr cannot help)"
             )));
         }
-        let (h, k) = descend_and_commit((name, step), theta, dir, self.lr, self.max_retries, field)?;
+        let (h, k) = descend_and_commit((name, step), theta, dir, self.lr, self.max_retries, field, None)?;
         std::mem::swap(&mut self.buf, &mut self.buf_new);
         self.started = true;
         Ok(StepReport { loss, h, grad_evals: 1, nonfinite_retries: k, ..Default::default() })
@@ -620,7 +603,7 @@ impl<F: Scalar> Optimizer<F> for Adam<F> {
                 "{name}: moments or update direction at step {step} are non-finite (a smaller lr cannot help)"
             )));
         }
-        let (h, k) = descend_and_commit((name, step), theta, &self.dir, self.lr, self.max_retries, field)?;
+        let (h, k) = descend_and_commit((name, step), theta, &self.dir, self.lr, self.max_retries, field, None)?;
         std::mem::swap(&mut self.m, &mut self.m_new);
         std::mem::swap(&mut self.v, &mut self.v_new);
         self.started = true;
