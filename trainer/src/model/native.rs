@@ -187,10 +187,16 @@ unsafe fn gemm_block<T: Elem>(dst: *mut T, a: Mat<T>, b: Mat<T>, accumulate: boo
 /// parallelism, which at batch 16 ran slower on two threads than on one (1.2 ms → 2.3 ms per MLP
 /// evaluation). Every output element is one thread's dot product in the kernel's order.
 pub(crate) fn matmul<T: Elem>(dst: &mut [T], a: Mat<T>, b: Mat<T>, accumulate: bool) -> Result<()> {
+    matmul_on(dst, a, b, accumulate, rayon::current_num_threads())
+}
+
+/// `matmul` on at most `threads` threads (1: this thread alone, for a caller that is already
+/// one of several parallel tasks).
+pub(crate) fn matmul_on<T: Elem>(dst: &mut [T], a: Mat<T>, b: Mat<T>, accumulate: bool, threads: usize) -> Result<()> {
     let (m, k, n) = product_shape(dst.len(), a, b)?;
     // Blocks of at least ~8 M multiply-adds: below that waking a second thread costs more than
     // it saves (an MLP sgd step at batch 16: 2.7 ms on two threads at ~1 M, 1.8 ms at ~8 M).
-    let threads = rayon::current_num_threads().min((m * n * k) >> 23).max(1);
+    let threads = threads.min((m * n * k) >> 23).max(1);
     let (split, side) = Split::of(m, n);
     let dst = Shared::new(dst);
     // SAFETY: block i writes only its rows (or columns) of dst, disjoint from every other
