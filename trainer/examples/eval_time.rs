@@ -36,6 +36,10 @@ fn cpu_seconds() -> f64 {
 }
 
 fn main() -> kutta_trainer::Result<()> {
+    // As `kutta` does at start: the thread count (RAYON_NUM_THREADS, else the cores) and the
+    // allocator settings, before any thread exists.
+    let threads = kutta_trainer::threads::init(None);
+    eprintln!("compute threads: {} ({})", threads.threads, threads.reason);
     let args: Vec<String> = std::env::args().collect();
     let kind = args.get(1).map_or("resnet18", |s| s.as_str());
     let batch: usize = args.get(2).map_or(128, |s| s.parse().expect("batch size"));

@@ -37,6 +37,7 @@ use rayon::prelude::*;
 
 use super::native::{matmul, matmul_on, Mat};
 use crate::error::Result;
+use crate::team::part;
 
 /// The element types the kernels run on (f32 in training, f64 in the gradient tests).
 pub(crate) use super::native::Elem;
@@ -95,23 +96,6 @@ impl ConvGeom {
     fn pointwise(&self) -> bool {
         self.k == 1 && self.stride == 1 && self.pad == 0
     }
-}
-
-/// Keep freed memory in the process (glibc only, once, on the first kernel call): activations of
-/// more than 32 MB (ResNet-18's first stage at batch 128) are otherwise `mmap`ed fresh at every
-/// allocation and `munmap`ed at every free, so each gradient evaluation page-faults ~1 GB of
-/// zeroed pages in (12% of its time in the kernel). With mmap off and the heap never trimmed, the
-/// next evaluation reuses the same memory; the peak resident size is unchanged.
-fn keep_freed_memory() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        // SAFETY: mallopt only sets allocator parameters; it is thread-safe in glibc.
-        unsafe {
-            libc::mallopt(libc::M_MMAP_MAX, 0);
-            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        }
-    });
 }
 
 /// The output positions [lo, hi) (rows or columns, `out` of them) whose input position
@@ -176,34 +160,62 @@ fn im2col<T: Elem>(x: &[T], g: &ConvGeom, n: usize, col: &mut [T], parallel: boo
     });
 }
 
-/// The adjoint of `im2col`: dx [n, C, h, w] = Σ over the taps that read each pixel of dcol,
-/// gathered per (sample, channel) plane in tap order (deterministic, no write conflicts).
+/// dst += src, in blocks of four (one SSE add each: rows of 4-32 values left the vectorised loop's
+/// scalar remainder doing most of the work).
+fn add_into<T: Elem>(dst: &mut [T], src: &[T]) {
+    let (mut d, mut s) = (dst.chunks_exact_mut(4), src.chunks_exact(4));
+    for (dc, sc) in (&mut d).zip(&mut s) {
+        for l in 0..4 {
+            dc[l] += sc[l];
+        }
+    }
+    for (x, &v) in d.into_remainder().iter_mut().zip(s.remainder()) {
+        *x += v;
+    }
+}
+
+/// The adjoint of `im2col`: dx [n, C, h, w] = Σ over the taps that read each pixel of dcol, per
+/// (sample, channel) plane in tap order (deterministic, no write conflicts). Each plane is summed
+/// in a zero-padded copy (h + 2p) × (w + 2p) held by the task, where every tap's rows land
+/// whole (no window to clip, the padding's share falls outside the interior), then its interior
+/// is copied out.
 fn col2im<T: Elem>(dcol: &[T], g: &ConvGeom, n: usize, dx: &mut [T], parallel: bool) {
     let (k, s, hw, hwo) = (g.k, g.stride, g.hw_in(), g.hw_out());
-    let cn = n * hwo;
-    each_piece(&mut dx[..n * g.c * hw], hw, parallel, |q, plane| {
+    let (cn, pw) = (n * hwo, g.w + 2 * g.pad);
+    let padded_len = (g.h + 2 * g.pad) * pw;
+    let plane_of = |pad: &mut Vec<T>, q: usize, plane: &mut [T]| {
         let (smp, c) = (q / g.c, q % g.c);
-        plane.fill(T::zero());
+        pad.clear();
+        pad.resize(padded_len, T::zero());
         for i in 0..k {
             for j in 0..k {
-                let ((ylo, yhi), (xlo, xhi)) = tap_window(i, j, g);
                 let row = &dcol[((c * k + i) * k + j) * cn + smp * hwo..][..hwo];
-                for (oy, grow) in row.chunks_exact(g.ow).enumerate().take(yhi).skip(ylo) {
-                    let prow = &mut plane[(oy * s + i - g.pad) * g.w..][..g.w];
-                    let grow = &grow[xlo..xhi];
+                for (oy, grow) in row.chunks_exact(g.ow).enumerate() {
+                    let prow = &mut pad[(oy * s + i) * pw + j..];
                     if s == 1 {
-                        for (d, &v) in prow[xlo + j - g.pad..][..grow.len()].iter_mut().zip(grow) {
-                            *d += v;
-                        }
+                        add_into(&mut prow[..g.ow], grow);
                     } else {
-                        for (d, &v) in prow[xlo * s + j - g.pad..].iter_mut().step_by(s).zip(grow) {
+                        for (d, &v) in prow.iter_mut().step_by(s).zip(grow) {
                             *d += v;
                         }
                     }
                 }
             }
         }
-    });
+        for (y, out) in plane.chunks_exact_mut(g.w).enumerate() {
+            out.copy_from_slice(&pad[(y + g.pad) * pw + g.pad..][..g.w]);
+        }
+    };
+    let dx = &mut dx[..n * g.c * hw];
+    if parallel {
+        dx.par_chunks_mut(hw)
+            .enumerate()
+            .with_min_len(min_items(hw))
+            .for_each_init(Vec::new, |pad, (q, plane)| plane_of(pad, q, plane));
+    } else {
+        let mut pad = Vec::new();
+        dx.chunks_mut(hw).enumerate().for_each(|(q, plane)| plane_of(&mut pad, q, plane));
+    }
 }
 
 /// [n, rows, len] (NCHW, a chunk of samples) → [rows, n·len] (the GEMM's column layout).
@@ -258,9 +270,10 @@ impl<T: Elem> Scratch<T> {
 
 /// Runs `f(first sample, out, scratch, parallel)` over the chunks of samples, `out` being the
 /// chunk's samples of `out_all` (`per_sample` elements each). With at least as many chunks as
-/// threads, each chunk is one task on one thread with its own scratch (no synchronisation inside
-/// a chunk, the GEMM's shared operand packed once per chunk); otherwise (fewer samples than
-/// threads) the chunks run one after another with the threads inside each.
+/// threads, thread t takes a fixed contiguous run of chunks, each on its own with one scratch
+/// (no synchronisation inside a chunk, the GEMM's shared operand packed once per chunk, the
+/// scratch allocated once per thread); otherwise (fewer samples than threads) the chunks run one
+/// after another with the threads inside each.
 fn over_chunks<T: Elem>(
     out_all: &mut [T],
     per_sample: usize,
@@ -269,18 +282,30 @@ fn over_chunks<T: Elem>(
 ) -> Result<()> {
     let threads = rayon::current_num_threads();
     let step = g.chunk().min(g.b.div_ceil(threads)).max(1);
-    if threads > 1 && g.b.div_ceil(step) >= threads {
-        out_all
-            .par_chunks_mut(step * per_sample)
-            .enumerate()
-            .try_for_each_init(|| Scratch::new(g, step), |scratch, (i, out)| f(i * step, out, scratch, false))
-    } else {
+    let chunks = g.b.div_ceil(step);
+    if threads == 1 || chunks < threads {
         let mut scratch = Scratch::new(g, step);
         for (i, out) in out_all.chunks_mut(step * per_sample).enumerate() {
             f(i * step, out, &mut scratch, true)?;
         }
-        Ok(())
+        return Ok(());
     }
+    let mut runs = Vec::with_capacity(threads);
+    let mut rest = out_all;
+    for t in 0..threads {
+        let r = part(chunks, 1, t, threads);
+        let samples = (r.end * step).min(g.b) - r.start * step;
+        let (run, tail) = rest.split_at_mut(samples * per_sample);
+        runs.push((r.start * step, run));
+        rest = tail;
+    }
+    runs.into_par_iter().try_for_each(|(first, run)| {
+        let mut scratch = Scratch::new(g, step);
+        for (i, out) in run.chunks_mut(step * per_sample).enumerate() {
+            f(first + i * step, out, &mut scratch, false)?;
+        }
+        Ok(())
+    })
 }
 
 /// The threads a chunk's GEMM runs on.
@@ -294,7 +319,7 @@ fn gemm_threads(parallel: bool) -> usize {
 
 /// y [b, o, oh, ow] = x [b, c, h, w] ⊛ weight [o, c, k, k].
 pub(crate) fn conv_forward<T: Elem>(x: &[T], weight: &[T], g: &ConvGeom) -> Result<Vec<T>> {
-    keep_freed_memory();
+    crate::threads::keep_freed_memory();
     let (chw, ohw, ckk) = (g.c * g.hw_in(), g.o * g.hw_out(), g.ckk());
     let mut y = vec![T::zero(); g.b * ohw];
     over_chunks(&mut y, ohw, g, |s0, ys, scratch, parallel| {
