@@ -36,8 +36,7 @@ fn cpu_seconds() -> f64 {
 }
 
 fn main() -> kutta_trainer::Result<()> {
-    // As `kutta` does at start: the thread count (RAYON_NUM_THREADS, else the cores) and the
-    // allocator settings, before any thread exists.
+    // As `kutta` does at start: the thread count (RAYON_NUM_THREADS, else the cores).
     let threads = kutta_trainer::threads::init(None);
     eprintln!("compute threads: {} ({})", threads.threads, threads.reason);
     let args: Vec<String> = std::env::args().collect();

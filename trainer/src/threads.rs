@@ -112,23 +112,22 @@ pub fn decide(flag: Option<usize>, env: impl Fn(&str) -> Option<String>, cores: 
 /// environment variable while other threads read the environment is a data race) and before
 /// any candle or rayon work (rayon's global pool can be built only once).
 pub fn init(flag: Option<usize>) -> Choice {
-    keep_freed_memory();
     let choice = decide(flag, |name| std::env::var(name).ok(), Cores::detect());
     std::env::set_var("RAYON_NUM_THREADS", choice.threads.to_string());
     candle_core::utils::init_global_threadpool();
     choice
 }
 
-/// Keep freed memory in the process (glibc only; once: `init` calls it before any thread exists,
-/// the CPU conv kernels on their first call for library users that skip `init`). Activations of
-/// more than 32 MB (ResNet-18's first stage at batch 128) are otherwise `mmap`ed fresh at every
-/// allocation and `munmap`ed at every free, so each gradient evaluation page-faults ~1 GB of
-/// zeroed pages in (12% of its time in the kernel). With mmap off, the heap never trimmed and one
-/// arena for all threads (a buffer freed by a rayon worker is reused by the next allocation on
-/// any thread, rather than sitting in a per-thread arena that is unmapped when it empties: 4-7%
-/// of a ResNet-18 evaluation went to page faults with per-thread arenas), the next evaluation
-/// reuses the same memory; the peak resident size is unchanged. The kernels allocate a few
-/// large buffers per layer, so one arena's lock is not contended.
+/// Keep freed memory in the process (glibc only; once, from the CPU conv kernels' first call).
+/// Activations of more than 32 MB (ResNet-18's first stage at batch 128) are otherwise `mmap`ed
+/// fresh at every allocation and `munmap`ed at every free, so each gradient evaluation
+/// page-faults ~1 GB of zeroed pages in (12% of its time in the kernel). With mmap off, the heap
+/// never trimmed and one arena for the threads that allocate from then on (a buffer freed by a
+/// rayon worker is reused by the next allocation on any thread, rather than sitting in a
+/// per-thread arena that is unmapped when it empties: 4-7% of a ResNet-18 evaluation went to page
+/// faults), the next evaluation reuses the same memory; the peak resident size is unchanged.
+/// Not for every model: with the settings made at start, the MLP's evaluation at batch 16 (small
+/// allocations on two threads, one arena's lock) took 1.1× as long.
 pub fn keep_freed_memory() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
