@@ -61,9 +61,28 @@ pub struct Workspace {
 
 /// The element types of the host kernels (here and in `cpu_layers`): f32, and f64 for the
 /// tests' references.
-pub(crate) trait Elem: candle_core::WithDType {}
-impl Elem for f32 {}
-impl Elem for f64 {}
+pub(crate) trait Elem: candle_core::WithDType {
+    /// This thread's spare scratch buffers of this type (`cpu_layers::scratch`): kept from one
+    /// kernel call to the next, so that scratch is not allocated and zero-filled on every call.
+    fn spares() -> &'static std::thread::LocalKey<std::cell::RefCell<Vec<Vec<Self>>>>;
+}
+
+thread_local! {
+    static SPARE_F32: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SPARE_F64: std::cell::RefCell<Vec<Vec<f64>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Elem for f32 {
+    fn spares() -> &'static std::thread::LocalKey<std::cell::RefCell<Vec<Vec<f32>>>> {
+        &SPARE_F32
+    }
+}
+
+impl Elem for f64 {
+    fn spares() -> &'static std::thread::LocalKey<std::cell::RefCell<Vec<Vec<f64>>>> {
+        &SPARE_F64
+    }
+}
 
 /// A read-only matrix view: element (i, j) is `data[i·rs + j·cs]`. Transposing swaps the strides.
 #[derive(Clone, Copy, Debug)]
