@@ -227,14 +227,14 @@ fn gather<T: Elem>(src: &[T], n: usize, rows: usize, len: usize, dst: &mut [T], 
     });
 }
 
-/// [n, rows, len] → [n·len, rows]: each sample's [rows, len] matrix transposed.
+/// [n, rows, len] → [n·len, rows]: each sample's [rows, len] matrix transposed, in parallel over
+/// the output rows (a task takes consecutive ones, which read the same source cache lines).
 fn transpose_samples<T: Elem>(src: &[T], n: usize, rows: usize, len: usize, dst: &mut [T]) {
-    each_piece(&mut dst[..n * len * rows], len * rows, true, |s, out| {
+    each_piece(&mut dst[..n * len * rows], rows, true, |i, orow| {
+        let (s, p) = (i / len, i % len);
         let m = &src[s * rows * len..][..rows * len];
-        for (p, orow) in out.chunks_exact_mut(rows).enumerate() {
-            for (r, v) in orow.iter_mut().enumerate() {
-                *v = m[r * len + p];
-            }
+        for (r, v) in orow.iter_mut().enumerate() {
+            *v = m[r * len + p];
         }
     });
 }
