@@ -11,8 +11,9 @@
 //!   samples: `ConvGeom::chunk` samples at a time so that the GEMM has at least `GEMM_COLUMNS`
 //!   columns (one sample of a 4×4 map gives 16, too few to run the micro-kernels at speed), and the
 //!   im2col buffer stays a few MB. Forward: y_chunk [O, n·HW'] = w [O, C·k·k] · col [C·k·k, n·HW'],
-//!   then scattered into NCHW. Weight gradient: dw += g_chunk [O, n·HW'] · colᵀ, with the im2col
-//!   matrix recomputed from x (storing it would cost k² activations per conv). Input gradient:
+//!   then scattered into NCHW. Weight gradient: dwᵀ += col · g_chunkᵀ (see `conv_weight_grad`
+//!   for why transposed), with the im2col matrix recomputed from x (storing it would cost k²
+//!   activations per conv). Input gradient:
 //!   dcol = wᵀ · g_chunk, then col2im (each input pixel gathers its k² taps in a fixed order). A
 //!   1×1 stride-1 unpadded conv of one sample uses x itself as the im2col matrix.
 //! - **Training-mode batch norm** over ghost batches (+ optional fused ReLU): statistics in two
