@@ -116,10 +116,25 @@ fn tap_window(i: usize, j: usize, g: &ConvGeom) -> ((usize, usize), (usize, usiz
 /// Runs `f(i, piece)` over the pieces of `len` elements of `buf`: on rayon's threads when
 /// `parallel`, else on this thread (inside a task that already has its own thread).
 fn each_piece<T: Send>(buf: &mut [T], len: usize, parallel: bool, f: impl Fn(usize, &mut [T]) + Sync + Send) {
+    each_piece_with(buf, len, parallel, || (), |_, i, piece| f(i, piece));
+}
+
+/// `each_piece` with per-task state: `f(state, i, piece)`, `state` made by `init` once per task.
+fn each_piece_with<T: Send, S>(
+    buf: &mut [T],
+    len: usize,
+    parallel: bool,
+    init: impl Fn() -> S + Sync + Send,
+    f: impl Fn(&mut S, usize, &mut [T]) + Sync + Send,
+) {
     if parallel {
-        buf.par_chunks_mut(len).enumerate().with_min_len(min_items(len)).for_each(|(i, piece)| f(i, piece));
+        buf.par_chunks_mut(len)
+            .enumerate()
+            .with_min_len(min_items(len))
+            .for_each_init(&init, |state, (i, piece)| f(state, i, piece));
     } else {
-        buf.chunks_mut(len).enumerate().for_each(|(i, piece)| f(i, piece));
+        let mut state = init();
+        buf.chunks_mut(len).enumerate().for_each(|(i, piece)| f(&mut state, i, piece));
     }
 }
 
@@ -207,16 +222,7 @@ fn col2im<T: Elem>(dcol: &[T], g: &ConvGeom, n: usize, dx: &mut [T], parallel: b
             out.copy_from_slice(&pad[(y + g.pad) * pw + g.pad..][..g.w]);
         }
     };
-    let dx = &mut dx[..n * g.c * hw];
-    if parallel {
-        dx.par_chunks_mut(hw)
-            .enumerate()
-            .with_min_len(min_items(hw))
-            .for_each_init(Vec::new, |pad, (q, plane)| plane_of(pad, q, plane));
-    } else {
-        let mut pad = Vec::new();
-        dx.chunks_mut(hw).enumerate().for_each(|(q, plane)| plane_of(&mut pad, q, plane));
-    }
+    each_piece_with(&mut dx[..n * g.c * hw], hw, parallel, Vec::new, plane_of);
 }
 
 /// [n, rows, len] (NCHW, a chunk of samples) → [rows, n·len] (the GEMM's column layout).
@@ -399,8 +405,9 @@ pub(crate) fn conv_weight_grad<T: Elem>(x: &[T], gy: &[T], g: &ConvGeom) -> Resu
     let (chw, ohw, ckk, hwo) = (g.c * g.hw_in(), g.o * g.hw_out(), g.ckk(), g.hw_out());
     let step = g.chunk();
     let mut dwt = vec![T::zero(); ckk * g.o];
-    let mut col = if g.pointwise() && step == 1 { Vec::new() } else { scratch::<T>(ckk * step * hwo) };
-    let mut gt = scratch::<T>(step * ohw);
+    // col: the im2col matrix; tmp: gyᵀ (needed for one sample too). Given back when dropped.
+    let col = if g.pointwise() && step == 1 { Vec::new() } else { scratch::<T>(ckk * step * hwo) };
+    let mut sc = Scratch { col, tmp: scratch::<T>(step * ohw) };
     for s0 in (0..g.b).step_by(step) {
         let n = step.min(g.b - s0);
         let xs = &x[s0 * chw..(s0 + n) * chw];
@@ -408,14 +415,13 @@ pub(crate) fn conv_weight_grad<T: Elem>(x: &[T], gy: &[T], g: &ConvGeom) -> Resu
         let cols: &[T] = if g.pointwise() && n == 1 {
             xs
         } else {
-            im2col(xs, g, n, &mut col, true);
-            &col
+            im2col(xs, g, n, &mut sc.col, true);
+            &sc.col
         };
-        transpose_samples(&gy[s0 * ohw..(s0 + n) * ohw], n, g.o, hwo, &mut gt);
-        matmul(&mut dwt, Mat::row_major(cols, ckk, cn), Mat::row_major(&gt, cn, g.o), s0 > 0)?;
+        transpose_samples(&gy[s0 * ohw..(s0 + n) * ohw], n, g.o, hwo, &mut sc.tmp);
+        matmul(&mut dwt, Mat::row_major(cols, ckk, cn), Mat::row_major(&sc.tmp, cn, g.o), s0 > 0)?;
     }
-    spare(col);
-    spare(gt);
+    drop(sc);
     let mut dw = vec![T::zero(); g.o * ckk];
     transpose_samples(&dwt, 1, ckk, g.o, &mut dw);
     Ok(dw)
