@@ -35,6 +35,10 @@ pub enum Init {
     /// A normal truncated at ±2σ and rescaled to standard deviation `std` (timm's `trunc_normal_`
     /// convention for transformers).
     TruncatedNormal { std: f64 },
+    /// A normal with standard deviation `std`, untruncated: timm's Vision Transformer
+    /// (`trunc_normal_(std=.02)` truncates at ±2 in absolute value, ±100σ: never), and its class
+    /// token (`normal_(std=1e-6)`).
+    Normal { std: f64 },
     /// PyTorch's `nn.Linear` default for weight and bias: U(−1/√fan_in, 1/√fan_in) with the
     /// layer's fan_in (the weight's, also for its bias).
     TorchLinear { fan_in: usize },

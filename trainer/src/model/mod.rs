@@ -25,6 +25,8 @@ pub mod mlp;
 pub mod native;
 pub mod registry;
 pub mod resnet;
+pub mod transformer;
+pub mod vit;
 pub mod wrn;
 
 pub use activation::LayerActivation;
@@ -316,6 +318,12 @@ pub fn init_params(model: &dyn Model, seed: u64) -> Vec<f32> {
             }
             Init::HeNormalFanOut => {
                 let std = (2.0 / fan_out.max(1) as f64).sqrt();
+                for w in out {
+                    let z: f64 = StandardNormal.sample(&mut rng);
+                    *w = (z * std) as f32;
+                }
+            }
+            Init::Normal { std } => {
                 for w in out {
                     let z: f64 = StandardNormal.sample(&mut rng);
                     *w = (z * std) as f32;

@@ -3,7 +3,7 @@
 //! `config` validates through it, `train` and `planner` build through it; nothing else matches on
 //! the kind's name.
 
-use super::{cnn, mlp, resnet, wrn, Model};
+use super::{cnn, mlp, resnet, vit, wrn, Model};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -23,7 +23,7 @@ pub struct ModelConfig {
     pub hidden: Option<Vec<usize>>,
     /// resnet18: base width (64: torchvision's resnet18).
     pub width: Option<usize>,
-    /// wrn: depth (28; 6n + 4).
+    /// wrn: depth (28; 6n + 4). vit: the number of encoder blocks (12).
     pub depth: Option<usize>,
     /// wrn: widening factor (10).
     pub widen: Option<usize>,
@@ -33,6 +33,17 @@ pub struct ModelConfig {
     pub bn_group: Option<usize>,
     /// Batch norm: the running statistics' update weight (PyTorch's momentum, 0.1).
     pub bn_momentum: Option<f64>,
+    /// vit: a preset that sets patch, dim, depth, heads and mlp_ratio (`vit-ti16`, `vit-s16`,
+    /// `vit-b16`); keys given beside it override it.
+    pub preset: Option<String>,
+    /// vit: the patch size (16): the patch embedding is a conv with kernel = stride = patch.
+    pub patch: Option<usize>,
+    /// vit: the embedding width (192 = ViT-Ti).
+    pub dim: Option<usize>,
+    /// vit: attention heads (3); dim must be a multiple.
+    pub heads: Option<usize>,
+    /// vit: the MLP's hidden width over dim (4.0).
+    pub mlp_ratio: Option<f64>,
     /// Initial weights from a safetensors file instead of the seed.
     pub init: Option<PathBuf>,
 }
@@ -47,6 +58,11 @@ impl Default for ModelConfig {
             widen: None,
             bn_group: None,
             bn_momentum: None,
+            preset: None,
+            patch: None,
+            dim: None,
+            heads: None,
+            mlp_ratio: None,
             init: None,
         }
     }
@@ -72,7 +88,7 @@ pub struct Kind {
 }
 
 /// Every kind, in the order `kutta models` lists them.
-pub const KINDS: &[Kind] = &[mlp::KIND, cnn::KIND, resnet::KIND, wrn::KIND];
+pub const KINDS: &[Kind] = &[mlp::KIND, cnn::KIND, resnet::KIND, wrn::KIND, vit::KIND];
 
 /// One kind as `kutta models` shows it: its name, its description and its keys with their
 /// defaults.
@@ -111,7 +127,7 @@ pub fn kind(name: &str) -> Result<&'static Kind> {
 
 /// Every optional key of `[model]` with whether it is set, so that keys another kind reads are
 /// refused rather than silently ignored.
-fn set_keys(cfg: &ModelConfig) -> [(&'static str, bool); 6] {
+fn set_keys(cfg: &ModelConfig) -> [(&'static str, bool); 11] {
     [
         ("hidden", cfg.hidden.is_some()),
         ("width", cfg.width.is_some()),
@@ -119,6 +135,11 @@ fn set_keys(cfg: &ModelConfig) -> [(&'static str, bool); 6] {
         ("widen", cfg.widen.is_some()),
         ("bn_group", cfg.bn_group.is_some()),
         ("bn_momentum", cfg.bn_momentum.is_some()),
+        ("preset", cfg.preset.is_some()),
+        ("patch", cfg.patch.is_some()),
+        ("dim", cfg.dim.is_some()),
+        ("heads", cfg.heads.is_some()),
+        ("mlp_ratio", cfg.mlp_ratio.is_some()),
     ]
 }
 
