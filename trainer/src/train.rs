@@ -530,6 +530,7 @@ impl Runner<'_> {
         inner.set_micro_batch(cfg.train.micro_batch);
         inner.set_recompute(cfg.train.recompute);
         inner.set_label_smoothing(cfg.train.label_smoothing);
+        inner.set_dtype(cfg.model.dtype.dtype());
         inner.set_augment(cfg.data.augment, cfg.train.seed);
         inner.set_device(device.clone());
         let mut field = ShardedField::new(inner, comm);
@@ -625,7 +626,7 @@ impl Runner<'_> {
                     &test_shard,
                     test.len(),
                     tc.eval_chunk,
-                    &device,
+                    (&device, cfg.model.dtype.dtype()),
                     comm,
                 )?;
                 line.test_loss = Some(loss);
@@ -858,13 +859,13 @@ fn evaluate_sharded(
     shard: &Dataset,
     total: usize,
     chunk: usize,
-    device: &candle_core::Device,
+    (device, dtype): (&candle_core::Device, candle_core::DType),
     comm: &dyn Communicator,
 ) -> Result<(f64, f64)> {
     let (loss_sum, correct) = if shard.is_empty() {
         (0.0, 0.0)
     } else {
-        let (loss, acc) = model::evaluate_on(model, theta, state, shard, chunk, device)?;
+        let (loss, acc) = model::evaluate_in(model, theta, state, shard, chunk, device, dtype)?;
         let n = shard.len() as f64;
         (loss * n, (acc * n).round())
     };

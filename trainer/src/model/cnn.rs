@@ -10,7 +10,7 @@
 use candle_core::Tensor;
 
 use super::activation::{conv, dense, LayerActivation};
-use super::layers::{conv2d, images};
+use super::layers::{conv2d, images, matmul};
 use super::registry::Kind;
 use super::{Model, Pass};
 use crate::error::{Error, Result};
@@ -92,7 +92,7 @@ impl Model for Cnn {
                 // (B, F0, H, W)
             }
             1 => Ok(conv2d(h, w1, PADDING, 1)?.broadcast_add(&bias(b1, self.filters[1])?)?.relu()?), // (B, F1, H, W)
-            2 => Ok(h.flatten_from(1)?.matmul(&wh.t()?)?.broadcast_add(bh)?),                        // (B, classes)
+            2 => Ok(matmul(&h.flatten_from(1)?, &wh.t()?)?.broadcast_add(bh)?),                      // (B, classes)
             _ => Err(Error::model(format!("the cnn has 3 segments, not {}", k + 1))),
         }
     }

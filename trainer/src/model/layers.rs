@@ -24,12 +24,29 @@ use candle_core::{
 use super::cpu_layers::{self, BnGeom, ConvGeom, Elem};
 use crate::error::{Error, Result};
 
+/// a · b (candle's `matmul`: batched over leading dims). Half precision on the CPU, where candle
+/// has no bf16/f16 matmul, is emulated: the operands widened to f32 (exactly), the product in
+/// f32, rounded to the half type — what a GPU's bf16 GEMM computes (half inputs, f32
+/// accumulation, half output) up to the order of the sums. The casts are graph ops, so the
+/// gradient is that of the emulated product.
+pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if half_on_cpu(a) {
+        return a.to_dtype(DType::F32)?.matmul(&b.to_dtype(DType::F32)?)?.to_dtype(a.dtype());
+    }
+    a.matmul(b)
+}
+
+/// A bf16 or f16 tensor in host memory (what candle's CPU matmul and conv do not take).
+fn half_on_cpu(t: &Tensor) -> bool {
+    matches!(t.dtype(), DType::BF16 | DType::F16) && t.device().is_cpu()
+}
+
 /// y = x·wᵀ for the first layer: x [batch, in] (the input), w [out, in]. In the backward pass
 /// only w gets a gradient (gᵀ·x); candle's matmul backward would also form g·w for x.
 pub(crate) fn input_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let x = x.detach();
-    let value = x.matmul(&w.detach().t()?)?;
-    with_param_grad(value, w, move |g| g.t()?.matmul(&x))
+    let value = matmul(&x, &w.detach().t()?)?;
+    with_param_grad(value, w, move |g| matmul(&g.t()?, &x))
 }
 
 /// 2-D convolution x [batch, C, H, W] ⊛ w [out, C, k, k], stride `stride`, dilation 1, zero
@@ -45,6 +62,11 @@ pub(crate) fn input_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// - the input gradient is skipped when x does not track gradients (the input images), and the
 ///   weight gradient when w does not.
 pub(crate) fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    if half_on_cpu(x) {
+        // As `matmul`: the convolution in f32, rounded to the half type.
+        let f32 = DType::F32;
+        return Ok(conv2d(&x.to_dtype(f32)?, &w.to_dtype(f32)?, padding, stride)?.to_dtype(x.dtype())?);
+    }
     let (_, _, kh, kw) = w.dims4()?;
     if kh != kw || padding >= kh || stride == 0 {
         return Err(Error::model(format!(
@@ -686,7 +708,7 @@ pub(crate) fn images(x: &Tensor, image_shape: [usize; 3], model: &str) -> Result
 
 /// y = x·wᵀ + b for a hidden or head layer: x [B, in], w [out, in], b [out].
 pub(crate) fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    Ok(x.matmul(&w.t()?)?.broadcast_add(b)?)
+    Ok(matmul(x, &w.t()?)?.broadcast_add(b)?)
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::sync::atomic::AtomicUsize;
 use candle_core::Tensor;
 
 use super::activation::{native_dense, LayerActivation};
-use super::layers::input_linear;
+use super::layers::{input_linear, matmul};
 use super::native::{
     bias_relu, bias_relu_from_t, column_sums, cross_entropy_grad, relu_backward, sized, Mat, NativeGrad, Product,
     Workspace,
@@ -101,7 +101,7 @@ impl Model for Mlp {
             // The input is data: the first layer skips candle's gradient with respect to it.
             input_linear(h, w)?
         } else {
-            h.matmul(&w.t()?)?
+            matmul(h, &w.t()?)?
         };
         let z = z.broadcast_add(b)?; // (B, out)
         Ok(if k + 1 < layers { z.relu()? } else { z })

@@ -30,8 +30,8 @@ pub mod vit;
 pub mod wrn;
 
 pub use activation::LayerActivation;
-pub use field::{evaluate, evaluate_on, ModelField};
-pub use registry::build;
+pub use field::{evaluate, evaluate_in, evaluate_on, ModelField};
+pub use registry::{build, ComputeDtype};
 
 use std::path::Path;
 
@@ -221,6 +221,26 @@ impl Bn {
 
     fn forward_act(&self, params: &[Tensor], x: &Tensor, group: usize, pass: &mut Pass, relu: bool) -> Result<Tensor> {
         let (gamma, beta) = (&params[self.param], &params[self.param + 1]);
+        let dtype = x.dtype();
+        if matches!(dtype, candle_core::DType::BF16 | candle_core::DType::F16) {
+            // Mixed precision: batch norm runs in f32 (as under PyTorch's autocast).
+            let f32 = candle_core::DType::F32;
+            let y =
+                self.normalize(&x.to_dtype(f32)?, &gamma.to_dtype(f32)?, &beta.to_dtype(f32)?, group, pass, relu)?;
+            return Ok(y.to_dtype(dtype)?);
+        }
+        self.normalize(x, gamma, beta, group, pass, relu)
+    }
+
+    fn normalize(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        group: usize,
+        pass: &mut Pass,
+        relu: bool,
+    ) -> Result<Tensor> {
         match pass.mode {
             Mode::Eval => {
                 let (Some(mean), Some(var)) = (pass.state.get(self.state), pass.state.get(self.state + 1)) else {

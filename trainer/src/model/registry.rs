@@ -46,6 +46,30 @@ pub struct ModelConfig {
     pub mlp_ratio: Option<f64>,
     /// Initial weights from a safetensors file instead of the seed.
     pub init: Option<PathBuf>,
+    /// The precision of the forward and backward passes: `f32` (default) or `bf16` (mixed
+    /// precision: θ, the gradients, every optimizer's arithmetic and the all-reduces stay f32;
+    /// the parameters and inputs are cast to bf16 for the passes, normalisations and the loss
+    /// run in f32). For a GPU; it runs on the CPU too, slowly, so that it is tested there.
+    pub dtype: ComputeDtype,
+}
+
+/// `model.dtype`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDtype {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl ComputeDtype {
+    /// The candle dtype of the passes.
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            ComputeDtype::F32 => candle_core::DType::F32,
+            ComputeDtype::Bf16 => candle_core::DType::BF16,
+        }
+    }
 }
 
 impl Default for ModelConfig {
@@ -64,6 +88,7 @@ impl Default for ModelConfig {
             heads: None,
             mlp_ratio: None,
             init: None,
+            dtype: ComputeDtype::F32,
         }
     }
 }

@@ -16,6 +16,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType, D};
 use rayon::prelude::*;
 
+use super::layers::matmul;
 use super::native::{matmul_on, Elem, Mat};
 use crate::error::{Error, Result};
 
@@ -332,7 +333,7 @@ pub(crate) fn softmax_ops(x: &Tensor) -> Result<Tensor> {
 pub(crate) fn token_linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (n_in, rows) = (dims[dims.len() - 1], x.elem_count() / dims[dims.len() - 1].max(1));
-    let y = x.reshape((rows, n_in))?.matmul(&w.t()?)?.broadcast_add(b)?;
+    let y = matmul(&x.reshape((rows, n_in))?, &w.t()?)?.broadcast_add(b)?;
     let mut out = dims;
     *out.last_mut().expect("a dimension") = w.dim(0)?;
     Ok(y.reshape(out)?)
@@ -383,8 +384,8 @@ pub(crate) fn attention_ops(qkv: &Tensor, heads: usize) -> Result<Tensor> {
     let q = (qkv.get(0)? * (1.0 / (hd as f64).sqrt()))?.contiguous()?;
     let k = qkv.get(1)?.contiguous()?;
     let v = qkv.get(2)?.contiguous()?;
-    let attn = widened(&q.matmul(&k.t()?)?, softmax_ops)?; // [B, H, T, T]
-    Ok(attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?)
+    let attn = widened(&matmul(&q, &k.t()?)?, softmax_ops)?; // [B, H, T, T]
+    Ok(matmul(&attn, &v)?.transpose(1, 2)?.reshape((b, t, d))?)
 }
 
 /// The element types of the CPU ops: `native`'s GEMM element with exp and erf.
