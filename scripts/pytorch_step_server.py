@@ -10,7 +10,9 @@ cross-entropy) + plain SGD update (lr 0.01, no momentum), on CPU, with --threads
   in [0, 1) (kutta uses Fashion-MNIST: step time does not depend on pixel values);
 - `resnet`: the CIFAR ResNet-18 of scripts/torchvision_resnet.py (torchvision's resnet18, 3x3
   stride-1 stem, no max-pool, base width --width, 10 classes) in train mode (batch-norm
-  statistics over the whole batch), on random 3x32x32 inputs.
+  statistics over the whole batch), on random 3x32x32 inputs;
+- `vit`: ViT-S/16 (timm's VisionTransformer: 224x224, patch 16, dim 384, depth 12, 6 heads,
+  1000 classes; its attention is torch's fused scaled_dot_product_attention), random inputs.
 
 Protocol (one line per request on stdin, one JSON line per answer on stdout):
 
@@ -20,7 +22,7 @@ Protocol (one line per request on stdin, one JSON line per answer on stdout):
                   and exit status 3
     mlp 128 5 [W]     -> W (default 1) untimed warm-up steps, then 5 timed:
                          {"model": "mlp", "batch_size": 128, "step_ms": [5 floats]}
-    resnet 128 2 [W]  -> the same for the ResNet-18
+    resnet 128 2 [W]  -> the same for the ResNet-18 (vit 32 2: ViT-S/16)
     quit (or EOF)     -> exit 0
     anything else     -> {"error": "..."} (the server stays up)
 
@@ -75,8 +77,14 @@ def main():
 
             model = torchvision_resnet.build(args.width, 3, 10).train()
             x = torch.randn(bs, 3, 32, 32)
+        elif kind == "vit":
+            from timm.models.vision_transformer import VisionTransformer  # only the ViT needs timm
+
+            model = VisionTransformer(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6,
+                                      num_classes=1000).train()
+            x = torch.randn(bs, 3, 224, 224)
         else:
-            raise ValueError(f"unknown model {kind!r} (mlp, resnet)")
+            raise ValueError(f"unknown model {kind!r} (mlp, resnet, vit)")
         y = torch.randint(0, 10, (bs,))
         return model, torch.optim.SGD(model.parameters(), lr=0.01), x, y
 
@@ -107,7 +115,7 @@ def main():
             break
         try:
             if len(words) not in (3, 4):
-                raise ValueError("expected: <mlp|resnet> <batch size> <timed steps> [warm-up steps]")
+                raise ValueError("expected: <mlp|resnet|vit> <batch size> <timed steps> [warm-up steps]")
             kind, bs, reps = words[0], int(words[1]), int(words[2])
             warmup = int(words[3]) if len(words) == 4 else 1
             if bs <= 0 or reps < 0 or warmup < 0:

@@ -118,7 +118,8 @@ pub fn init(flag: Option<usize>) -> Choice {
     choice
 }
 
-/// Keep freed memory in the process (glibc only; once, from the CPU conv kernels' first call).
+/// Keep freed memory in the process (glibc only; once, from the first call of the CPU conv
+/// kernels or of the transformer's attention).
 /// Activations of more than 32 MB (ResNet-18's first stage at batch 128) are otherwise `mmap`ed
 /// fresh at every allocation and `munmap`ed at every free, so each gradient evaluation
 /// page-faults ~1 GB of zeroed pages in (12% of its time in the kernel). With mmap off, the heap

@@ -155,6 +155,10 @@ pub struct VsPytorchArgs {
     /// Skip the ResNet-18.
     #[arg(long)]
     pub no_resnet: bool,
+    /// ViT-S/16 batch sizes (224×224 images, 1000 classes; PyTorch runs timm's
+    /// VisionTransformer), comma-separated; none by default (a step takes seconds).
+    #[arg(long, value_delimiter = ',')]
+    pub vit_batch_sizes: Vec<usize>,
     /// Minimum seconds spent timing each batch size (kutta and PyTorch together: 2 × this).
     #[arg(long, default_value_t = MIN_SECONDS)]
     pub min_seconds: f64,
@@ -180,6 +184,7 @@ impl Default for VsPytorchArgs {
             batch_sizes: sizes(vs_pytorch::BATCH_SIZES),
             resnet_batch_sizes: sizes(vs_pytorch::RESNET_BATCH_SIZES),
             no_resnet: false,
+            vit_batch_sizes: Vec::new(),
             min_seconds: MIN_SECONDS,
             min_reps: vs_pytorch::MIN_REPS,
             python: None,

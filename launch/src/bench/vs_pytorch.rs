@@ -51,6 +51,8 @@ pub const TURN_SECONDS: f64 = 0.25;
 const MAX_TURN: usize = 50;
 /// Steps shorter than this get one untimed step at the start of every turn.
 const WARM_TURN_BELOW_S: f64 = 0.1;
+/// The ViT-S/16 workload's images (ImageNet at 224 pixels).
+const VIT_IMAGE: [usize; 3] = [3, 224, 224];
 /// The ResNet-18's base width (`model.width`, the server's `--width`).
 pub const RESNET_WIDTH: usize = 64;
 
@@ -277,6 +279,16 @@ fn workloads(args: &VsPytorchArgs) -> Result<Vec<Workload>> {
         let batch_sizes = args.resnet_batch_sizes.clone();
         out.push(Workload { name: "ResNet-18", server_model: "resnet", base: resnet, batch_sizes });
     }
+    if !args.vit_batch_sizes.is_empty() {
+        let sets = ["model.kind=vit".to_string(), "model.preset=vit-s16".into()];
+        let vit = Config::from_toml_str("", &[&cpu[..], &sets[..]].concat())?;
+        out.push(Workload {
+            name: "ViT-S/16",
+            server_model: "vit",
+            base: vit,
+            batch_sizes: args.vit_batch_sizes.clone(),
+        });
+    }
     Ok(out)
 }
 
@@ -292,7 +304,14 @@ pub fn run(
     let mut models = Vec::new();
     let mut rows = Vec::new();
     for Workload { name, server_model, base, batch_sizes } in workloads(args)? {
-        let (data, data_desc) = bench_data(&base);
+        let (data, data_desc) = if server_model == "vit" {
+            // ImageNet's shape: random images (step time does not depend on pixel values).
+            let (shape, classes) = (VIT_IMAGE, 1000);
+            let n = batch_sizes.iter().copied().max().unwrap_or(1);
+            (Dataset::random(n, shape, classes, 0), format!("random images of {}×{}×{}", shape[0], shape[1], shape[2]))
+        } else {
+            bench_data(&base)
+        };
         // Random images are expected here for the ResNet: keep the description, not the reason.
         let data_desc = match data_desc.split_once(" (") {
             Some((random, _)) if random.starts_with("random images") => random.to_string(),
@@ -405,7 +424,7 @@ fn time_pair(
         pytorch_error = Some("PyTorch stopped answering".into());
     }
     Ok(VsRow {
-        model: if server_model == "resnet" { "resnet18".into() } else { "mlp".into() },
+        model: row_model(server_model).into(),
         batch_size: bs,
         reps,
         kutta_median_ms,
@@ -413,6 +432,15 @@ fn time_pair(
         kutta_over_pytorch: pytorch_median_ms.map(|p| kutta_median_ms / p),
         pytorch_error,
     })
+}
+
+/// The `model` of a row: the server's name for the model, as kutta names it.
+fn row_model(server_model: &str) -> &'static str {
+    match server_model {
+        "resnet" => "resnet18",
+        "vit" => "vit-s16",
+        _ => "mlp",
+    }
 }
 
 fn join(xs: &[usize]) -> String {
@@ -427,6 +455,9 @@ pub fn reproduce(args: &VsPytorchArgs, threads: &Choice) -> String {
         s += " --no-resnet";
     } else {
         s += &format!(" --resnet-batch-sizes {}", join(&args.resnet_batch_sizes));
+    }
+    if !args.vit_batch_sizes.is_empty() {
+        s += &format!(" --vit-batch-sizes {}", join(&args.vit_batch_sizes));
     }
     s += &format!(" --min-seconds {} --min-reps {}", args.min_seconds, args.min_reps);
     if let Some(p) = &args.python {
@@ -474,7 +505,11 @@ pub fn format_table(r: &VsReport) -> String {
     for m in &r.models {
         s += &format!("\n{}: kutta {} on {}; PyTorch on random inputs of the same shape\n", m.name, m.model, m.data);
         s += &format!("{:>7} {:>12} {:>12} {:>14} {:>6}\n", "batch", "kutta ms", "pytorch ms", "kutta/pytorch", "reps");
-        let key = if m.name == "MLP" { "mlp" } else { "resnet18" };
+        let key = match m.name.as_str() {
+            "MLP" => "mlp",
+            "ViT-S/16" => "vit-s16",
+            _ => "resnet18",
+        };
         for row in r.rows.iter().filter(|row| row.model == key) {
             s += &format!(
                 "{:>7} {:>12.3} {:>12} {:>14} {:>6}\n",

@@ -16,8 +16,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType, D};
 use rayon::prelude::*;
 
-use super::layers::matmul;
-use super::native::{matmul_on, Elem, Mat};
+use super::layers::matmul as graph_matmul;
+use super::native::{matmul, matmul_on, Elem, Mat};
 use crate::error::{Error, Result};
 
 /// ε of LayerNorm in timm's Vision Transformer (`partial(nn.LayerNorm, eps=1e-6)`).
@@ -330,13 +330,133 @@ pub(crate) fn softmax_ops(x: &Tensor) -> Result<Tensor> {
 // Token-wise layers and attention
 
 /// y = x·wᵀ + b over the last dimension of x [..., in]: w [out, in], b [out] (`nn.Linear`).
+///
+/// On the CPU one op (`Linear`) on `native`'s GEMM: forward the bias is written first and the
+/// product added onto it (no separate broadcast pass), backward dx = g·w, dw = gᵀ·x (as strided
+/// views, no transposed copies) and db = the column sums of g, each only for an input that
+/// takes a gradient (the images of the patch embedding do not). Elsewhere candle's matmul and
+/// broadcast add.
 pub(crate) fn token_linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (n_in, rows) = (dims[dims.len() - 1], x.elem_count() / dims[dims.len() - 1].max(1));
-    let y = matmul(&x.reshape((rows, n_in))?, &w.t()?)?.broadcast_add(b)?;
+    let x2 = x.reshape((rows, n_in))?;
+    let y = if cpu_op(&[&x2, w, b]) {
+        let (x2, w, b) = (x2.contiguous()?, w.contiguous()?, b.contiguous()?);
+        if x2.track_op() || w.track_op() || b.track_op() {
+            x2.apply_op3(&w, &b, Linear)?
+        } else {
+            x2.apply_op3_no_bwd(&w, &b, &Linear)?
+        }
+    } else {
+        graph_matmul(&x2, &w.t()?)?.broadcast_add(b)?
+    };
     let mut out = dims;
     *out.last_mut().expect("a dimension") = w.dim(0)?;
     Ok(y.reshape(out)?)
+}
+
+/// `token_linear` from candle ops (the CPU op's reference).
+#[cfg(test)]
+fn token_linear_ops(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(x.matmul(&w.t()?)?.broadcast_add(b)?)
+}
+
+/// (x [r, i], w [o, i], b [o]) → x·wᵀ + b [r, o].
+struct Linear;
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (r, i) = l1.shape().dims2()?;
+        let (o, _) = l2.shape().dims2()?;
+        for_float!(s1, T => {
+            let (x, w, b) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?, slice::<T>(s3, l3)?);
+            let mut y: Vec<T> = Vec::with_capacity(r * o);
+            for _ in 0..r {
+                y.extend_from_slice(b);
+            }
+            matmul(&mut y, Mat::row_major(x, r, i), Mat::row_major(w, o, i).t(), true).map_err(gemm_err)?;
+            Ok((T::to_cpu_storage_owned(y), Shape::from((r, o))))
+        })
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let dx = if x.track_op() { Some(g.apply_op2_no_bwd(w, &Product { transpose_a: false })?) } else { None };
+        let dw = if w.track_op() { Some(g.apply_op2_no_bwd(x, &Product { transpose_a: true })?) } else { None };
+        let db = if b.track_op() { Some(g.apply_op1_no_bwd(&ColumnSums)?) } else { None };
+        Ok((dx, dw, db))
+    }
+}
+
+/// (a, c) → a·c, or aᵀ·c with `transpose_a` (both row-major, contiguous).
+struct Product {
+    transpose_a: bool,
+}
+
+impl CustomOp2 for Product {
+    fn name(&self) -> &'static str {
+        "linear-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let ((ar, ac), (cr, cc)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        for_float!(s1, T => {
+            let (a, c) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?);
+            let a = Mat::row_major(a, ar, ac);
+            let a = if self.transpose_a { a.t() } else { a };
+            let mut out = vec![T::from_f64(0.0); a.rows * cc];
+            matmul(&mut out, a, Mat::row_major(c, cr, cc), false).map_err(gemm_err)?;
+            Ok((T::to_cpu_storage_owned(out), Shape::from((a.rows, cc))))
+        })
+    }
+}
+
+/// g [r, o] → Σ_rows g [o]: in parallel over blocks of columns, each column summed over the
+/// rows in order (the same sums for any thread count).
+struct ColumnSums;
+
+impl CustomOp1 for ColumnSums {
+    fn name(&self) -> &'static str {
+        "column-sums"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, o) = l.shape().dims2()?;
+        for_float!(s, T => {
+            let g = slice::<T>(s, l)?;
+            let mut out = vec![T::from_f64(0.0); o];
+            out.par_chunks_mut(ROW_BLOCK).enumerate().for_each(|(k, cols)| {
+                let start = k * ROW_BLOCK;
+                for row in g.chunks_exact(o.max(1)) {
+                    for (c, &v) in cols.iter_mut().zip(&row[start..]) {
+                        *c += v;
+                    }
+                }
+            });
+            Ok((T::to_cpu_storage_owned(out), Shape::from(o)))
+        })
+    }
 }
 
 /// Multi-head self-attention of x [B, T, D] as timm's `Attention`: qkv = x·W_qkvᵀ + b_qkv split
@@ -384,8 +504,8 @@ pub(crate) fn attention_ops(qkv: &Tensor, heads: usize) -> Result<Tensor> {
     let q = (qkv.get(0)? * (1.0 / (hd as f64).sqrt()))?.contiguous()?;
     let k = qkv.get(1)?.contiguous()?;
     let v = qkv.get(2)?.contiguous()?;
-    let attn = widened(&matmul(&q, &k.t()?)?, softmax_ops)?; // [B, H, T, T]
-    Ok(matmul(&attn, &v)?.transpose(1, 2)?.reshape((b, t, d))?)
+    let attn = widened(&graph_matmul(&q, &k.t()?)?, softmax_ops)?; // [B, H, T, T]
+    Ok(graph_matmul(&attn, &v)?.transpose(1, 2)?.reshape((b, t, d))?)
 }
 
 /// The element types of the CPU ops: `native`'s GEMM element with exp and erf.
@@ -469,6 +589,10 @@ impl CustomOp1 for Attention {
         "self-attention"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        // A transformer's activations are large (ViT-S/16 at batch 32: 9.7 MB per [B, T, D]
+        // tensor, 39 MB per MLP hidden): reuse freed memory instead of page-faulting fresh
+        // mappings in at every allocation (`threads::keep_freed_memory`).
+        crate::threads::keep_freed_memory();
         let (b, t, d, hd) = self.geometry(l)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let heads = self.heads;
@@ -615,6 +739,13 @@ mod tests {
             1e-5,
         );
         against_ops(&[&[4, 33]], |t| gelu(&t[0]), |t| gelu_ops(&t[0]), 1e-5);
+        // More output columns than one block of the bias gradient's sums.
+        against_ops(
+            &[&[7, 5], &[70, 5], &[70]],
+            |t| token_linear(&t[0], &t[1], &t[2]),
+            |t| token_linear_ops(&t[0], &t[1], &t[2]),
+            1e-5,
+        );
         // qkv of B 3, T 5, 2 heads of 4 features.
         against_ops(&[&[3, 5, 24]], |t| attention(&t[0], 2), |t| attention_ops(&t[0], 2), 1e-5);
     }
