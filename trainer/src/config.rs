@@ -238,6 +238,7 @@ impl Config {
         cfg.data.normalize.get_or_insert(match cfg.data.format {
             DataFormat::Idx => Normalize::Unit,
             DataFormat::Cifar10 | DataFormat::Cifar100 => Normalize::Standardize,
+            DataFormat::Imagefolder | DataFormat::Imagenet64 => Normalize::Imagenet,
         });
         cfg.validate()?;
         Ok(cfg)
@@ -298,6 +299,44 @@ impl Config {
                 "data.coarse_labels",
                 "only CIFAR-100 has coarse labels (data.format = \"cifar100\")",
             ));
+        }
+        let d = &self.data;
+        if let Some(size) = d.image_size {
+            if size == 0 {
+                return Err(Error::config("data.image_size", "must be at least 1"));
+            }
+            match (d.format, d.native_size()) {
+                (DataFormat::Imagenet64, _) if size != 32 && size != 64 => {
+                    return Err(Error::config(
+                        "data.image_size",
+                        format!("{size}: Downsampled ImageNet comes at 32 or 64 (the files' own size)"),
+                    ));
+                }
+                (_, Some(native)) if size != native => {
+                    return Err(Error::config(
+                        "data.image_size",
+                        format!("{size}, but {:?} images are {native}×{native} and are not resized", d.format),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if d.format == DataFormat::Imagefolder {
+            if d.normalize == Some(Normalize::Standardize) {
+                return Err(Error::config(
+                    "data.normalize",
+                    "\"standardize\" needs a pass over every training image, too slow for an image folder; use \"imagenet\" (the default) or \"unit\"",
+                ));
+            }
+            if d.augment == Augment::CropFlip {
+                return Err(Error::config(
+                    "data.augment",
+                    "\"crop-flip\" is the 32×32 CIFAR recipe; image folders take \"rrc-flip\" or \"none\"",
+                ));
+            }
+        }
+        if d.normalize == Some(Normalize::Imagenet) && matches!(d.format, DataFormat::Idx) {
+            return Err(Error::config("data.normalize", "\"imagenet\" is for RGB images; IDX images have one channel"));
         }
         if self.data.augment != Augment::None && self.data.format == DataFormat::Idx {
             // Works (the crop is taken from the padded image as for CIFAR), but say what it does.
