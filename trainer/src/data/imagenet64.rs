@@ -269,6 +269,62 @@ mod tests {
     use super::*;
 
     #[test]
+    fn loads_as_a_byte_dataset_and_augments() {
+        use crate::data::{augment::Augment, DataConfig, DataFormat};
+        let t = tempfile::tempdir().unwrap();
+        let row = 12288;
+        let img: Vec<u8> = (0..4 * row).map(|i| (i % 253) as u8).collect();
+        write_npz(&t.path().join(train_file(1)), &img, row, &[3, 1, 4, 1], true).unwrap();
+        write_npz(&t.path().join(VAL_FILE), &img[..row], row, &[9], false).unwrap();
+        let cfg = DataConfig { format: DataFormat::Imagenet64, dir: t.path().into(), ..Default::default() };
+        let (train, val) = crate::data::load(&cfg).unwrap();
+        assert_eq!((train.len(), val.len(), train.image_shape, train.num_classes), (4, 1, [3, 64, 64], 1000));
+        assert_eq!(train.labels, [2, 0, 3, 0]);
+        // ImageNet's normalisation by default: byte 0 of the red plane → −0.485 / 0.229.
+        let mut x = vec![0f32; 12288];
+        val.write_image(0, &mut x).unwrap();
+        assert!((x[0] - (-0.485 / 0.229) as f32).abs() < 1e-6, "{}", x[0]);
+        for augment in [Augment::CropFlip, Augment::RrcFlip] {
+            let mut a = vec![0f32; 2 * 12288];
+            let mut b = a.clone();
+            train.write_training_batch(&[1, 2], augment, 5, 9, &mut a).unwrap();
+            train.write_training_batch(&[1, 2], augment, 5, 9, &mut b).unwrap();
+            assert_eq!(a, b);
+        }
+        let bad = DataConfig { image_size: Some(32), ..cfg };
+        let e = crate::data::load(&bad).unwrap_err().to_string();
+        assert!(e.contains("data.image_size"), "{e}");
+        assert_eq!(sizes(t.path()).unwrap(), (4, 1, 64));
+    }
+
+    #[test]
+    fn wrong_dtype_is_named() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("x.npz");
+        let file = std::fs::File::create(&p).unwrap();
+        let mut zip = zip::ZipWriter::new(file);
+        let opts = zip::write::SimpleFileOptions::default();
+        use std::io::Write;
+        let header = |descr: &str, shape: &str| {
+            let dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}\n");
+            let mut v = b"\x93NUMPY\x01\x00".to_vec();
+            v.extend_from_slice(&(dict.len() as u16).to_le_bytes());
+            v.extend_from_slice(dict.as_bytes());
+            v
+        };
+        zip.start_file("labels.npy", opts).unwrap();
+        zip.write_all(&header("<i8", "(1,)")).unwrap();
+        zip.write_all(&1i64.to_le_bytes()).unwrap();
+        zip.start_file("data.npy", opts).unwrap();
+        zip.write_all(&header("<f4", "(1, 3072)")).unwrap();
+        zip.write_all(&[0u8; 4 * 3072]).unwrap();
+        zip.finish().unwrap();
+        let mut raw = Raw { pixels: Vec::new(), labels: Vec::new(), size: 0 };
+        let e = read_npz(&p, &mut raw).unwrap_err().to_string();
+        assert!(e.contains("x.npz") && e.contains("<f4"), "{e}");
+    }
+
+    #[test]
     fn header_parses() {
         let h = parse_dict("{'descr': '<i8', 'fortran_order': False, 'shape': (12,), }").unwrap();
         assert_eq!(h, Header { descr: "<i8".into(), fortran: false, shape: vec![12] });

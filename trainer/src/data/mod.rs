@@ -110,6 +110,16 @@ impl DataConfig {
         }
     }
 
+    /// `data.normalize` when not given: unit for IDX, standardize for CIFAR, ImageNet's
+    /// constants for the ImageNet formats.
+    pub fn default_normalize(&self) -> Normalize {
+        match self.format {
+            DataFormat::Idx => Normalize::Unit,
+            DataFormat::Cifar10 | DataFormat::Cifar100 => Normalize::Standardize,
+            DataFormat::Imagefolder | DataFormat::Imagenet64 => Normalize::Imagenet,
+        }
+    }
+
     /// Decode threads: `workers`, or the available cores when 0.
     pub fn worker_threads(&self) -> usize {
         if self.workers > 0 {
@@ -140,7 +150,7 @@ impl Default for DataConfig {
 /// The training and test sets `data` names (`data.format`, `data.dir`, `data.normalize`), images
 /// kept as bytes. `data.train_subset` is the caller's (`train::load_data`).
 pub fn load(data: &DataConfig) -> Result<(Dataset, Dataset)> {
-    let normalize = data.normalize.unwrap_or_default();
+    let normalize = data.normalize.unwrap_or(data.default_normalize());
     let kind = match data.format {
         DataFormat::Idx => return mnist::load_dir(&data.dir, normalize),
         DataFormat::Cifar10 => cifar::CifarKind::Cifar10,

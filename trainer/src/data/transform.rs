@@ -137,11 +137,12 @@ impl<'a> Src<'a> {
     }
 }
 
-/// Pillow's coefficients of one axis: for each output position, the first source pixel and the
-/// fixed-point weights. `in0..in0 + in_len` is the source span resized to `out_size`; only the
-/// outputs `first..first + count` are computed.
+/// Pillow's coefficients of one axis: for each output position, the first source pixel, how
+/// many taps it has and their fixed-point weights. `in0..in0 + in_len` is the source span
+/// resized to `out_size`; only the outputs `first..first + count` are computed.
 struct Coeffs {
     starts: Vec<usize>,
+    lens: Vec<usize>,
     taps: usize,
     weights: Vec<i32>, // (count, taps), zero-padded
 }
@@ -152,6 +153,7 @@ fn coeffs(in0: usize, in_len: usize, out_size: usize, first: usize, count: usize
     let support = filterscale; // the triangle filter's support is 1
     let taps = (support.ceil() as usize) * 2 + 1;
     let mut starts = Vec::with_capacity(count);
+    let mut lens = Vec::with_capacity(count);
     let mut weights = vec![0i32; count * taps];
     let mut k = vec![0f64; taps];
     let ss = 1.0 / filterscale;
@@ -175,8 +177,9 @@ fn coeffs(in0: usize, in_len: usize, out_size: usize, first: usize, count: usize
             *out = if w < 0.0 { (f - 0.5) as i32 } else { (f + 0.5) as i32 };
         }
         starts.push(in0 + xmin);
+        lens.push(n);
     }
-    Coeffs { starts, taps, weights }
+    Coeffs { starts, lens, taps, weights }
 }
 
 #[inline]
@@ -206,51 +209,72 @@ pub fn resample(
     let cx = coeffs(crop.left, crop.w, out_w, left, ow);
     let cy = coeffs(crop.top, crop.h, out_h, top, oh);
     // Source rows the kept output rows touch.
-    let (r0, r1) = cy
-        .starts
-        .iter()
-        .zip(cy.weights.chunks_exact(cy.taps))
-        .map(|(&s, w)| (s, s + w.iter().rposition(|&v| v != 0).map_or(1, |p| p + 1)))
-        .fold((usize::MAX, 0), |(a, b), (s, e)| (a.min(s), b.max(e)));
+    let r0 = cy.starts.iter().copied().min().unwrap_or(0);
+    let r1 = cy.starts.iter().zip(&cy.lens).map(|(s, n)| s + n).max().unwrap_or(r0).max(r0 + 1);
     let rows = r1 - r0;
     // Horizontal pass: (C, rows, ow), rounded to bytes as Pillow does.
     scratch.clear();
     scratch.resize(c * rows * ow, 0);
     let half = 1i32 << (PRECISION_BITS - 1);
-    for ch in 0..c {
+    let taps = cx.taps;
+    if c == 3 && src.ch == 1 && src.px == 3 {
+        // Interleaved RGB (the decoders' layout): the three channels of a tap side by side.
+        let (p0, rest) = scratch.split_at_mut(rows * ow);
+        let (p1, p2) = rest.split_at_mut(rows * ow);
         for r in 0..rows {
-            let base = (r0 + r) * src.row + ch * src.ch;
-            let dst = &mut scratch[(ch * rows + r) * ow..(ch * rows + r + 1) * ow];
-            for (o, d) in dst.iter_mut().enumerate() {
-                let xs = cx.starts[o];
-                let w = &cx.weights[o * cx.taps..(o + 1) * cx.taps];
-                let mut acc = half;
-                let limit = (crop.left + crop.w).min(src.width);
-                for (t, &wt) in w.iter().enumerate() {
-                    let x = xs + t;
-                    if x >= limit {
-                        break;
-                    }
-                    acc += src.data[base + x * src.px] as i32 * wt;
+            let line = &src.data[(r0 + r) * src.row..(r0 + r) * src.row + 3 * src.width];
+            let (d0, d1, d2) =
+                (&mut p0[r * ow..(r + 1) * ow], &mut p1[r * ow..(r + 1) * ow], &mut p2[r * ow..(r + 1) * ow]);
+            for o in 0..ow {
+                let (xs, n) = (cx.starts[o], cx.lens[o]);
+                let w = &cx.weights[o * taps..o * taps + n];
+                let px = &line[3 * xs..3 * (xs + n)];
+                let (mut a0, mut a1, mut a2) = (half, half, half);
+                for (p, &wt) in px.chunks_exact(3).zip(w) {
+                    a0 += p[0] as i32 * wt;
+                    a1 += p[1] as i32 * wt;
+                    a2 += p[2] as i32 * wt;
                 }
-                *d = clip8(acc);
+                (d0[o], d1[o], d2[o]) = (clip8(a0), clip8(a1), clip8(a2));
+            }
+        }
+    } else {
+        for ch in 0..c {
+            for r in 0..rows {
+                let base = (r0 + r) * src.row + ch * src.ch;
+                let dst = &mut scratch[(ch * rows + r) * ow..(ch * rows + r + 1) * ow];
+                for (o, d) in dst.iter_mut().enumerate() {
+                    let (xs, n) = (cx.starts[o], cx.lens[o]);
+                    let mut acc = half;
+                    for (t, &wt) in cx.weights[o * taps..o * taps + n].iter().enumerate() {
+                        acc += src.data[base + (xs + t) * src.px] as i32 * wt;
+                    }
+                    *d = clip8(acc);
+                }
             }
         }
     }
-    // Vertical pass into the output, mirrored on write.
+    // Vertical pass: whole rows at a time (vectorizes), mirrored on write.
+    let mut acc = vec![0i32; ow];
     for ch in 0..c {
         let plane = &scratch[ch * rows * ow..(ch + 1) * rows * ow];
         for (o, out_row) in out[ch * oh * ow..(ch + 1) * oh * ow].chunks_exact_mut(ow).enumerate() {
-            let ys = cy.starts[o] - r0;
-            let w = &cy.weights[o * cy.taps..(o + 1) * cy.taps];
-            let n = w.len().min(rows - ys);
-            for x in 0..ow {
-                let mut acc = half;
-                for (t, &wt) in w[..n].iter().enumerate() {
-                    acc += plane[(ys + t) * ow + x] as i32 * wt;
+            let (ys, n) = (cy.starts[o] - r0, cy.lens[o]);
+            acc.fill(half);
+            for (t, &wt) in cy.weights[o * cy.taps..o * cy.taps + n].iter().enumerate() {
+                let line = &plane[(ys + t) * ow..(ys + t + 1) * ow];
+                for (a, &p) in acc.iter_mut().zip(line) {
+                    *a += p as i32 * wt;
                 }
-                let xo = if flip { ow - 1 - x } else { x };
-                out_row[xo] = clip8(acc);
+            }
+            if flip {
+                for (o, &a) in out_row.iter_mut().rev().zip(&acc) {
+                    *o = clip8(a);
+                }
+            } else {
+                for (o, &a) in out_row.iter_mut().zip(&acc) {
+                    *o = clip8(a);
+                }
             }
         }
     }
@@ -420,6 +444,44 @@ mod tests {
         assert_eq!(c(1, 2, 3), c(1, 2, 3));
         let differ = (0..100u64).filter(|&i| c(5, i, i) != c(5, i + 1, i) && c(5, i, i) != c(6, i, i)).count();
         assert!(differ >= 98, "{differ}");
+    }
+
+    /// The interleaved-RGB fast path and the general strided path agree, on down- and upscales.
+    #[test]
+    fn rgb_fast_path_matches_general_path() {
+        let (h, w) = (37, 53);
+        let chw = gradient(3, h, w);
+        let mut hwc = vec![0; 3 * h * w];
+        for ch in 0..3 {
+            for p in 0..h * w {
+                hwc[p * 3 + ch] = chw[ch * h * w + p];
+            }
+        }
+        for i in 0..20 {
+            let (crop, flip) = rrc_choice(w, h, 1, 2, i);
+            for size in [7, 16, 70] {
+                let (mut a, mut b) = (vec![0; 3 * size * size], vec![0; 3 * size * size]);
+                let win = (0, 0, size, size);
+                resample(Src::hwc(&hwc, 3, h, w), crop, (size, size), win, flip, &mut Vec::new(), &mut a);
+                resample(Src::chw(&chw, 3, h, w), crop, (size, size), win, flip, &mut Vec::new(), &mut b);
+                assert_eq!(a, b, "{crop:?} {size}");
+            }
+        }
+    }
+
+    /// Freezes the resampled bytes: a change to the filter changes every trained model.
+    #[test]
+    fn resampled_bytes_are_pinned() {
+        let img = gradient(3, 60, 80);
+        let mut out = vec![0; 3 * 24 * 24];
+        let mut sum = 0u64;
+        for i in 0..8 {
+            rrc_flip(Src::chw(&img, 3, 60, 80), 24, 42, 7, i, &mut Vec::new(), &mut out);
+            sum = out.iter().fold(sum, |h, &b| h.wrapping_mul(1_000_003).wrapping_add(b as u64));
+        }
+        resize_center_crop(Src::chw(&img, 3, 60, 80), 24, &mut Vec::new(), &mut out);
+        sum = out.iter().fold(sum, |h, &b| h.wrapping_mul(1_000_003).wrapping_add(b as u64));
+        assert_eq!(sum, 12_686_541_046_534_891_087);
     }
 
     /// Freezes the choices (see `augment::choices_are_pinned`).
