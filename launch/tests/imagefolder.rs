@@ -117,3 +117,63 @@ fn bad_folders_and_files_stop_cleanly_naming_them() {
     let o = train(&config, &dir.path().join("r5"), &[]);
     assert_clean_error(&o, "val");
 }
+
+/// Under `mpirun` (a `--features mpi` build): 2 ranks with the global batch split 3 + 3 follow the
+/// one-process trajectory (each rank decodes only its slice), and a corrupt JPEG that only one
+/// rank's slice holds stops both ranks quickly, naming the file — no rank left waiting.
+#[test]
+fn two_ranks_match_one_process_and_stop_together_on_a_bad_file() {
+    if !cfg!(feature = "mpi") {
+        eprintln!("SKIPPED: kutta was built without the `mpi` feature; run cargo test --workspace --features mpi");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    kutta_trainer::data::imagefolder::write_synthetic(&data, 3, 6, 2, 28, 21, 4).unwrap();
+    let config = write_config(dir.path(), &data);
+    let run = |ranks: usize, out: &Path, sets: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kutta"));
+        c.env("RUST_LOG", "warn").env("RAYON_NUM_THREADS", "1");
+        if ranks > 1 {
+            c.args(["launch", "--nproc", &ranks.to_string(), "--"]);
+        }
+        c.args(["train", "--config", &config, "--out", out.to_str().unwrap()]);
+        for s in sets {
+            c.args(["--set", s]);
+        }
+        c.output().unwrap()
+    };
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let sgd = ["optimizer.kind=sgd", "optimizer.lr=0.05"];
+    let o = run(1, &one, &sgd);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(2, &two, &sgd);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let weights = |d: &Path| {
+        let bytes = std::fs::read(d.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut v = Vec::new();
+        let mut tensors = st.tensors();
+        tensors.sort_by(|x, y| x.0.cmp(&y.0));
+        for (_, t) in tensors {
+            v.extend(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64));
+        }
+        v
+    };
+    let (a, b) = (weights(&one), weights(&two));
+    let scale = a.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    let d = a.iter().zip(&b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs())) / scale;
+    assert!(d <= 1e-5, "1 vs 2 ranks: largest relative difference {d:e}");
+    // Rank 1's half of step 2's batch (positions 3..6) holds the corrupt file.
+    let mut sampler = kutta_trainer::data::sampler::BatchSampler::new(18, 6, 3, true);
+    let (_, listing, _) = kutta_trainer::data::imagefolder::scan(&data).unwrap();
+    let victim = &listing.files[sampler.batch(2)[4]];
+    std::fs::write(victim, b"\xFF\xD8\xFF garbage").unwrap();
+    let t0 = std::time::Instant::now();
+    let o = run(2, &dir.path().join("bad"), &sgd);
+    let name = victim.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains(&name) && !e.contains("panicked"), "{e}");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(60), "took {:?}", t0.elapsed());
+}

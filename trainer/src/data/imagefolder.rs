@@ -273,8 +273,9 @@ impl Folder {
                     let (put, make) = (&put, &make);
                     let run = move || {
                         let (mut scratch, mut out) = (Vec::new(), vec![0u8; d]);
-                        for pos in (t * share).min(n)..((t + 1) * share).min(n) {
-                            if let Err(e) = make(indices[pos], &mut scratch, &mut out) {
+                        let (lo, hi) = ((t * share).min(n), ((t + 1) * share).min(n));
+                        for (pos, &i) in indices.iter().enumerate().take(hi).skip(lo) {
+                            if let Err(e) = make(i, &mut scratch, &mut out) {
                                 return Some((pos, e));
                             }
                             (put.lock().unwrap_or_else(|e| e.into_inner()))(pos, &out);
@@ -350,7 +351,7 @@ pub fn write_synthetic(root: &Path, classes: usize, train: usize, val: usize, w:
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
             for k in 0..per_class {
                 let hue = [(c * 97 % 256) as f64, (c * 53 % 256) as f64, (c * 191 % 256) as f64];
-                let (fx, fy, ph) = (1.0 + 6.0 * next(), 1.0 + 6.0 * next(), 6.28 * next());
+                let (fx, fy, ph) = (1.0 + 6.0 * next(), 1.0 + 6.0 * next(), std::f64::consts::TAU * next());
                 let (bx, by, br) = (next() * w as f64, next() * h as f64, 0.1 + 0.3 * next());
                 let img = image::RgbImage::from_fn(w, h, |x, y| {
                     let (u, v) = (x as f64 / w as f64, y as f64 / h as f64);

@@ -361,10 +361,10 @@ mod tests {
         let e = load_dir(t.path()).unwrap_err().to_string();
         assert!(e.contains("val_data.npz"), "{e}");
         // A wrong row length, and files of two sizes.
-        write_npz(&bad, &vec![0; 2 * 100], 100, &[7, 8], true).unwrap();
+        write_npz(&bad, &[0; 2 * 100], 100, &[7, 8], true).unwrap();
         let e = load_dir(t.path()).unwrap_err().to_string();
         assert!(e.contains("val_data.npz") && e.contains("100 bytes"), "{e}");
-        write_npz(&bad, &vec![0; 12288], 12288, &[7], true).unwrap();
+        write_npz(&bad, &[0; 12288], 12288, &[7], true).unwrap();
         let e = load_dir(t.path()).unwrap_err().to_string();
         assert!(e.contains("val_data.npz") && e.contains("64×64"), "{e}");
         // A gap in the numbering.

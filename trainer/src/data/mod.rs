@@ -582,6 +582,8 @@ impl PrefetchGuard {
 impl Drop for PrefetchGuard {
     fn drop(&mut self) {
         self.folder.stop_prefetch();
+        let (hits, misses) = self.hits_and_misses();
+        tracing::debug!("image decoding: {hits} samples taken from the prefetch cache, {misses} decoded when gathered");
         self.prefetcher.take();
     }
 }
