@@ -237,8 +237,8 @@ impl Folder {
         put: &mut (dyn FnMut(usize, &[u8]) + Send),
     ) -> std::result::Result<(), String> {
         let active = self.active.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some((shared, a, s)) = active.filter(|(_, a, s)| *a == augment && *s == seed) {
-            let _ = (a, s);
+        // The cache holds bytes made with the prefetcher's augmentation and seed only.
+        if let Some((shared, ..)) = active.filter(|(_, a, s)| *a == augment && *s == seed) {
             return shared.fetch(step, indices, put);
         }
         self.parallel(indices, put, |i, scratch, out| self.training_image(i, augment, seed, step, scratch, out))

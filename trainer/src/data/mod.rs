@@ -180,7 +180,8 @@ fn load_folder(data: &DataConfig, normalize: Normalize) -> Result<(Dataset, Data
     let tables = normalization_tables(normalize, &[], [3, size, size], &data.dir)?;
     let workers = data.worker_threads();
     let budget = data.prefetch_mib.saturating_mul(1 << 20);
-    let make = |l: imagefolder::Listing| Dataset {
+    // Only the training set prefetches (and counts its budget in `resident_bytes`).
+    let make = |l: imagefolder::Listing, budget: usize| Dataset {
         pixels: Pixels::Folder {
             folder: Arc::new(imagefolder::Folder::new(l.files, size, workers, budget)),
             tables: tables.clone(),
@@ -189,7 +190,7 @@ fn load_folder(data: &DataConfig, normalize: Normalize) -> Result<(Dataset, Data
         image_shape: [3, size, size],
         num_classes: classes.len(),
     };
-    Ok((make(train), make(val)))
+    Ok((make(train, budget), make(val, 0)))
 }
 
 /// `data.format = "imagenet64"`: the npz files, held as bytes.
