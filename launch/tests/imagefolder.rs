@@ -177,3 +177,45 @@ fn two_ranks_match_one_process_and_stop_together_on_a_bad_file() {
     assert!(e.contains(&name) && !e.contains("panicked"), "{e}");
     assert!(t0.elapsed() < std::time::Duration::from_secs(60), "took {:?}", t0.elapsed());
 }
+
+#[test]
+fn bench_data_reports_decode_rates_and_whether_they_keep_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("photos");
+    let o = kutta(&[
+        "bench",
+        "data",
+        "--synthetic",
+        data.to_str().unwrap(),
+        "--synthetic-images",
+        "20",
+        "--width",
+        "50",
+        "--height",
+        "40",
+        "--min-seconds",
+        "0.05",
+        "--set",
+        "model.hidden=[8]",
+        "--set",
+        "data.image_size=16",
+        "--set",
+        "data.augment=rrc-flip",
+        "--set",
+        "data.workers=2",
+        "--set",
+        "train.batch_size=4",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["per_rank_batch"], 4);
+    let decode = r["decode"].as_array().unwrap();
+    assert_eq!(decode.iter().map(|d| d["workers"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2]);
+    assert!(decode.iter().all(|d| d["images_per_s"].as_f64().unwrap() > 0.0), "{r}");
+    let steps = r["steps"].as_array().unwrap();
+    assert_eq!(steps.iter().map(|s| s["optimizer"].as_str().unwrap()).collect::<Vec<_>>(), ["sgd", "rk4"]);
+    assert!(steps.iter().all(|s| s["keeps_up"].is_boolean() && s["images_per_s_needed"].as_f64().unwrap() > 0.0));
+    assert!(r["machine"].as_str().is_some_and(|m| !m.is_empty()) && r["cores"].as_u64().unwrap() >= 1);
+    assert_eq!(std::fs::read_dir(data.join("train")).unwrap().count(), 10);
+}
