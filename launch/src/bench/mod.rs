@@ -83,7 +83,7 @@ pub enum BenchCommand {
     Nccl(GpuArgs),
     /// Decoded and augmented training images per second, against the model's consumption.
     ///
-    /// With one decode worker and with data.workers (default: every core); then sgd's and rk4's
+    /// With one decode worker and with data.workers (default: the cores per rank); then sgd's and rk4's
     /// training step at the config's per-rank batch, and whether the pipeline keeps up
     /// (images/s needed = batch / step time). --synthetic DIR writes photo-sized JPEGs first.
     Data(DataArgs),

@@ -74,7 +74,8 @@ pub struct DataConfig {
     /// resizes to ⌊size/0.875⌋ and centre-crops). imagenet64: the files' 32 or 64 (checked).
     /// idx/cifar: only their native size.
     pub image_size: Option<usize>,
-    /// imagefolder: decode threads (training prefetch and evaluation); 0 = the available cores.
+    /// imagefolder: decode threads (training prefetch and evaluation); 0 = the cores this
+    /// process may use divided by the ranks on this node.
     pub workers: usize,
     /// imagefolder: the prefetch cache's budget in MiB (how many steps ahead the workers decode:
     /// as many as fit, at least 1).
@@ -120,13 +121,18 @@ impl DataConfig {
         }
     }
 
-    /// Decode threads: `workers`, or the available cores when 0.
+    /// Decode threads: `workers`, or when 0 the CPUs this process may use divided by the ranks
+    /// of the job on this node (as the compute threads' default, `threads::decide`), at least 1.
     pub fn worker_threads(&self) -> usize {
         if self.workers > 0 {
-            self.workers
-        } else {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            return self.workers;
         }
+        let allowed = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let local = crate::threads::LOCAL_RANKS_VARS
+            .iter()
+            .find_map(|v| std::env::var(v).ok().and_then(|s| s.trim().parse::<usize>().ok()).filter(|&n| n > 0))
+            .unwrap_or(1);
+        (allowed / local).max(1)
     }
 }
 
