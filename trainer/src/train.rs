@@ -570,8 +570,9 @@ impl Runner<'_> {
         for step in start..tc.steps {
             let done = step + 1;
             let batch = sampler.batch(step);
-            let ts = Instant::now();
+            // Gathering (and, for image folders, waiting for decodes) stays outside the step time.
             let gathered = field.set_global_batch(step, &batch);
+            let ts = Instant::now();
             let report = match gathered.and_then(|()| opt.step(step, &mut theta, &mut field)) {
                 Ok(r) => r,
                 Err(e) => {
