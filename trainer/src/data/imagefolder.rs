@@ -403,6 +403,13 @@ mod tests {
         assert_eq!((w, h, rgb.len()), (9, 7, 9 * 7 * 3));
         assert!(rgb.chunks(3).all(|p| p[0] == p[1] && p[1] == p[2]));
         assert_eq!(rgb[3], 20);
+        // A greyscale JPEG too (lossy: compare the channels, not the values).
+        let gj = t.path().join("grey.jpg");
+        let g = image::GrayImage::from_fn(16, 8, |x, y| image::Luma([(x * 10 + y * 5) as u8]));
+        image::DynamicImage::ImageLuma8(g).save_with_format(&gj, image::ImageFormat::Jpeg).unwrap();
+        let (rgb, w, h) = decode_rgb(&gj).unwrap();
+        assert_eq!((w, h), (16, 8));
+        assert!(rgb.chunks(3).all(|p| p[0] == p[1] && p[1] == p[2]));
         // An RGBA PNG loses its alpha.
         let rgba = image::DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(3, 2, image::Rgba([1, 2, 3, 4])));
         write_png(&t.path().join("x.png"), rgba);
