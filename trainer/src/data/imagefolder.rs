@@ -57,7 +57,13 @@ fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>> {
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     let mut folders = vec![dir.to_path_buf()];
     let mut all = Vec::new();
+    // Symbolic links are followed (as torchvision does), each real folder once: a link cycle
+    // must not make the listing endless.
+    let mut seen = std::collections::HashSet::new();
     while let Some(d) = folders.pop() {
+        if !seen.insert(std::fs::canonicalize(&d).map_err(|e| Error::io(&d, e))?) {
+            continue;
+        }
         let mut files = Vec::new();
         for p in read_dir_sorted(&d)? {
             if p.is_dir() {
@@ -410,6 +416,9 @@ mod tests {
         let (rgb, w, h) = decode_rgb(&gj).unwrap();
         assert_eq!((w, h), (16, 8));
         assert!(rgb.chunks(3).all(|p| p[0] == p[1] && p[1] == p[2]));
+        // A symbolic-link cycle inside a class folder is listed once.
+        std::os::unix::fs::symlink(t.path().join("train/n00000002"), t.path().join("train/n00000002/loop")).unwrap();
+        assert_eq!(scan(t.path()).unwrap().1.labels, [0, 0, 1, 1, 1, 2, 2]);
         // An RGBA PNG loses its alpha.
         let rgba = image::DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(3, 2, image::Rgba([1, 2, 3, 4])));
         write_png(&t.path().join("x.png"), rgba);
