@@ -270,38 +270,30 @@ impl Folder {
     ) -> std::result::Result<(), String> {
         let n = indices.len();
         let threads = self.workers.min(n).max(1);
+        let share = n.div_ceil(threads).max(1);
         let put = Mutex::new(put);
         let d = self.sample_bytes();
+        // Share t: positions t·share.. of `indices`; the first error of the share, if any.
+        let run = |t: usize| {
+            let (mut scratch, mut out) = (Vec::new(), vec![0u8; d]);
+            let (lo, hi) = ((t * share).min(n), ((t + 1) * share).min(n));
+            for (pos, &i) in indices.iter().enumerate().take(hi).skip(lo) {
+                if let Err(e) = make(i, &mut scratch, &mut out) {
+                    return Some((pos, e));
+                }
+                (put.lock().unwrap_or_else(|e| e.into_inner()))(pos, &out);
+            }
+            None
+        };
+        // Shares 1.. on scoped threads, share 0 on this one.
         let errors: Vec<Option<(usize, String)>> = std::thread::scope(|s| {
-            let share = n.div_ceil(threads).max(1);
-            let handles: Vec<_> = (0..threads)
-                .map(|t| {
-                    let (put, make) = (&put, &make);
-                    let run = move || {
-                        let (mut scratch, mut out) = (Vec::new(), vec![0u8; d]);
-                        let (lo, hi) = ((t * share).min(n), ((t + 1) * share).min(n));
-                        for (pos, &i) in indices.iter().enumerate().take(hi).skip(lo) {
-                            if let Err(e) = make(i, &mut scratch, &mut out) {
-                                return Some((pos, e));
-                            }
-                            (put.lock().unwrap_or_else(|e| e.into_inner()))(pos, &out);
-                        }
-                        None
-                    };
-                    if threads == 1 {
-                        Err(run())
-                    } else {
-                        Ok(s.spawn(run))
-                    }
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| match h {
-                    Err(r) => r,
-                    Ok(h) => h.join().unwrap_or_else(|_| Some((0, "a decode thread panicked".into()))),
-                })
-                .collect()
+            let run = &run;
+            let handles: Vec<_> = (1..threads).map(|t| s.spawn(move || run(t))).collect();
+            let mut errors = vec![run(0)];
+            errors.extend(
+                handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Some((n, "a decode thread panicked".into())))),
+            );
+            errors
         });
         match errors.into_iter().flatten().min_by_key(|(pos, _)| *pos) {
             Some((_, e)) => Err(e),
