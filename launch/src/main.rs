@@ -37,7 +37,9 @@ struct Cli {
 enum Command {
     /// Train a model (a new run from --config, or continue one with --resume DIR).
     Train {
-        /// Workload TOML file (see configs/).
+        /// Workload TOML file (see configs/ and the README's key table; data.format = idx,
+        /// cifar10, cifar100, imagefolder (ImageNet folders, with data.image_size, data.workers,
+        /// data.prefetch_mib) or imagenet64).
         #[arg(long, required_unless_present = "resume", conflicts_with = "resume")]
         config: Option<PathBuf>,
         /// Override a config key, e.g. --set optimizer.lr=0.001 (repeatable).

@@ -59,7 +59,7 @@ fn resnet18_trains_on_real_images_and_matches_torchvision() {
         .collect();
     let state_t = state.tensors(m.as_ref(), &dev).unwrap();
     let mut x = Vec::new();
-    test.extend_images(0..16, &mut x);
+    test.extend_images(0..16, &mut x).unwrap();
     let xt = candle_core::Tensor::from_slice(&x, (16, 784), &dev).unwrap();
     let logits = m.forward(&params, &xt, &mut Pass::eval(&state_t)).unwrap();
     let Some(python) = torch_python() else {

@@ -84,7 +84,7 @@ fn vit_trains_on_real_images_and_matches_timm() {
         .map(|s| candle_core::Tensor::from_slice(&theta[s.range()], s.shape.as_slice(), &dev).unwrap())
         .collect();
     let mut x = Vec::new();
-    test.extend_images(0..16, &mut x);
+    test.extend_images(0..16, &mut x).unwrap();
     let xt = candle_core::Tensor::from_slice(&x, (16, 784), &dev).unwrap();
     let logits = m.forward(&params, &xt, &mut Pass::eval(&state.tensors(m.as_ref(), &dev).unwrap())).unwrap();
     let logits = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -109,7 +109,7 @@ fn vit_trains_on_real_images_and_matches_timm() {
     let io = dir.path().join("io.safetensors");
     let labels: Vec<f32> = batch.labels.iter().map(|&l| l as f32).collect();
     let mut x8 = Vec::new();
-    batch.extend_images(0..8, &mut x8);
+    batch.extend_images(0..8, &mut x8).unwrap();
     write_tensors(
         &io,
         &[("x".into(), vec![16, 1, 28, 28], f32_bytes(&x)), ("logits".into(), vec![16, 10], f32_bytes(&logits))],

@@ -235,10 +235,7 @@ impl Config {
             }
         })?;
         crate::model::registry::fill_defaults(&mut cfg.model)?;
-        cfg.data.normalize.get_or_insert(match cfg.data.format {
-            DataFormat::Idx => Normalize::Unit,
-            DataFormat::Cifar10 | DataFormat::Cifar100 => Normalize::Standardize,
-        });
+        cfg.data.normalize.get_or_insert(cfg.data.default_normalize());
         cfg.validate()?;
         Ok(cfg)
     }
@@ -298,6 +295,44 @@ impl Config {
                 "data.coarse_labels",
                 "only CIFAR-100 has coarse labels (data.format = \"cifar100\")",
             ));
+        }
+        let d = &self.data;
+        if let Some(size) = d.image_size {
+            if size == 0 {
+                return Err(Error::config("data.image_size", "must be at least 1"));
+            }
+            match (d.format, d.native_size()) {
+                (DataFormat::Imagenet64, _) if size != 32 && size != 64 => {
+                    return Err(Error::config(
+                        "data.image_size",
+                        format!("{size}: Downsampled ImageNet comes at 32 or 64 (the files' own size)"),
+                    ));
+                }
+                (_, Some(native)) if size != native => {
+                    return Err(Error::config(
+                        "data.image_size",
+                        format!("{size}, but {:?} images are {native}×{native} and are not resized", d.format),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if d.format == DataFormat::Imagefolder {
+            if d.normalize == Some(Normalize::Standardize) {
+                return Err(Error::config(
+                    "data.normalize",
+                    "\"standardize\" needs a pass over every training image, too slow for an image folder; use \"imagenet\" (the default) or \"unit\"",
+                ));
+            }
+            if d.augment == Augment::CropFlip {
+                return Err(Error::config(
+                    "data.augment",
+                    "\"crop-flip\" is the 32×32 CIFAR recipe; image folders take \"rrc-flip\" or \"none\"",
+                ));
+            }
+        }
+        if d.normalize == Some(Normalize::Imagenet) && matches!(d.format, DataFormat::Idx) {
+            return Err(Error::config("data.normalize", "\"imagenet\" is for RGB images; IDX images have one channel"));
         }
         if self.data.augment != Augment::None && self.data.format == DataFormat::Idx {
             // Works (the crop is taken from the padded image as for CIFAR), but say what it does.
@@ -475,7 +510,8 @@ fn parse_value(raw: &str) -> toml::Value {
 /// The keys `--set` may change when a run is resumed: its length and bookkeeping, the memory
 /// knobs (they change only the summation order of the gradient; a checkpoint holds whole buffers
 /// whether or not the optimizer was sharded) and where it runs (the same arithmetic up to the
-/// device's rounding). Every other key would change the trajectory.
+/// device's rounding), and the image decoders' threads. Every other key would change the
+/// trajectory.
 pub const RESUMABLE_KEYS: &[&str] = &[
     "train.steps",
     "train.eval_every",
@@ -489,6 +525,9 @@ pub const RESUMABLE_KEYS: &[&str] = &[
     "train.device",
     "train.gpu",
     "train.gpu_solver",
+    // Decode threads and the prefetch budget: a sample's bytes do not depend on them.
+    "data.workers",
+    "data.prefetch_mib",
 ];
 
 impl Config {
@@ -626,6 +665,30 @@ mod tests {
         assert!(err("", &["optimizer.tableau=custom"]).contains("optimizer.custom_tableau"));
         assert!(err("", &["nonsense"]).contains("key=value"));
         assert!(err("train = 3\n", &["train.steps=3"]).contains("train"));
+    }
+
+    #[test]
+    fn image_data_keys() {
+        let ok = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            Config::from_toml_str("", &sets).unwrap()
+        };
+        let c = ok(&["data.format=\"imagefolder\"", "data.augment=\"rrc-flip\""]);
+        assert_eq!(c.data.normalize, Some(Normalize::Imagenet));
+        assert_eq!(c.data.image_shape_and_classes().0, [3, 224, 224]);
+        assert_eq!(c.data.prefetch_mib, crate::data::DEFAULT_PREFETCH_MIB);
+        assert!(c.data.worker_threads() >= 1);
+        assert_eq!(ok(&["data.format=\"imagenet64\"", "data.image_size=32"]).data.normalize, Some(Normalize::Imagenet));
+        ok(&["data.format=\"cifar10\"", "data.image_size=32", "data.augment=\"rrc-flip\""]);
+        ok(&["data.format=\"imagefolder\"", "data.normalize=\"unit\""]);
+        let folder = "data.format=\"imagefolder\"";
+        assert!(err("", &[folder, "data.normalize=\"standardize\""]).contains("data.normalize"));
+        assert!(err("", &[folder, "data.augment=\"crop-flip\""]).contains("data.augment"));
+        assert!(err("", &[folder, "data.image_size=0"]).contains("data.image_size"));
+        assert!(err("", &["data.format=\"imagenet64\"", "data.image_size=48"]).contains("data.image_size"));
+        assert!(err("", &["data.format=\"cifar10\"", "data.image_size=64"]).contains("data.image_size"));
+        assert!(err("", &["data.image_size=32"]).contains("data.image_size"));
+        assert!(err("", &["data.normalize=\"imagenet\""]).contains("data.normalize"));
     }
 
     #[test]

@@ -233,11 +233,13 @@ impl<'a> ShardedField<'a> {
     }
 
     /// Use this rank's slice of `global`, the batch of optimizer step `step`, for every following
-    /// evaluation.
-    pub fn set_global_batch(&mut self, step: u64, global: &[usize]) {
+    /// evaluation. Collective (one scalar all-reduce): a batch that could not be gathered on any
+    /// rank (an image file that does not decode) is an error on every rank, before the step's
+    /// first gradient all-reduce, so no rank is left waiting in it.
+    pub fn set_global_batch(&mut self, step: u64, global: &[usize]) -> Result<()> {
         self.inner.set_step(step);
-        let r = shard_range(global.len(), self.comm.rank(), self.comm.world_size());
-        self.inner.set_batch(&global[r], global.len());
+        self.inner.set_batch(rank_slice(global, self.comm.rank(), self.comm.world_size()), global.len());
+        agree(self.comm, "gathering the batch", self.inner.batch_problem())
     }
 
     /// Update the model state (batch norm's running statistics) with the batch statistics this
@@ -380,6 +382,12 @@ pub fn agree<T>(comm: &dyn Communicator, what: &str, outcome: Result<T>) -> Resu
         Ok(_) if failed > 0.0 => Err(Error::PeerFailed { what: what.to_string(), ranks: failed.round() as usize }),
         Ok(v) => Ok(v),
     }
+}
+
+/// The part of a global batch that `rank` of `size` gathers (what `ShardedField` evaluates; the
+/// image-folder prefetcher plans with it too).
+pub fn rank_slice(global: &[usize], rank: usize, size: usize) -> &[usize] {
+    &global[shard_range(global.len(), rank, size)]
 }
 
 /// This rank's share of an evaluation set (copied once; the test set is small).

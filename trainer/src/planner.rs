@@ -1080,6 +1080,9 @@ pub struct DataSizes {
     /// (C, H, W) of one image.
     pub image_shape: [usize; 3],
     pub classes: usize,
+    /// Image folders: bytes held per rank instead of the images (file paths and the prefetch
+    /// budget; `Dataset::resident_bytes`). None: the images are in memory.
+    pub files_resident: Option<u64>,
 }
 
 impl DataSizes {
@@ -1087,6 +1090,9 @@ impl DataSizes {
     /// labels (`data.train_subset` truncates without freeing), plus each rank's copy of its test
     /// shard.
     pub fn resident_bytes(&self, world_size: usize) -> u64 {
+        if let Some(b) = self.files_resident {
+            return b;
+        }
         let per_sample = self.image_shape.iter().product::<usize>() as u64 + F32_BYTES;
         let shard = if world_size > 1 { self.test.div_ceil(world_size) as u64 } else { 0 };
         (self.train as u64 + self.test as u64 + shard) * per_sample
@@ -1100,9 +1106,30 @@ pub fn read_data_sizes(data: &DataConfig) -> Result<DataSizes> {
         DataFormat::Idx => return read_idx_sizes(&data.dir),
         DataFormat::Cifar10 => CifarKind::Cifar10,
         DataFormat::Cifar100 => CifarKind::Cifar100 { coarse: data.coarse_labels },
+        DataFormat::Imagefolder => {
+            // Listing the folder is cheap: the data sets hold file names, no pixels.
+            let (train, test) = crate::data::load(data)?;
+            return Ok(DataSizes {
+                train: train.len(),
+                test: test.len(),
+                image_shape: train.image_shape,
+                classes: train.num_classes,
+                files_resident: Some(train.resident_bytes() + test.resident_bytes()),
+            });
+        }
+        DataFormat::Imagenet64 => {
+            let (train, test, size) = crate::data::imagenet64::sizes(&data.dir)?;
+            return Ok(DataSizes {
+                train,
+                test,
+                image_shape: [3, size, size],
+                classes: crate::data::imagenet64::NUM_CLASSES,
+                files_resident: None,
+            });
+        }
     };
     let (train, test) = cifar::sizes(&data.dir, kind)?;
-    Ok(DataSizes { train, test, image_shape: cifar::IMAGE_SHAPE, classes: kind.num_classes() })
+    Ok(DataSizes { train, test, image_shape: cifar::IMAGE_SHAPE, classes: kind.num_classes(), files_resident: None })
 }
 
 /// Train/test sizes and the image shape of an MNIST-format directory, without loading it.
@@ -1112,7 +1139,7 @@ fn read_idx_sizes(dir: &Path) -> Result<DataSizes> {
     }
     let [train, rows, cols] = idx::read_image_dims(&mnist::find(dir, mnist::TRAIN_IMAGES)?)?;
     let [test, ..] = idx::read_image_dims(&mnist::find(dir, mnist::TEST_IMAGES)?)?;
-    Ok(DataSizes { train, test, image_shape: [1, rows, cols], classes: mnist::NUM_CLASSES })
+    Ok(DataSizes { train, test, image_shape: [1, rows, cols], classes: mnist::NUM_CLASSES, files_resident: None })
 }
 
 /// The plan of a validated config on `world_size` ranks with `budget` bytes per rank: reads the
@@ -1144,7 +1171,8 @@ mod tests {
     fn input(sets: &[&str], world: usize, budget: u64) -> PlanInput {
         let c = cfg(sets);
         let m = crate::model::build(&c.model, [1, 28, 28], 10).unwrap();
-        let data = DataSizes { train: 60_000, test: 10_000, image_shape: [1, 28, 28], classes: 10 };
+        let data =
+            DataSizes { train: 60_000, test: 10_000, image_shape: [1, 28, 28], classes: 10, files_resident: None };
         let fixed = data.resident_bytes(world) + RUNTIME_BASELINE_BYTES;
         PlanInput::from_config(&c, world, budget, fixed, m.as_ref(), [1, 28, 28], 10).unwrap()
     }
@@ -1468,7 +1496,10 @@ mod tests {
         std::fs::write(dir.path().join(format!("{}.gz", mnist::TRAIN_IMAGES)), gz.finish().unwrap()).unwrap();
         std::fs::write(dir.path().join(mnist::TEST_IMAGES), header(10_000, 28, 28)).unwrap();
         let s = read_idx_sizes(dir.path()).unwrap();
-        assert_eq!(s, DataSizes { train: 60_000, test: 10_000, image_shape: [1, 28, 28], classes: 10 });
+        assert_eq!(
+            s,
+            DataSizes { train: 60_000, test: 10_000, image_shape: [1, 28, 28], classes: 10, files_resident: None }
+        );
         assert_eq!(s.resident_bytes(1), DATA);
         // A wrong magic and a missing directory are data errors naming the file.
         std::fs::write(dir.path().join(mnist::TEST_IMAGES), [0u8; 16]).unwrap();

@@ -19,7 +19,7 @@
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta, ResumePoint};
 use crate::config::{Config, OptimizerKind, PreconditionerKind, StepSizeKind};
 use crate::data::{sampler::BatchSampler, Dataset};
-use crate::distributed::{agree, shard_dataset, ParamSharding, ShardedField};
+use crate::distributed::{agree, rank_slice, shard_dataset, ParamSharding, ShardedField};
 use crate::error::{Error, Result};
 use crate::field::VectorField;
 use crate::kernels::SolverKernels;
@@ -533,6 +533,13 @@ impl Runner<'_> {
         inner.set_dtype(cfg.model.dtype.dtype());
         inner.set_augment(cfg.data.augment, cfg.train.seed);
         inner.set_device(device.clone());
+        // Image folders: this rank's samples of the coming steps are decoded ahead on the
+        // folder's worker threads (`data::prefetch`), planned with the sampler and the rank's
+        // slice exactly as the loop below gathers them. Stops when dropped (end of `run`).
+        let (rank, world) = (comm.rank(), comm.world_size());
+        let mut plan_sampler = sampler.clone();
+        let plan = Box::new(move |step| rank_slice(&plan_sampler.batch(step), rank, world).to_vec());
+        let _prefetch = train.start_prefetch(plan, start, cfg.train.steps, cfg.data.augment, cfg.train.seed);
         let mut field = ShardedField::new(inner, comm);
         field.set_l2(cfg.optimizer.l2, &layout)?;
         if let Some(g) = gpu {
@@ -564,9 +571,10 @@ impl Runner<'_> {
         for step in start..tc.steps {
             let done = step + 1;
             let batch = sampler.batch(step);
-            field.set_global_batch(step, &batch);
+            // Gathering (and, for image folders, waiting for decodes) stays outside the step time.
+            let gathered = field.set_global_batch(step, &batch);
             let ts = Instant::now();
-            let report = match opt.step(step, &mut theta, &mut field) {
+            let report = match gathered.and_then(|()| opt.step(step, &mut theta, &mut field)) {
                 Ok(r) => r,
                 Err(e) => {
                     bar.finish();
@@ -862,13 +870,17 @@ fn evaluate_sharded(
     (device, dtype): (&candle_core::Device, candle_core::DType),
     comm: &dyn Communicator,
 ) -> Result<(f64, f64)> {
-    let (loss_sum, correct) = if shard.is_empty() {
-        (0.0, 0.0)
+    let local = if shard.is_empty() {
+        Ok((0.0, 0.0))
     } else {
-        let (loss, acc) = model::evaluate_in(model, theta, state, shard, chunk, device, dtype)?;
-        let n = shard.len() as f64;
-        (loss * n, (acc * n).round())
+        model::evaluate_in(model, theta, state, shard, chunk, device, dtype).map(|(loss, acc)| {
+            let n = shard.len() as f64;
+            (loss * n, (acc * n).round())
+        })
     };
+    // An error on one rank (an image file that does not decode) stops every rank here rather
+    // than leaving the others in the sums below.
+    let (loss_sum, correct) = agree(comm, "evaluating the test set", local)?;
     let loss_sum = comm.all_reduce_sum_f64(loss_sum)?;
     let correct = comm.all_reduce_sum_f64(correct)?;
     Ok((loss_sum / total as f64, correct / total as f64))
@@ -1043,7 +1055,7 @@ mod tests {
             let mut opt = build_optimizer(&c).unwrap();
             let mut evals = 0;
             for step in 0..3u64 {
-                field.set_global_batch(step, &[0, 1, 2, 3, 4, 5, 6, 7]);
+                field.set_global_batch(step, &[0, 1, 2, 3, 4, 5, 6, 7]).unwrap();
                 evals += opt.step(step, &mut theta, &mut field).unwrap().grad_evals;
                 field.update_model_state(&mut state, model.state_momentum()).unwrap();
                 if step == 0 {

@@ -452,7 +452,7 @@ fn time_steps(comm: &TimedComm, opts: &WorkerOptions) -> Result<StepSamples> {
     let (mut step_s, mut ar_s) = (Vec::new(), Vec::new());
     let mut start = Instant::now();
     for step in 0u64.. {
-        field.set_global_batch(step, &sampler.batch(step));
+        field.set_global_batch(step, &sampler.batch(step))?;
         comm.barrier()?;
         let ar0 = comm.all_reduce_time();
         let t = Instant::now();

@@ -9,6 +9,8 @@
 //! - `vs-pytorch` (`vs_pytorch.rs`, also `steps --vs-pytorch`): one SGD training step of the MLP
 //!   and the CIFAR ResNet-18 in kutta and in PyTorch (a child process), in alternating turns.
 //! - `kernels`, `nccl` (`gpu.rs`): the GPU self-checks of a `--features cuda` build.
+//! - `data` (`data.rs`): decoded and augmented images per second against what the model's step
+//!   consumes (`--synthetic DIR` writes a folder of photo-sized JPEGs to measure).
 //!
 //! Before the subcommands, `kutta bench` took all of their flags at once and chose the bench by
 //! which were given (`--sweep batch`, `--collectives`, `--kernels`, `--nccl`, none: steps). Those
@@ -16,6 +18,7 @@
 //! turns them into the subcommand they meant, and a note on stderr names it.
 
 pub mod collectives;
+pub mod data;
 pub mod gpu;
 pub mod steps;
 pub mod sweep;
@@ -78,6 +81,12 @@ pub enum BenchCommand {
     /// One GPU per rank (a world of one without mpirun); the bus bandwidth of 256 MiB
     /// all-reduces; exit status 1 when a check fails.
     Nccl(GpuArgs),
+    /// Decoded and augmented training images per second, against the model's consumption.
+    ///
+    /// With one decode worker and with data.workers (default: the cores per rank); then sgd's and rk4's
+    /// training step at the config's per-rank batch, and whether the pipeline keeps up
+    /// (images/s needed = batch / step time). --synthetic DIR writes photo-sized JPEGs first.
+    Data(DataArgs),
 }
 
 /// The model and data a bench times.
@@ -248,6 +257,34 @@ pub struct CollectivesArgs {
 }
 
 #[derive(Args, Debug, Clone, PartialEq)]
+pub struct DataArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Write an image folder of synthetic photo-like JPEGs to DIR first (unless DIR/train exists)
+    /// and bench it (sets data.format = "imagefolder", data.dir = DIR before the --set keys).
+    #[arg(long, value_name = "DIR")]
+    pub synthetic: Option<PathBuf>,
+    /// How many training JPEGs --synthetic writes (10 classes).
+    #[arg(long, default_value_t = 200)]
+    pub synthetic_images: usize,
+    /// Width of the --synthetic JPEGs.
+    #[arg(long, default_value_t = 500)]
+    pub width: u32,
+    /// Height of the --synthetic JPEGs.
+    #[arg(long, default_value_t = 375)]
+    pub height: u32,
+    /// Ranks train.batch_size is split over: the per-rank batch each process decodes and steps.
+    #[arg(long, default_value_t = 1)]
+    pub ranks: usize,
+    /// Minimum seconds of each decode measurement (twice that for the step timing).
+    #[arg(long, default_value_t = MIN_SECONDS)]
+    pub min_seconds: f64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone, PartialEq)]
 pub struct GpuArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
@@ -390,6 +427,7 @@ pub fn main(args: BenchArgs, threads: Choice) -> i32 {
         BenchCommand::Sweep(args) => sweep::main(&args),
         BenchCommand::Collectives(args) => collectives::main(&args),
         BenchCommand::Kernels(GpuArgs { json }) => gpu::bench_kernels(json),
+        BenchCommand::Data(args) => data::main(&args),
     };
     match result {
         Ok(()) => 0,

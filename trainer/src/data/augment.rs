@@ -29,7 +29,8 @@ pub const CIFAR_PAD: usize = 4;
 /// The domain tag in the last 8 bytes of the ChaCha8 key.
 const DOMAIN: [u8; 8] = *b"augment\0";
 
-/// Training-time augmentation, the config's `data.augment`: `"none"` or `"crop-flip"`.
+/// Training-time augmentation, the config's `data.augment`: `"none"`, `"crop-flip"` or
+/// `"rrc-flip"`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Augment {
@@ -38,6 +39,9 @@ pub enum Augment {
     None,
     /// [`crop_flip`] with [`CIFAR_PAD`]: random crop of the zero-padded image, random mirror.
     CropFlip,
+    /// `RandomResizedCrop` + `RandomHorizontalFlip(0.5)` (`data::transform::rrc_flip`): the
+    /// ImageNet recipe, resized to `data.image_size` (the native size for in-memory formats).
+    RrcFlip,
 }
 
 /// The choices of [`crop_flip`] for one sample: the crop offset `(dy, dx)` into the padded image,
@@ -161,6 +165,7 @@ mod tests {
         assert_eq!(serde_json::to_string(&Augment::CropFlip).unwrap(), "\"crop-flip\"");
         let a: Augment = serde_json::from_str("\"crop-flip\"").unwrap();
         assert_eq!(a, Augment::CropFlip);
+        assert_eq!(serde_json::from_str::<Augment>("\"rrc-flip\"").unwrap(), Augment::RrcFlip);
         assert_eq!(Augment::default(), Augment::None);
         assert!(serde_json::from_str::<Augment>("\"crop_flip\"").is_err());
     }

@@ -244,6 +244,16 @@ impl<'a> ModelField<'a> {
         self.indices.len()
     }
 
+    /// Why the current batch cannot be evaluated (an undecodable image file, a bad index), as
+    /// the next `eval` would report it; `ShardedField` agrees on it between ranks before any
+    /// collective of the step, so that every rank stops.
+    pub fn batch_problem(&self) -> Result<()> {
+        match &self.batch_error {
+            Some(msg) => Err(Error::model(msg.clone())),
+            None => Ok(()),
+        }
+    }
+
     /// Gather the current batch's images and one-hot labels into contiguous tensors.
     fn gather(&mut self) {
         self.micro.clear();
@@ -281,7 +291,6 @@ impl<'a> ModelField<'a> {
         } else {
             (1.0, 0.0)
         };
-        let mut scratch = Vec::new();
         for chunk in self.indices.chunks(m) {
             let mut x = vec![0.0f32; chunk.len() * d];
             let mut onehot = vec![off; chunk.len() * k];
@@ -296,10 +305,11 @@ impl<'a> ModelField<'a> {
                 if label >= k {
                     return Err(format!("ModelField: sample {i} has label {label}, but there are {k} classes"));
                 }
-                let out = &mut x[row * d..(row + 1) * d];
-                data.write_training_image(i, self.augment, self.augment_seed, self.step, &mut scratch, out);
                 onehot[row * k + label] = on;
             }
+            // All rows at once: an image folder decodes them on its threads (or takes them from
+            // its prefetcher); an undecodable file is the batch's error, naming the file.
+            data.write_training_batch(chunk, self.augment, self.augment_seed, self.step, &mut x)?;
             let err = |e: candle_core::Error| e.to_string();
             self.micro.push(MicroBatch {
                 x: Tensor::from_vec(x, (chunk.len(), d), &self.device).map_err(err)?,
@@ -702,7 +712,7 @@ pub fn evaluate_in(
     for start in (0..n).step_by(chunk) {
         let end = (start + chunk).min(n);
         images.clear();
-        data.extend_images(start..end, &mut images);
+        data.extend_images(start..end, &mut images).map_err(|msg| Error::model(format!("evaluate: {msg}")))?;
         let x = Tensor::from_slice(&images, (end - start, d), device)?.to_dtype(dtype)?;
         let logits = model.forward(&params, &x, &mut Pass::eval(&state_tensors))?.to_dtype(DType::F32)?;
         let (rows, cols) = logits.dims2()?;
