@@ -44,16 +44,23 @@ pub enum Augment {
     RrcFlip,
 }
 
-/// The choices of [`crop_flip`] for one sample: the crop offset `(dy, dx)` into the padded image,
-/// each uniform in `0..=2·pad`, and whether to mirror left-right (probability 1/2). An offset of
-/// `pad` is the uncropped position. A pure function of its arguments.
-pub fn crop_flip_choice(pad: usize, seed: u64, step: u64, index: u64) -> (usize, usize, bool) {
+/// The random stream of one sample's augmentation: `ChaCha8Rng::from_seed` of `seed`, `step`,
+/// `index` as little-endian `u64`s and the 8-byte `domain` tag of the augmentation (so that two
+/// augmentations never draw the same stream). Every augmentation's choices come from it.
+pub(crate) fn sample_rng(seed: u64, step: u64, index: u64, domain: [u8; 8]) -> ChaCha8Rng {
     let mut key = [0u8; 32];
     key[0..8].copy_from_slice(&seed.to_le_bytes());
     key[8..16].copy_from_slice(&step.to_le_bytes());
     key[16..24].copy_from_slice(&index.to_le_bytes());
-    key[24..32].copy_from_slice(&DOMAIN);
-    let mut rng = ChaCha8Rng::from_seed(key);
+    key[24..32].copy_from_slice(&domain);
+    ChaCha8Rng::from_seed(key)
+}
+
+/// The choices of [`crop_flip`] for one sample: the crop offset `(dy, dx)` into the padded image,
+/// each uniform in `0..=2·pad`, and whether to mirror left-right (probability 1/2). An offset of
+/// `pad` is the uncropped position. A pure function of its arguments.
+pub fn crop_flip_choice(pad: usize, seed: u64, step: u64, index: u64) -> (usize, usize, bool) {
+    let mut rng = sample_rng(seed, step, index, DOMAIN);
     let span = 2 * pad as u64 + 1;
     let dy = bounded(&mut rng, span) as usize;
     let dx = bounded(&mut rng, span) as usize;

@@ -22,7 +22,7 @@
 //! the decoders give them) and the channel-major (CHW) byte images of the in-memory formats.
 
 use super::sampler::bounded;
-use rand::{RngCore, SeedableRng};
+use rand::RngCore;
 use rand_chacha::ChaCha8Rng;
 
 /// The domain tag in the last 8 bytes of the ChaCha8 key (`augment.rs` uses `b"augment\0"`).
@@ -48,12 +48,7 @@ pub struct CropBox {
 /// The crop and the mirror of `RandomResizedCrop(scale, ratio)` + `RandomHorizontalFlip(0.5)` for
 /// a `width × height` image: a pure function of `(seed, step, index)`.
 pub fn rrc_choice(width: usize, height: usize, seed: u64, step: u64, index: u64) -> (CropBox, bool) {
-    let mut key = [0u8; 32];
-    key[0..8].copy_from_slice(&seed.to_le_bytes());
-    key[8..16].copy_from_slice(&step.to_le_bytes());
-    key[16..24].copy_from_slice(&index.to_le_bytes());
-    key[24..32].copy_from_slice(&DOMAIN);
-    let mut rng = ChaCha8Rng::from_seed(key);
+    let mut rng = super::augment::sample_rng(seed, step, index, DOMAIN);
     let crop = rrc_params(width, height, SCALE, RATIO, &mut rng);
     let flip = rng.next_u64() >> 63 == 1;
     (crop, flip)
@@ -303,6 +298,7 @@ pub fn resize_center_crop(src: Src, size: usize, scratch: &mut Vec<u8>, out: &mu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::SeedableRng;
 
     fn gradient(c: usize, h: usize, w: usize) -> Vec<u8> {
         (0..c * h * w).map(|i| ((i * 37 + i / w * 11) % 251) as u8).collect()

@@ -87,13 +87,13 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> R
 }
 
 /// Whether `cpu_layers`' kernels take these tensors: all on the CPU, all f32 or all f64.
-fn cpu_native(ts: &[&Tensor]) -> bool {
+pub(crate) fn cpu_native(ts: &[&Tensor]) -> bool {
     let dtype = ts[0].dtype();
     matches!(dtype, DType::F32 | DType::F64) && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == dtype)
 }
 
 /// A contiguous CPU tensor's elements as a slice of T (an error for other layouts and types).
-fn slice<'a, T: Elem>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
+pub(crate) fn slice<'a, T: Elem>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
     let (start, end) =
         l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("cpu_layers: a non-contiguous operand".into()))?;
     Ok(&T::cpu_storage_as_slice(s)?[start..end])
@@ -111,10 +111,11 @@ macro_rules! for_dtype {
                 type $t = f64;
                 $body
             }
-            other => Err(candle_core::Error::Msg(format!("cpu_layers: no kernel for {:?}", other.dtype()))),
+            other => Err(candle_core::Error::Msg(format!("no CPU kernel for {:?}", other.dtype()))),
         }
     };
 }
+pub(crate) use for_dtype;
 
 fn dims4(l: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
     l.shape().dims4()

@@ -16,7 +16,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType, D};
 use rayon::prelude::*;
 
-use super::layers::matmul as graph_matmul;
+use super::layers::{cpu_native, for_dtype, matmul as graph_matmul, slice};
 use super::native::{matmul, matmul_on, Elem, Mat};
 use crate::error::{Error, Result};
 
@@ -29,12 +29,6 @@ const ROW_BLOCK: usize = 64;
 /// Elements per parallel task of the element-wise GELU.
 const ELEM_BLOCK: usize = 1 << 14;
 
-/// Whether the CPU ops take these tensors: all on the CPU, all f32 or all f64.
-fn cpu_op(ts: &[&Tensor]) -> bool {
-    let dtype = ts[0].dtype();
-    matches!(dtype, DType::F32 | DType::F64) && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == dtype)
-}
-
 /// Half-precision tensors are widened to f32 for the normalisations (PyTorch's autocast runs
 /// LayerNorm and softmax in f32); the result is narrowed back.
 fn widened(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
@@ -42,30 +36,6 @@ fn widened(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> 
         DType::BF16 | DType::F16 => Ok(f(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?),
         _ => f(x),
     }
-}
-
-/// A contiguous CPU tensor's elements as a slice of T.
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("transformer: a non-contiguous operand".into()))?;
-    Ok(&T::cpu_storage_as_slice(s)?[start..end])
-}
-
-macro_rules! for_float {
-    ($s:expr, $t:ident => $body:expr) => {
-        match $s {
-            CpuStorage::F32(_) => {
-                type $t = f32;
-                $body
-            }
-            CpuStorage::F64(_) => {
-                type $t = f64;
-                $body
-            }
-            other => Err(candle_core::Error::Msg(format!("transformer: no CPU kernel for {:?}", other.dtype()))),
-        }
-    };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -84,7 +54,7 @@ pub(crate) fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) ->
     }
     widened(x, |x| {
         let (gamma, beta) = (gamma.to_dtype(x.dtype())?, beta.to_dtype(x.dtype())?);
-        if !cpu_op(&[x, &gamma, &beta]) {
+        if !cpu_native(&[x, &gamma, &beta]) {
             return layer_norm_ops(x, &gamma, &beta, eps);
         }
         let (x, gamma, beta) = (x.contiguous()?, gamma.contiguous()?, beta.contiguous()?);
@@ -132,7 +102,7 @@ impl CustomOp3 for LayerNormOp {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let eps = self.eps;
-        for_float!(s1, T => {
+        for_dtype!(s1, T => {
             let (x, g, b) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?, slice::<T>(s3, l3)?);
             let d = g.len();
             let mut y = vec![T::from_f64(0.0); x.len()];
@@ -185,7 +155,7 @@ impl CustomOp3 for LayerNormGrad {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let eps = self.eps;
-        for_float!(s1, T => {
+        for_dtype!(s1, T => {
             let (x, gamma, g) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?, slice::<T>(s3, l3)?);
             let d = gamma.len();
             let rows = x.len() / d.max(1);
@@ -239,7 +209,7 @@ impl CustomOp3 for LayerNormGrad {
 
 /// The exact GELU, x·Φ(x) = x/2·(1 + erf(x/√2)) (PyTorch's `nn.GELU()`, timm's default).
 pub(crate) fn gelu(x: &Tensor) -> Result<Tensor> {
-    if !cpu_op(&[x]) {
+    if !cpu_native(&[x]) {
         return gelu_ops(x);
     }
     let x = x.contiguous()?;
@@ -269,7 +239,7 @@ impl CustomOp1 for Gelu {
         "gelu-erf"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        for_float!(s, T => {
+        for_dtype!(s, T => {
             let x = slice::<T>(s, l)?;
             let mut y = vec![T::from_f64(0.0); x.len()];
             y.par_chunks_mut(ELEM_BLOCK).zip(x.par_chunks(ELEM_BLOCK)).for_each(|(y, x)| {
@@ -299,7 +269,7 @@ impl CustomOp2 for GeluGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        for_float!(s1, T => {
+        for_dtype!(s1, T => {
             let (x, g) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?);
             let mut dx = vec![T::from_f64(0.0); x.len()];
             dx.par_chunks_mut(ELEM_BLOCK).zip(x.par_chunks(ELEM_BLOCK)).zip(g.par_chunks(ELEM_BLOCK)).for_each(
@@ -340,7 +310,7 @@ pub(crate) fn token_linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor>
     let dims = x.dims().to_vec();
     let (n_in, rows) = (dims[dims.len() - 1], x.elem_count() / dims[dims.len() - 1].max(1));
     let x2 = x.reshape((rows, n_in))?;
-    let y = if cpu_op(&[&x2, w, b]) {
+    let y = if cpu_native(&[&x2, w, b]) {
         let (x2, w, b) = (x2.contiguous()?, w.contiguous()?, b.contiguous()?);
         if x2.track_op() || w.track_op() || b.track_op() {
             x2.apply_op3(&w, &b, Linear)?
@@ -379,7 +349,7 @@ impl CustomOp3 for Linear {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (r, i) = l1.shape().dims2()?;
         let (o, _) = l2.shape().dims2()?;
-        for_float!(s1, T => {
+        for_dtype!(s1, T => {
             let (x, w, b) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?, slice::<T>(s3, l3)?);
             let mut y: Vec<T> = Vec::with_capacity(r * o);
             for _ in 0..r {
@@ -422,7 +392,7 @@ impl CustomOp2 for Product {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let ((ar, ac), (cr, cc)) = (l1.shape().dims2()?, l2.shape().dims2()?);
-        for_float!(s1, T => {
+        for_dtype!(s1, T => {
             let (a, c) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?);
             let a = Mat::row_major(a, ar, ac);
             let a = if self.transpose_a { a.t() } else { a };
@@ -443,7 +413,7 @@ impl CustomOp1 for ColumnSums {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (_, o) = l.shape().dims2()?;
-        for_float!(s, T => {
+        for_dtype!(s, T => {
             let g = slice::<T>(s, l)?;
             let mut out = vec![T::from_f64(0.0); o];
             out.par_chunks_mut(ROW_BLOCK).enumerate().for_each(|(k, cols)| {
@@ -480,7 +450,7 @@ pub(crate) fn self_attention(
         return Err(Error::model(format!("attention over {d} features cannot have {heads} heads")));
     }
     let qkv = token_linear(x, qkv_w, qkv_b)?; // [B, T, 3D]
-    let out = if cpu_op(&[&qkv]) {
+    let out = if cpu_native(&[&qkv]) {
         let qkv = qkv.contiguous()?;
         let op = Attention { heads };
         if qkv.track_op() {
@@ -596,7 +566,7 @@ impl CustomOp1 for Attention {
         let (b, t, d, hd) = self.geometry(l)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let heads = self.heads;
-        for_float!(s, T => {
+        for_dtype!(s, T => {
             let qkv = slice::<T>(s, l)?;
             let mut out = vec![T::from_f64(0.0); b * t * d];
             out.par_chunks_mut(t * d).zip(qkv.par_chunks(t * 3 * d)).try_for_each(|(out, sample)| {
@@ -638,7 +608,7 @@ impl CustomOp2 for AttentionGrad {
         let (b, t, d, hd) = Attention { heads: self.heads }.geometry(l1)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let heads = self.heads;
-        for_float!(s1, T => {
+        for_dtype!(s1, T => {
             let (qkv, g) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?);
             let mut dqkv = vec![T::from_f64(0.0); b * t * 3 * d];
             dqkv.par_chunks_mut(t * 3 * d).zip(qkv.par_chunks(t * 3 * d)).zip(g.par_chunks(t * d)).try_for_each(
