@@ -8,8 +8,8 @@ use std::process::Command;
 
 mod common;
 
-use common::{repo_path, require_fashion_mnist, torch_python};
-use kutta_trainer::model::{self, Pass};
+use common::{load_trained, repo_path, require_fashion_mnist, torch_python, train_shipped, TrainedRun};
+use kutta_trainer::model::Pass;
 
 /// The test-set accuracy the run must reach (300 steps of batch 64 = 1/3 epoch, width 8, seed 0;
 /// the run is deterministic for a given build): measured 76.22 % with candle's convolutions, 70.1 %
@@ -24,18 +24,11 @@ fn resnet18_trains_on_real_images_and_matches_torchvision() {
     require_fashion_mnist();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let t0 = std::time::Instant::now();
-    let o = Command::new(env!("CARGO_BIN_EXE_kutta"))
-        .args(["train", "--config", &repo_path("configs/fashion_mnist_resnet18.toml"), "--out", out.to_str().unwrap()])
-        .args(["--set", "model.width=8", "--set", "train.steps=300", "--set", "train.eval_every=0"])
-        .args(["--set", "train.checkpoint_every=0", "--set", "train.eval_chunk=500"])
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    let secs = t0.elapsed().as_secs_f64();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let (summary, secs) = train_shipped(
+        "configs/fashion_mnist_resnet18.toml",
+        &out,
+        &["model.width=8", "train.steps=300", "train.eval_every=0", "train.checkpoint_every=0", "train.eval_chunk=500"],
+    );
     let acc = summary["final_test_accuracy"].as_f64().unwrap();
     eprintln!(
         "resnet18 width 8, 300 steps of batch 64 on Fashion-MNIST: test accuracy {:.2} % in {secs:.0} s",
@@ -45,18 +38,9 @@ fn resnet18_trains_on_real_images_and_matches_torchvision() {
     assert!(summary["model"].as_str().unwrap().starts_with("resnet18"), "{summary}");
 
     // kutta's evaluation-mode logits on 16 test images, for the independent check.
-    let cfg = kutta_trainer::config::Config::load(&out.join("config.toml"), &[]).unwrap();
-    let (_, test) = kutta_trainer::data::load(&cfg.data).unwrap();
-    let m = model::build(&cfg.model, test.image_shape, test.num_classes).unwrap();
-    let (theta, state) = model::load_safetensors(m.as_ref(), &out.join("model.safetensors")).unwrap();
+    let TrainedRun { model: m, state, params, test, .. } = load_trained(&out);
     assert_eq!(state.updates, 300, "the running statistics are updated once per step");
     let dev = candle_core::Device::Cpu;
-    let params: Vec<candle_core::Tensor> = m
-        .layout()
-        .params
-        .iter()
-        .map(|s| candle_core::Tensor::from_slice(&theta[s.range()], s.shape.as_slice(), &dev).unwrap())
-        .collect();
     let state_t = state.tensors(m.as_ref(), &dev).unwrap();
     let mut x = Vec::new();
     test.extend_images(0..16, &mut x).unwrap();

@@ -11,7 +11,7 @@ use std::process::Command;
 
 mod common;
 
-use common::{repo_path, require_fashion_mnist, torch_python};
+use common::{load_trained, repo_path, require_fashion_mnist, torch_python, train_shipped, TrainedRun};
 use kutta_trainer::field::VectorField;
 use kutta_trainer::model::{self, ModelField, Pass};
 use safetensors::tensor::TensorView;
@@ -51,18 +51,17 @@ fn vit_trains_on_real_images_and_matches_timm() {
     require_fashion_mnist();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let t0 = std::time::Instant::now();
-    let o = Command::new(env!("CARGO_BIN_EXE_kutta"))
-        .args(["train", "--config", &repo_path("configs/fashion_mnist_vit.toml"), "--out", out.to_str().unwrap()])
-        .args(["--set", "train.steps=300", "--set", "optimizer.warmup_steps=30", "--set", "train.eval_every=0"])
-        .args(["--set", "train.checkpoint_every=0", "--set", "train.eval_chunk=1000"])
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    let secs = t0.elapsed().as_secs_f64();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let (summary, secs) = train_shipped(
+        "configs/fashion_mnist_vit.toml",
+        &out,
+        &[
+            "train.steps=300",
+            "optimizer.warmup_steps=30",
+            "train.eval_every=0",
+            "train.checkpoint_every=0",
+            "train.eval_chunk=1000",
+        ],
+    );
     let acc = summary["final_test_accuracy"].as_f64().unwrap();
     eprintln!(
         "vit (patch 4, dim 64, depth 4), 300 AdamW steps of batch 128: test accuracy {:.2} % in {secs:.0} s",
@@ -72,17 +71,8 @@ fn vit_trains_on_real_images_and_matches_timm() {
     assert!(summary["model"].as_str().unwrap().starts_with("vit 1x28x28 patch 4 dim 64 depth 4 heads 4"), "{summary}");
 
     // kutta's logits on 16 test images and its gradient on 8, for the independent check.
-    let cfg = kutta_trainer::config::Config::load(&out.join("config.toml"), &[]).unwrap();
-    let (_, test) = kutta_trainer::data::load(&cfg.data).unwrap();
-    let m = model::build(&cfg.model, test.image_shape, test.num_classes).unwrap();
-    let (theta, state) = model::load_safetensors(m.as_ref(), &out.join("model.safetensors")).unwrap();
+    let TrainedRun { model: m, theta, state, params, test } = load_trained(&out);
     let dev = candle_core::Device::Cpu;
-    let params: Vec<candle_core::Tensor> = m
-        .layout()
-        .params
-        .iter()
-        .map(|s| candle_core::Tensor::from_slice(&theta[s.range()], s.shape.as_slice(), &dev).unwrap())
-        .collect();
     let mut x = Vec::new();
     test.extend_images(0..16, &mut x).unwrap();
     let xt = candle_core::Tensor::from_slice(&x, (16, 784), &dev).unwrap();

@@ -11,7 +11,7 @@ use std::path::Path;
 
 mod common;
 
-use common::{checkpoint_tensor, max_rel_diff, run};
+use common::{bits, checkpoint_tensor, max_rel_diff, run};
 
 fn config(sets: &[&str]) -> Config {
     let base = [
@@ -33,10 +33,6 @@ fn config(sets: &[&str]) -> Config {
 /// θ and the model state of the newest checkpoint in `dir`.
 fn weights(dir: &Path) -> (Vec<f32>, Vec<f32>) {
     (checkpoint_tensor(dir, "theta"), checkpoint_tensor(dir, "model_state"))
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
 }
 
 /// 1, 2 and 3 thread-ranks (per-rank batches 24, 12, 8: whole groups of 4) and micro-batches of

@@ -9,7 +9,7 @@ use kutta_trainer::train::{self, Progress};
 
 mod common;
 
-use common::{checkpoint_tensor, max_rel_diff, run};
+use common::{bits, checkpoint_tensor, max_rel_diff, run};
 
 fn config(sets: &[&str]) -> Config {
     let base = [
@@ -28,10 +28,6 @@ fn config(sets: &[&str]) -> Config {
         "optimizer.lr=0.05",
     ];
     common::config(&base, sets)
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
 }
 
 /// Two RK4 steps: 1, 2 and 3 thread-ranks and micro-batches of 8 agree to 1e-5 relative,

@@ -48,3 +48,46 @@ pub fn torch_python() -> Option<PathBuf> {
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/kutta/torch-venv/bin/python")))?;
     p.is_file().then_some(p)
 }
+
+/// `kutta train --config configs/CONFIG --out OUT --set …` through the binary (RUST_LOG=warn),
+/// asserting success: the run's `summary.json` and its wall time in seconds.
+pub fn train_shipped(config: &str, out: &Path, sets: &[&str]) -> (serde_json::Value, f64) {
+    let t0 = std::time::Instant::now();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kutta"));
+    cmd.args(["train", "--config", &repo_path(config), "--out", out.to_str().unwrap()]);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let o = cmd.env("RUST_LOG", "warn").output().unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    (summary, secs)
+}
+
+/// A finished run's model, its `model.safetensors` (θ, state) as CPU tensors, and the test set.
+pub struct TrainedRun {
+    pub model: Box<dyn kutta_trainer::model::Model>,
+    pub theta: Vec<f32>,
+    pub state: kutta_trainer::model::ModelState,
+    pub params: Vec<candle_core::Tensor>,
+    pub test: kutta_trainer::data::Dataset,
+}
+
+/// Load the run in `out` (its `config.toml` and `model.safetensors`).
+pub fn load_trained(out: &Path) -> TrainedRun {
+    use kutta_trainer::model;
+    let cfg = kutta_trainer::config::Config::load(&out.join("config.toml"), &[]).unwrap();
+    let (_, test) = kutta_trainer::data::load(&cfg.data).unwrap();
+    let m = model::build(&cfg.model, test.image_shape, test.num_classes).unwrap();
+    let (theta, state) = model::load_safetensors(m.as_ref(), &out.join("model.safetensors")).unwrap();
+    let params = m
+        .layout()
+        .params
+        .iter()
+        .map(|s| {
+            candle_core::Tensor::from_slice(&theta[s.range()], s.shape.as_slice(), &candle_core::Device::Cpu).unwrap()
+        })
+        .collect();
+    TrainedRun { model: m, theta, state, params, test }
+}

@@ -50,3 +50,8 @@ pub fn max_rel_diff(a: &[f32], b: &[f32]) -> f64 {
     let scale = a.iter().map(|x| x.abs() as f64).fold(0.0, f64::max).max(1e-30);
     a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max) / scale
 }
+
+/// The bit patterns of `v`, for bit-for-bit comparisons.
+pub fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
