@@ -16,6 +16,11 @@ use kutta_trainer::tableau::Tableau;
 use kutta_trainer::train::{self, Progress};
 use std::path::PathBuf;
 
+/// Counts heap bytes live and their peak (`memory::CountingAlloc`): `summary.json`'s
+/// `peak_heap_mib` and `kutta bench ode`'s memory column.
+#[global_allocator]
+static ALLOC: kutta_trainer::memory::CountingAlloc = kutta_trainer::memory::CountingAlloc;
+
 mod bench;
 
 #[derive(Parser)]

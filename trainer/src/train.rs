@@ -69,6 +69,10 @@ pub struct MetricsLine {
     /// Peak resident memory of this process (rank 0) so far, MiB.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_rss_mib: Option<f64>,
+    /// The most bytes rank 0 had live on its heap so far, MiB (`memory::heap_peak_bytes`; in
+    /// `kutta`, which counts its allocations).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_heap_mib: Option<f64>,
     /// GPU memory in use on rank 0's GPU, the most seen after a backward pass so far, MiB
     /// (`memory::device_used_bytes`); absent on the CPU.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -121,6 +125,10 @@ pub struct Summary {
     pub optimizer_shards: usize,
     /// Peak resident memory of rank 0's process over the run, MiB.
     pub peak_rss_mib: Option<f64>,
+    /// The most bytes rank 0 had live on its heap over the run, MiB (absent where the binary does
+    /// not count its allocations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_heap_mib: Option<f64>,
     /// The most GPU memory rank 0's GPU was seen using, MiB (absent on the CPU).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_device_mib: Option<f64>,
@@ -646,6 +654,8 @@ impl Runner<'_> {
             line.wall_s = wall_before + t0.elapsed().as_secs_f64();
             line.peak_rss_mib = memory::peak_rss_bytes().map(mib);
             summary.peak_rss_mib = line.peak_rss_mib;
+            line.peak_heap_mib = memory::heap_peak_bytes().map(mib);
+            summary.peak_heap_mib = line.peak_heap_mib;
             line.peak_device_mib = Some(field.peak_device_bytes()).filter(|&b| b > 0).map(mib);
             summary.peak_device_mib = line.peak_device_mib;
             if let Some(metrics) = metrics.as_mut().filter(|_| {

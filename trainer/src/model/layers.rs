@@ -241,7 +241,7 @@ impl CustomOp2 for ConvWeightGrad {
 /// small next to the matmul or conv that produced the value. The ops differ only in `bwd`; the
 /// rest of their impls is what `CustomOp2`/`CustomOp3` require: one method per backend and arity,
 /// each with its own storage type (the defaults of `cuda_fwd` and `metal_fwd` are errors).
-fn pass_through<S: BackendStorage>(s1: &S, l1: &Layout) -> candle_core::Result<(S, Shape)> {
+pub(crate) fn pass_through<S: BackendStorage>(s1: &S, l1: &Layout) -> candle_core::Result<(S, Shape)> {
     Ok((s1.affine(l1, 1.0, 0.0)?, l1.shape().clone()))
 }
 

@@ -23,6 +23,8 @@ pub mod field;
 pub mod layers;
 pub mod mlp;
 pub mod native;
+pub mod ode;
+pub mod odenet;
 pub mod registry;
 pub mod resnet;
 pub mod transformer;

@@ -3,7 +3,7 @@
 //! `config` validates through it, `train` and `planner` build through it; nothing else matches on
 //! the kind's name.
 
-use super::{cnn, mlp, resnet, vit, wrn, Model};
+use super::{cnn, mlp, ode::OdeConfig, odenet, resnet, vit, wrn, Model};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -16,12 +16,13 @@ use crate::error::{Error, Result};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// `mlp`, `cnn` (the paper's simple CNN), `resnet18` (CIFAR ResNet-18), `wrn` (Wide-ResNet);
-    /// `kutta models` lists them with their keys.
+    /// `mlp`, `cnn` (the paper's simple CNN), `resnet18` (CIFAR ResNet-18), `wrn` (Wide-ResNet),
+    /// `vit`, `odenet` (a neural-ODE block); `kutta models` lists them with their keys.
     pub kind: String,
     /// mlp: hidden widths (default [500, 500, 500]); cnn: the two filter counts ([20, 10]).
     pub hidden: Option<Vec<usize>>,
-    /// resnet18: base width (64: torchvision's resnet18).
+    /// resnet18: base width (64: torchvision's resnet18). odenet: the channels of the stem and
+    /// the ODE block (32).
     pub width: Option<usize>,
     /// wrn: depth (28; 6n + 4). vit: the number of encoder blocks (12).
     pub depth: Option<usize>,
@@ -44,6 +45,8 @@ pub struct ModelConfig {
     pub heads: Option<usize>,
     /// vit: the MLP's hidden width over dim (4.0).
     pub mlp_ratio: Option<f64>,
+    /// odenet: `[model.ode]`, the ODE block's solver and gradient (`model::ode::OdeConfig`).
+    pub ode: Option<OdeConfig>,
     /// Initial weights from a safetensors file instead of the seed.
     pub init: Option<PathBuf>,
     /// The precision of the forward and backward passes: `f32` (default) or `bf16` (mixed
@@ -87,6 +90,7 @@ impl Default for ModelConfig {
             dim: None,
             heads: None,
             mlp_ratio: None,
+            ode: None,
             init: None,
             dtype: ComputeDtype::F32,
         }
@@ -113,7 +117,7 @@ pub struct Kind {
 }
 
 /// Every kind, in the order `kutta models` lists them.
-pub const KINDS: &[Kind] = &[mlp::KIND, cnn::KIND, resnet::KIND, wrn::KIND, vit::KIND];
+pub const KINDS: &[Kind] = &[mlp::KIND, cnn::KIND, resnet::KIND, wrn::KIND, vit::KIND, odenet::KIND];
 
 /// One kind as `kutta models` shows it: its name, its description and its keys with their
 /// defaults.
@@ -152,7 +156,7 @@ pub fn kind(name: &str) -> Result<&'static Kind> {
 
 /// Every optional key of `[model]` with whether it is set, so that keys another kind reads are
 /// refused rather than silently ignored.
-fn set_keys(cfg: &ModelConfig) -> [(&'static str, bool); 11] {
+fn set_keys(cfg: &ModelConfig) -> [(&'static str, bool); 12] {
     [
         ("hidden", cfg.hidden.is_some()),
         ("width", cfg.width.is_some()),
@@ -165,6 +169,7 @@ fn set_keys(cfg: &ModelConfig) -> [(&'static str, bool); 11] {
         ("dim", cfg.dim.is_some()),
         ("heads", cfg.heads.is_some()),
         ("mlp_ratio", cfg.mlp_ratio.is_some()),
+        ("ode", cfg.ode.is_some()),
     ]
 }
 
