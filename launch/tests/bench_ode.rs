@@ -49,9 +49,13 @@ fn rows_files_and_memory_growth() {
             assert!(r["reps"].as_u64().unwrap() >= 1);
         }
         // rk4: 4 evaluations a step; backprop evaluates the forward solve only, reversible two
-        // increments a step forward and again backward.
+        // increments a step forward and both again backward.
         assert_eq!(row(&report, "backprop", steps)["field_evals"], 4 * steps);
         assert_eq!(row(&report, "reversible", steps)["field_evals"], 16 * steps);
+        // checkpoint: the forward solve, the schedule's recomputed steps, and each step again in
+        // the backward sweep — the count the schedule predicts is the count the block makes.
+        let ck = row(&report, "checkpoint", steps);
+        assert_eq!(ck["field_evals"], 4 * (2 * steps + ck["recomputed_steps"].as_u64().unwrap()), "{ck}");
         let diff = row(&report, "checkpoint", steps)["rel_diff_vs_backprop"].as_f64().unwrap();
         assert!(diff <= 1e-4, "checkpoint's gradient differs from backprop's by {diff}");
     }

@@ -100,8 +100,8 @@ pub fn parse_steps(s: &str) -> Vec<usize> {
 }
 
 impl OdeOptions {
-    /// Errors name the flag.
-    fn validate(&self) -> Result<Tableau> {
+    /// The tableau, after checking every option; errors name the flag.
+    pub fn validate(&self) -> Result<Tableau> {
         let positive = [("--width", self.width), ("--batch", self.batch), ("--size", self.size)];
         if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(Error::config(*flag, "must be at least 1").into());
@@ -696,6 +696,8 @@ impl From<&OdeArgs> for OdeOptions {
 /// `kutta bench ode`: time, print the table (or JSON), write ode.csv, ode.svg and ode.json.
 pub fn main(args: &OdeArgs) -> Result<()> {
     let opts = OdeOptions::from(args);
+    // A bad flag is said before the header.
+    opts.validate()?;
     let command = opts.command();
     if !args.json {
         // The header first: the larger steps values take minutes.
