@@ -11,15 +11,19 @@
 //! - `kernels`, `nccl` (`gpu.rs`): the GPU self-checks of a `--features cuda` build.
 //! - `data` (`data.rs`): decoded and augmented images per second against what the model's step
 //!   consumes (`--synthetic DIR` writes a folder of photo-sized JPEGs to measure).
+//! - `ode` (`ode.rs`): one gradient through a neural-ODE block by backprop, checkpointing and the
+//!   reversible solver against the number of steps: seconds and peak heap, with ode.csv, ode.svg
+//!   and ode.json.
 //!
 //! Before the subcommands, `kutta bench` took all of their flags at once and chose the bench by
-//! which were given (`--sweep batch`, `--collectives`, `--kernels`, `--nccl`, none: steps). Those
+//! which were given (`--sweep batch`, `--collectives`, `--kernels`, `--nccl`, `--ode`, none: steps). Those
 //! flags (`LegacyArgs`, hidden from the help) still work for one release: `LegacyArgs::resolve`
 //! turns them into the subcommand they meant, and a note on stderr names it.
 
 pub mod collectives;
 pub mod data;
 pub mod gpu;
+pub mod ode;
 pub mod steps;
 pub mod sweep;
 pub mod vs_pytorch;
@@ -87,6 +91,15 @@ pub enum BenchCommand {
     /// training step at the config's per-rank batch, and whether the pipeline keeps up
     /// (images/s needed = batch / step time). --synthetic DIR writes photo-sized JPEGs first.
     Data(DataArgs),
+    /// One gradient through a neural-ODE block by backprop, checkpoint and reversible, against steps.
+    ///
+    /// ODE-Net's conv vector field (--width channels on --size² states, batch --batch, --tableau
+    /// over [0, 1], f32 on the CPU); per method and --steps value the median seconds of one
+    /// gradient (forward solve + backward to x and the parameters) and its exact peak heap, the
+    /// ratios reversible vs checkpoint and vs backprop, and how time and memory grow with the
+    /// steps (log-log slopes); checks that checkpoint's gradient equals backprop's. Writes
+    /// ode.csv, ode.svg and ode.json to --out.
+    Ode(OdeArgs),
 }
 
 /// The model and data a bench times.
@@ -285,6 +298,62 @@ pub struct DataArgs {
 }
 
 #[derive(Args, Debug, Clone, PartialEq)]
+pub struct OdeArgs {
+    /// Channels of the block's state (the field's convs are width + 1 → width, 3×3).
+    #[arg(long, default_value_t = ode::WIDTH)]
+    pub width: usize,
+    /// States per gradient.
+    #[arg(long, default_value_t = ode::BATCH)]
+    pub batch: usize,
+    /// Pixels per side of a state (7: a 28×28 image after the odenet's stem).
+    #[arg(long, default_value_t = ode::SIZE)]
+    pub size: usize,
+    /// The block's Runge–Kutta method (`kutta tableaux`).
+    #[arg(long, default_value = "rk4")]
+    pub tableau: String,
+    /// Steps over [0, 1], comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = ode::STEPS)]
+    pub steps: Vec<usize>,
+    /// checkpoint: states stored besides the input [default: ⌈log₂ steps⌉ at each steps value].
+    #[arg(long)]
+    pub checkpoints: Option<usize>,
+    /// reversible: the coupling λ ∈ (0, 1].
+    #[arg(long, default_value_t = kutta_trainer::model::ode::DEFAULT_COUPLING)]
+    pub coupling: f64,
+    /// Minimum seconds spent timing each steps value (the three methods interleaved).
+    #[arg(long, default_value_t = ode::MIN_SECONDS)]
+    pub min_seconds: f64,
+    /// Minimum timed gradients of each method at each steps value (after one warm-up gradient).
+    #[arg(long, visible_alias = "repeats", default_value_t = ode::MIN_REPS)]
+    pub min_reps: usize,
+    /// Folder for ode.csv, ode.svg and ode.json [default: runs/bench-ode-<unix time>].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Default for OdeArgs {
+    fn default() -> Self {
+        let d = ode::OdeOptions::default();
+        Self {
+            width: d.width,
+            batch: d.batch,
+            size: d.size,
+            tableau: d.tableau,
+            steps: d.steps,
+            checkpoints: d.checkpoints,
+            coupling: d.coupling,
+            min_seconds: d.min_seconds,
+            min_reps: d.min_reps,
+            out: None,
+            json: false,
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone, PartialEq)]
 pub struct GpuArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
@@ -340,6 +409,13 @@ pub struct LegacyArgs {
     /// Old form: --out of `sweep`.
     #[arg(long, hide = true, requires = "sweep")]
     out: Option<PathBuf>,
+    /// Old form of `kutta bench ode` (the issue's `kutta bench --ode [--json]`).
+    #[arg(
+        long,
+        hide = true,
+        conflicts_with_all = ["collectives", "sweep", "kernels", "nccl", "batch_sizes", "config", "sets", "collectives_worker"]
+    )]
+    ode: bool,
     /// Old form of `kutta bench collectives --worker` (one rank of a child job).
     #[arg(long, hide = true, value_delimiter = ',', value_parser = Part::NAMES, conflicts_with = "collectives")]
     collectives_worker: Option<Vec<String>>,
@@ -371,6 +447,15 @@ impl LegacyArgs {
                 worker: self.collectives_worker,
             };
             (BenchCommand::Collectives(args), note)
+        } else if self.ode {
+            let defaults = OdeArgs::default();
+            let args = OdeArgs {
+                min_seconds: self.min_seconds.unwrap_or(defaults.min_seconds),
+                min_reps: self.min_reps.unwrap_or(defaults.min_reps),
+                json: self.json,
+                ..defaults
+            };
+            (BenchCommand::Ode(args), note("--ode", "ode"))
         } else if self.sweep.is_some() {
             let defaults = sweep::SweepOptions::default();
             let args = SweepArgs {
@@ -428,6 +513,7 @@ pub fn main(args: BenchArgs, threads: Choice) -> i32 {
         BenchCommand::Collectives(args) => collectives::main(&args),
         BenchCommand::Kernels(GpuArgs { json }) => gpu::bench_kernels(json),
         BenchCommand::Data(args) => data::main(&args),
+        BenchCommand::Ode(args) => ode::main(&args),
     };
     match result {
         Ok(()) => 0,
@@ -558,6 +644,28 @@ mod tests {
         assert!(fails(&["--collectives", "--batch-sizes", "4"]));
         assert!(fails(&["--collectives", "--set", "x=1"]));
         assert!(fails(&["--max-ranks", "4"]));
+    }
+
+    /// `ode` takes its own flags (and --repeats for --min-reps); the old `--ode` means `ode`
+    /// with --json, --min-seconds and --min-reps, and stands apart from the other old forms.
+    #[test]
+    fn ode_new_and_old() {
+        assert_eq!(bench(&["ode"]).0, BenchCommand::Ode(OdeArgs::default()));
+        assert_eq!(ode::OdeOptions::from(&OdeArgs::default()), ode::OdeOptions::default());
+        let new = ["ode", "--steps", "2,4", "--width", "4", "--batch", "2", "--json", "--min-seconds", "0"];
+        let (c, _) = bench(&[&new[..], &["--repeats", "1", "--checkpoints", "2", "--out", "o"][..]].concat());
+        let BenchCommand::Ode(o) = &c else { panic!("not ode") };
+        assert_eq!((o.steps.as_slice(), o.width, o.batch, o.min_reps), ([2, 4].as_slice(), 4, 2, 1));
+        assert_eq!((o.checkpoints, o.out.as_deref(), o.json), (Some(2), Some(std::path::Path::new("o")), true));
+        let (old, note) = bench(&["--ode", "--json", "--min-seconds", "0.5"]);
+        let BenchCommand::Ode(old) = old else { panic!("--ode is not ode") };
+        assert_eq!(old, OdeArgs { json: true, min_seconds: 0.5, ..OdeArgs::default() });
+        assert!(note.unwrap().contains("`kutta bench --ode` is now `kutta bench ode`"));
+        assert!(fails(&["--ode", "--sweep", "batch"]));
+        assert!(fails(&["--ode", "--batch-sizes", "8"]));
+        assert!(fails(&["--ode", "--kernels"]));
+        assert!(fails(&["ode", "--batch-sizes", "8"]));
+        assert!(fails(&["ode", "--memory", "1GiB"]));
     }
 
     /// `kernels` and `nccl` take --json only; the old --kernels and --nccl stand alone.
