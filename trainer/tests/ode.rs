@@ -244,7 +244,10 @@ fn reversible_scheme_keeps_the_order_of_its_tableau() {
                 })
                 .collect();
             let slope = fit_slope(&errs);
-            eprintln!("{tableau} {method:?}: error slope {slope:.3} (errors {:?})", errs.iter().map(|e| e.1.exp()).collect::<Vec<_>>());
+            eprintln!(
+                "{tableau} {method:?}: error slope {slope:.3} (errors {:?})",
+                errs.iter().map(|e| e.1.exp()).collect::<Vec<_>>()
+            );
             assert!((-slope - order).abs() <= 0.25, "{tableau} {method:?}: measured order {} not {order}", -slope);
         }
     }

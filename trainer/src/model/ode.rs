@@ -776,8 +776,8 @@ impl Schedule {
         let smax = checkpoints.min(steps.saturating_sub(1));
         let mut cost = vec![vec![0u64; smax + 1]; steps + 1];
         let mut split = vec![vec![0u32; smax + 1]; steps + 1];
-        for l in 1..=steps {
-            cost[l][0] = (l * (l - 1) / 2) as u64;
+        for (l, row) in cost.iter_mut().enumerate().skip(1) {
+            row[0] = (l * (l - 1) / 2) as u64;
         }
         for l in 2..=steps {
             for s in 1..=smax {

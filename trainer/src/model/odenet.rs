@@ -215,7 +215,6 @@ fn ode_activation(solver: &Solver, width: usize, hw: usize, threads: usize) -> L
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::config::model_config as config;
 
     #[test]
