@@ -123,6 +123,45 @@ fn two_ranks_under_mpirun_match_one_process() {
     }
 }
 
+/// Issue 16: the odenet (rk4 in depth with reversible gradients, under RK4 in time) on 2 ranks
+/// under mpirun follows the one-process trajectory.
+#[test]
+fn odenet_with_reversible_gradients_under_mpirun_matches_one_process() {
+    if !enabled() {
+        return;
+    }
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("configs/fashion_mnist_odenet.toml");
+    let run = |ranks: usize, out: &Path| {
+        let mut c = kutta();
+        if ranks > 0 {
+            c.args(["launch", "--nproc", &ranks.to_string(), "--"]);
+        }
+        c.args(["train", "--config", config.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        for s in [
+            "model.width=6",
+            "model.ode.steps=3",
+            "data.train_subset=600",
+            "train.batch_size=25",
+            "train.steps=4",
+            "train.eval_every=0",
+            "train.checkpoint_every=4",
+            "optimizer.kind=rk",
+            "optimizer.step_size=constant",
+            "optimizer.lr=0.05",
+        ] {
+            c.args(["--set", s]);
+        }
+        c.output().unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    ok(&run(0, &one));
+    ok(&run(2, &two));
+    let d = rel_diff(&theta(&one), &theta(&two));
+    eprintln!("odenet, reversible gradients, rk4 optimizer: 1 vs 2 ranks after 4 steps {d:e}");
+    assert!(d <= 1e-5, "odenet: {d:e} > 1e-5");
+}
+
 /// Issue 4: the sharded optimizer (reduce-scatter of each stage gradient, update of the local
 /// block, all-gather of the next stage point; MPI_Reduce_scatter_block and MPI_Allgather) follows
 /// the unsharded trajectory under mpirun, on 2 ranks and on 3 (uneven blocks of θ).

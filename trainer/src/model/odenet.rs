@@ -215,6 +215,7 @@ fn ode_activation(solver: &Solver, width: usize, hw: usize, threads: usize) -> L
 
 #[cfg(test)]
 mod tests {
+    use super::{Model, Pass};
     use crate::config::model_config as config;
 
     #[test]
@@ -260,5 +261,39 @@ mod tests {
         assert_eq!(c.ode.unwrap().checkpoints, Some(4));
         let c = config("odenet", &["ode.gradient=reversible", "ode.coupling=1"]).unwrap();
         assert_eq!(c.ode.unwrap().coupling, Some(1.0));
+        assert!(err(&["ode.tableau=custom"]).contains("model.ode.custom_tableau"));
+        let e = err(&["ode.tableau=custom", "ode.custom_tableau={a=[[0.0,0.0],[1.0,0.0]], b=[0.5,0.6]}"]);
+        assert!(e.contains("model.ode.custom_tableau"), "{e}");
+    }
+
+    /// A custom tableau in depth: Heun's method written out computes what the built-in `heun`
+    /// computes, bit for bit, with every gradient method.
+    #[test]
+    fn custom_tableau_is_the_builtin() {
+        use candle_core::{Device, Tensor};
+        let heun = "ode.custom_tableau={name=\"my-heun\", a=[[0.0,0.0],[1.0,0.0]], b=[0.5,0.5]}";
+        for g in ["backprop", "checkpoint", "reversible"] {
+            let g = format!("ode.gradient={g}");
+            let custom = config("odenet", &["width=4", "ode.tableau=custom", heun, &g]).unwrap();
+            let builtin = config("odenet", &["width=4", "ode.tableau=heun", &g]).unwrap();
+            let (a, b) = (
+                super::super::build(&custom, [1, 8, 8], 3).unwrap(),
+                super::super::build(&builtin, [1, 8, 8], 3).unwrap(),
+            );
+            assert!(a.describe().contains("my-heun"), "{}", a.describe());
+            let theta = super::super::init_params(a.as_ref(), 3);
+            let params: Vec<Tensor> = a
+                .layout()
+                .params
+                .iter()
+                .map(|s| Tensor::from_slice(&theta[s.range()], s.shape.as_slice(), &Device::Cpu).unwrap())
+                .collect();
+            let x = Tensor::arange(0.0f32, 128.0, &Device::Cpu).unwrap().affine(1.0 / 128.0, 0.0).unwrap();
+            let x = x.reshape((2, 64)).unwrap();
+            let run = |m: &dyn Model| {
+                m.forward(&params, &x, &mut Pass::train()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            };
+            assert_eq!(run(a.as_ref()), run(b.as_ref()), "{g}");
+        }
     }
 }
