@@ -196,13 +196,17 @@ fn ode_activation(solver: &Solver, width: usize, hw: usize, threads: usize) -> L
         &[conv(width + 1, width, 3, hw, hw, threads), conv(width + 1, width, 3, hw, hw, threads)],
     );
     let stages = solver.tableau.stages();
-    let step = solver.state_tensors() * (stages * (eval.kept + 2 * state) + state);
+    // One increment Ψ with its graph (the reversible scheme's step is two of them).
+    let increment = stages * (eval.kept + 2 * state) + state;
+    let step = solver.state_tensors() * increment;
     let (kept, transient, name) = match solver.method {
         Method::Backprop | Method::ReversibleBackprop { .. } => (solver.steps * step, eval.transient, "backprop"),
         Method::Checkpoint { checkpoints } => {
             (checkpoints.min(solver.steps) * state + state, step + eval.transient, "checkpoint")
         }
-        Method::Reversible { .. } => (3 * state, step + eval.transient + 4 * state, "reversible"),
+        // The final pair, the output's copy; backward: one increment's graph at a time, the
+        // pair being rebuilt and the two adjoints.
+        Method::Reversible { .. } => (3 * state, increment + eval.transient + 4 * state, "reversible"),
     };
     LayerActivation {
         name: format!("ode block {width}x{hw} ({name}, {} steps)", solver.steps),
