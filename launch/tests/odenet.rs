@@ -11,7 +11,7 @@ use std::process::Command;
 
 mod common;
 
-use common::{load_trained, repo_path, require_fashion_mnist, torch_python, train_shipped, TrainedRun};
+use common::{load_trained, repo_path, require_fashion_mnist, torch_python_with, train_shipped, TrainedRun};
 use kutta_trainer::field::VectorField;
 use kutta_trainer::model::{ModelField, Pass};
 use kutta_trainer::tableau::Tableau;
@@ -101,7 +101,7 @@ fn odenet_trains_with_reversible_gradients_in_less_memory_and_matches_pytorch() 
         m.layout().params.iter().map(|s| (s.name.clone(), s.shape.clone(), f32_bytes(&grad[s.range()]))).collect();
     grads.push(("loss".into(), vec![1], f32_bytes(&[loss as f32])));
 
-    let Some(python) = torch_python() else {
+    let Some(python) = torch_python_with(&["torch", "safetensors"]) else {
         eprintln!("SKIPPED: the PyTorch comparison needs ~/.cache/kutta/torch-venv (pip install torch safetensors) or KUTTA_TORCH_PYTHON");
         return;
     };

@@ -8,7 +8,7 @@ use std::process::Command;
 
 mod common;
 
-use common::torch_python;
+use common::torch_python_with;
 use kutta_trainer::data::transform::{resample, resize_center_crop, CropBox, Src};
 
 const PY: &str = r#"
@@ -26,8 +26,11 @@ open(out, "wb").write(chw(ev) + chw(rr))
 
 #[test]
 fn eval_and_rrc_transforms_match_pillow() {
-    let Some(python) = torch_python() else {
-        eprintln!("SKIPPED: the Pillow comparison needs the PyTorch venv (torchvision brings Pillow)");
+    let Some(python) = torch_python_with(&["PIL", "torchvision", "numpy"]) else {
+        eprintln!(
+            "SKIPPED: the Pillow comparison needs torchvision and Pillow in the PyTorch venv \
+             (~/.cache/kutta/torch-venv/bin/pip install torch torchvision)"
+        );
         return;
     };
     // A 500×375 RGB image: smooth gradients with a deterministic texture.

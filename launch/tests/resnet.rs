@@ -8,7 +8,7 @@ use std::process::Command;
 
 mod common;
 
-use common::{load_trained, repo_path, require_fashion_mnist, torch_python, train_shipped, TrainedRun};
+use common::{load_trained, repo_path, require_fashion_mnist, torch_python_with, train_shipped, TrainedRun};
 use kutta_trainer::model::Pass;
 
 /// The test-set accuracy the run must reach (300 steps of batch 64 = 1/3 epoch, width 8, seed 0;
@@ -46,8 +46,8 @@ fn resnet18_trains_on_real_images_and_matches_torchvision() {
     test.extend_images(0..16, &mut x).unwrap();
     let xt = candle_core::Tensor::from_slice(&x, (16, 784), &dev).unwrap();
     let logits = m.forward(&params, &xt, &mut Pass::eval(&state_t)).unwrap();
-    let Some(python) = torch_python() else {
-        eprintln!("SKIPPED: the torchvision comparison needs PyTorch (python3 -m venv ~/.cache/kutta/torch-venv && ~/.cache/kutta/torch-venv/bin/pip install torch torchvision safetensors, or KUTTA_TORCH_PYTHON)");
+    let Some(python) = torch_python_with(&["torchvision", "safetensors"]) else {
+        eprintln!("SKIPPED: the torchvision comparison needs PyTorch and torchvision (python3 -m venv ~/.cache/kutta/torch-venv && ~/.cache/kutta/torch-venv/bin/pip install torch torchvision safetensors, or KUTTA_TORCH_PYTHON)");
         return;
     };
     let io = dir.path().join("io.safetensors");

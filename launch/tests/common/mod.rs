@@ -42,6 +42,15 @@ pub fn train_args(out: &Path, steps: u64, sets: &[&str], extra: &[&str]) -> Vec<
 /// The PyTorch interpreter of the README (`KUTTA_TORCH_PYTHON`, else
 /// `~/.cache/kutta/torch-venv/bin/python`), if it exists. Tests that compare with PyTorch say
 /// SKIPPED without it.
+/// `torch_python()` when it can import every one of `modules` (e.g. "torchvision", "timm"): a
+/// venv made for one comparison may lack another's packages, which must then say SKIPPED, not fail.
+pub fn torch_python_with(modules: &[&str]) -> Option<PathBuf> {
+    let python = torch_python()?;
+    let import = format!("import {}", modules.join(", "));
+    let ok = std::process::Command::new(&python).args(["-c", &import]).output().map(|o| o.status.success());
+    ok.unwrap_or(false).then_some(python)
+}
+
 pub fn torch_python() -> Option<PathBuf> {
     let p = std::env::var_os("KUTTA_TORCH_PYTHON")
         .map(PathBuf::from)
