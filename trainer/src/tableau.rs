@@ -163,8 +163,8 @@ impl Tableau {
                 Err(Error::Tableau {
                     name: name.to_string(),
                     msg: format!(
-                        "unknown built-in tableau; known: {} (aliases: {}), or give \
-                         [optimizer.custom_tableau]",
+                        "unknown built-in tableau; known: {} (aliases: {}), or \"custom\" with a \
+                         custom_tableau table beside it (a, b)",
                         BUILTIN_NAMES.join(", "),
                         aliases.join(", ")
                     ),
