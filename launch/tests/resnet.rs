@@ -8,8 +8,10 @@ use std::process::Command;
 
 mod common;
 
-use common::{load_trained, repo_path, require_fashion_mnist, torch_python_with, train_shipped, TrainedRun};
-use kutta_trainer::model::Pass;
+use common::{
+    load_trained, reference_check, repo_path, require_fashion_mnist, torch_python_with, train_shipped,
+    write_f32_tensors,
+};
 
 /// The test-set accuracy the run must reach (300 steps of batch 64 = 1/3 epoch, width 8, seed 0;
 /// the run is deterministic for a given build): measured 76.22 % with candle's convolutions, 70.1 %
@@ -38,43 +40,22 @@ fn resnet18_trains_on_real_images_and_matches_torchvision() {
     assert!(summary["model"].as_str().unwrap().starts_with("resnet18"), "{summary}");
 
     // kutta's evaluation-mode logits on 16 test images, for the independent check.
-    let TrainedRun { model: m, state, params, test, .. } = load_trained(&out);
-    assert_eq!(state.updates, 300, "the running statistics are updated once per step");
-    let dev = candle_core::Device::Cpu;
-    let state_t = state.tensors(m.as_ref(), &dev).unwrap();
-    let mut x = Vec::new();
-    test.extend_images(0..16, &mut x).unwrap();
-    let xt = candle_core::Tensor::from_slice(&x, (16, 784), &dev).unwrap();
-    let logits = m.forward(&params, &xt, &mut Pass::eval(&state_t)).unwrap();
+    let trained = load_trained(&out);
+    assert_eq!(trained.state.updates, 300, "the running statistics are updated once per step");
+    let (x, logits) = trained.eval_logits(16);
     let Some(python) = torch_python_with(&["torchvision", "safetensors"]) else {
         eprintln!("SKIPPED: the torchvision comparison needs PyTorch and torchvision (python3 -m venv ~/.cache/kutta/torch-venv && ~/.cache/kutta/torch-venv/bin/pip install torch torchvision safetensors, or KUTTA_TORCH_PYTHON)");
         return;
     };
     let io = dir.path().join("io.safetensors");
-    let xb: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let lv = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let lb: Vec<u8> = lv.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let views = vec![
-        ("x", safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![16, 1, 28, 28], &xb).unwrap()),
-        ("logits", safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![16, 10], &lb).unwrap()),
-    ];
-    std::fs::write(&io, safetensors::serialize(views, None).unwrap()).unwrap();
-    let check = Command::new(python)
-        .arg(repo_path("scripts/torchvision_resnet.py"))
-        .args([
-            "check",
-            "--weights",
-            out.join("model.safetensors").to_str().unwrap(),
-            "--inputs",
-            io.to_str().unwrap(),
-            "--tol",
-            "1e-4",
-        ])
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&check.stdout);
-    eprintln!("torchvision: {report}");
-    assert!(check.status.success(), "torchvision disagrees: {report}{}", String::from_utf8_lossy(&check.stderr));
+    write_f32_tensors(&io, &[("x".into(), vec![16, 1, 28, 28], x), ("logits".into(), vec![16, 10], logits)]);
+    let weights = out.join("model.safetensors");
+    reference_check(
+        &python,
+        "torchvision_resnet.py",
+        "check",
+        &["--weights", weights.to_str().unwrap(), "--inputs", io.to_str().unwrap(), "--tol", "1e-4"],
+    );
 }
 
 /// `kutta bench steps --config` times the ResNet's steps too: on CIFAR-shaped random images when the

@@ -100,3 +100,72 @@ pub fn load_trained(out: &Path) -> TrainedRun {
         .collect();
     TrainedRun { model: m, theta, state, params, test }
 }
+
+/// An f32 tensor for a safetensors file: (name, shape, values).
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
+impl TrainedRun {
+    /// The first `n` test images (flat, [n, C·H·W]) and the model's evaluation-mode logits on them.
+    pub fn eval_logits(&self, n: usize) -> (Vec<f32>, Vec<f32>) {
+        use kutta_trainer::model::Pass;
+        let dev = candle_core::Device::Cpu;
+        let mut x = Vec::new();
+        self.test.extend_images(0..n, &mut x).unwrap();
+        let xt = candle_core::Tensor::from_slice(&x, (n, x.len() / n), &dev).unwrap();
+        let state = self.state.tensors(self.model.as_ref(), &dev).unwrap();
+        let logits = self.model.forward(&self.params, &xt, &mut Pass::eval(&state)).unwrap();
+        (x, logits.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+    }
+
+    /// The first `n` test images and their labels (as f32), and kutta's gradient of the mean
+    /// cross-entropy on them (`ModelField`, training mode) as (name, shape, values) per tensor,
+    /// followed by ("loss", [1], [loss]).
+    pub fn train_gradient(&self, n: usize) -> (Vec<f32>, Vec<f32>, Vec<NamedTensor>) {
+        use kutta_trainer::field::VectorField;
+        let batch = self.test.slice(0..n);
+        let mut field = kutta_trainer::model::ModelField::new(self.model.as_ref(), &batch);
+        field.set_batch(&(0..n).collect::<Vec<_>>(), n);
+        let mut grad = vec![0.0f32; self.theta.len()];
+        let loss = field.eval(&self.theta, &mut grad).unwrap();
+        let mut grads: Vec<NamedTensor> = self
+            .model
+            .layout()
+            .params
+            .iter()
+            .map(|s| (s.name.clone(), s.shape.clone(), grad[s.range()].to_vec()))
+            .collect();
+        grads.push(("loss".into(), vec![1], vec![loss as f32]));
+        let mut x = Vec::new();
+        batch.extend_images(0..n, &mut x).unwrap();
+        (x, batch.labels.iter().map(|&l| l as f32).collect(), grads)
+    }
+}
+
+/// Write f32 tensors (name, shape, values) to a safetensors file, for the reference scripts.
+pub fn write_f32_tensors(path: &Path, tensors: &[NamedTensor]) {
+    let bytes: Vec<Vec<u8>> =
+        tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    let views: Vec<_> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((n, s, _), b)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())
+        })
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+/// Run the reference script `scripts/SCRIPT MODE ARGS…` with `python`, asserting that it agrees
+/// (exit 0); its report (one JSON line).
+pub fn reference_check(python: &Path, script: &str, mode: &str, args: &[&str]) -> String {
+    let o = std::process::Command::new(python)
+        .arg(repo_path(&format!("scripts/{script}")))
+        .arg(mode)
+        .args(args)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&o.stdout).into_owned();
+    eprintln!("{script} {mode}: {report}");
+    assert!(o.status.success(), "{script} {mode} disagrees: {report}{}", String::from_utf8_lossy(&o.stderr));
+    report
+}
