@@ -6,7 +6,7 @@
 //! - `conv2d` (any stride and padding) skips it too; on the CPU (f32, f64) it runs
 //!   `cpu_layers`' im2col + GEMM kernels forward and backward (`ConvOp`), elsewhere candle's conv
 //!   forward and, backward, the input gradient as a convolution rather than with candle's slow
-//!   `conv_transpose2d` (`Conv2dBackward`);
+//!   `conv_transpose2d` (`conv2d_backward`);
 //! - `batch_norm` over ghost batches (training; on the CPU one fused op with its own backward,
 //!   optionally with the ReLU that follows fused in) or with running statistics (evaluation);
 //! - `add_relu` (the residual join), `global_avg_pool`, `avg_pool2d`, `linear`.
@@ -83,7 +83,7 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> R
     if !x.track_op() && !w.track_op() {
         return Ok(value);
     }
-    Ok(value.apply_op3(x, w, Conv2dBackward { padding, stride })?)
+    with_grads(&value, x, w, "conv2d", move |x, w, g| conv2d_backward(padding, stride, x, w, g))
 }
 
 /// Whether `cpu_layers`' kernels take these tensors: all on the CPU, all f32 or all f64.
@@ -241,20 +241,33 @@ impl CustomOp2 for ConvWeightGrad {
 /// small next to the matmul or conv that produced the value. The ops differ only in `bwd`; the
 /// rest of their impls is what `CustomOp2`/`CustomOp3` require: one method per backend and arity,
 /// each with its own storage type (the defaults of `cuda_fwd` and `metal_fwd` are errors).
-pub(crate) fn pass_through<S: BackendStorage>(s1: &S, l1: &Layout) -> candle_core::Result<(S, Shape)> {
+fn pass_through<S: BackendStorage>(s1: &S, l1: &Layout) -> candle_core::Result<(S, Shape)> {
     Ok((s1.affine(l1, 1.0, 0.0)?, l1.shape().clone()))
 }
 
-/// The custom op behind `conv2d`: forward copies its first argument (`pass_through`), backward
-/// routes g to x and w.
-struct Conv2dBackward {
-    padding: usize,
-    stride: usize,
+/// `value` in the forward pass (computed beforehand from detached tensors); in the backward pass
+/// the incoming gradient g goes to `a` and `b` as `bwd(a, b, g)` says. The custom op behind
+/// `conv2d` off the CPU and the ODE block's adjoint methods (`model::ode`).
+pub(crate) fn with_grads<F>(value: &Tensor, a: &Tensor, b: &Tensor, name: &'static str, bwd: F) -> Result<Tensor>
+where
+    F: Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync + 'static,
+{
+    Ok(value.apply_op3(a, b, PassThroughGrads { name, bwd })?)
 }
 
-impl CustomOp3 for Conv2dBackward {
+/// The custom op behind `with_grads`: forward copies its first argument (`pass_through`),
+/// backward returns (nothing, bwd(a, b, g)).
+struct PassThroughGrads<F> {
+    name: &'static str,
+    bwd: F,
+}
+
+impl<F> CustomOp3 for PassThroughGrads<F>
+where
+    F: Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync,
+{
     fn name(&self) -> &'static str {
-        "conv2d"
+        self.name
     }
     fn cpu_fwd(
         &self,
@@ -292,59 +305,71 @@ impl CustomOp3 for Conv2dBackward {
     fn bwd(
         &self,
         _value: &Tensor,
-        x: &Tensor,
-        w: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (p, s) = (self.padding, self.stride);
-        let (_, _, k, _) = w.dims4()?;
-        let (_, _, h, wid) = x.dims4()?;
-        let (_, _, gh, gw) = g.dims4()?;
-        let dx = if x.track_op() {
-            // dL/dx[b, c, y, z] = Σ_{o,i,j} g[b, o, (y + p − i)/s, (z + p − j)/s] · w[o, c, i, j]
-            // over the (i, j) where the division is exact. With g dilated (g_s[b, o, s·u, s·v] =
-            // g[b, o, u, v], zero elsewhere) that is (g_s ⊛ w')[b, c, y, z] with
-            // w'[c, o, i, j] = w[o, c, k−1−i, k−1−j] and padding k − 1 − p: a stride-1
-            // convolution. The dilated g covers (gh − 1)·s + 1 rows; the forward pass dropped the
-            // last (h + 2p − k) mod s input rows, whose gradient is what the extra bottom
-            // padding gives (and likewise for columns).
-            let rev = Tensor::from_vec((0..k as u32).rev().collect::<Vec<_>>(), k, w.device())?;
-            let flipped = w.detach().index_select(&rev, 2)?.index_select(&rev, 3)?.transpose(0, 1)?.contiguous()?;
-            let q = k - 1 - p;
-            let g = g.contiguous()?;
-            if s == 1 {
-                Some(g.conv2d(&flipped, q, 1, 1, 1)?)
-            } else {
-                let (b, o) = (g.dim(0)?, g.dim(1)?);
-                // Dilate: (B, O, gh, 1, gw, 1) padded to (B, O, gh, s, gw, s), flattened, cut.
-                let dilated = g
-                    .reshape((b, o, gh, 1, gw, 1))?
-                    .pad_with_zeros(3, 0, s - 1)?
-                    .pad_with_zeros(5, 0, s - 1)?
-                    .reshape((b, o, gh * s, gw * s))?
-                    .narrow(2, 0, (gh - 1) * s + 1)?
-                    .narrow(3, 0, (gw - 1) * s + 1)?;
-                let extra_h = h + 2 * p - k - (gh - 1) * s;
-                let extra_w = wid + 2 * p - k - (gw - 1) * s;
-                let padded = dilated.pad_with_zeros(2, q, q + extra_h)?.pad_with_zeros(3, q, q + extra_w)?;
-                Some(padded.conv2d(&flipped, 0, 1, 1, 1)?)
-            }
-        } else {
-            None
-        };
-        let dw = if w.track_op() {
-            // dL/dw[o, c, i, j] = Σ_{b,y,z} g[b, o, y, z] · x_pad[b, c, s·y + i, s·z + j]: a
-            // convolution over the batch axis with g as the kernel, dilated by the stride (the
-            // formula of candle's own conv2d backward).
-            let gw = x.detach().transpose(0, 1)?.conv2d(&g.transpose(0, 1)?, p, 1, s, 1)?.transpose(0, 1)?;
-            let (_, _, rh, rw) = gw.dims4()?;
-            Some(if rh != k || rw != k { gw.narrow(2, 0, k)?.narrow(3, 0, k)? } else { gw })
-        } else {
-            None
-        };
-        Ok((None, dx, dw))
+        let (da, db) = (self.bwd)(a, b, g)?;
+        Ok((None, da, db))
     }
+}
+
+/// The backward pass of `conv2d` off the CPU: the gradients of x and w (each when it tracks)
+/// from g, the gradient at the output.
+fn conv2d_backward(
+    p: usize,
+    s: usize,
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    let (_, _, k, _) = w.dims4()?;
+    let (_, _, h, wid) = x.dims4()?;
+    let (_, _, gh, gw) = g.dims4()?;
+    let dx = if x.track_op() {
+        // dL/dx[b, c, y, z] = Σ_{o,i,j} g[b, o, (y + p − i)/s, (z + p − j)/s] · w[o, c, i, j]
+        // over the (i, j) where the division is exact. With g dilated (g_s[b, o, s·u, s·v] =
+        // g[b, o, u, v], zero elsewhere) that is (g_s ⊛ w')[b, c, y, z] with
+        // w'[c, o, i, j] = w[o, c, k−1−i, k−1−j] and padding k − 1 − p: a stride-1
+        // convolution. The dilated g covers (gh − 1)·s + 1 rows; the forward pass dropped the
+        // last (h + 2p − k) mod s input rows, whose gradient is what the extra bottom
+        // padding gives (and likewise for columns).
+        let rev = Tensor::from_vec((0..k as u32).rev().collect::<Vec<_>>(), k, w.device())?;
+        let flipped = w.detach().index_select(&rev, 2)?.index_select(&rev, 3)?.transpose(0, 1)?.contiguous()?;
+        let q = k - 1 - p;
+        let g = g.contiguous()?;
+        if s == 1 {
+            Some(g.conv2d(&flipped, q, 1, 1, 1)?)
+        } else {
+            let (b, o) = (g.dim(0)?, g.dim(1)?);
+            // Dilate: (B, O, gh, 1, gw, 1) padded to (B, O, gh, s, gw, s), flattened, cut.
+            let dilated = g
+                .reshape((b, o, gh, 1, gw, 1))?
+                .pad_with_zeros(3, 0, s - 1)?
+                .pad_with_zeros(5, 0, s - 1)?
+                .reshape((b, o, gh * s, gw * s))?
+                .narrow(2, 0, (gh - 1) * s + 1)?
+                .narrow(3, 0, (gw - 1) * s + 1)?;
+            let extra_h = h + 2 * p - k - (gh - 1) * s;
+            let extra_w = wid + 2 * p - k - (gw - 1) * s;
+            let padded = dilated.pad_with_zeros(2, q, q + extra_h)?.pad_with_zeros(3, q, q + extra_w)?;
+            Some(padded.conv2d(&flipped, 0, 1, 1, 1)?)
+        }
+    } else {
+        None
+    };
+    let dw = if w.track_op() {
+        // dL/dw[o, c, i, j] = Σ_{b,y,z} g[b, o, y, z] · x_pad[b, c, s·y + i, s·z + j]: a
+        // convolution over the batch axis with g as the kernel, dilated by the stride (the
+        // formula of candle's own conv2d backward).
+        let gw = x.detach().transpose(0, 1)?.conv2d(&g.transpose(0, 1)?, p, 1, s, 1)?.transpose(0, 1)?;
+        let (_, _, rh, rw) = gw.dims4()?;
+        Some(if rh != k || rw != k { gw.narrow(2, 0, k)?.narrow(3, 0, k)? } else { gw })
+    } else {
+        None
+    };
+    Ok((dx, dw))
 }
 
 /// `value` in the forward pass; in the backward pass the incoming gradient g goes to `param` as
@@ -787,6 +812,13 @@ mod tests {
                 let g_ours = loss(&ours);
                 assert_close(g_ours.get(&x).unwrap(), &dx, 1e-5);
                 assert_close(g_ours.get(&w).unwrap(), &dw, 1e-5);
+                // The backward pass conv2d takes off the CPU (candle's forward, `conv2d_backward`).
+                let value = x.as_detached_tensor().conv2d(&w.as_detached_tensor(), padding, stride, 1, 1).unwrap();
+                let off_cpu =
+                    with_grads(&value, &x, &w, "conv2d", move |x, w, g| conv2d_backward(padding, stride, x, w, g));
+                let g_off = loss(&off_cpu.unwrap());
+                assert_close(g_off.get(&x).unwrap(), &dx, 1e-5);
+                assert_close(g_off.get(&w).unwrap(), &dw, 1e-5);
                 // Data input: no input gradient.
                 let data = x.as_detached_tensor();
                 let g = loss(&conv2d(&data, &w, padding, stride).unwrap());

@@ -52,10 +52,10 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, MetalStorage, Shape, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use super::layers::pass_through;
+use super::layers::with_grads;
 use crate::error::{Error, Result};
 use crate::tableau::{CustomTableau, Tableau};
 
@@ -326,7 +326,10 @@ impl OdeBlock {
                 let flat: Vec<Tensor> = params.iter().map(|p| p.flatten_all()).collect::<candle_core::Result<_>>()?;
                 let packed = Tensor::cat(&flat, 0)?;
                 let op = Adjoint { inner: self.inner.clone(), shapes, saved };
-                Ok(value.apply_op3(x, &packed, op)?)
+                with_grads(&value, x, &packed, "ode-adjoint", move |x, packed, g| {
+                    let (dx, dp) = op.backward(x, packed, g).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                    Ok((x.track_op().then_some(dx), packed.track_op().then_some(dp)))
+                })
             }
         }
     }
@@ -644,9 +647,9 @@ impl Vjp {
     }
 }
 
-/// The custom op of the checkpoint and reversible methods: forward copies the precomputed y_N
-/// (`layers::pass_through`), backward runs the reverse sweep and returns the gradients of x and
-/// of the packed parameters.
+/// The backward pass of the checkpoint and reversible methods (through `layers::with_grads`,
+/// whose forward pass copies the precomputed y_N): the reverse sweep, giving the gradients of x
+/// and of the packed parameters.
 struct Adjoint {
     inner: Arc<Inner>,
     shapes: Vec<Vec<usize>>,
@@ -694,56 +697,6 @@ impl Adjoint {
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok((dx, Tensor::cat(&flat, 0)?))
-    }
-}
-
-impl CustomOp3 for Adjoint {
-    fn name(&self) -> &'static str {
-        "ode-adjoint"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        pass_through(s1, l1)
-    }
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        pass_through(s1, l1)
-    }
-    fn metal_fwd(
-        &self,
-        s1: &MetalStorage,
-        l1: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(MetalStorage, Shape)> {
-        pass_through(s1, l1)
-    }
-    fn bwd(
-        &self,
-        _value: &Tensor,
-        x: &Tensor,
-        packed: &Tensor,
-        _res: &Tensor,
-        g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dp) = self.backward(x, packed, g).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        Ok((None, x.track_op().then_some(dx), packed.track_op().then_some(dp)))
     }
 }
 
