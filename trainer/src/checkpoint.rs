@@ -174,6 +174,10 @@ pub struct CheckpointMeta {
     pub grad_evals: u64,
     /// Wall-clock seconds spent training before this checkpoint (summed over resumes).
     pub wall_seconds: f64,
+    /// Training time before this checkpoint, evaluation excluded (`MetricsLine::train_s`; 0 in
+    /// checkpoints written before it was recorded).
+    #[serde(default)]
+    pub train_seconds: f64,
     pub best_test_accuracy: Option<f64>,
     pub optimizer: String,
     pub param_count: usize,
@@ -313,6 +317,7 @@ mod tests {
             step: 42,
             grad_evals: 168,
             wall_seconds: 1.5,
+            train_seconds: 1.25,
             best_test_accuracy: Some(0.75),
             optimizer: "rk(rk4)".into(),
             param_count: 3,

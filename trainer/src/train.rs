@@ -54,6 +54,11 @@ pub struct MetricsLine {
     pub grad_evals: u64,
     /// Wall-clock seconds since the start of the run (across resumes, evaluation included).
     pub wall_s: f64,
+    /// Training time since the start of the run (across resumes): the wall clock of the steps
+    /// themselves, gathering their batches included, evaluation and checkpoint writes excluded —
+    /// AlgoPerf's clock for time-to-target.
+    #[serde(default)]
+    pub train_s: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub test_loss: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -95,8 +100,11 @@ pub struct Summary {
     pub steps: u64,
     pub grad_evals: u64,
     pub wall_seconds: f64,
-    /// Seconds spent in optimizer steps only (evaluation and I/O excluded).
+    /// Seconds spent in optimizer steps only (evaluation and I/O excluded), in this process.
     pub step_seconds: f64,
+    /// Training time over the whole run, across resumes (`MetricsLine::train_s`).
+    #[serde(default)]
+    pub train_seconds: f64,
     pub final_test_accuracy: Option<f64>,
     pub final_test_loss: Option<f64>,
     pub best_test_accuracy: Option<f64>,
@@ -437,7 +445,9 @@ impl Runner<'_> {
         };
 
         // θ and the counters: from the checkpoint, the init file, or the seed.
-        let (mut theta, mut model_state, start, mut grad_evals, wall_before, mut best) = match &self.resume_from {
+        let (mut theta, mut model_state, start, mut grad_evals, (wall_before, train_before), mut best) = match &self
+            .resume_from
+        {
             Some(point) => {
                 let ck = &point.checkpoint;
                 let m = &ck.meta;
@@ -487,7 +497,14 @@ impl Runner<'_> {
                         model.state_layout().len().to_string(),
                     ));
                 }
-                (ck.theta.clone(), model_state, m.step, m.grad_evals, m.wall_seconds, m.best_test_accuracy)
+                (
+                    ck.theta.clone(),
+                    model_state,
+                    m.step,
+                    m.grad_evals,
+                    (m.wall_seconds, m.train_seconds),
+                    m.best_test_accuracy,
+                )
             }
             None => {
                 let (theta, state) = match &cfg.model.init {
@@ -496,7 +513,7 @@ impl Runner<'_> {
                         (model::init_params(model.as_ref(), cfg.train.seed), model::ModelState::initial(model.as_ref()))
                     }
                 };
-                (theta, state, 0, 0, 0.0, None)
+                (theta, state, 0, 0, (0.0, 0.0), None)
             }
         };
         // Identical start: rank 0's θ and model state everywhere.
@@ -572,12 +589,14 @@ impl Runner<'_> {
         };
         let t0 = Instant::now();
         let mut step_seconds = 0.0;
+        let mut train_seconds = train_before;
         let mut recent_losses: std::collections::VecDeque<f64> = Default::default();
         let bar = ProgressReporter::new(if writer { progress } else { Progress::Off }, start, cfg.train.steps);
         let tc = &cfg.train;
 
         for step in start..tc.steps {
             let done = step + 1;
+            let tb = Instant::now();
             let batch = sampler.batch(step);
             // Gathering (and, for image folders, waiting for decodes) stays outside the step time.
             let gathered = field.set_global_batch(step, &batch);
@@ -600,6 +619,7 @@ impl Runner<'_> {
             // first evaluation, at θ_n), summed over the ranks: once per step.
             field.update_model_state(&mut model_state, model.state_momentum())?;
             step_seconds += ts.elapsed().as_secs_f64();
+            train_seconds += tb.elapsed().as_secs_f64();
             // A stop signal on any rank stops every rank after this same step (`stop::agree`).
             // A signal during the last step changes nothing: the run is complete.
             let stop_for = stop::agree(comm)?.filter(|_| done < tc.steps);
@@ -624,6 +644,7 @@ impl Runner<'_> {
                 h: report.h,
                 grad_evals,
                 wall_s: 0.0,
+                train_s: train_seconds,
                 dalr_v: report.dalr_v,
                 error_estimate: report.error_estimate,
                 rejected: report.rejected,
@@ -674,6 +695,7 @@ impl Runner<'_> {
             summary.grad_evals = grad_evals;
             summary.wall_seconds = line.wall_s;
             summary.step_seconds = step_seconds;
+            summary.train_seconds = train_seconds;
             summary.best_test_accuracy = best;
             summary.final_train_loss = Some(recent_losses.iter().sum::<f64>() / recent_losses.len() as f64);
             if last {
@@ -707,6 +729,7 @@ impl Runner<'_> {
                     step: done,
                     grad_evals,
                     wall_seconds: line.wall_s,
+                    train_seconds,
                     best_test_accuracy: best,
                     optimizer: opt.name(),
                     param_count: layout.len(),
