@@ -22,6 +22,8 @@ use std::path::PathBuf;
 static ALLOC: kutta_trainer::memory::CountingAlloc = kutta_trainer::memory::CountingAlloc;
 
 mod bench;
+mod plot;
+mod study;
 
 #[derive(Parser)]
 #[command(
@@ -125,13 +127,32 @@ enum Command {
     ///
     /// `kutta bench` alone is `kutta bench steps`.
     Bench(Box<bench::BenchArgs>),
+    /// Run a study: a grid of runs over config keys, seeds and world sizes, aggregated into
+    /// report.md and report.html (resumable: finished runs are skipped).
+    Study(study::StudyArgs),
+    /// Plot runs' metrics: one line per run folder (SVG, or PNG when --out ends in .png).
+    Plot {
+        /// Run folders (each with a metrics.jsonl).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// The x axis.
+        #[arg(long, value_enum, default_value = "step")]
+        x: plot::XAxis,
+        /// The y axis.
+        #[arg(long, value_enum, default_value = "test-accuracy")]
+        y: plot::YAxis,
+        /// Output file (.svg or .png).
+        #[arg(long, default_value = "plot.svg")]
+        out: PathBuf,
+    },
 }
 
 fn main() {
     let cli = Cli::parse();
     let flag = cli.threads.map(|n| n as usize);
     // The launcher computes nothing: its ranks decide for themselves (`launch` passes --threads on).
-    let threads = (!matches!(cli.command, Command::Launch { .. })).then(|| kutta_trainer::threads::init(flag));
+    let threads = (!matches!(cli.command, Command::Launch { .. } | Command::Study(_)))
+        .then(|| kutta_trainer::threads::init(flag));
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_target(false)
@@ -148,6 +169,13 @@ fn main() {
         Command::Bench(args) => {
             std::process::exit(bench::main(*args, threads.expect("decided for every command but launch")))
         }
+        Command::Study(args) => match study::main(args, flag) {
+            Ok(code) => std::process::exit(code),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::exit(1);
+            }
+        },
         Command::Launch { nproc, mpirun, args } => match launch(nproc, &mpirun, &args, flag) {
             Ok(code) => std::process::exit(code),
             Err(e) => {
@@ -333,7 +361,10 @@ fn launch(nproc: usize, mpirun: &str, args: &[String], threads: Option<usize>) -
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Train { .. } | Command::Launch { .. } | Command::Bench(_) => unreachable!("handled in main"),
+        Command::Train { .. } | Command::Launch { .. } | Command::Bench(_) | Command::Study(_) => {
+            unreachable!("handled in main")
+        }
+        Command::Plot { runs, x, y, out } => plot::plot_runs(&runs, x, y, &out)?,
         Command::Tableaux { json } => print_tableaux(json)?,
         Command::Models { json } => print_models(json)?,
         Command::Plan { config, sets, memory, world_size, json } => {

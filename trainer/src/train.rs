@@ -41,8 +41,9 @@ pub const SUMMARY_FILE: &str = "summary.json";
 pub const CONFIG_FILE: &str = "config.toml";
 pub const MODEL_FILE: &str = "model.safetensors";
 
-/// One line of `metrics.jsonl`.
+/// One line of `metrics.jsonl` (fields left out when zero or absent read back as such).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct MetricsLine {
     pub step: u64,
     /// Fractional epoch at the start of this step.
