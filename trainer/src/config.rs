@@ -353,6 +353,9 @@ impl Config {
         if self.data.train_subset == Some(0) {
             return Err(Error::config("data.train_subset", "must be at least 1"));
         }
+        if self.data.test_subset == Some(0) {
+            return Err(Error::config("data.test_subset", "must be at least 1"));
+        }
         let t = &self.train;
         if t.steps == 0 {
             return Err(Error::config("train.steps", "must be at least 1"));

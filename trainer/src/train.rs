@@ -319,9 +319,18 @@ fn gpu_solver(
     Ok(Some(crate::distributed::GpuParts { kernels, nccl }))
 }
 
-/// Load the training and test sets a config names, with `train_subset` applied.
+/// Load the training and test sets a config names, with `train_subset` and `test_subset` applied.
 pub fn load_data(cfg: &Config) -> Result<(Dataset, Dataset)> {
-    let (mut train, test) = crate::data::load(&cfg.data)?;
+    let (mut train, mut test) = crate::data::load(&cfg.data)?;
+    if let Some(n) = cfg.data.test_subset {
+        if n > test.len() {
+            return Err(Error::config(
+                "data.test_subset",
+                format!("{n} is more than the {} test samples in {}", test.len(), cfg.data.dir.display()),
+            ));
+        }
+        test.truncate(n);
+    }
     if let Some(n) = cfg.data.train_subset {
         if n > train.len() {
             return Err(Error::config(

@@ -31,6 +31,10 @@ pub struct StudyArgs {
     /// Only (re)write the report from the runs that exist; start nothing.
     #[arg(long)]
     pub report_only: bool,
+    /// List the runs with their overrides and what their folders hold, checking every run's
+    /// config; start nothing.
+    #[arg(long, conflicts_with = "report_only")]
+    pub dry_run: bool,
     /// The mpirun for studies with world_sizes.
     #[arg(long, default_value = "mpirun")]
     pub mpirun: String,
@@ -46,6 +50,15 @@ pub fn main(args: StudyArgs, threads_flag: Option<usize>) -> Result<i32> {
         command.push_str(&format!(" --jobs {}", args.jobs));
     }
     let mut code = 0;
+    if args.dry_run {
+        for run in study.runs()? {
+            let cfg = runner::expected_config(&study, &run)?;
+            let dir = out.join("runs").join(&run.name);
+            let state = if dir.exists() { runner::peek(&dir, &cfg)?.to_string() } else { "new".into() };
+            println!("{:<48} {:<10} --set {}", run.name, state, run.sets.join(" --set "));
+        }
+        return Ok(0);
+    }
     if !args.report_only {
         std::fs::create_dir_all(&out)?;
         std::fs::copy(&args.config, out.join("study.toml"))?;

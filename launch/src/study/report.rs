@@ -56,6 +56,9 @@ pub fn write(study: &Study, out: &Path, data: &StudyData, command: &str) -> Resu
     if !study.sets.is_empty() {
         writeln!(md, "Every run: `--set {}`.\n", study.sets.join("` `--set "))?;
     }
+    if let Some(m) = &study.memory {
+        writeln!(md, "Every run under the memory planner: `--memory {m}` per rank.\n")?;
+    }
     for a in &study.axes {
         let vals: Vec<String> = a
             .values

@@ -36,13 +36,33 @@ pub enum State {
     Fresh,
 }
 
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            State::Done => write!(f, "complete"),
+            State::Resume(step) => write!(f, "resume@{step}"),
+            State::Fresh => write!(f, "start"),
+        }
+    }
+}
+
 /// The resolved config a run of the study trains with.
 pub fn expected_config(study: &Study, run: &RunSpec) -> Result<Config> {
     Config::load(&study.base, &run.sets).with_context(|| format!("run {} ({})", run.name, run.sets.join(" ")))
 }
 
-/// Look at a run folder against the config it should have.
+/// What `inspect` would say, without starting anything over (`--dry-run`).
+pub fn peek(dir: &Path, expected: &Config) -> Result<State> {
+    inspect_with(dir, expected, false)
+}
+
+/// Look at a run folder against the config it should have; a folder without a checkpoint is
+/// emptied, to be started over.
 pub fn inspect(dir: &Path, expected: &Config) -> Result<State> {
+    inspect_with(dir, expected, true)
+}
+
+fn inspect_with(dir: &Path, expected: &Config, clear: bool) -> Result<State> {
     if !dir.exists() || dir.read_dir().map(|mut d| d.next().is_none()).unwrap_or(false) {
         return Ok(State::Fresh);
     }
@@ -95,8 +115,10 @@ pub fn inspect(dir: &Path, expected: &Config) -> Result<State> {
                     );
                 }
             }
-            for entry in std::fs::read_dir(dir)? {
-                std::fs::remove_file(entry?.path())?;
+            if clear {
+                for entry in std::fs::read_dir(dir)? {
+                    std::fs::remove_file(entry?.path())?;
+                }
             }
             Ok(State::Fresh)
         }
@@ -146,6 +168,9 @@ impl Launch {
                     c.arg("--set").arg(s);
                 }
             }
+        }
+        if let Some(m) = &study.memory {
+            c.args(["--memory", m]);
         }
         c.args(["--progress", "lines"]);
         c

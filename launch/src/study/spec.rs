@@ -6,6 +6,7 @@
 //! seeds = [0, 1, 2, 3, 4]                      # train.seed of each repetition
 //! world_sizes = [1, 2]                         # optional: ranks, through `kutta launch`
 //! set = { "train.eval_every" = 10 }            # overrides for every run
+//! memory = "8GiB"                              # optional: `kutta train --memory` of every run
 //!
 //! [[axis]]                                     # an axis over one config key
 //! key = "train.batch_size"
@@ -49,6 +50,7 @@ struct StudyFile {
     seeds: Vec<u64>,
     #[serde(default)]
     world_sizes: Vec<usize>,
+    memory: Option<String>,
     #[serde(default)]
     set: toml::Table,
     #[serde(default, rename = "axis")]
@@ -146,6 +148,9 @@ pub struct Study {
     pub seeds: Vec<u64>,
     /// Empty: every run is one process (`kutta train`); else each cell runs at each world size.
     pub world_sizes: Vec<usize>,
+    /// `kutta train --memory` of every run: the planner lays each run out under this budget
+    /// per rank (micro-batches, stage buffers, recomputation).
+    pub memory: Option<String>,
     pub sets: Vec<String>,
     pub axes: Vec<Axis>,
     pub targets: Vec<Target>,
@@ -181,6 +186,9 @@ impl Study {
         }
         let name =
             f.name.clone().unwrap_or_else(|| path.file_stem().and_then(|s| s.to_str()).unwrap_or("study").to_string());
+        if let Some(m) = &f.memory {
+            kutta_trainer::planner::parse_bytes(m).with_context(|| format!("memory = {m:?}"))?;
+        }
         if f.seeds.is_empty() {
             bail!("seeds: give at least one seed");
         }
@@ -231,6 +239,7 @@ impl Study {
             base,
             seeds: f.seeds,
             world_sizes: f.world_sizes,
+            memory: f.memory,
             sets,
             axes,
             targets: f.targets,
@@ -381,9 +390,16 @@ fn show(v: &toml::Value) -> String {
     }
 }
 
-/// Letters, digits, `.`, `-` and `=` kept; anything else becomes `-`.
+/// Letters, digits, `.`, `-` and `=` kept; any run of other characters becomes one `-`.
 pub fn slug(s: &str) -> String {
-    let t: String = s.chars().map(|c| if c.is_ascii_alphanumeric() || ".-=".contains(c) { c } else { '-' }).collect();
+    let mut t = String::new();
+    for c in s.chars() {
+        if c.is_ascii_alphanumeric() || ".=".contains(c) {
+            t.push(c);
+        } else if !t.ends_with('-') {
+            t.push('-');
+        }
+    }
     t.trim_matches('-').to_string()
 }
 
@@ -438,6 +454,7 @@ values = [{ label = "rk4 h=0.003", "optimizer.kind" = "rk", "optimizer.lr" = 0.0
         assert_eq!(runs.last().unwrap().name, "128_adam_seed2_np2");
         assert_eq!(s.cell_label(&vec![1, 1]), "128 · adam");
         assert_eq!(s.axes[1].values[1].group.as_deref(), Some("a"));
+        assert_eq!(slug("rk4 + dalr p=0.8, c=1"), "rk4-dalr-p=0.8-c=1");
     }
 
     #[test]

@@ -57,6 +57,9 @@ pub struct DataConfig {
     pub dir: PathBuf,
     /// Use only the first N training samples.
     pub train_subset: Option<usize>,
+    /// Evaluate on the first N test samples only (all when absent): for timing studies, where
+    /// evaluating the whole test set would cost more than the steps being timed.
+    pub test_subset: Option<usize>,
     /// Shuffle with a permutation drawn from (seed, epoch); false keeps file order.
     pub shuffle: bool,
     /// `unit`: pixels/255 in [0, 1]. `standardize`: then minus the training mean, over its std,
@@ -142,6 +145,7 @@ impl Default for DataConfig {
             format: DataFormat::Idx,
             dir: PathBuf::from("/usr/share/datasets/fashion-mnist"),
             train_subset: None,
+            test_subset: None,
             shuffle: true,
             normalize: None,
             augment: Augment::None,
