@@ -29,6 +29,9 @@ pub struct Chart {
     pub y_label: String,
     pub log_x: bool,
     pub log_y: bool,
+    /// Tick positions on a log x axis (e.g. the batch sizes or world sizes measured); default
+    /// 1-2-5 per decade.
+    pub x_ticks: Option<Vec<f64>>,
     pub series: Vec<Series>,
 }
 
@@ -103,12 +106,20 @@ impl Chart {
                         )
                         .map_err(|e| anyhow!("{e}"))?;
                 }
-                Some(((x0, x1), (y0, y1))) => match (self.log_x, self.log_y) {
-                    (false, false) => self.draw(&root, x0..x1, y0..y1)?,
-                    (true, false) => self.draw(&root, (x0..x1).log_scale(), y0..y1)?,
-                    (false, true) => self.draw(&root, x0..x1, (y0..y1).log_scale())?,
-                    (true, true) => self.draw(&root, (x0..x1).log_scale(), (y0..y1).log_scale())?,
-                },
+                Some(((x0, x1), (y0, y1))) => {
+                    // plotters' own log ticks are sparse (none inside one decade): ours are named.
+                    let xt = self.x_ticks.clone().unwrap_or_else(|| log_ticks(x0, x1));
+                    let xt: Vec<f64> = xt.into_iter().filter(|t| (x0..=x1).contains(t)).collect();
+                    let yt = log_ticks(y0, y1);
+                    let yl = (y0..y1).log_scale().with_key_points(yt);
+                    let xl = (x0..x1).log_scale().with_key_points(xt);
+                    match (self.log_x, self.log_y) {
+                        (false, false) => self.draw(&root, x0..x1, y0..y1)?,
+                        (true, false) => self.draw(&root, xl, y0..y1)?,
+                        (false, true) => self.draw(&root, x0..x1, yl)?,
+                        (true, true) => self.draw(&root, xl, yl)?,
+                    }
+                }
             }
             root.present().map_err(|e| anyhow!("plot {:?}: {e}", self.title))?;
         }
@@ -185,6 +196,30 @@ impl Chart {
         }
         Ok(())
     }
+}
+
+/// Ticks of a log axis over [lo, hi]: 1, 2, 5 × 10^k, or every integer multiple of 10^k when
+/// that gives fewer than three, or the ends when even that does.
+fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let within = |mults: &[f64]| -> Vec<f64> {
+        let (k0, k1) = (lo.log10().floor() as i32, hi.log10().ceil() as i32);
+        (k0..=k1).flat_map(|k| mults.iter().map(move |m| m * 10f64.powi(k))).filter(|t| (lo..=hi).contains(t)).collect()
+    };
+    let t = within(&[1.0, 2.0, 5.0]);
+    if t.len() >= 3 {
+        return t;
+    }
+    let t = within(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]);
+    if t.len() >= 2 {
+        return t;
+    }
+    let mid = (lo * hi).sqrt();
+    vec![lo, mid, hi].into_iter().map(|v| round_sig(v, 2)).collect()
+}
+
+fn round_sig(v: f64, digits: i32) -> f64 {
+    let scale = 10f64.powi(digits - 1 - v.abs().log10().floor() as i32);
+    (v * scale).round() / scale
 }
 
 /// Tick labels: integers as integers, otherwise three significant digits.
@@ -362,6 +397,7 @@ pub fn plot_runs(dirs: &[PathBuf], x: XAxis, y: YAxis, out: &Path) -> Result<()>
         y_label: if y.smoothed() { format!("{} (running mean)", y.label()) } else { y.label().into() },
         log_x: false,
         log_y: y.log(),
+        x_ticks: None,
         series,
     };
     write(&chart, out)?;
@@ -382,6 +418,7 @@ mod tests {
                 y_label: "y".into(),
                 log_x,
                 log_y,
+                x_ticks: None,
                 series: vec![
                     Series {
                         name: "a & b".into(),
@@ -398,6 +435,13 @@ mod tests {
         }
         let empty = Chart { title: "nothing".into(), ..Default::default() }.svg().unwrap();
         assert!(empty.contains("no data to plot"));
+    }
+
+    #[test]
+    fn log_ticks_name_values_inside_a_decade() {
+        assert_eq!(log_ticks(0.3, 30.0), vec![0.5, 1.0, 2.0, 5.0, 10.0, 20.0]);
+        assert_eq!(log_ticks(17.0, 35.0), vec![20.0, 30.0]);
+        assert_eq!(log_ticks(21.0, 29.0), vec![21.0, 25.0, 29.0]);
     }
 
     #[test]

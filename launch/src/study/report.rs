@@ -314,6 +314,7 @@ fn figures(study: &Study, data: &StudyData) -> Vec<(String, Chart)> {
                     y_label: if y.smoothed() { format!("{} (running mean)", y.label()) } else { y.label().into() },
                     log_x: false,
                     log_y: y.log(),
+                    x_ticks: None,
                     series,
                 },
             ));
@@ -342,7 +343,7 @@ fn figures(study: &Study, data: &StudyData) -> Vec<(String, Chart)> {
             .map(|((a, &i), _)| a.values[i].group.clone().unwrap_or_else(|| a.values[i].label.clone()))
             .collect();
         if let Some(w) = r.world_size {
-            parts.push(format!("{w} ranks"));
+            parts.push(format!("{w} rank{}", if w == 1 { "" } else { "s" }));
         }
         if parts.is_empty() {
             study.name.clone()
@@ -379,6 +380,7 @@ fn figures(study: &Study, data: &StudyData) -> Vec<(String, Chart)> {
                     y_label: "steps to target".into(),
                     log_x: true,
                     log_y: true,
+                    x_ticks: Some(batches.iter().map(|&b| b as f64).collect()),
                     series,
                 },
             ));
@@ -406,6 +408,7 @@ fn figures(study: &Study, data: &StudyData) -> Vec<(String, Chart)> {
                 y_label: "median step time (ms)".into(),
                 log_x: true,
                 log_y: true,
+                x_ticks: Some(batches.iter().map(|&b| b as f64).collect()),
                 series,
             },
         ));
@@ -437,8 +440,9 @@ fn figures(study: &Study, data: &StudyData) -> Vec<(String, Chart)> {
                 title: "scaling efficiency against world size (same global batch)".into(),
                 x_label: "ranks".into(),
                 y_label: "efficiency w₀·t(w₀) / (w·t(w))".into(),
-                log_x: false,
+                log_x: true,
                 log_y: false,
+                x_ticks: Some(study.world_sizes.iter().map(|&w| w as f64).collect()),
                 series: eff,
             },
         ));
@@ -457,8 +461,9 @@ fn figures(study: &Study, data: &StudyData) -> Vec<(String, Chart)> {
                 title: "median step time against world size".into(),
                 x_label: "ranks".into(),
                 y_label: "median step time (ms)".into(),
-                log_x: false,
+                log_x: true,
                 log_y: false,
+                x_ticks: Some(study.world_sizes.iter().map(|&w| w as f64).collect()),
                 series: times,
             },
         ));

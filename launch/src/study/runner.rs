@@ -145,6 +145,8 @@ impl Launch {
 
     fn command(&self, study: &Study, run: &RunSpec, dir: &Path, state: &State) -> Command {
         let mut c = Command::new(&self.exe);
+        // The logs are files: no colour codes in them.
+        c.env("NO_COLOR", "1");
         let world = run.world_size.unwrap_or(1);
         c.arg("--threads").arg(self.threads_for(world).to_string());
         if let Some(w) = run.world_size {
@@ -201,6 +203,11 @@ pub struct Outcome {
 /// Run every run of the study that is not complete, `launch.jobs` at once.
 pub fn run_all(study: &Study, out: &Path, launch: &Launch) -> Result<Outcome> {
     let runs = study.runs()?;
+    if !cfg!(feature = "mpi") && runs.iter().any(|r| r.world_size.is_some_and(|w| w > 1)) {
+        bail!(
+            "world_sizes: runs on more than one rank need a kutta built with MPI: cargo build --release --features mpi"
+        );
+    }
     let runs_dir = out.join("runs");
     let logs = out.join("logs");
     std::fs::create_dir_all(&runs_dir).with_context(|| format!("study folder {}", runs_dir.display()))?;
