@@ -11,7 +11,7 @@
 //! this and prints them): `layout`, `scalar`, `threads` (compute threads per rank), `team`
 //! (threads in lock step) → `kernels` (the CUDA kernels' references; the kernels themselves, or
 //! a stub without the `cuda` feature) → `error`, `memory` → `data`,
-//! `field`, `stop`, `tableau` → `integrity`, `optim` → `model` → `checkpoint`, `config`,
+//! `field`, `stop`, `tableau`, `tensorboard` → `integrity`, `optim` → `model` → `checkpoint`, `config`,
 //! `distributed` → `device`, `planner` → `train`.
 
 pub mod data;
@@ -35,4 +35,5 @@ pub mod kernels;
 pub mod memory;
 pub mod planner;
 pub mod stop;
+pub mod tensorboard;
 pub mod train;

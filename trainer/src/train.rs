@@ -3,6 +3,8 @@
 //! A run folder holds everything needed to understand, plot and resume a run:
 //! - `config.toml`      the resolved configuration (every default written out);
 //! - `metrics.jsonl`    one JSON object per logged step (see `MetricsLine`);
+//! - `events.out.tfevents.*` the same lines as TensorBoard scalars (`tensorboard_scalars`), one
+//!   file per process (`tensorboard`);
 //! - `summary.json`     the headline numbers (see `Summary`), rewritten at every evaluation;
 //! - `model.safetensors` the final weights, one tensor per layout entry;
 //! - `checkpoint-<step>.safetensors` θ plus all optimizer state, for `kutta train --resume`: the
@@ -30,6 +32,7 @@ use crate::optim::baselines::{Adam, Momentum, Sgd};
 use crate::optim::rk::{Preconditioner, RkOptions, RkSolver, StepSize};
 use crate::optim::{Optimizer, OptimizerState, StepReport};
 use crate::stop;
+use crate::tensorboard::EventWriter;
 use kutta_collectives::Communicator;
 use serde::{Deserialize, Serialize};
 use std::io::{IsTerminal, Write};
@@ -536,9 +539,9 @@ impl Runner<'_> {
             agree(comm, "tidying the run folder", tidied)?;
         }
 
-        let metrics_path = out.join(METRICS_FILE);
-        let files = if writer { Some(open_run_files(cfg, out, start)) } else { None };
-        let mut metrics = agree(comm, "opening the run files", files.transpose())?;
+        let resumed_from = self.resume_from.as_ref().map(|p| p.file.as_path());
+        let files = if writer { Some(open_run_files(cfg, out, start, resumed_from)) } else { None };
+        let mut files = agree(comm, "opening the run files", files.transpose())?;
         let test_shard = shard_dataset(&test, comm.rank(), comm.world_size());
 
         if writer {
@@ -689,15 +692,14 @@ impl Runner<'_> {
             summary.peak_heap_mib = line.peak_heap_mib;
             line.peak_device_mib = Some(field.peak_device_bytes()).filter(|&b| b > 0).map(mib);
             summary.peak_device_mib = line.peak_device_mib;
-            if let Some(metrics) = metrics.as_mut().filter(|_| {
+            if let Some(files) = files.as_mut().filter(|_| {
                 eval_now
                     || last
                     || done.is_multiple_of(tc.log_every)
                     || report.rejected > 0
                     || report.nonfinite_retries > 0
             }) {
-                let s = serde_json::to_string(&line).expect("metrics serialize");
-                writeln!(metrics, "{s}").map_err(|e| Error::io(&metrics_path, e))?;
+                files.log(&line)?;
             }
             bar.update(&line, eval_now);
 
@@ -722,18 +724,18 @@ impl Runner<'_> {
                 summary.status = "interrupted".into();
                 summary.signal = Some(stop::name(sig).into());
             }
-            let Some(metrics) = metrics.as_mut() else {
+            let Some(files) = files.as_mut() else {
                 match stop_for {
                     Some(_) => break,
                     None => continue,
                 }
             };
             if eval_now {
-                metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
+                files.flush()?;
                 write_json(&out.join(SUMMARY_FILE), &summary)?;
             }
             if checkpoint_now {
-                metrics.sync_data().map_err(|e| Error::io(&metrics_path, e))?;
+                files.sync()?;
                 let meta = CheckpointMeta {
                     format_version: 0,
                     step: done,
@@ -771,7 +773,7 @@ impl Runner<'_> {
             }
             if let Some(sig) = stop_for {
                 bar.finish();
-                metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
+                files.flush()?;
                 write_json(&out.join(SUMMARY_FILE), &summary)?;
                 tracing::info!(
                     "interrupted by {} after step {done} of {}: checkpoint {} written; continue with: kutta train --resume {}{}",
@@ -890,15 +892,79 @@ fn tidy_for_resume(point: &ResumePoint) -> Result<()> {
     Ok(())
 }
 
-/// Rank 0's run files: the resolved config, and metrics.jsonl opened for appending (cut back to
-/// the checkpoint's step when resuming).
-fn open_run_files(cfg: &Config, out: &Path, start: u64) -> Result<std::fs::File> {
+/// Rank 0's run files: the resolved config (written here), metrics.jsonl opened for appending (cut
+/// back to the checkpoint's step when resuming) and a new TensorBoard event file.
+fn open_run_files(cfg: &Config, out: &Path, start: u64, resumed_from: Option<&Path>) -> Result<RunFiles> {
     std::fs::write(out.join(CONFIG_FILE), cfg.to_toml()).map_err(|e| Error::io(out.join(CONFIG_FILE), e))?;
     let metrics_path = out.join(METRICS_FILE);
     if start > 0 {
         truncate_metrics(&metrics_path, start)?;
     }
-    std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).map_err(|e| Error::io(&metrics_path, e))
+    let metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|e| Error::io(&metrics_path, e))?;
+    let mut events = EventWriter::create(out)?;
+    // At the first step this process runs: TensorBoard keeps the earlier files' events before it
+    // (the checkpoint's step included, as metrics.jsonl does) and forgets those from it on.
+    let msg = match resumed_from {
+        Some(p) => format!("kutta train --resume: continues after step {start} from {}", p.display()),
+        None => "kutta train".to_string(),
+    };
+    events.session_start(start + 1, resumed_from, &msg)?;
+    events.flush()?;
+    Ok(RunFiles { metrics, metrics_path, events })
+}
+
+/// Rank 0's logs of the steps: `metrics.jsonl` and the TensorBoard event file.
+struct RunFiles {
+    metrics: std::fs::File,
+    metrics_path: PathBuf,
+    events: EventWriter,
+}
+
+impl RunFiles {
+    /// A metrics line (written through) and its scalars (buffered until `flush`).
+    fn log(&mut self, line: &MetricsLine) -> Result<()> {
+        let s = serde_json::to_string(line).expect("metrics serialize");
+        writeln!(self.metrics, "{s}").map_err(|e| Error::io(&self.metrics_path, e))?;
+        self.events.scalars(line.step, &tensorboard_scalars(line))
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.metrics.flush().map_err(|e| Error::io(&self.metrics_path, e))?;
+        self.events.flush()
+    }
+
+    /// `flush`, and both files' data to the disk (before a checkpoint is written).
+    fn sync(&mut self) -> Result<()> {
+        self.metrics.sync_data().map_err(|e| Error::io(&self.metrics_path, e))?;
+        self.events.sync()
+    }
+}
+
+/// A metrics line as TensorBoard scalars: tag and value, those of the optional fields present.
+pub fn tensorboard_scalars(line: &MetricsLine) -> Vec<(&'static str, f64)> {
+    let mut v = vec![
+        ("train/loss", line.train_loss),
+        ("train/h", line.h),
+        ("train/grad_evals", line.grad_evals as f64),
+        ("train/epoch", line.epoch),
+        ("time/wall_s", line.wall_s),
+        ("time/train_s", line.train_s),
+    ];
+    let optional = [
+        ("test/accuracy", line.test_accuracy),
+        ("test/loss", line.test_loss),
+        ("dalr/v", line.dalr_v),
+        ("error_control/estimate", line.error_estimate),
+        ("memory/peak_rss_mib", line.peak_rss_mib),
+        ("memory/peak_heap_mib", line.peak_heap_mib),
+        ("memory/peak_device_mib", line.peak_device_mib),
+    ];
+    v.extend(optional.into_iter().filter_map(|(tag, x)| x.map(|x| (tag, x))));
+    v
 }
 
 /// Test loss and accuracy over the whole test set, each rank evaluating its shard.
