@@ -45,9 +45,9 @@ pub fn write(study: &Study, out: &Path, data: &StudyData, command: &str) -> Resu
     }
     writeln!(
         md,
-        "Base config `{}`; {} cells × {} seeds ({:?}){}: {total} runs, {complete} completed. \
+        "Base config `{}` (relative to the study file); {} cells × {} seeds ({:?}){}: {total} runs, {complete} completed. \
          Reproduce: `{command}` (finished runs are skipped, interrupted ones resumed).\n",
-        study.base.display(),
+        study.base_as_written,
         study.cells().len(),
         study.seeds.len(),
         study.seeds,
@@ -73,6 +73,10 @@ pub fn write(study: &Study, out: &Path, data: &StudyData, command: &str) -> Resu
     writeln!(md)?;
 
     writeln!(md, "## Results\n")?;
+    if !study.targets.is_empty() {
+        let t: Vec<String> = study.targets.iter().map(|t| t.describe()).collect();
+        writeln!(md, "Target{}: {}.\n", if t.len() > 1 { "s" } else { "" }, t.join("; "))?;
+    }
     let has_paper = data.rows.iter().any(|r| r.paper_best.is_some() || r.paper_final.is_some());
     let mut head = vec!["cell", "runs", "best test acc.", "final test acc."];
     if has_paper {
@@ -82,13 +86,8 @@ pub fn write(study: &Study, out: &Path, data: &StudyData, command: &str) -> Resu
         .targets
         .iter()
         .flat_map(|t| {
-            let d = t.describe();
-            [
-                format!("{d}: reached"),
-                format!("steps to {d}"),
-                format!("time to {d} (s)"),
-                format!("grad. evals to {d}"),
-            ]
+            let d = t.short();
+            [format!("reached {d}"), format!("steps to {d}"), format!("time to {d} (s)"), format!("grad. evals to {d}")]
         })
         .collect();
     let mut header: Vec<String> = head.iter().map(|s| s.to_string()).collect();
@@ -145,7 +144,7 @@ pub fn write(study: &Study, out: &Path, data: &StudyData, command: &str) -> Resu
 
     writeln!(md, "## Runs\n")?;
     let mut rh = vec!["run".to_string(), "status".into(), "best".into(), "final".into()];
-    rh.extend(study.targets.iter().map(|t| format!("steps to {}", t.describe())));
+    rh.extend(study.targets.iter().map(|t| format!("steps to {}", t.short())));
     rh.push("median step (ms)".into());
     writeln!(md, "| {} |\n|{}", rh.join(" | "), "---|".repeat(rh.len()))?;
     for r in &data.runs {

@@ -106,6 +106,15 @@ impl Target {
         }
     }
 
+    /// For table headers: "85 %" or "train_loss ≤ 0.3".
+    pub fn short(&self) -> String {
+        if self.metric == "test_accuracy" {
+            format!("{} %", trim_float(100.0 * self.value))
+        } else {
+            format!("{} ≤ {}", self.metric, self.value)
+        }
+    }
+
     pub fn describe(&self) -> String {
         if self.metric == "test_accuracy" {
             format!("test accuracy ≥ {:.2} %", 100.0 * self.value)
@@ -143,8 +152,9 @@ pub struct PaperRow {
 pub struct Study {
     pub name: String,
     pub description: String,
-    /// The base config (resolved against the study file's folder).
+    /// The base config (resolved against the study file's folder), and as the file wrote it.
     pub base: PathBuf,
+    pub base_as_written: String,
     pub seeds: Vec<u64>,
     /// Empty: every run is one process (`kutta train`); else each cell runs at each world size.
     pub world_sizes: Vec<usize>,
@@ -237,6 +247,7 @@ impl Study {
             name,
             description: f.description,
             base,
+            base_as_written: f.base.display().to_string(),
             seeds: f.seeds,
             world_sizes: f.world_sizes,
             memory: f.memory,
@@ -380,6 +391,11 @@ fn flatten(prefix: &str, t: &toml::Table, out: &mut Vec<String>) {
             v => out.push(format!("{key}={v}")),
         }
     }
+}
+
+fn trim_float(x: f64) -> String {
+    let t = format!("{x:.4}");
+    t.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 /// A value as a label: strings without quotes.
