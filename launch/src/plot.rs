@@ -32,6 +32,8 @@ pub struct Chart {
     /// Tick positions on a log x axis (e.g. the batch sizes or world sizes measured); default
     /// 1-2-5 per decade.
     pub x_ticks: Option<Vec<f64>>,
+    /// The y axis starts here (above the data's minimum) when given: lines below are cut off.
+    pub y_min: Option<f64>,
     pub series: Vec<Series>,
 }
 
@@ -86,6 +88,10 @@ impl Chart {
                 (lo - pad, hi + pad)
             }
         };
+        if let Some(m) = self.y_min {
+            ys.retain(|&y| y >= m);
+            ys.push(m);
+        }
         (!xs.is_empty()).then(|| (range(&xs, self.log_x), range(&ys, self.log_y)))
     }
 
@@ -179,8 +185,9 @@ impl Chart {
             .map_err(|e| err(&e))?;
         for (i, s) in self.series.iter().enumerate() {
             let color = PALETTE[i % PALETTE.len()];
-            let band: Vec<(f64, f64, f64)> =
-                s.band.iter().copied().filter(|&(x, lo, hi)| self.usable((x, lo)) && self.usable((x, hi))).collect();
+            let band: Vec<(f64, f64, f64)> = thin(
+                s.band.iter().copied().filter(|&(x, lo, hi)| self.usable((x, lo)) && self.usable((x, hi))).collect(),
+            );
             if band.len() >= 2 {
                 let mut poly: Vec<(f64, f64)> = band.iter().map(|&(x, lo, _)| (x, lo)).collect();
                 poly.extend(band.iter().rev().map(|&(x, _, hi)| (x, hi)));
@@ -188,7 +195,7 @@ impl Chart {
                     .draw_series(std::iter::once(Polygon::new(poly, color.mix(0.18).filled())))
                     .map_err(|e| err(&e))?;
             }
-            let pts: Vec<(f64, f64)> = s.points.iter().copied().filter(|&p| self.usable(p)).collect();
+            let pts: Vec<(f64, f64)> = thin(s.points.iter().copied().filter(|&p| self.usable(p)).collect());
             chart.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2))).map_err(|e| err(&e))?;
             if s.markers || pts.len() == 1 {
                 chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(|e| err(&e))?;
@@ -196,6 +203,21 @@ impl Chart {
         }
         Ok(())
     }
+}
+
+/// At most about `MAX_POINTS` points of a line (every k-th and the last): a chart 860 px wide
+/// shows no more, and a report with six charts of 6 cells × 1 000 points stays small.
+fn thin<T: Copy>(v: Vec<T>) -> Vec<T> {
+    const MAX_POINTS: usize = 500;
+    if v.len() <= MAX_POINTS {
+        return v;
+    }
+    let k = v.len().div_ceil(MAX_POINTS);
+    let mut out: Vec<T> = v.iter().copied().step_by(k).collect();
+    if (v.len() - 1) % k != 0 {
+        out.push(v[v.len() - 1]);
+    }
+    out
 }
 
 /// Ticks of a log axis over [lo, hi]: 1, 2, 5 × 10^k, or every integer multiple of 10^k when
@@ -300,6 +322,16 @@ impl XAxis {
         }
     }
 
+    /// For titles.
+    pub fn short(self) -> &'static str {
+        match self {
+            XAxis::Step => "steps",
+            XAxis::Wall => "wall-clock time",
+            XAxis::Train => "training time",
+            XAxis::GradEvals => "gradient evaluations",
+        }
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             XAxis::Step => "optimizer steps",
@@ -392,12 +424,13 @@ pub fn plot_runs(dirs: &[PathBuf], x: XAxis, y: YAxis, out: &Path) -> Result<()>
         series.push(Series { name, points: pts, ..Default::default() });
     }
     let chart = Chart {
-        title: format!("{} against {}", y.label(), x.label()),
+        title: format!("{} against {}", y.label(), x.short()),
         x_label: x.label().into(),
         y_label: if y.smoothed() { format!("{} (running mean)", y.label()) } else { y.label().into() },
         log_x: false,
         log_y: y.log(),
         x_ticks: None,
+        y_min: None,
         series,
     };
     write(&chart, out)?;
@@ -419,6 +452,7 @@ mod tests {
                 log_x,
                 log_y,
                 x_ticks: None,
+                y_min: None,
                 series: vec![
                     Series {
                         name: "a & b".into(),
@@ -442,6 +476,14 @@ mod tests {
         assert_eq!(log_ticks(0.3, 30.0), vec![0.5, 1.0, 2.0, 5.0, 10.0, 20.0]);
         assert_eq!(log_ticks(17.0, 35.0), vec![20.0, 30.0]);
         assert_eq!(log_ticks(21.0, 29.0), vec![21.0, 25.0, 29.0]);
+    }
+
+    #[test]
+    fn thinning_keeps_the_ends() {
+        let v: Vec<usize> = (0..1001).collect();
+        let t = thin(v);
+        assert!(t.len() <= 501 && t[0] == 0 && *t.last().unwrap() == 1000);
+        assert_eq!(thin(vec![1, 2, 3]), vec![1, 2, 3]);
     }
 
     #[test]

@@ -283,7 +283,7 @@ fn figures(study: &Study, data: &StudyData) -> Vec<(String, Chart)> {
     let rows: Vec<&Row> = data.rows.iter().filter(|r| r.completed > 0).collect();
     for y in [YAxis::TestAccuracy, YAxis::TrainLoss] {
         for x in [XAxis::Step, XAxis::Train, XAxis::GradEvals] {
-            let series = rows
+            let series: Vec<Series> = rows
                 .iter()
                 .map(|r| {
                     let runs = data.runs_of(r);
@@ -300,20 +300,33 @@ fn figures(study: &Study, data: &StudyData) -> Vec<(String, Chart)> {
                 YAxis::TestAccuracy => "test_accuracy",
                 _ => "train_loss",
             };
+            // Accuracy: the axis starts a little below the lowest value of the runs' last 80 %,
+            // so that the plateau where cells differ is not squeezed by the first steps' rise.
+            let y_min = (y == YAxis::TestAccuracy)
+                .then(|| {
+                    series
+                        .iter()
+                        .flat_map(|s| s.points[s.points.len() / 5..].iter().map(|p| p.1))
+                        .fold(f64::INFINITY, f64::min)
+                        - 0.02
+                })
+                .filter(|m| m.is_finite());
             let xname = match x {
                 XAxis::Step => "steps",
                 XAxis::Train | XAxis::Wall => "time",
                 XAxis::GradEvals => "grad_evals",
             };
+            let title = format!("{} against {} (mean ± s.e. over seeds)", y.label(), x.short());
             figs.push((
                 format!("curve_{name}_{xname}.svg"),
                 Chart {
-                    title: format!("{} against {} (mean ± s.e. over seeds)", y.label(), x.label()),
+                    title,
                     x_label: x.label().into(),
                     y_label: if y.smoothed() { format!("{} (running mean)", y.label()) } else { y.label().into() },
                     log_x: false,
                     log_y: y.log(),
                     x_ticks: None,
+                    y_min,
                     series,
                 },
             ));
@@ -380,6 +393,7 @@ fn figures(study: &Study, data: &StudyData) -> Vec<(String, Chart)> {
                     log_x: true,
                     log_y: true,
                     x_ticks: Some(batches.iter().map(|&b| b as f64).collect()),
+                    y_min: None,
                     series,
                 },
             ));
@@ -408,6 +422,7 @@ fn figures(study: &Study, data: &StudyData) -> Vec<(String, Chart)> {
                 log_x: true,
                 log_y: true,
                 x_ticks: Some(batches.iter().map(|&b| b as f64).collect()),
+                y_min: None,
                 series,
             },
         ));
@@ -442,6 +457,7 @@ fn figures(study: &Study, data: &StudyData) -> Vec<(String, Chart)> {
                 log_x: true,
                 log_y: false,
                 x_ticks: Some(study.world_sizes.iter().map(|&w| w as f64).collect()),
+                y_min: None,
                 series: eff,
             },
         ));
@@ -463,6 +479,7 @@ fn figures(study: &Study, data: &StudyData) -> Vec<(String, Chart)> {
                 log_x: true,
                 log_y: false,
                 x_ticks: Some(study.world_sizes.iter().map(|&w| w as f64).collect()),
+                y_min: None,
                 series: times,
             },
         ));
