@@ -214,7 +214,7 @@ fn thin<T: Copy>(v: Vec<T>) -> Vec<T> {
     }
     let k = v.len().div_ceil(MAX_POINTS);
     let mut out: Vec<T> = v.iter().copied().step_by(k).collect();
-    if (v.len() - 1) % k != 0 {
+    if !(v.len() - 1).is_multiple_of(k) {
         out.push(v[v.len() - 1]);
     }
     out
