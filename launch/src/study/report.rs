@@ -343,7 +343,12 @@ fn figures(study: &Study, data: &StudyData) -> Vec<(String, Chart)> {
     let batch_axes: Vec<bool> = study
         .axes
         .iter()
-        .map(|a| a.values.iter().any(|v| v.sets.iter().any(|s| s.starts_with("train.batch_size="))))
+        // An axis of batch sizes: its values set the batch (and maybe steps, evaluation), not the
+        // optimizer — an axis pairing each optimizer with its own batch is not a batch sweep.
+        .map(|a| {
+            a.values.iter().all(|v| v.sets.iter().any(|s| s.starts_with("train.batch_size=")))
+                && !a.values.iter().any(|v| v.sets.iter().any(|s| s.starts_with("optimizer.")))
+        })
         .collect();
     let series_key = |r: &Row| -> String {
         let mut parts: Vec<String> = study
@@ -363,11 +368,12 @@ fn figures(study: &Study, data: &StudyData) -> Vec<(String, Chart)> {
             parts.join(" · ")
         }
     };
-    if batches.len() >= 2 {
-        let mut groups: BTreeMap<String, BTreeMap<usize, Vec<&Row>>> = BTreeMap::new();
-        for r in &rows {
-            groups.entry(series_key(r)).or_default().entry(r.batch_size).or_default().push(r);
-        }
+    let mut groups: BTreeMap<String, BTreeMap<usize, Vec<&Row>>> = BTreeMap::new();
+    for r in &rows {
+        groups.entry(series_key(r)).or_default().entry(r.batch_size).or_default().push(r);
+    }
+    // Against the batch size only when some line has two batch sizes or more.
+    if batches.len() >= 2 && groups.values().any(|by| by.len() >= 2) {
         for (ti, t) in study.targets.iter().enumerate() {
             let series = groups
                 .iter()
