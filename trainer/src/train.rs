@@ -995,7 +995,8 @@ fn evaluate_sharded(
     Ok((loss_sum / total as f64, correct / total as f64))
 }
 
-fn pct(x: Option<f64>) -> String {
+/// An accuracy as a percentage with two decimals, "n/a" when absent (logs, `kutta study`).
+pub fn pct(x: Option<f64>) -> String {
     x.map_or("n/a".into(), |a| format!("{:.2} %", 100.0 * a))
 }
 

@@ -95,15 +95,10 @@ pub fn median_step(lines: &[MetricsLine]) -> Option<f64> {
     median(&per)
 }
 
-/// The median (the mean of the middle two for an even count); infinities sort last.
+/// The median (`bench::steps::median`: the mean of the middle two for an even count; infinities
+/// sort last); None for no values.
 pub fn median(xs: &[f64]) -> Option<f64> {
-    if xs.is_empty() {
-        return None;
-    }
-    let mut v = xs.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    Some(if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) })
+    (!xs.is_empty()).then(|| crate::bench::steps::median(&mut xs.to_vec()))
 }
 
 /// Mean and standard error (None with fewer than two values).

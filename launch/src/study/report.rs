@@ -3,10 +3,10 @@
 //! opens offline), and `cells.csv` / `runs.csv` for other tools.
 
 use super::aggregate::{mean_curve, median, MeanSe, Row, StudyData};
-use super::runner::pct;
 use super::spec::Study;
 use crate::plot::{Chart, Series, XAxis, YAxis};
 use anyhow::{Context, Result};
+use kutta_trainer::train::pct;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

@@ -18,7 +18,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use kutta_trainer::checkpoint;
 use kutta_trainer::config::{Config, RESUMABLE_KEYS};
 use kutta_trainer::stop;
-use kutta_trainer::train::{MetricsLine, Summary, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE};
+use kutta_trainer::train::{pct, MetricsLine, Summary, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE};
 use std::collections::VecDeque;
 use std::io::{IsTerminal, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -385,10 +385,6 @@ pub fn run_all(study: &Study, out: &Path, launch: &Launch) -> Result<Outcome> {
         b.finish_and_clear();
     }
     Ok(outcome)
-}
-
-pub fn pct(x: Option<f64>) -> String {
-    x.map_or("n/a".into(), |a| format!("{:.2} %", 100.0 * a))
 }
 
 /// Where a running run is: the last complete line of its metrics.jsonl, with the last test
