@@ -53,6 +53,9 @@ const PALETTE: [RGBColor; 10] = [
 
 pub const WIDTH: u32 = 1000;
 pub const HEIGHT: u32 = 520;
+/// Where the legend's first entry sits, and the distance between entries (px).
+const LEGEND_TOP: i32 = 60;
+const LEGEND_ROW: i32 = 20;
 
 impl Chart {
     fn usable(&self, (x, y): (f64, f64)) -> bool {
@@ -95,11 +98,17 @@ impl Chart {
         (!xs.is_empty()).then(|| (range(&xs, self.log_x), range(&ys, self.log_y)))
     }
 
+    /// HEIGHT, or taller when the legend column needs it (every name is shown, none cut off).
+    pub fn height(&self) -> u32 {
+        HEIGHT.max(LEGEND_TOP as u32 + LEGEND_ROW as u32 * self.series.len() as u32 + 20)
+    }
+
     /// The chart as a complete SVG document.
     pub fn svg(&self) -> Result<String> {
         let mut out = String::new();
+        let height = self.height();
         {
-            let root = SVGBackend::with_string(&mut out, (WIDTH, HEIGHT)).into_drawing_area();
+            let root = SVGBackend::with_string(&mut out, (WIDTH, height)).into_drawing_area();
             root.fill(&WHITE).map_err(|e| anyhow!("plot {:?}: {e}", self.title))?;
             match self.extent() {
                 None => {
@@ -108,7 +117,7 @@ impl Chart {
                         .draw_text(
                             "no data to plot",
                             &("sans-serif", 16).into_text_style(&root),
-                            (WIDTH as i32 / 2 - 60, HEIGHT as i32 / 2),
+                            (WIDTH as i32 / 2 - 60, height as i32 / 2),
                         )
                         .map_err(|e| anyhow!("{e}"))?;
                 }
@@ -135,10 +144,9 @@ impl Chart {
     /// The legend, beside the plot (never over the data): a line of the series' colour and its name.
     fn legend(&self, area: &DrawingArea<SVGBackend, Shift>) -> Result<()> {
         let style = ("sans-serif", 13).into_text_style(area);
-        let top = 60;
         for (i, s) in self.series.iter().enumerate() {
             let color = PALETTE[i % PALETTE.len()];
-            let y = top + 20 * i as i32;
+            let y = LEGEND_TOP + LEGEND_ROW * i as i32;
             area.draw(&PathElement::new(vec![(4, y), (24, y)], color.stroke_width(3))).map_err(|e| anyhow!("{e}"))?;
             area.draw_text(&s.name, &style, (30, y - 7)).map_err(|e| anyhow!("{e}"))?;
         }
@@ -301,13 +309,19 @@ pub enum XAxis {
     Wall,
     /// Training seconds (evaluation excluded; AlgoPerf's clock).
     Train,
+    /// Gradient evaluations (also spelt as the metrics.jsonl field, `grad_evals`).
+    #[value(alias = "grad_evals")]
     GradEvals,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum YAxis {
+    /// Also spelt as the metrics.jsonl field (`test_accuracy`), as are the others.
+    #[value(alias = "test_accuracy")]
     TestAccuracy,
+    #[value(alias = "test_loss")]
     TestLoss,
+    #[value(alias = "train_loss")]
     TrainLoss,
     H,
 }
@@ -469,6 +483,30 @@ mod tests {
         }
         let empty = Chart { title: "nothing".into(), ..Default::default() }.svg().unwrap();
         assert!(empty.contains("no data to plot"));
+    }
+
+    /// A long legend makes the chart taller, so the last name is inside the picture.
+    #[test]
+    fn every_legend_entry_is_inside_the_chart() {
+        let series = |n: usize| -> Vec<Series> {
+            (0..n)
+                .map(|i| Series {
+                    name: format!("line {i}"),
+                    points: vec![(0.0, i as f64), (1.0, 1.0)],
+                    ..Default::default()
+                })
+                .collect()
+        };
+        assert_eq!(Chart { series: series(3), ..Default::default() }.height(), HEIGHT);
+        let chart = Chart { series: series(45), ..Default::default() };
+        let svg = chart.svg().unwrap();
+        let doc = roxmltree::Document::parse(&svg).unwrap();
+        let height: f64 = doc.root_element().attribute("height").unwrap().parse().unwrap();
+        assert_eq!(height, chart.height() as f64);
+        let last =
+            doc.descendants().find(|n| n.text().map(str::trim) == Some("line 44")).expect("the last legend entry");
+        let y: f64 = last.attribute("y").unwrap().parse().unwrap();
+        assert!(y < height - 10.0, "legend entry at y = {y} in a chart {height} high");
     }
 
     #[test]

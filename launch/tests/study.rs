@@ -195,7 +195,12 @@ fn a_study_runs_resumes_aggregates_and_reports() {
 
     // kutta plot over the run folders: SVG and PNG.
     let dirs: Vec<String> = names.iter().map(|n| runs.join(n).to_string_lossy().into_owned()).collect();
-    for (file, x, y) in [("p.svg", "grad-evals", "test-accuracy"), ("p.png", "wall", "train-loss")] {
+    // The field names of metrics.jsonl are accepted as well as the flags' kebab-case.
+    for (file, x, y) in [
+        ("p.svg", "grad-evals", "test-accuracy"),
+        ("p.png", "wall", "train-loss"),
+        ("q.svg", "grad_evals", "train_loss"),
+    ] {
         let target = tmp.path().join(file);
         let o = kutta()
             .arg("plot")

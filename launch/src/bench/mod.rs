@@ -16,9 +16,10 @@
 //!   and ode.json.
 //!
 //! Before the subcommands, `kutta bench` took all of their flags at once and chose the bench by
-//! which were given (`--sweep batch`, `--collectives`, `--kernels`, `--nccl`, `--ode`, none: steps). Those
-//! flags (`LegacyArgs`, hidden from the help) still work for one release: `LegacyArgs::resolve`
-//! turns them into the subcommand they meant, and a note on stderr names it.
+//! which were given (`--sweep batch`, `--collectives`, `--kernels`, `--nccl`, `--ode`, `--data
+//! <config>`, none: steps). Those flags (`LegacyArgs`, hidden from the help) still work for one
+//! release: `LegacyArgs::resolve` turns them into the subcommand they meant, and a note on stderr
+//! names it.
 
 pub mod collectives;
 pub mod data;
@@ -297,6 +298,18 @@ pub struct DataArgs {
     pub json: bool,
 }
 
+impl Default for DataArgs {
+    /// The flags' defaults, as clap gives them to `kutta bench data` with no flags.
+    fn default() -> Self {
+        #[derive(clap::Parser)]
+        struct Only {
+            #[command(flatten)]
+            data: DataArgs,
+        }
+        <Only as clap::Parser>::parse_from(["data"]).data
+    }
+}
+
 #[derive(Args, Debug, Clone, PartialEq)]
 pub struct OdeArgs {
     /// Channels of the block's state (the field's convs are width + 1 → width, 3×3).
@@ -416,6 +429,15 @@ pub struct LegacyArgs {
         conflicts_with_all = ["collectives", "sweep", "kernels", "nccl", "batch_sizes", "config", "sets", "collectives_worker"]
     )]
     ode: bool,
+    /// The issue's `kutta bench --data <config>`: `kutta bench data --config <config>` (with
+    /// --set, --min-seconds and --json).
+    #[arg(
+        long,
+        hide = true,
+        value_name = "CONFIG",
+        conflicts_with_all = ["collectives", "sweep", "kernels", "nccl", "ode", "batch_sizes", "config", "min_reps", "collectives_worker"]
+    )]
+    data: Option<PathBuf>,
     /// Old form of `kutta bench collectives --worker` (one rank of a child job).
     #[arg(long, hide = true, value_delimiter = ',', value_parser = Part::NAMES, conflicts_with = "collectives")]
     collectives_worker: Option<Vec<String>>,
@@ -456,6 +478,15 @@ impl LegacyArgs {
                 ..defaults
             };
             (BenchCommand::Ode(args), note("--ode", "ode"))
+        } else if let Some(config) = self.data {
+            let defaults = DataArgs::default();
+            let args = DataArgs {
+                model: ModelArgs { config: Some(config), ..model },
+                min_seconds: self.min_seconds.unwrap_or(defaults.min_seconds),
+                json: self.json,
+                ..defaults
+            };
+            (BenchCommand::Data(args), note("--data <config>", "data --config <config>"))
         } else if self.sweep.is_some() {
             let defaults = sweep::SweepOptions::default();
             let args = SweepArgs {
@@ -666,6 +697,24 @@ mod tests {
         assert!(fails(&["--ode", "--kernels"]));
         assert!(fails(&["ode", "--batch-sizes", "8"]));
         assert!(fails(&["ode", "--memory", "1GiB"]));
+    }
+
+    /// The issue's `kutta bench --data <config>` means `kutta bench data --config <config>`,
+    /// with --set, --min-seconds and --json; it stands apart from the other old forms.
+    #[test]
+    fn data_new_and_old() {
+        assert_eq!(bench(&["data"]).0, BenchCommand::Data(DataArgs::default()));
+        let new = ["data", "--config", "c.toml", "--set", "train.batch_size=32", "--min-seconds", "3", "--json"];
+        let (c, _) = bench(&new);
+        let BenchCommand::Data(d) = &c else { panic!("not data") };
+        assert_eq!((d.ranks, d.synthetic.as_deref(), d.min_seconds), (1, None, 3.0));
+        let (old, note) = bench(&["--data", "c.toml", "--set", "train.batch_size=32", "--min-seconds", "3", "--json"]);
+        assert_eq!(old, c);
+        assert!(note.unwrap().contains("`kutta bench --data <config>` is now `kutta bench data --config <config>`"));
+        assert!(fails(&["--data"]));
+        assert!(fails(&["--data", "c.toml", "--ode"]));
+        assert!(fails(&["--data", "c.toml", "--config", "d.toml"]));
+        assert!(fails(&["--data", "c.toml", "--sweep", "batch"]));
     }
 
     /// `kernels` and `nccl` take --json only; the old --kernels and --nccl stand alone.

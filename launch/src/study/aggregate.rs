@@ -39,6 +39,10 @@ pub struct RunData {
     pub spec: RunSpec,
     pub lines: Vec<MetricsLine>,
     pub complete: bool,
+    /// What the Runs table says of the run: "completed", "failed at step N: <what>" (the first
+    /// clause of summary.json's reason, e.g. non-finite values after the step-halving retries),
+    /// or the last step logged.
+    pub status: String,
     pub batch_size: usize,
     pub best: Option<f64>,
     pub last: Option<f64>,
@@ -55,11 +59,14 @@ impl RunData {
         let lines = if dir.join(kutta_trainer::train::METRICS_FILE).is_file() { read_metrics(dir)? } else { vec![] };
         let summary: Option<Summary> =
             std::fs::read_to_string(dir.join(SUMMARY_FILE)).ok().and_then(|s| serde_json::from_str(&s).ok());
-        let complete = summary.is_some_and(|s| s.status == "completed" && s.steps == cfg.train.steps);
+        let complete = summary.as_ref().is_some_and(|s| s.status == "completed" && s.steps == cfg.train.steps);
+        let last_step = lines.last().map_or(0, |l| l.step);
+        let status = run_status(complete, summary.as_ref().map(|s| s.status.as_str()), last_step);
         let evals: Vec<f64> = lines.iter().filter_map(|l| l.test_accuracy).collect();
         Ok(Some(RunData {
             spec: spec.clone(),
             complete,
+            status,
             batch_size: cfg.train.batch_size,
             best: evals.iter().copied().reduce(f64::max),
             last: evals.last().copied(),
@@ -67,6 +74,15 @@ impl RunData {
             median_step_s: median_step(&lines),
             lines,
         }))
+    }
+}
+
+/// `RunData::status`: summary.json's status cut to its first clause when the run failed.
+fn run_status(complete: bool, summary_status: Option<&str>, last_step: u64) -> String {
+    match summary_status {
+        _ if complete => "completed".into(),
+        Some(s) if s.starts_with("failed") => s.splitn(3, ": ").take(2).collect::<Vec<_>>().join(": "),
+        _ => format!("at step {last_step}"),
     }
 }
 
@@ -268,6 +284,15 @@ pub fn mean_curve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_run_says_why_in_one_clause() {
+        let failed = "failed at step 3180: non-finite values: step 3179: a stage gradient became NaN/Inf";
+        assert_eq!(run_status(false, Some(failed), 3170), "failed at step 3180: non-finite values");
+        assert_eq!(run_status(true, Some("completed"), 6000), "completed");
+        assert_eq!(run_status(false, Some("interrupted"), 40), "at step 40");
+        assert_eq!(run_status(false, None, 0), "at step 0");
+    }
 
     #[test]
     fn medians_and_standard_errors() {

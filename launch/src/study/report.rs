@@ -125,7 +125,8 @@ pub fn write(study: &Study, out: &Path, data: &StudyData, command: &str) -> Resu
     }
     writeln!(
         md,
-        "\nMean ± standard error over the completed seeds (the \"runs\" column). Best: the highest of a run's \
+        "\nMean ± standard error over the completed seeds (the \"runs\" column; a run that failed, e.g. diverged, \
+         is left out, and the Runs table below says why). Best: the highest of a run's \
          evaluations; final: its last. *Time to target* is AlgoPerf's: the training time (the steps' wall clock, \
          evaluation excluded) at the first evaluation that reaches the target; *steps to target* is Shallue et al.'s \
          (2019) count of optimizer steps to that evaluation; gradient evaluations count every stage, probe and \
@@ -148,12 +149,7 @@ pub fn write(study: &Study, out: &Path, data: &StudyData, command: &str) -> Resu
     rh.push("median step (ms)".into());
     writeln!(md, "| {} |\n|{}", rh.join(" | "), "---|".repeat(rh.len()))?;
     for r in &data.runs {
-        let mut c = vec![
-            format!("`{}`", r.spec.name),
-            if r.complete { "completed".into() } else { format!("at step {}", r.lines.last().map_or(0, |l| l.step)) },
-            pct(r.best),
-            pct(r.last),
-        ];
+        let mut c = vec![format!("`{}`", r.spec.name), r.status.clone(), pct(r.best), pct(r.last)];
         c.extend(r.reach.iter().map(|x| x.map_or("∞".into(), |x| x.step.to_string())));
         c.push(r.median_step_s.map_or("–".into(), |s| format!("{:.2}", 1e3 * s)));
         writeln!(md, "| {} |", c.join(" | "))?;
@@ -278,12 +274,39 @@ fn write_csv(study: &Study, out: &Path, data: &StudyData) -> Result<()> {
 }
 
 /// The report's figures, by file name.
+/// The rows the learning curves show: all of them, except that of the members of a tuning group
+/// (axis values with the same `group`, e.g. a learning-rate grid) with the same other values only
+/// the one with the highest mean best test accuracy stays. The bool: whether any row was left out.
+fn curve_rows<'a>(study: &Study, rows: &[&'a Row]) -> (Vec<&'a Row>, bool) {
+    let key = |r: &Row| -> (Vec<String>, Option<usize>) {
+        let parts = study
+            .axes
+            .iter()
+            .zip(&r.cell)
+            .map(|(a, &i)| a.values[i].group.clone().unwrap_or_else(|| format!("value {i}")))
+            .collect();
+        (parts, r.world_size)
+    };
+    let best = |r: &Row| r.best.as_ref().map_or(f64::NEG_INFINITY, |b| b.mean);
+    let mut kept: Vec<&'a Row> = Vec::new();
+    for &r in rows {
+        match kept.iter_mut().find(|k| key(k) == key(r)) {
+            Some(k) if best(r) > best(k) => *k = r,
+            Some(_) => {}
+            None => kept.push(r),
+        }
+    }
+    let reduced = kept.len() < rows.len();
+    (kept, reduced)
+}
+
 fn figures(study: &Study, data: &StudyData) -> Vec<(String, Chart)> {
     let mut figs = Vec::new();
     let rows: Vec<&Row> = data.rows.iter().filter(|r| r.completed > 0).collect();
+    let (curves, reduced) = curve_rows(study, &rows);
     for y in [YAxis::TestAccuracy, YAxis::TrainLoss] {
         for x in [XAxis::Step, XAxis::Train, XAxis::GradEvals] {
-            let series: Vec<Series> = rows
+            let series: Vec<Series> = curves
                 .iter()
                 .map(|r| {
                     let runs = data.runs_of(r);
@@ -316,7 +339,12 @@ fn figures(study: &Study, data: &StudyData) -> Vec<(String, Chart)> {
                 XAxis::Train | XAxis::Wall => "time",
                 XAxis::GradEvals => "grad_evals",
             };
-            let title = format!("{} against {} (mean ± s.e. over seeds)", y.label(), x.short());
+            let title = format!(
+                "{} against {} ({}mean ± s.e. over seeds)",
+                y.label(),
+                x.short(),
+                if reduced { "best of each group, " } else { "" }
+            );
             figs.push((
                 format!("curve_{name}_{xname}.svg"),
                 Chart {

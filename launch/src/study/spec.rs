@@ -32,7 +32,8 @@
 //! A *cell* is one combination of axis values; a *run* is a cell with a seed (and a world size).
 //! A value's `group` names the tuning group it belongs to: plots against the batch size or the
 //! world size take, per group, the best member (Shallue et al.'s steps-to-target is the minimum
-//! over the learning-rate grid at each batch size). Without `group` a value is its own group.
+//! over the learning-rate grid at each batch size), and the learning curves show only the member
+//! with the highest best test accuracy. Without `group` a value is its own group.
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
