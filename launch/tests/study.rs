@@ -110,7 +110,7 @@ fn a_study_runs_resumes_aggregates_and_reports() {
     assert!(o.status.success(), "{err}");
     assert!(err.contains(&format!("{} resuming from step {stopped_at}", names[0])), "{err}");
     assert_eq!(err.matches(" starting (log").count(), 3, "{err}");
-    assert!(err.contains("4 runs finished now, 0 were complete before, 0 failed"), "{err}");
+    assert!(err.contains("4 runs finished now, 0 were complete before, 0 diverged (now or before), 0 failed"), "{err}");
     for n in names {
         let s: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(runs.join(n).join("summary.json")).unwrap()).unwrap();
@@ -252,4 +252,60 @@ fn study_mistakes_are_errors_naming_the_key_or_folder() {
     let (code, err) = run("base = \"BASE\"\nset = { \"train.steps\" = 1, \"model.hidden\" = [16] }\n");
     assert_eq!(code, Some(1));
     assert!(err.contains("run_seed0") && err.contains("model.hidden"), "{err}");
+}
+
+/// A run whose step is far too large diverges (non-finite values after the step-halving
+/// retries): the study still succeeds, the report says in which step the run stopped, and a study
+/// started again keeps it instead of running it again.
+#[test]
+fn a_diverged_run_is_a_result_kept_on_restart() {
+    require_fashion_mnist();
+    let tmp = tempfile::tempdir().unwrap();
+    let file = write_study(
+        tmp.path(),
+        r#"
+base = "BASE"
+seeds = [0]
+set = { "train.steps" = 20, "train.eval_every" = 10, "train.checkpoint_every" = 10, "train.log_every" = 1, "model.hidden" = [32] }
+
+[[axis]]
+name = "optimizer"
+values = [
+  { label = "rk4 huge", "optimizer.kind" = "rk", "optimizer.lr" = 1e20 },
+  { label = "rk4", "optimizer.kind" = "rk", "optimizer.lr" = 0.01 },
+]
+"#,
+    );
+    let out = tmp.path().join("s");
+    let study = |extra: &[&str]| {
+        let o = kutta()
+            .args(["study", "--config", file.to_str().unwrap(), "--out", out.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap();
+        // Progress and summary lines go to stderr, the --dry-run listing to stdout.
+        (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned() + &String::from_utf8_lossy(&o.stdout))
+    };
+    let (code, err) = study(&[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("rk4-huge_seed0 diverged at step "), "{err}");
+    assert!(err.contains("1 diverged (now or before), 0 failed"), "{err}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("runs/rk4-huge_seed0/summary.json")).unwrap()).unwrap();
+    let status = summary["status"].as_str().unwrap();
+    assert!(status.contains(": non-finite values: "), "{status}");
+    let step = status.trim_start_matches("failed at step ").split(':').next().unwrap().to_string();
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains(&format!("| `rk4-huge_seed0` | failed at step {step}: non-finite values |")), "{report}");
+    assert!(report.contains("| `rk4_seed0` | completed |"), "{report}");
+
+    let (code, listing) = study(&["--dry-run"]);
+    assert_eq!(code, Some(0), "{listing}");
+    assert!(
+        listing.lines().any(|l| l.starts_with("rk4-huge_seed0") && l.contains(&format!("diverged@{step}"))),
+        "{listing}"
+    );
+    let (code, err) = study(&[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("0 runs finished now, 2 were complete before, 1 diverged"), "{err}");
 }

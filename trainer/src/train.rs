@@ -149,6 +149,15 @@ pub struct Summary {
     pub compute_threads: usize,
 }
 
+impl Summary {
+    /// The run stopped because its values became NaN/Inf and the step-halving retries did not
+    /// help: a result of its settings (a step too large), which running it again reproduces.
+    pub fn diverged(&self) -> bool {
+        self.status.starts_with("failed at step ")
+            && self.status.contains(&format!(": {}", Error::NonFinite(String::new())))
+    }
+}
+
 /// How `train` reports progress.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Progress {
@@ -1093,6 +1102,18 @@ impl ProgressReporter {
 mod tests {
     use super::*;
     use crate::field::DiagonalQuadratic;
+
+    /// `Summary::diverged` reads the status the training loop writes for a non-finite failure.
+    #[test]
+    fn a_non_finite_failure_is_a_divergence() {
+        let status = |e: Error| format!("failed at step 12: {e}");
+        let mut s = Summary { status: "completed".into(), ..Default::default() };
+        assert!(!s.diverged());
+        s.status = status(Error::NonFinite("step 11: a stage gradient became NaN/Inf".into()));
+        assert!(s.diverged());
+        s.status = status(Error::Internal("a bug".into()));
+        assert!(!s.diverged());
+    }
 
     fn cfg(sets: &[&str]) -> Config {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();

@@ -40,8 +40,9 @@ pub struct StudyArgs {
     pub mpirun: String,
 }
 
-/// Run the study and write its report; the exit status: 0 when every run completed, 1 when one
-/// failed, 128 + the signal when stopped by one.
+/// Run the study and write its report; the exit status: 0 when every run completed or diverged
+/// (non-finite values: a result, shown in the report), 1 when one failed otherwise, 128 + the
+/// signal when stopped by one.
 pub fn main(args: StudyArgs, threads_flag: Option<usize>) -> Result<i32> {
     let study = spec::Study::load(&args.config)?;
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join("studies").join(&study.name));
@@ -70,16 +71,23 @@ pub fn main(args: StudyArgs, threads_flag: Option<usize>) -> Result<i32> {
         };
         let outcome = runner::run_all(&study, &out, &launch)?;
         eprintln!(
-            "study {}: {} runs finished now, {} were complete before, {} failed{}",
+            "study {}: {} runs finished now, {} were complete before, {} diverged (now or before), {} failed{}",
             study.name,
             outcome.done,
             outcome.skipped,
+            outcome.diverged.len(),
             outcome.failed.len(),
             outcome.stopped.map_or(String::new(), |s| format!(
                 "; stopped by {} (run the same command to resume)",
                 kutta_trainer::stop::name(s)
             ))
         );
+        if !outcome.diverged.is_empty() {
+            eprintln!(
+                "diverged (kept as results; delete a run's folder to run it again): {}",
+                outcome.diverged.join(", ")
+            );
+        }
         if let Some(sig) = outcome.stopped {
             code = kutta_trainer::stop::exit_status(sig);
         } else if !outcome.failed.is_empty() {

@@ -30,6 +30,9 @@ use std::time::{Duration, Instant};
 pub enum State {
     /// Completed with the steps the study asks for.
     Done,
+    /// Stopped in this step (1-based, as summary.json says) with non-finite values (`Summary::diverged`): a result of its
+    /// settings, kept as it is (starting it again would diverge again); delete the folder to retry.
+    Diverged(u64),
     /// A checkpoint at this step: continue with `--resume`.
     Resume(u64),
     /// Nothing to continue from: start (the folder, if any, holds no checkpoint).
@@ -40,6 +43,7 @@ impl std::fmt::Display for State {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         match self {
             State::Done => write!(f, "complete"),
+            State::Diverged(step) => write!(f, "diverged@{step}"),
             State::Resume(step) => write!(f, "resume@{step}"),
             State::Fresh => write!(f, "start"),
         }
@@ -88,6 +92,9 @@ fn inspect_with(dir: &Path, expected: &Config, clear: bool) -> Result<State> {
             && dir.join(kutta_trainer::train::MODEL_FILE).is_file()
         {
             return Ok(State::Done);
+        }
+        if s.diverged() {
+            return Ok(State::Diverged(s.steps + 1));
         }
     }
     let newest = checkpoint::list(dir)?.into_iter().filter_map(|p| checkpoint::step_of(&p)).max();
@@ -195,6 +202,8 @@ struct Running {
 pub struct Outcome {
     pub done: usize,
     pub skipped: usize,
+    /// Runs that stopped with non-finite values, now or before (not failures: results).
+    pub diverged: Vec<String>,
     pub failed: Vec<String>,
     /// The signal the study was stopped by.
     pub stopped: Option<i32>,
@@ -221,6 +230,10 @@ pub fn run_all(study: &Study, out: &Path, launch: &Launch) -> Result<Outcome> {
         let dir = runs_dir.join(&run.name);
         match inspect(&dir, &cfg)? {
             State::Done => outcome.skipped += 1,
+            State::Diverged(_) => {
+                outcome.skipped += 1;
+                outcome.diverged.push(run.name.clone());
+            }
             state => todo.push_back((i, run.clone(), state, cfg.train.steps)),
         }
     }
@@ -348,6 +361,18 @@ pub fn run_all(study: &Study, out: &Path, launch: &Launch) -> Result<Outcome> {
                     format!(": best test accuracy {}, final {}", pct(s.best_test_accuracy), pct(s.final_test_accuracy))
                 });
                 say(format!("[{}/{total}] {} done in {secs:.0} s{acc}", r.index + 1, r.run.name));
+            } else if let Some(s) = summary.as_ref().filter(|s| s.diverged()) {
+                outcome.done += 1;
+                if let Some(b) = &overall {
+                    b.inc(1);
+                }
+                say(format!(
+                    "[{}/{total}] {} diverged at step {} after {secs:.0} s (non-finite values; left out of its cell)",
+                    r.index + 1,
+                    r.run.name,
+                    s.steps + 1
+                ));
+                outcome.diverged.push(r.run.name.clone());
             } else if outcome.stopped.is_some() && code > 128 {
                 say(format!("[{}/{total}] {} stopped (exit {code}); resumable", r.index + 1, r.run.name));
             } else {
