@@ -1103,6 +1103,52 @@ mod tests {
     use super::*;
     use crate::field::DiagonalQuadratic;
 
+    /// `optimizer.l2` = λ adds ½·λ·Σθ² over the tensors of rank ≥ 2 to the loss and λ·θ to their
+    /// gradients, and leaves the biases (rank 1) alone: the evaluation with the penalty against
+    /// the one without, on the same batch, for an MLP (weights and biases) and a ResNet (conv
+    /// kernels of rank 4, batch-norm scales and shifts of rank 1).
+    #[test]
+    fn l2_penalty_is_on_tensors_of_rank_two_and_more() {
+        use crate::field::VectorField;
+        let data = Dataset::random(16, [1, 6, 6], 3, 1);
+        let lambda = 0.1;
+        for sets in [&["model.hidden=[8, 8]"][..], &["model.kind=resnet18", "model.width=2", "model.bn_group=4"]] {
+            let c = cfg(&[sets, &["train.batch_size=8"]].concat());
+            let model = build_model(&c, &data).unwrap();
+            let theta = model::init_params(model.as_ref(), 0);
+            let comm = kutta_collectives::SingleProcess;
+            let eval = |l2: f64| {
+                let mut field = ShardedField::new(ModelField::new(model.as_ref(), &data), &comm);
+                field.set_l2(l2, model.layout()).unwrap();
+                field.set_global_batch(0, &[0, 1, 2, 3, 4, 5, 6, 7]).unwrap();
+                let mut g = vec![0.0; theta.len()];
+                let loss = VectorField::<f32>::eval(&mut field, &theta, &mut g).unwrap();
+                (loss, g)
+            };
+            let ((l0, g0), (l1, g1)) = (eval(0.0), eval(lambda));
+            let (mut penalty, mut ranks) = (0.0, std::collections::BTreeSet::new());
+            for p in &model.layout().params {
+                let weight = p.shape.len() >= 2;
+                ranks.insert(p.shape.len());
+                for i in p.range() {
+                    let want = if weight { lambda as f32 * theta[i] } else { 0.0 };
+                    let got = g1[i] - g0[i];
+                    assert!(
+                        (got - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                        "{sets:?} {} [{i}]: {got} vs {want}",
+                        p.name
+                    );
+                    if weight {
+                        penalty += 0.5 * lambda * (theta[i] as f64).powi(2);
+                    }
+                }
+            }
+            assert!(ranks.contains(&1) && ranks.len() >= 2, "{sets:?}: tensors of ranks {ranks:?}");
+            assert!(penalty > 1e-3, "{sets:?}");
+            assert!((l1 - l0 - penalty).abs() <= 1e-9 * penalty.max(1.0), "{sets:?}: {} vs {penalty}", l1 - l0);
+        }
+    }
+
     /// `Summary::diverged` reads the status the training loop writes for a non-finite failure.
     #[test]
     fn a_non_finite_failure_is_a_divergence() {
