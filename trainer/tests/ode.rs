@@ -339,3 +339,47 @@ fn odenet_resume_is_bit_identical() {
     let theta = |d: &str| bits(&checkpoint_tensor(&dir.path().join(d), "theta"));
     assert_eq!(theta("whole"), theta("resumed"));
 }
+
+/// The odenet trains with every kutta optimizer (the RK solver in time, the baselines; AdamW and
+/// NAdamW with weight decay) with the reversible gradient in depth: 30 steps on 24 images, each run
+/// completes with finite values and its training loss over the last 5 steps is below that of the
+/// first 5 (measured: 2.31 → 2.22 for rk and sgd, 2.31 → 2.26 momentum, 2.29 → 2.13 adam and
+/// adamw, 2.28 → 2.06 nadamw).
+#[test]
+fn odenet_trains_with_every_optimizer() {
+    let dir = tempfile::tempdir().unwrap();
+    for (kind, lr) in [
+        ("rk", "0.05"),
+        ("sgd", "0.05"),
+        ("momentum", "0.02"),
+        ("adam", "0.003"),
+        ("adamw", "0.003"),
+        ("nadamw", "0.003"),
+    ] {
+        let decay = if kind.ends_with("adamw") { "optimizer.weight_decay=0.01" } else { "optimizer.weight_decay=0" };
+        let cfg = config(&[
+            decay,
+            &format!("optimizer.kind={kind}"),
+            &format!("optimizer.lr={lr}"),
+            "model.ode.gradient=reversible",
+            "data.train_subset=24",
+            "train.steps=30",
+            "train.eval_every=0",
+            "train.checkpoint_every=0",
+        ]);
+        let out = dir.path().join(kind);
+        let summary = run(&cfg, &out, 0);
+        assert_eq!(summary.status, "completed", "{kind}");
+        let losses: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["train_loss"].as_f64())
+            .collect();
+        assert_eq!(losses.len(), 30, "{kind}");
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        let (first, last) = (mean(&losses[..5]), mean(&losses[25..]));
+        eprintln!("{kind} lr {lr}: training loss {first:.4} over the first 5 steps, {last:.4} over the last 5");
+        assert!(losses.iter().all(|l| l.is_finite()), "{kind}: {losses:?}");
+        assert!(last < first, "{kind}: the training loss went from {first} to {last}");
+    }
+}
