@@ -359,3 +359,52 @@ fn a_signal_to_one_rank_stops_every_rank_after_the_same_step() {
         eprintln!("SIG{sig} to {whom}: exit {status}, every rank stopped after step {stopped}, resume bit-identical");
     }
 }
+
+/// `kutta study` with `world_sizes = [1, 2]`: each cell runs as one process and as 2 ranks under
+/// mpirun (through `kutta launch`), both runs complete with the same global batch (their losses
+/// agree as the data-parallel invariant says), and the report draws step time and scaling
+/// efficiency against the world size.
+#[test]
+fn a_study_over_world_sizes_runs_under_mpirun() {
+    if !enabled() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("ws.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+base = "{}"
+seeds = [0]
+world_sizes = [1, 2]
+set = {{ "train.steps" = 12, "data.train_subset" = 600, "model.hidden" = [48, 24], "train.batch_size" = 24, "train.eval_every" = 6, "train.checkpoint_every" = 6, "train.log_every" = 1 }}
+
+[[axis]]
+name = "optimizer"
+values = [{{ label = "rk4", "optimizer.kind" = "rk", "optimizer.lr" = 0.05 }}]
+"#,
+            config()
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("s");
+    let o =
+        kutta().args(["study", "--config", file.to_str().unwrap(), "--out", out.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("2 runs finished now"), "{err}");
+    let last_loss = |run: &str| -> f64 {
+        let text = std::fs::read_to_string(out.join("runs").join(run).join("metrics.jsonl")).unwrap();
+        let last = text.lines().filter(|l| l.contains("\"train_loss\"")).last().unwrap().to_string();
+        serde_json::from_str::<serde_json::Value>(&last).unwrap()["train_loss"].as_f64().unwrap()
+    };
+    let (one, two) = (last_loss("rk4_seed0_np1"), last_loss("rk4_seed0_np2"));
+    assert!((one - two).abs() <= 1e-5 * one.abs(), "1 rank: loss {one}, 2 ranks: {two}");
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("scaling_efficiency") && report.contains("step_time_world"), "{report}");
+    for svg in ["scaling_efficiency.svg", "step_time_world.svg"] {
+        let text = std::fs::read_to_string(out.join(svg)).unwrap();
+        assert!(text.starts_with("<svg") && text.contains("</svg>"), "{svg}");
+    }
+}
