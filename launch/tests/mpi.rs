@@ -396,7 +396,7 @@ values = [{{ label = "rk4", "optimizer.kind" = "rk", "optimizer.lr" = 0.05 }}]
     assert!(err.contains("2 runs finished now"), "{err}");
     let last_loss = |run: &str| -> f64 {
         let text = std::fs::read_to_string(out.join("runs").join(run).join("metrics.jsonl")).unwrap();
-        let last = text.lines().filter(|l| l.contains("\"train_loss\"")).last().unwrap().to_string();
+        let last = text.lines().rfind(|l| l.contains("\"train_loss\"")).unwrap().to_string();
         serde_json::from_str::<serde_json::Value>(&last).unwrap()["train_loss"].as_f64().unwrap()
     };
     let (one, two) = (last_loss("rk4_seed0_np1"), last_loss("rk4_seed0_np2"));
