@@ -150,11 +150,13 @@ pub struct Summary {
 }
 
 impl Summary {
-    /// The run stopped because its values became NaN/Inf and the step-halving retries did not
-    /// help: a result of its settings (a step too large), which running it again reproduces.
-    pub fn diverged(&self) -> bool {
-        self.status.starts_with("failed at step ")
-            && self.status.contains(&format!(": {}", Error::NonFinite(String::new())))
+    /// When the run stopped because its values became NaN/Inf and the step-halving retries did
+    /// not help (a result of its settings, a step too large, which running it again reproduces):
+    /// the step it stopped in, 1-based as `status` says it.
+    pub fn diverged_in(&self) -> Option<u64> {
+        let diverged = self.status.starts_with("failed at step ")
+            && self.status.contains(&format!(": {}", Error::NonFinite(String::new())));
+        diverged.then_some(self.steps + 1)
     }
 }
 
@@ -1149,16 +1151,16 @@ mod tests {
         }
     }
 
-    /// `Summary::diverged` reads the status the training loop writes for a non-finite failure.
+    /// `Summary::diverged_in` reads the status the training loop writes for a non-finite failure.
     #[test]
     fn a_non_finite_failure_is_a_divergence() {
         let status = |e: Error| format!("failed at step 12: {e}");
-        let mut s = Summary { status: "completed".into(), ..Default::default() };
-        assert!(!s.diverged());
+        let mut s = Summary { status: "completed".into(), steps: 11, ..Default::default() };
+        assert_eq!(s.diverged_in(), None);
         s.status = status(Error::NonFinite("step 11: a stage gradient became NaN/Inf".into()));
-        assert!(s.diverged());
+        assert_eq!(s.diverged_in(), Some(12));
         s.status = status(Error::Internal("a bug".into()));
-        assert!(!s.diverged());
+        assert_eq!(s.diverged_in(), None);
     }
 
     fn cfg(sets: &[&str]) -> Config {

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 pub enum State {
     /// Completed with the steps the study asks for.
     Done,
-    /// Stopped in this step (1-based, as summary.json says) with non-finite values (`Summary::diverged`): a result of its
+    /// Stopped in this step with non-finite values (`Summary::diverged_in`): a result of its
     /// settings, kept as it is (starting it again would diverge again); delete the folder to retry.
     Diverged(u64),
     /// A checkpoint at this step: continue with `--resume`.
@@ -93,8 +93,8 @@ fn inspect_with(dir: &Path, expected: &Config, clear: bool) -> Result<State> {
         {
             return Ok(State::Done);
         }
-        if s.diverged() {
-            return Ok(State::Diverged(s.steps + 1));
+        if let Some(step) = s.diverged_in() {
+            return Ok(State::Diverged(step));
         }
     }
     let newest = checkpoint::list(dir)?.into_iter().filter_map(|p| checkpoint::step_of(&p)).max();
@@ -361,16 +361,15 @@ pub fn run_all(study: &Study, out: &Path, launch: &Launch) -> Result<Outcome> {
                     format!(": best test accuracy {}, final {}", pct(s.best_test_accuracy), pct(s.final_test_accuracy))
                 });
                 say(format!("[{}/{total}] {} done in {secs:.0} s{acc}", r.index + 1, r.run.name));
-            } else if let Some(s) = summary.as_ref().filter(|s| s.diverged()) {
+            } else if let Some(step) = summary.as_ref().and_then(Summary::diverged_in) {
                 outcome.done += 1;
                 if let Some(b) = &overall {
                     b.inc(1);
                 }
                 say(format!(
-                    "[{}/{total}] {} diverged at step {} after {secs:.0} s (non-finite values; left out of its cell)",
+                    "[{}/{total}] {} diverged at step {step} after {secs:.0} s (non-finite values; left out of its cell)",
                     r.index + 1,
                     r.run.name,
-                    s.steps + 1
                 ));
                 outcome.diverged.push(r.run.name.clone());
             } else if outcome.stopped.is_some() && code > 128 {
