@@ -273,7 +273,6 @@ fn write_csv(study: &Study, out: &Path, data: &StudyData) -> Result<()> {
     Ok(())
 }
 
-/// The report's figures, by file name.
 /// The rows the learning curves show: all of them, except that of the members of a tuning group
 /// (axis values with the same `group`, e.g. a learning-rate grid) with the same other values only
 /// the one with the highest mean best test accuracy stays. The bool: whether any row was left out.
@@ -300,6 +299,7 @@ fn curve_rows<'a>(study: &Study, rows: &[&'a Row]) -> (Vec<&'a Row>, bool) {
     (kept, reduced)
 }
 
+/// The report's figures, by file name.
 fn figures(study: &Study, data: &StudyData) -> Vec<(String, Chart)> {
     let mut figs = Vec::new();
     let rows: Vec<&Row> = data.rows.iter().filter(|r| r.completed > 0).collect();
